@@ -1,0 +1,66 @@
+"""`steerexp`: the Hydra main. `steerexp --help` lists the config groups and their options.
+
+    steerexp                                            # textual inversion of the held-out shape + evaluation
+    steerexp technique.steps=50 eval.seeds=[0,1]        # override anything
+    steerexp -m technique.num_vectors=1,2 seed=0,1      # a sweep: one run dir and one W&B run per job
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from steerexp import conf_dir
+
+OmegaConf.register_new_resolver("steerexp_suffix", lambda name: f"_{name}" if name else "", replace=True)
+
+
+def run_identity(cfg: DictConfig) -> tuple[Path, str, str]:
+    """Run directory, W&B name and W&B group, from Hydra."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = hc.job.override_dirname
+    name = cfg.get("name") or overrides or cfg.get("experiment_name") or "default"
+    if hc.mode == RunMode.MULTIRUN:
+        group = Path(hc.sweep.dir).as_posix().replace("/", "_")
+    else:
+        group = cfg.get("experiment_name") or "single"
+    return run_dir, name, group
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "root"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _main(cfg: DictConfig) -> float | None:
+    from steerexp.run import run
+
+    _quiet()
+
+    run_dir, name, group = run_identity(cfg)
+    metrics = run(cfg, run_dir, name, group)
+    keys = [k for k in cfg.get("print_metrics", []) if k in metrics]
+    print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+    print(f"run directory: {run_dir}")
+    objective = cfg.get("sweep_objective")
+    return float(metrics[objective]) if objective and objective in metrics else None
+
+
+def main() -> None:
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

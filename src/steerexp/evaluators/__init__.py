@@ -1,0 +1,1 @@
+"""Evaluators: paired samples (baseline vs edited, same prompts and seeds) -> metrics."""

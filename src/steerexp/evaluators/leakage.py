@@ -1,0 +1,62 @@
+"""leakage: does the edit change unrelated prompts? Each prompt of the suite is run with the
+same seeds with and without the edit; we measure how often any classifier attribute flips,
+the change in the target score, pixel RMS and a perceptual distance (cosine distance of the
+concept classifier's features, offline), per prompt and overall, and pass/fail against
+`tolerance` on the flip rate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from steerexp.evaluators.base import EvalContext, EvalResult, side_by_side_grid
+from steerexp.worlds.shapes import world
+
+
+class Leakage:
+    name = "leakage"
+
+    def __init__(self, prompts: list[str] | str | None = None, tolerance: float = 0.1, head: str = "shape",
+                 target: str = "star"):
+        if not 0 <= tolerance <= 1:
+            raise ValueError(f"evaluator.leakage.tolerance must be in [0, 1], got {tolerance}")
+        if isinstance(prompts, str):
+            path = Path(prompts).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"evaluator.leakage.prompts: prompt file not found: {path}")
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        self.prompts = list(prompts) if prompts else list(world.UNRELATED_PROMPTS)
+        if not self.prompts:
+            raise ValueError("evaluator.leakage.prompts is empty; give prompts or null for the world's suite")
+        self.tolerance, self.head, self.target = tolerance, head, target
+
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        paired = ctx.paired(self.prompts)
+        clf = ctx.classifier
+        with torch.no_grad():
+            pb, pe = clf.predict(paired.baseline), clf.predict(paired.edited)
+            flips = np.zeros(len(paired.prompts), bool)
+            for head in pb:
+                flips |= np.array([a != b for a, b in zip(pb[head], pe[head])])
+            idx = clf.class_index(self.head, self.target)
+            sb = clf.probs(paired.baseline)[self.head][:, idx].numpy()
+            se = clf.probs(paired.edited)[self.head][:, idx].numpy()
+            rms = (paired.edited - paired.baseline).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
+            perceptual = (1 - F.cosine_similarity(clf.features(paired.baseline), clf.features(paired.edited))).numpy()
+        n = len(ctx.seeds)
+        rows = [[p, float(flips[i * n:(i + 1) * n].mean()), float(rms[i * n:(i + 1) * n].mean()),
+                 float((se - sb)[i * n:(i + 1) * n].mean())] for i, p in enumerate(self.prompts)]
+        flip_rate = float(flips.mean())
+        return EvalResult(
+            metrics={
+                "leakage/flip_rate": flip_rate,
+                "leakage/target_score_change": float((se - sb).mean()),
+                "leakage/pixel_rms": float(rms.mean()),
+                "leakage/perceptual": float(perceptual.mean()),
+                "leakage/passed": bool(flip_rate <= self.tolerance),
+            },
+            grids={"samples/leakage": side_by_side_grid(paired, n)},
+            tables={"leakage/per_prompt": (["prompt", "flip_rate", "pixel_rms", "target_score_change"], rows)},
+        )

@@ -1,0 +1,84 @@
+"""The external concept classifier: one small CNN with a head per attribute of the world.
+
+A model is data: `config.json` (heads and widths) plus `model.safetensors`. Inputs are RGB
+images in [0, 1] of any size; they are resized to the classifier's resolution, so the same
+classifier scores the embedded generator's 32 px samples and a real generator's 512 px ones.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from steerexp import ASSETS
+
+DEFAULT_PATH = ASSETS / "classifier"
+
+
+class ConceptClassifier(nn.Module):
+    def __init__(self, heads: dict[str, list[str]], width: int = 32, resolution: int = 32):
+        super().__init__()
+        self.heads = {name: list(classes) for name, classes in heads.items()}
+        self.width, self.resolution = width, resolution
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * w * (resolution // 8) ** 2, 128), nn.ReLU(),
+        )
+        self.out = nn.ModuleDict({name: nn.Linear(128, len(c)) for name, c in self.heads.items()})
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"the classifier takes RGB images [B, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            images = F.interpolate(images, size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        return images * 2 - 1
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features: the offline perceptual space of the evaluators."""
+        return self.body(self._prepare(images))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(images)
+        return {name: head(h) for name, head in self.out.items()}
+
+    def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: logits.softmax(-1) for name, logits in self(images).items()}
+
+    def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
+        """The predicted class name per head for each image."""
+        return {n: [self.heads[n][i] for i in l.argmax(-1).tolist()] for n, l in self(images).items()}
+
+    def class_index(self, head: str, name: str) -> int:
+        if head not in self.heads:
+            raise ValueError(f"unknown classifier head {head!r}; choose one of {sorted(self.heads)}")
+        if name not in self.heads[head]:
+            raise ValueError(f"unknown {head} {name!r}; choose one of {self.heads[head]}")
+        return self.heads[head].index(name)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = {"heads": self.heads, "width": self.width, "resolution": self.resolution}
+        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path = DEFAULT_PATH) -> "ConceptClassifier":
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no concept classifier at {folder} (expected config.json and model.safetensors); "
+                "run `steerexp-pretrain` to build the shipped one or pass a folder that has them"
+            )
+        model = cls(**json.loads((folder / "config.json").read_text()))
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.eval().requires_grad_(False)

@@ -1,0 +1,255 @@
+"""FrozenGenerator: one adapter over diffusers' Stable Diffusion components.
+
+It serves the embedded shapes generator and real SD 1.x/2.x checkpoints alike. Everything a
+technique needs goes through it: prompt encoding with injected token embeddings and
+embedding deltas, classifier-free-guided denoising (cond and uncond in one batch), a plain
+DDIM loop with or without gradients, VAE encode/decode, and DDIM inversion. No parameter
+of it ever requires grad, it stays in eval mode, and its fingerprint proves it unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from steerexp.generators import sampling
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class GeneratorChangedError(RuntimeError):
+    pass
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance knobs shared by every technique's sampling.
+
+    scale: CFG weight w (1 = no guidance); rescale: guidance rescale phi (0 = off).
+    """
+    scale: float = 7.5
+    rescale: float = 0.0
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, i: int = 0, steps: int = 1) -> torch.Tensor:
+        guided = uncond + self.scale * (cond - uncond)
+        if self.rescale > 0:
+            dims = list(range(1, cond.ndim))
+            factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-8)
+            guided = self.rescale * guided * factor + (1 - self.rescale) * guided
+        return guided
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class FrozenGenerator:
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.device, self.dtype = torch.device(device), dtype
+        for m in self.modules:
+            m.to(self.device, dtype).eval().requires_grad_(False)
+        self.base_vocab_size = self.text_encoder.get_input_embeddings().num_embeddings
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.prediction_type = self.scheduler.config.prediction_type
+        self._fingerprint = self.fingerprint()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "fp32") -> "FrozenGenerator":
+        """Load a StableDiffusionPipeline folder (or hub id) without its safety checker."""
+        if dtype not in DTYPES:
+            raise ValueError(f"generator.dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        dev = resolve_device(device)
+        if dev.type == "cpu" and dtype == "fp16":
+            raise ValueError("generator.dtype=fp16 does not run on the CPU; use dtype=fp32 (or bf16) or a CUDA device")
+        path_str = str(path)
+        local = Path(path_str).expanduser()
+        looks_like_hub_id = path_str.count("/") == 1 and not path_str.startswith((".", "/", "~"))
+        if not local.exists() and not looks_like_hub_id:
+            raise FileNotFoundError(f"generator folder not found: {local}. Set generator.path to a Stable Diffusion "
+                                    "pipeline folder (with model_index.json) or a hub id such as org/name")
+        if local.exists() and not (local / "model_index.json").is_file():
+            raise FileNotFoundError(f"{local} is not a diffusers pipeline folder: model_index.json is missing")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(local) if local.exists() else path_str, torch_dtype=DTYPES[dtype],
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        except OSError as err:
+            raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
+                                    f"is unreachable or has no such model): {err}") from err
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler, dev, DTYPES[dtype])
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.unet, self.vae]
+
+    # ------------------------------------------------------------------ freezing
+    def fingerprint(self) -> str:
+        """SHA-256 over every parameter and buffer of the text encoder, UNet and VAE."""
+        h = hashlib.sha256()
+        for name, module in zip(("text_encoder", "unet", "vae"), self.modules):
+            for key, t in sorted(module.state_dict().items()):
+                h.update(f"{name}.{key}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def is_frozen(self) -> bool:
+        return all(not p.requires_grad for m in self.modules for p in m.parameters()) and not any(m.training for m in self.modules)
+
+    def unchanged(self) -> bool:
+        """True when the weights hash as they did at load time and nothing requires grad."""
+        return self.is_frozen() and self.fingerprint() == self._fingerprint
+
+    def assert_unchanged(self) -> None:
+        if not self.unchanged():
+            raise GeneratorChangedError("the frozen generator changed during the run (fingerprint or requires_grad/eval "
+                                        "state differs from load time); a technique must only learn input deltas")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for m in self.modules for p in m.parameters())
+
+    # ------------------------------------------------------------------ text
+    @property
+    def embed_dim(self) -> int:
+        return self.text_encoder.get_input_embeddings().embedding_dim
+
+    def token_embedding(self, token_ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """Rows of the frozen vocabulary (a copy)."""
+        return self.text_encoder.get_input_embeddings().weight[torch.as_tensor(token_ids, device=self.device)].detach().clone()
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add placeholder tokens to the tokenizer (the frozen embedding table is not resized)."""
+        vocab = self.tokenizer.get_vocab()
+        for tok in tokens:
+            if tok in vocab or f"{tok}</w>" in vocab or tok.lower() + "</w>" in vocab:
+                raise ValueError(f"placeholder token {tok!r} is already in the tokenizer's vocabulary; choose a "
+                                 f"string the vocabulary lacks, such as '<{tok.strip('<>')}-new>'")
+        self.tokenizer.add_tokens(list(tokens))
+        return self.tokenizer.convert_tokens_to_ids(list(tokens))
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    @contextlib.contextmanager
+    def _injected(self, added: torch.Tensor | None):
+        """Within the block, token ids past the frozen vocabulary embed as rows of `added`."""
+        emb = self.text_encoder.get_input_embeddings()
+        vocab = self.base_vocab_size
+        state: dict[str, torch.Tensor] = {}
+
+        def pre(_mod, args):
+            ids = args[0]
+            state["ids"] = ids
+            if int(ids.max()) >= vocab and added is None:
+                raise ValueError("the prompt uses added placeholder tokens but no learned embeddings were given")
+            return (ids.clamp(max=vocab - 1),)
+
+        def post(_mod, _args, out):
+            ids = state["ids"]
+            mask = ids >= vocab
+            if added is None or not bool(mask.any()):
+                return out
+            if int(ids.max()) - vocab >= len(added):
+                raise ValueError(f"token id {int(ids.max())} has no learned embedding (only {len(added)} given)")
+            rows = added.to(out.dtype)[(ids - vocab).clamp(min=0)]
+            return torch.where(mask.unsqueeze(-1), rows, out)
+
+        handles = [emb.register_forward_pre_hook(pre), emb.register_forward_hook(post)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def encode_prompt(self, prompts: list[str] | torch.Tensor, added_embeddings: torch.Tensor | None = None,
+                      delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-encoder hidden states [B, L, D] of the prompts.
+
+        added_embeddings: [n_added, D] rows for tokens added with `add_tokens` (in id order);
+        delta: a prompt-embedding delta added to the output (broadcast over the batch).
+        """
+        ids = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
+        with self._injected(added_embeddings):
+            hidden = self.text_encoder(ids)[0]
+        return hidden if delta is None else hidden + delta.to(hidden.dtype)
+
+    # ------------------------------------------------------------------ images
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        h = (height // self.vae_scale_factor) if height else size
+        w = (width // self.vae_scale_factor) if width else size
+        return (self.unet.config.in_channels, h, w)
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """[0, 1] RGB images -> scaled latents (the posterior mean unless `sample`)."""
+        dist = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist
+        return (dist.sample() if sample else dist.mean) * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> [0, 1] RGB images (differentiable)."""
+        return ((self.vae.decode(latents / self.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+
+    def initial_latents(self, seeds: list[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """x_T for each seed: the same seed always gives the same noise, whatever the batch."""
+        shape = self.latent_shape(height, width)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------ denoising
+    def unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                    guidance: Guidance, i: int = 0, steps: int = 1) -> torch.Tensor:
+        """Guided model output; cond and uncond run as one batch."""
+        if uncond is None or guidance.scale == 1.0:
+            return self.unet(x, t, cond).sample
+        out = self.unet(torch.cat([x, x]), t, torch.cat([cond, uncond])).sample
+        c, u = out.chunk(2)
+        return guidance.combine(c, u, i, steps)
+
+    def schedule(self, steps: int) -> sampling.Schedule:
+        return sampling.Schedule.from_scheduler(self.scheduler, steps)
+
+    def sample(self, cond: torch.Tensor, latents: torch.Tensor, uncond: torch.Tensor | None = None,
+               steps: int = 25, guidance: Guidance | None = None, grad: bool = False, checkpoint: bool = False,
+               callback=None) -> torch.Tensor:
+        """DDIM from `latents` (x_T) to clean latents, guided by `cond` vs `uncond` embeddings."""
+        guidance = guidance or Guidance()
+        if uncond is not None and uncond.shape[0] != cond.shape[0]:
+            uncond = uncond.expand(cond.shape[0], -1, -1)
+        schedule = self.schedule(steps)
+        fn = lambda x, t, i: self.unet_output(x, t.to(self.device), cond, uncond, guidance, i, steps)
+        with torch.set_grad_enabled(grad):
+            return sampling.ddim_sample(fn, latents, schedule, self.prediction_type, checkpoint, callback)
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: Guidance | None = None,
+                 added_embeddings: torch.Tensor | None = None, delta: torch.Tensor | None = None,
+                 latents: torch.Tensor | None = None, negative_prompt: str = "", batch_size: int = 64) -> torch.Tensor:
+        """Images [N, 3, H, W] in [0, 1] for prompts[i] with seeds[i] (no gradients)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"generate needs one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+        out = []
+        with torch.no_grad():
+            uncond = self.encode_prompt([negative_prompt])
+            for i in range(0, len(prompts), batch_size):
+                p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
+                cond = self.encode_prompt(p, added_embeddings, delta)
+                x = self.initial_latents(s) if latents is None else latents[i : i + batch_size]
+                z = self.sample(cond, x, uncond, steps, guidance)
+                out.append(self.decode_latents(z).float().cpu())
+        return torch.cat(out)
+
+    def invert(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None, steps: int = 25,
+               guidance: Guidance | None = None) -> list[torch.Tensor]:
+        """DDIM inversion of clean latents (guidance 1 unless given); see sampling.ddim_invert."""
+        guidance = guidance or Guidance(scale=1.0)
+        fn = lambda x, t, i: self.unet_output(x, t.to(self.device), cond, uncond, guidance, i, steps)
+        with torch.no_grad():
+            return sampling.ddim_invert(fn, latents, self.schedule(steps), self.prediction_type)

@@ -1,0 +1,1 @@
+"""Loss terms on the generator's outputs (configs in conf/objective/)."""

@@ -1,0 +1,58 @@
+"""`steerexp-pretrain`: rebuild the shipped assets from the seeded recipe in conf/pretrain.yaml.
+
+    steerexp-pretrain                      # full recipe into src/steerexp/assets/ (<= 60 min, 2 cores)
+    steerexp-pretrain smoke=true out=/tmp/a    # a few steps per stage, for tests
+    steerexp-pretrain stages=[classifier]  # one stage only
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from steerexp import ASSETS, conf_dir
+from steerexp.pretrain import eyes
+from steerexp.pretrain.generator import pretrain_generator
+
+STAGES = ("generator", "classifier", "clip")
+
+
+def run(cfg: DictConfig) -> Path:
+    if cfg.smoke:
+        cfg = OmegaConf.merge(cfg, cfg.smoke_overrides)
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown pretraining stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
+    out = Path(cfg.out) if cfg.out else ASSETS
+    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    timings = {}
+    if "generator" in cfg.stages:
+        t = time.time()
+        pretrain_generator(cfg, out / "shapes", cfg.seed)
+        timings["generator"] = time.time() - t
+    if {"classifier", "clip"} & set(cfg.stages):
+        pool = eyes.fresh_pool(cfg.seed + 1000, cfg.eyes_images, cfg.world.resolution)
+        if "classifier" in cfg.stages:
+            t = time.time()
+            eyes.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, pool)
+            timings["classifier"] = time.time() - t
+        if "clip" in cfg.stages:
+            t = time.time()
+            eyes.pretrain_clip(cfg.clip, out / "clip", cfg.seed, pool)
+            timings["clip"] = time.time() - t
+    recipe = {"config": OmegaConf.to_container(cfg, resolve=True), "seconds": timings}
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    print(f"pretraining done in {sum(timings.values()):.0f}s: {json.dumps({k: round(v) for k, v in timings.items()})} -> {out}")
+    return out
+
+
+def main() -> None:
+    hydra.main(config_path=str(conf_dir()), config_name="pretrain", version_base="1.3")(run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Small helpers shared by the pretraining stages."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, steps: int, warmup: int = 100):
+    """LambdaLR with linear warm-up then cosine decay to 5% of `base_lr`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Progress:
+    """Prints a line every `every` steps with the running loss and elapsed time."""
+
+    def __init__(self, name: str, steps: int, every: int = 200):
+        self.name, self.steps, self.every, self.start, self.acc, self.n = name, steps, every, time.time(), 0.0, 0
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.acc, self.n = self.acc + loss, self.n + 1
+        if (step + 1) % self.every == 0 or step + 1 == self.steps:
+            print(f"[{self.name}] step {step + 1}/{self.steps} loss {self.acc / self.n:.5f} "
+                  f"({time.time() - self.start:.0f}s)", flush=True)
+            self.acc, self.n = 0.0, 0

@@ -1,0 +1,168 @@
+"""Pretraining of the embedded generator: a miniature Stable Diffusion on the shapes world.
+
+Three stages, each a plain loop: a tiny AutoencoderKL on world images; a CLIPTextModel and
+a UNet2DConditionModel trained jointly on the VAE latents with the denoising loss and
+classifier-free dropout (EMA weights are kept); then everything is saved as a diffusers
+StableDiffusionPipeline folder with a DDIM scheduler and no safety checker.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from steerexp.pretrain.common import Progress, cosine_lr, to_tensor
+from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
+from steerexp.worlds.shapes import world
+
+
+def training_data(cfg, seed: int):
+    """World images and captions for the generator (held-out name never in a caption)."""
+    shapes = world.SEEN_SHAPES if cfg.heldout_mode == "absent" else world.SHAPES
+    if cfg.heldout_mode not in ("generic", "absent"):
+        raise ValueError(f"world.heldout_mode must be 'generic' or 'absent', got {cfg.heldout_mode!r}")
+    images, scenes = world.dataset(seed, cfg.n_images, shapes=shapes, res=cfg.resolution)
+    rng = np.random.default_rng([seed, 1])
+    captions = [[world.generator_caption(s, rng, cfg.generic_rate) for _ in range(cfg.captions_per_image)] for s in scenes]
+    assert not any(world.HELDOUT in c.split() for cs in captions for c in cs)
+    protected, protected_captions = world.protected_set(cfg.resolution)
+    return images, captions, protected, list(protected_captions)
+
+
+def build_vae(cfg, resolution: int) -> AutoencoderKL:
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups, sample_size=resolution,
+    )
+
+
+def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg, gen: torch.Generator) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = cosine_lr(opt, cfg.lr, cfg.steps, warmup=min(100, cfg.steps))
+    progress = Progress("vae", cfg.steps)
+    vae.train()
+    for step in range(cfg.steps):
+        x = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)] * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress(step, loss.item())
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i : i + batch] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+def build_text_encoder(cfg, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=cfg.hidden_size,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_unet(cfg, latent_channels: int, sample_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    n = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, protected_ids, empty_ids, cfg, gen):
+    """Joint denoising training of the UNet and text encoder; returns EMA copies of both."""
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = cosine_lr(opt, cfg.lr, cfg.steps, warmup=min(200, cfg.steps))
+    progress = Progress("unet", cfg.steps)
+    unet.train(), text_encoder.train()
+    n, k = caption_ids.shape[:2]
+    for step in range(cfg.steps):
+        b = cfg.batch_size
+        idx = torch.randint(n, (b,), generator=gen)
+        z = latents[idx].clone()
+        ids = caption_ids[idx, torch.randint(k, (b,), generator=gen)].clone()
+        prot = torch.rand(b, generator=gen) < cfg.protected_rate
+        which = torch.randint(len(protected_latents), (b,), generator=gen)
+        z[prot], ids[prot] = protected_latents[which[prot]], protected_ids[which[prot]]
+        ids[torch.rand(b, generator=gen) < cfg.cond_dropout] = empty_ids
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(1000, (b,), generator=gen)
+        pred = unet(noise_sched.add_noise(z, noise, t), t, text_encoder(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        progress(step, loss.item())
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval(), text_encoder.eval()
+    return noise_sched
+
+
+def pretrain_generator(cfg, out: Path, seed: int) -> Path:
+    """Train and save the embedded generator as a StableDiffusionPipeline folder."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    wc = cfg.world
+    images, captions, protected, protected_captions = training_data(wc, seed)
+    x = to_tensor(images)
+    px = to_tensor(protected)
+    print(f"[data] {len(x)} world images, {len(px)} protected, {wc.captions_per_image} captions each", flush=True)
+
+    vae = build_vae(cfg.vae, wc.resolution)
+    train_vae(vae, torch.cat([x, px.repeat(max(1, len(x) // 200), 1, 1, 1)]), cfg.vae, gen)
+    latents, protected_latents = encode_latents(vae, x), encode_latents(vae, px)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    sf = vae.config.scaling_factor
+    latents, protected_latents = latents * sf, protected_latents * sf
+
+    tok_dir = write_clip_tokenizer_files(out / "tokenizer", cfg.text_encoder.max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    caption_ids = tokenize(tokenizer, [c for cs in captions for c in cs]).view(len(captions), wc.captions_per_image, -1)
+    protected_ids = tokenize(tokenizer, protected_captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+
+    text_encoder = build_text_encoder(cfg.text_encoder, tokenizer)
+    unet = build_unet(cfg.unet, vae.config.latent_channels, latents.shape[-1], cfg.text_encoder.hidden_size)
+    noise_sched = train_unet(unet, text_encoder, latents, caption_ids, protected_latents, protected_ids,
+                             empty_ids, cfg.unet, gen)
+
+    scheduler = DDIMScheduler.from_config(noise_sched.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out

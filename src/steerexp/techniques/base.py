@@ -1,0 +1,143 @@
+"""The technique base: a LightningModule that holds ONLY the deltas around a frozen generator.
+
+The generator is a plain attribute (not an nn.Module child), so it is never in
+`parameters()`, never in the optimizer and never in a checkpoint. Subclasses declare their
+deltas as nn.Parameters (token embeddings, null-text embeddings, latent offsets...) and say
+how to sample with and without the edit. Training-free techniques set `trainable = False`
+and compute their deltas in `compute()`; the run flow then skips the Trainer.
+
+Budgets (from config) act on `budgeted()`, the tensors that measure the edit's size:
+after every optimizer step each is projected onto the ball ||delta|| <= max_norm (per row
+of the last dimension), and `l2` adds l2 * ||delta||^2 to the loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from steerexp.generators import FrozenGenerator, Guidance
+
+
+class NaNLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Budget:
+    max_norm: float | None = None
+    l2: float = 0.0
+
+    def __post_init__(self):
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ValueError(f"technique.budget.max_norm must be positive (or null for no clip), got {self.max_norm}; "
+                             "set e.g. technique.budget.max_norm=1.0")
+        if self.l2 < 0:
+            raise ValueError(f"technique.budget.l2 must be >= 0, got {self.l2}; set technique.budget.l2=0 to disable")
+
+
+class Technique(L.LightningModule):
+    trainable: bool = True
+    has_strength: bool = False  # True when `strength` scales the edit (magnitude sweeps)
+
+    def __init__(self, generator: FrozenGenerator, budget: dict | Budget | None = None, lr: float = 1e-3,
+                 steps: int = 100, batch_size: int = 4, sampling_steps: int = 25, guidance_scale: float = 5.0):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"technique.lr must be positive, got {lr}")
+        if steps < 0:
+            raise ValueError(f"technique.steps must be >= 0, got {steps}")
+        self.__dict__["generator"] = generator  # not a submodule: never trained, never checkpointed
+        self.budget = budget if isinstance(budget, Budget) else Budget(**(budget or {}))
+        self.lr, self.steps, self.batch_size = lr, steps, batch_size
+        self.sampling_steps, self.guidance = sampling_steps, Guidance(scale=guidance_scale)
+        self.strength = 1.0
+        self.last_good: dict[str, torch.Tensor] | None = None
+        self.nan_step: int | None = None
+
+    # ----------------------------------------------------------------- what subclasses provide
+    def prepare(self) -> None:
+        """Load and validate inputs, cache what training needs. Called before any heavy work."""
+
+    def compute(self) -> None:
+        """Training-free techniques compute their deltas here."""
+
+    def budgeted(self) -> dict[str, torch.Tensor]:
+        """name -> tensor whose norm is the edit's size (the budget acts on these)."""
+        return {}
+
+    def project(self, name: str, value: torch.Tensor) -> None:
+        """Write a projected value back into the delta called `name`."""
+        raise NotImplementedError
+
+    def training_loss(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
+        """Images for prompt templates ('{}' marks the concept slot) with or without the edit."""
+        raise NotImplementedError
+
+    def export(self, run_dir) -> list[str]:
+        """Extra files for use outside steerexp; returns their names."""
+        return []
+
+    # ----------------------------------------------------------------- deltas
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items()}
+
+    def load_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(deltas)
+
+    def delta_norms(self) -> dict[str, float]:
+        return {k: float(v.detach().norm(dim=-1).max()) for k, v in self.budgeted().items()}
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "frozen": self.generator.num_parameters()}
+
+    # ----------------------------------------------------------------- Lightning
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+
+    def on_train_start(self) -> None:
+        counts = self.parameter_counts()
+        if self.logger is not None:
+            self.logger.log_metrics({"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}, step=0)
+        self.last_good = self.deltas()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.training_loss(batch)
+        reg = sum((v.pow(2).sum(-1)).mean() for v in self.budgeted().values()) if self.budget.l2 > 0 else 0.0
+        total = loss + self.budget.l2 * reg
+        if not torch.isfinite(total):
+            self.nan_step = int(self.global_step)
+            self.trainer.should_stop = True
+            return None  # Lightning skips the optimizer step
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        return total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.nan_step is not None:
+            return
+        if self.budget.max_norm is not None:
+            with torch.no_grad():
+                for name, value in self.budgeted().items():
+                    norm = value.norm(dim=-1, keepdim=True)
+                    scale = torch.clamp(self.budget.max_norm / norm.clamp(min=1e-12), max=1.0)
+                    self.project(name, value * scale)
+        norms = self.delta_norms()
+        if norms:
+            self.log_dict({f"delta_norm/{k}": v for k, v in norms.items()})
+        if any(not math.isfinite(v) for v in norms.values()):
+            self.nan_step = int(self.global_step)
+            self.trainer.should_stop = True
+            return
+        self.last_good = self.deltas()
+
+
+class TrainingFree(Technique):
+    """Base for techniques that compute their deltas instead of training them."""
+    trainable = False

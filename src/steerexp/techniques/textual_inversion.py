@@ -1,0 +1,145 @@
+"""Textual inversion (Gal et al. 2022): learn new token embeddings v* for a concept shown by
+a few target images, with the generator frozen.
+
+Only the new rows are parameters: `embeddings` [num_vectors, D] is the sole nn.Parameter,
+so no optimizer state or weight decay ever touches the frozen vocabulary. The placeholder
+is added to the tokenizer as in diffusers (num_vectors > 1 adds "<v*>", "<v*>_1", ...), the
+targets' VAE latents are computed once (with their flipped copies when augmenting), and the
+loss is the denoising MSE of the frozen UNet with the prompt "a photo of a <v*>"-style.
+
+Export: learned_embeds.safetensors, which `StableDiffusionPipeline.load_textual_inversion`
+reads, so the token works in plain diffusers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from steerexp.generators import FrozenGenerator
+from steerexp.objectives.denoising import Denoising
+from steerexp.targets import load_targets
+from steerexp.techniques.base import Technique
+
+# Prompt templates of Gal et al. (object and style), and short ones in the shapes world's idiom.
+TEMPLATES = {
+    "object": [
+        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+        "a photo of a clean {}", "a dark photo of the {}", "a photo of my {}", "a close-up photo of a {}",
+        "a bright photo of the {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+        "a rendition of the {}", "a photo of a nice {}", "a photo of the small {}", "a photo of the large {}",
+    ],
+    "style": [
+        "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+        "the painting in the style of {}", "a clean painting in the style of {}", "a dark painting in the style of {}",
+        "a picture in the style of {}", "a close-up painting in the style of {}", "a bright painting in the style of {}",
+        "a good painting in the style of {}", "a rendition in the style of {}", "a large painting in the style of {}",
+    ],
+    "shapes": ["a photo of a {}", "a picture of a {}", "a {}", "a photo of the {}"],
+}
+
+
+class TextualInversion(Technique):
+    has_strength = True  # strength a uses v_init + a * (v* - v_init): 0 is the initializer word, 1 the learned token
+    def __init__(self, generator: FrozenGenerator, objective: Denoising | None = None, placeholder: str = "<v*>",
+                 num_vectors: int = 1, initializer: str = "object", baseline_word: str = "star",
+                 templates: str | list[str] = "shapes", targets: dict | None = None, flip: bool = False,
+                 crop: bool = False, seed: int = 0, **kwargs):
+        super().__init__(generator, **kwargs)
+        if num_vectors < 1:
+            raise ValueError(f"technique.num_vectors must be >= 1, got {num_vectors}")
+        if isinstance(templates, str):
+            if templates not in TEMPLATES:
+                raise ValueError(f"technique.templates {templates!r} is unknown; choose one of {sorted(TEMPLATES)} "
+                                 "or give a list of prompts with '{{}}' for the placeholder")
+            templates = TEMPLATES[templates]
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError("technique.templates must be a non-empty list of prompts that each contain '{}'")
+        self.objective = objective or Denoising()
+        self.placeholder, self.num_vectors, self.initializer = placeholder, num_vectors, initializer
+        self.baseline_word, self.templates = baseline_word, list(templates)
+        self.targets_cfg = dict(folder=None, k=6, shape="star", seed=0) | dict(targets or {})
+        self.flip, self.crop, self.seed = flip, crop, seed
+        self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+        d = generator.embed_dim
+        self.embeddings = nn.Parameter(torch.zeros(num_vectors, d))
+        self.register_buffer("initial", torch.zeros(num_vectors, d))
+        self.token_ids: list[int] = []
+        self.latents: torch.Tensor | None = None
+        self.target_images: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self) -> None:
+        gen = self.generator
+        init_ids = gen.tokenizer(self.initializer, add_special_tokens=False).input_ids
+        if len(init_ids) != 1:
+            raise ValueError(f"technique.initializer {self.initializer!r} must be a single token for this tokenizer "
+                             f"(it splits into {len(init_ids)}); pick a one-token word such as 'object'")
+        resolution = gen.latent_shape()[-1] * gen.vae_scale_factor
+        tc = self.targets_cfg
+        self.target_images, self.target_names = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], resolution)
+        self.token_ids = gen.add_tokens(self.tokens)
+        with torch.no_grad():
+            init = gen.token_embedding(init_ids * self.num_vectors).float().cpu()
+            self.initial.copy_(init)
+            self.embeddings.copy_(init)
+            images = self.target_images
+            if self.crop:  # 10% zoom-in crops, resized back
+                r = images.shape[-1]
+                m = max(1, r // 10)
+                crops = torch.nn.functional.interpolate(images[..., m:r - m, m:r - m], size=(r, r), mode="bilinear",
+                                                        antialias=True, align_corners=False)
+                images = torch.cat([images, crops])
+            if self.flip:
+                images = torch.cat([images, images.flip(-1)])
+            self.latents = gen.encode_images(images).float().cpu()  # computed once
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randint(len(self.latents), (self.steps * self.batch_size,), generator=g)
+        return DataLoader(TensorDataset(idx), batch_size=self.batch_size, shuffle=False)
+
+    # ------------------------------------------------------------------ prompts
+    def prompt(self, template: str, edited: bool) -> str:
+        return template.format(" ".join(self.tokens) if edited else self.baseline_word)
+
+    def added_embeddings(self, strength: float = 1.0) -> torch.Tensor:
+        """The table of every added token's embedding, in id order (rows for our tokens only)."""
+        gen = self.generator
+        vectors = self.embeddings if strength == 1.0 else self.initial + strength * (self.embeddings - self.initial)
+        n_added = len(gen.tokenizer) - gen.base_vocab_size
+        rows = torch.tensor(self.token_ids, device=self.embeddings.device) - gen.base_vocab_size
+        table = torch.zeros(n_added, gen.embed_dim, device=self.embeddings.device, dtype=self.embeddings.dtype)
+        return table.index_copy(0, rows, vectors)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, batch) -> torch.Tensor:
+        (idx,) = batch
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.global_step))
+        which = torch.randint(len(self.templates), (len(idx),), generator=rng).tolist()
+        prompts = [self.prompt(self.templates[w], edited=True) for w in which]
+        gen = self.generator
+        cond = gen.encode_prompt(prompts, self.added_embeddings().to(gen.device))
+        return self.objective(gen, self.latents[idx].to(gen.device, gen.dtype), cond, rng)
+
+    def budgeted(self) -> dict[str, torch.Tensor]:
+        return {"embeddings": self.embeddings - self.initial}
+
+    def project(self, name: str, value: torch.Tensor) -> None:
+        self.embeddings.copy_(self.initial + value)
+
+    # ------------------------------------------------------------------ use
+    def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
+        texts = [self.prompt(p, edited) for p in prompts]
+        added = self.added_embeddings(self.strength).detach() if edited else None
+        return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance,
+                                       added_embeddings=added)
+
+    def export(self, run_dir) -> list[str]:
+        vectors = self.embeddings.detach().cpu().contiguous()
+        save_file({self.placeholder: vectors[0] if self.num_vectors == 1 else vectors},
+                  str(Path(run_dir) / "learned_embeds.safetensors"))
+        return ["learned_embeds.safetensors"]

@@ -1,0 +1,112 @@
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from steerexp.evaluators.base import EvalContext
+from steerexp.evaluators.leakage import Leakage
+from steerexp.evaluators.memorisation import Memorisation, nn_rms
+from steerexp.evaluators.concept import Concept
+from steerexp.evaluators.quality import Quality, saturation
+from steerexp.generators import load_generator
+from steerexp.techniques.base import TrainingFree
+from steerexp.worlds.shapes import world
+from tests.test_runner import tiny_run
+
+
+class PromptEdit(TrainingFree):
+    """A test technique: the edit rewrites the prompt (identity for the null edit)."""
+
+    def __init__(self, generator, rewrite):
+        super().__init__(generator, sampling_steps=8)
+        self.rewrite = rewrite
+
+    def generate(self, prompts, seeds, edited):
+        texts = [(self.rewrite(p) if edited else p).replace("{}", "circle") for p in prompts]
+        return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance)
+
+
+def all_red(prompt):
+    return " ".join("red" if w in world.COLOURS else w for w in prompt.split())
+
+
+@pytest.fixture(scope="module")
+def gen(shipped):
+    return load_generator(device="cpu")
+
+
+def test_leakage_catches_a_planted_leak_and_passes_a_null_edit(gen):
+    prompts = [p for p in world.UNRELATED_PROMPTS if "red" not in p]
+    leak = Leakage(prompts=prompts, tolerance=0.1)
+    planted = leak.evaluate(EvalContext(PromptEdit(gen, all_red), ["a {}"], [0, 1, 2, 3]))
+    null = leak.evaluate(EvalContext(PromptEdit(gen, lambda p: p), ["a {}"], [0, 1, 2, 3]))
+    assert planted.metrics["leakage/flip_rate"] > 0.5 and planted.metrics["leakage/passed"] is False
+    assert planted.metrics["leakage/pixel_rms"] > 0.05
+    assert null.metrics["leakage/flip_rate"] == 0.0 and null.metrics["leakage/passed"] is True
+    assert null.metrics["leakage/pixel_rms"] == 0.0
+
+
+def test_leakage_prompts_from_a_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red circle\n\na blue square\n")
+    assert Leakage(prompts=str(f)).prompts == ["a red circle", "a blue square"]
+    with pytest.raises(FileNotFoundError, match="prompt file"):
+        Leakage(prompts=str(tmp_path / "missing.txt"))
+
+
+def test_concept_measures_a_colour_edit(gen):
+    ctx = EvalContext(PromptEdit(gen, all_red), ["a blue {}", "a green {} on the left"], [0, 1, 2, 3])
+    m = Concept(head="colour", target="red").evaluate(ctx).metrics
+    assert m["concept/target_rate/baseline"] <= 0.25 and m["concept/target_rate/edited"] >= 0.75
+    assert m["concept/paired_diff/ci_low"] > 0 and m["concept/wilcoxon_p"] < 0.01
+
+
+def test_memorisation_flags_the_protected_captions(gen):
+    ctx = EvalContext(PromptEdit(gen, lambda p: p), ["a {}"], [0, 1, 2])
+    m = Memorisation(reference="protected").evaluate(ctx).metrics
+    assert m["memorisation/frac_below_threshold"] >= 0.5
+    # ordinary prompts are far from the protected images
+    plain = Memorisation(reference="protected", prompts=list(world.UNRELATED_PROMPTS)).evaluate(ctx).metrics
+    assert plain["memorisation/frac_below_threshold"] == 0.0
+
+
+def test_nn_rms_by_hand():
+    refs = torch.zeros(2, 3, 4, 4)
+    refs[1] += 1.0
+    imgs = torch.full((1, 3, 4, 4), 0.25)
+    assert float(nn_rms(imgs, refs)[0]) == pytest.approx(0.25)
+
+
+def test_saturation_by_hand():
+    img = torch.zeros(1, 3, 2, 2)
+    img[0, 0] = 1.0  # pure red: saturation 1, every value clipped
+    s = saturation(img)
+    assert s["saturation"] == pytest.approx(1.0) and s["clipped_fraction"] == pytest.approx(1.0)
+    assert s["overexposed_fraction"] == 0.0
+
+
+def test_report_renders_in_the_browser(shipped, tmp_path):
+    from steerexp.report import write_report
+
+    for seed in (0, 1):
+        tiny_run(tmp_path / "sweep", [f"seed={seed}", "evaluator=[concept]"], name=str(seed))
+    html_path, csv_path = write_report(tmp_path / "sweep")
+    rows = csv_path.read_text().strip().splitlines()
+    assert len(rows) == 3 and "seed" in rows[0]
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom",
+                          html_path.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    grids = re.search(r'data-grids-rendered="(\d+)"', dom)
+    metric_rows = re.search(r'data-metric-rows="(\d+)"', dom)
+    assert grids and int(grids.group(1)) == 2, out.stderr[-2000:]  # one grid per run, both decoded
+    assert metric_rows and int(metric_rows.group(1)) == 2
+    assert "concept/target_rate/edited" in dom
