@@ -2,7 +2,8 @@
 same seeds with and without the edit; we measure how often any classifier attribute flips,
 the change in the target score, pixel RMS and a perceptual distance (cosine distance of the
 concept classifier's features, offline), per prompt and overall, and pass/fail against
-`tolerance` on the flip rate."""
+`tolerance` on the flip rate. `heads` picks the attributes whose flips count (an edit meant
+to change size should be judged on shape and colour flips)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,7 @@ class Leakage:
     name = "leakage"
 
     def __init__(self, prompts: list[str] | str | None = None, tolerance: float = 0.1, head: str = "shape",
-                 target: str = "star"):
+                 target: str = "star", heads: list[str] | None = None):
         if not 0 <= tolerance <= 1:
             raise ValueError(f"evaluator.leakage.tolerance must be in [0, 1], got {tolerance}")
         if isinstance(prompts, str):
@@ -31,6 +32,7 @@ class Leakage:
         if not self.prompts:
             raise ValueError("evaluator.leakage.prompts is empty; give prompts or null for the world's suite")
         self.tolerance, self.head, self.target = tolerance, head, target
+        self.heads = list(heads) if heads else None  # the attributes whose flips count (null: all)
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         paired = ctx.paired(self.prompts)
@@ -38,7 +40,9 @@ class Leakage:
         with torch.no_grad():
             pb, pe = clf.predict(paired.baseline), clf.predict(paired.edited)
             flips = np.zeros(len(paired.prompts), bool)
-            for head in pb:
+            for head in (self.heads or pb):
+                if head not in pb:
+                    raise ValueError(f"evaluator.leakage.heads: unknown head {head!r}; choose from {sorted(pb)}")
                 flips |= np.array([a != b for a, b in zip(pb[head], pe[head])])
             idx = clf.class_index(self.head, self.target)
             sb = clf.probs(paired.baseline)[self.head][:, idx].numpy()

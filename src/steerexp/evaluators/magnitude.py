@@ -16,12 +16,13 @@ class Magnitude:
 
     def __init__(self, strengths: list[float] = (0.25, 0.5, 1.0, 2.0, 4.0), head: str = "shape",
                  target: str = "star", threshold: float = 0.5, tolerance: float = 0.1,
-                 leakage_prompts: list[str] | None = None):
+                 leakage_prompts: list[str] | None = None, leakage_heads: list[str] | None = None):
         if not strengths:
             raise ValueError("evaluator.magnitude.strengths is empty; give e.g. [0.25,0.5,1,2,4]")
         self.strengths = [float(s) for s in strengths]
         self.head, self.target, self.threshold, self.tolerance = head, target, threshold, tolerance
         self.leakage_prompts = list(leakage_prompts or world.UNRELATED_PROMPTS)
+        self.leakage_heads = list(leakage_heads) if leakage_heads else None
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         tech = ctx.technique
@@ -42,7 +43,7 @@ class Magnitude:
                     rates.append(float((clf.probs(img)[self.head][:, idx] >= self.threshold).float().mean()))
                     pred = clf.predict(tech.generate(leak.prompts, leak.seeds, edited=True))
                 flipped = np.zeros(len(leak.prompts), bool)
-                for head in pred:
+                for head in (self.leakage_heads or pred):
                     flipped |= np.array([a != b for a, b in zip(pred[head], base_pred[head])])
                 flips.append(float(flipped.mean()))
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,17 +26,58 @@ class GeneratorChangedError(RuntimeError):
     pass
 
 
+SCHEDULES = ("constant", "interval", "weak_strong_weak")
+NEGATIVE_MODES = ("uncond", "subtract")
+
+
 @dataclass
 class Guidance:
     """Classifier-free guidance knobs shared by every technique's sampling.
 
-    scale: CFG weight w (1 = no guidance); rescale: guidance rescale phi (0 = off).
+    scale            CFG weight w (1 = no guidance)
+    rescale          guidance rescale phi (0 = off): match the guided prediction's std to the cond one
+    schedule         constant | interval (w inside [interval_start, interval_end) of the steps, 1 outside)
+                     | weak_strong_weak (1 at both ends, w in the middle, a sine bump)
+    negative_prompt  with negative_mode=uncond it replaces the empty prompt as the uncond branch;
+                     with negative_mode=subtract it is an extra term -negative_weight * (eps_neg - eps_uncond)
     """
     scale: float = 7.5
     rescale: float = 0.0
+    schedule: str = "constant"
+    interval_start: float = 0.0
+    interval_end: float = 1.0
+    negative_prompt: str = ""
+    negative_mode: str = "uncond"
+    negative_weight: float = 1.0
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, i: int = 0, steps: int = 1) -> torch.Tensor:
-        guided = uncond + self.scale * (cond - uncond)
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"guidance schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.negative_mode not in NEGATIVE_MODES:
+            raise ValueError(f"guidance negative_mode must be one of {NEGATIVE_MODES}, got {self.negative_mode!r}")
+        if not 0 <= self.rescale <= 1:
+            raise ValueError(f"guidance rescale (phi) must be in [0, 1], got {self.rescale}")
+        if not 0 <= self.interval_start < self.interval_end <= 1:
+            raise ValueError("guidance interval needs 0 <= interval_start < interval_end <= 1, got "
+                             f"{self.interval_start}, {self.interval_end}")
+
+    @property
+    def subtracts_negative(self) -> bool:
+        return self.negative_mode == "subtract" and bool(self.negative_prompt) and self.negative_weight != 0
+
+    def scale_at(self, i: int, steps: int) -> float:
+        frac = (i + 0.5) / steps
+        if self.schedule == "interval":
+            return self.scale if self.interval_start <= frac < self.interval_end else 1.0
+        if self.schedule == "weak_strong_weak":
+            return 1.0 + (self.scale - 1.0) * math.sin(math.pi * frac)
+        return self.scale
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, i: int = 0, steps: int = 1,
+                negative: torch.Tensor | None = None) -> torch.Tensor:
+        guided = uncond + self.scale_at(i, steps) * (cond - uncond)
+        if negative is not None:
+            guided = guided - self.negative_weight * (negative - uncond)
         if self.rescale > 0:
             dims = list(range(1, cond.ndim))
             factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-8)
@@ -206,43 +248,55 @@ class FrozenGenerator:
 
     # ------------------------------------------------------------------ denoising
     def unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                    guidance: Guidance, i: int = 0, steps: int = 1) -> torch.Tensor:
-        """Guided model output; cond and uncond run as one batch."""
-        if uncond is None or guidance.scale == 1.0:
+                    guidance: Guidance, i: int = 0, steps: int = 1, negative: torch.Tensor | None = None) -> torch.Tensor:
+        """Guided model output; cond, uncond (and a subtractive negative) run as one batch."""
+        if uncond is None or (guidance.scale == 1.0 and negative is None and guidance.schedule == "constant"):
             return self.unet(x, t, cond).sample
-        out = self.unet(torch.cat([x, x]), t, torch.cat([cond, uncond])).sample
-        c, u = out.chunk(2)
-        return guidance.combine(c, u, i, steps)
+        branches = [cond, uncond] + ([negative] if negative is not None else [])
+        out = self.unet(torch.cat([x] * len(branches)), t, torch.cat(branches)).sample
+        parts = out.chunk(len(branches))
+        return guidance.combine(parts[0], parts[1], i, steps, parts[2] if negative is not None else None)
 
     def schedule(self, steps: int) -> sampling.Schedule:
         return sampling.Schedule.from_scheduler(self.scheduler, steps)
 
     def sample(self, cond: torch.Tensor, latents: torch.Tensor, uncond: torch.Tensor | None = None,
                steps: int = 25, guidance: Guidance | None = None, grad: bool = False, checkpoint: bool = False,
-               callback=None) -> torch.Tensor:
+               callback=None, negative: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM from `latents` (x_T) to clean latents, guided by `cond` vs `uncond` embeddings."""
         guidance = guidance or Guidance()
-        if uncond is not None and uncond.shape[0] != cond.shape[0]:
-            uncond = uncond.expand(cond.shape[0], -1, -1)
+        expand = lambda e: e.expand(cond.shape[0], -1, -1) if e is not None and e.shape[0] != cond.shape[0] else e
+        uncond, negative = expand(uncond), expand(negative)
         schedule = self.schedule(steps)
-        fn = lambda x, t, i: self.unet_output(x, t.to(self.device), cond, uncond, guidance, i, steps)
+        fn = lambda x, t, i: self.unet_output(x, t.to(self.device), cond, uncond, guidance, i, steps, negative)
         with torch.set_grad_enabled(grad):
             return sampling.ddim_sample(fn, latents, schedule, self.prediction_type, checkpoint, callback)
 
+    def guidance_embeddings(self, guidance: Guidance) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(uncond, negative) embeddings for a set of guidance knobs."""
+        if guidance.negative_mode == "uncond":
+            return self.encode_prompt([guidance.negative_prompt]), None
+        negative = self.encode_prompt([guidance.negative_prompt]) if guidance.subtracts_negative else None
+        return self.encode_prompt([""]), negative
+
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: Guidance | None = None,
                  added_embeddings: torch.Tensor | None = None, delta: torch.Tensor | None = None,
-                 latents: torch.Tensor | None = None, negative_prompt: str = "", batch_size: int = 64) -> torch.Tensor:
-        """Images [N, 3, H, W] in [0, 1] for prompts[i] with seeds[i] (no gradients)."""
+                 latents: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Images [N, 3, H, W] in [0, 1] for prompts[i] with seeds[i] (no gradients).
+
+        delta: a prompt-embedding delta, [L, D] / [1, L, D] for all prompts or [N, L, D] per prompt."""
         if len(prompts) != len(seeds):
             raise ValueError(f"generate needs one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
         out = []
         with torch.no_grad():
-            uncond = self.encode_prompt([negative_prompt])
+            guidance = guidance or Guidance()
+            uncond, negative = self.guidance_embeddings(guidance)
             for i in range(0, len(prompts), batch_size):
                 p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-                cond = self.encode_prompt(p, added_embeddings, delta)
+                d = delta[i : i + batch_size] if delta is not None and delta.ndim == 3 and len(delta) == len(prompts) else delta
+                cond = self.encode_prompt(p, added_embeddings, d)
                 x = self.initial_latents(s) if latents is None else latents[i : i + batch_size]
-                z = self.sample(cond, x, uncond, steps, guidance)
+                z = self.sample(cond, x, uncond, steps, guidance, negative=negative)
                 out.append(self.decode_latents(z).float().cpu())
         return torch.cat(out)
 

@@ -1,0 +1,91 @@
+"""Initial-latent priming: pick an x_T that tends to produce the concept.
+
+1. Sample N candidates (candidate seeds 10_000 + i) for the ranking prompts, score each
+   with the concept classifier, keep the initial latents of the top k.
+2. Combine them: `mean` (the average, renormalised to the Gaussian shell |z| = sqrt(d))
+   or `slerp` (a running spherical interpolation, which stays on the shell).
+3. At inference start from a noised version: z_T = m * primed + sqrt(1 - m^2) * noise(seed),
+   with mixing weight m (0 = plain noise, i.e. the baseline; 1 = the primed latent itself).
+
+Training-free; the primed latent is the run's delta, and `strength` is m.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from steerexp.eyes.classifier import ConceptClassifier
+from steerexp.generators import FrozenGenerator
+from steerexp.techniques.base import TrainingFree
+
+CANDIDATE_SEED_OFFSET = 10_000
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    a_n, b_n = a.flatten() / a.norm(), b.flatten() / b.norm()
+    omega = torch.arccos((a_n @ b_n).clamp(-1 + 1e-7, 1 - 1e-7))
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
+
+def to_shell(z: torch.Tensor) -> torch.Tensor:
+    return z / z.norm() * math.sqrt(z.numel())
+
+
+class LatentPriming(TrainingFree):
+    has_strength = True  # strength is the mixing weight m
+
+    def __init__(self, generator: FrozenGenerator, objective=None, prompts: list[str] | None = None,
+                 head: str = "size", target: str = "large", candidates: int = 64, top_k: int = 8,
+                 combine: str = "mean", mix: float = 0.8, slot_word: str = "object", classifier: str | None = None,
+                 **kwargs):
+        super().__init__(generator, **kwargs)
+        if candidates < 1 or not 1 <= top_k <= candidates:
+            raise ValueError(f"technique needs candidates >= 1 and 1 <= top_k <= candidates, got {candidates}, {top_k}")
+        if combine not in ("mean", "slerp"):
+            raise ValueError(f"technique.combine must be 'mean' or 'slerp', got {combine!r}")
+        if not 0 <= mix <= 1:
+            raise ValueError(f"technique.mix (the mixing weight) must be in [0, 1], got {mix}")
+        self.prompts = list(prompts or ["a red circle", "a blue square", "a green triangle", "a yellow ring"])
+        self.head, self.target, self.candidates, self.top_k = head, target, candidates, top_k
+        self.combine, self.strength, self.slot_word, self.classifier_path = combine, float(mix), slot_word, classifier
+        self.primed = nn.Parameter(torch.zeros(generator.latent_shape()), requires_grad=False)
+        self.candidate_scores: list[float] = []
+
+    @torch.no_grad()
+    def compute(self) -> None:
+        gen = self.generator
+        clf = ConceptClassifier.from_pretrained(self.classifier_path) if self.classifier_path else ConceptClassifier.from_pretrained()
+        idx = clf.class_index(self.head, self.target)
+        seeds = [CANDIDATE_SEED_OFFSET + i for i in range(self.candidates)]
+        # each candidate latent is scored on every ranking prompt; its score is the mean
+        scores = torch.zeros(self.candidates)
+        for p in self.prompts:
+            images = gen.generate([p.replace("{}", self.slot_word)] * self.candidates, seeds,
+                                  steps=self.sampling_steps, guidance=self.guidance)
+            scores += clf.probs(images)[self.head][:, idx] / len(self.prompts)
+        top = scores.topk(self.top_k).indices
+        latents = gen.initial_latents([seeds[i] for i in top]).float().cpu()
+        if self.combine == "mean":
+            primed = to_shell(latents.mean(0))
+        else:
+            primed = latents[0]
+            for j in range(1, len(latents)):
+                primed = slerp(primed, latents[j], 1.0 / (j + 1))
+        self.primed.copy_(primed)
+        self.candidate_scores = scores.tolist()
+
+    def start_latents(self, seeds: list[int]) -> torch.Tensor:
+        noise = self.generator.initial_latents(seeds)
+        m = self.strength
+        return m * self.primed.to(noise) + math.sqrt(max(0.0, 1 - m * m)) * noise
+
+    def budgeted(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
+        texts = [p.replace("{}", self.slot_word) for p in prompts]
+        latents = self.start_latents(seeds) if edited and self.strength > 0 else None
+        return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance, latents=latents)

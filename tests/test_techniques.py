@@ -1,0 +1,143 @@
+"""The training-free techniques on the embedded generator, small: each effect goes the
+expected way on a paired measure, strength 0 is exactly the baseline, bad input is clear."""
+import numpy as np
+import pytest
+import torch
+
+from steerexp.eyes.classifier import ConceptClassifier
+from steerexp.generators import load_generator
+from steerexp.techniques.embedding_arithmetic import EmbeddingArithmetic
+from steerexp.techniques.energy_guidance import EnergyGuidance
+from steerexp.techniques.guidance import GuidanceTuning
+from steerexp.techniques.latent_priming import LatentPriming
+from steerexp.techniques.prompt_search import PromptSearch
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow ring"]
+SEEDS = list(range(8))
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def gen(shipped):
+    return load_generator(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clf(shipped):
+    return ConceptClassifier.from_pretrained()
+
+
+def paired(tech, prompts=PROMPTS, seeds=SEEDS):
+    ps = [p for p in prompts for _ in seeds]
+    ss = [s for _ in prompts for s in seeds]
+    with torch.no_grad():
+        return tech.generate(ps, ss, edited=False), tech.generate(ps, ss, edited=True)
+
+
+def rate(clf, images, head, target):
+    return float((clf.probs(images)[head][:, clf.class_index(head, target)] >= 0.5).float().mean())
+
+
+def test_arithmetic_large_direction_raises_the_large_rate(gen, clf):
+    tech = EmbeddingArithmetic(gen, world_direction="size->large", alpha=2.0, sampling_steps=STEPS)
+    tech.compute()
+    base, edit = paired(tech)
+    assert rate(clf, edit, "size", "large") > rate(clf, base, "size", "large") + 0.2
+    assert gen.unchanged()
+
+
+def test_arithmetic_alpha_zero_is_exactly_the_baseline(gen):
+    tech = EmbeddingArithmetic(gen, world_direction="colour->red", alpha=0.0, sampling_steps=4)
+    tech.compute()
+    base, edit = paired(tech, PROMPTS[:2], [0, 1])
+    assert torch.equal(base, edit)
+
+
+def test_arithmetic_gate_leaves_dissimilar_prompts_alone(gen):
+    tech = EmbeddingArithmetic(gen, world_direction="size->large", alpha=2.0, gate=1.01 - 1e-9, sampling_steps=4)
+    tech.compute()
+    assert tech.gate_mask(["a red circle"]).sum() == 0  # nothing reaches a threshold above 1
+    tech.gate = -1.0
+    assert tech.gate_mask(["a red circle"]).sum() == 1
+
+
+def test_arithmetic_bad_contexts(gen):
+    with pytest.raises(ValueError, match="empty"):
+        EmbeddingArithmetic(gen, base_contexts=[], target_contexts=[])
+    with pytest.raises(ValueError, match="mismatched context pairs"):
+        EmbeddingArithmetic(gen, base_contexts=["a"], target_contexts=["b", "c"])
+    with pytest.raises(ValueError, match="together"):
+        EmbeddingArithmetic(gen, base_contexts=["a"])
+
+
+def test_guidance_higher_scale_raises_colour_agreement_and_saturation(gen, clf):
+    from steerexp.evaluators.quality import saturation
+
+    tech = GuidanceTuning(gen, scale=1.0, sampling_steps=STEPS, guidance_scale=1.0)
+    low, _ = paired(tech)
+    tech.strength = 12.0
+    _, high = paired(tech)
+    colours = ["red", "blue", "green", "yellow"]
+    agree = lambda imgs: np.mean([p == colours[i // len(SEEDS)] for i, p in enumerate(clf.predict(imgs)["colour"])])
+    assert agree(high) >= agree(low)
+    assert saturation(high)["saturation"] > saturation(low)["saturation"]
+
+
+def test_negative_prompt_subtract_moves_away_from_it(gen, clf):
+    tech = GuidanceTuning(gen, scale=5.0, negative_prompt="a large object", negative_mode="subtract",
+                          negative_weight=3.0, sampling_steps=STEPS)
+    base, edit = paired(tech)
+    assert rate(clf, edit, "size", "large") < rate(clf, base, "size", "large")
+
+
+def test_guidance_bad_knobs():
+    from steerexp.generators import Guidance
+
+    with pytest.raises(ValueError, match="schedule"):
+        Guidance(schedule="zigzag")
+    with pytest.raises(ValueError, match="rescale"):
+        Guidance(rescale=2.0)
+
+
+def test_latent_priming_raises_the_target_rate(gen, clf):
+    tech = LatentPriming(gen, head="size", target="large", candidates=32, top_k=4, mix=0.8, sampling_steps=STEPS)
+    tech.compute()
+    base, edit = paired(tech)
+    assert rate(clf, edit, "size", "large") > rate(clf, base, "size", "large")
+    assert tech.primed.norm() == pytest.approx(np.sqrt(tech.primed.numel()), rel=1e-4)  # on the Gaussian shell
+    tech.strength = 0.0
+    b0, e0 = paired(tech, PROMPTS[:1], [0, 1])
+    assert torch.equal(b0, e0)
+
+
+def test_latent_priming_bad_input(gen):
+    with pytest.raises(ValueError, match="top_k"):
+        LatentPriming(gen, candidates=4, top_k=8)
+    with pytest.raises(ValueError, match="combine"):
+        LatentPriming(gen, combine="median")
+
+
+def test_prompt_search_beats_the_hand_written_prompt(gen):
+    tech = PromptSearch(gen, prompt="a photo of a object", target="star", budget=20, beam_width=2, proposals=6,
+                        seeds=[100, 101], sampling_steps=8)
+    tech.compute()
+    scores = dict(tech.history)
+    assert tech.calls <= 20
+    assert scores[tech.best_prompt] >= scores["a photo of a object"]
+    assert tech.best_prompt != "a photo of a object"
+
+
+def test_prompt_search_bad_input(gen):
+    with pytest.raises(ValueError, match="beam_width"):
+        PromptSearch(gen, beam_width=-1)
+    with pytest.raises(ValueError, match="budget"):
+        PromptSearch(gen, budget=0)
+
+
+def test_energy_guidance_raises_the_target_rate(gen, clf):
+    tech = EnergyGuidance(gen, head="size", target="large", scale=20.0, sampling_steps=STEPS)
+    base, edit = paired(tech, PROMPTS[:2], SEEDS[:6])
+    assert rate(clf, edit, "size", "large") > rate(clf, base, "size", "large")
+    tech.strength = 0.0
+    b0, e0 = paired(tech, PROMPTS[:1], [0])
+    assert torch.equal(b0, e0)
