@@ -110,3 +110,22 @@ def test_report_renders_in_the_browser(shipped, tmp_path):
     assert grids and int(grids.group(1)) == 2, out.stderr[-2000:]  # one grid per run, both decoded
     assert metric_rows and int(metric_rows.group(1)) == 2
     assert "concept/target_rate/edited" in dom
+
+
+class Brightness(torch.nn.Module):
+    """A user's classifier: logits over ["dark", "bright"] from mean brightness."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([0.5 - m, m - 0.5], dim=-1) * 20
+
+
+def test_concept_accepts_a_torchscript_user_classifier(gen, tmp_path):
+    path = tmp_path / "bright.pt"
+    torch.jit.script(Brightness()).save(str(path))
+    ctx = EvalContext(PromptEdit(gen, lambda p: p.replace("black", "white")),
+                      ["a red {} on a black background"], [0, 1, 2])
+    m = Concept(target="bright", classifier=str(path), classes=["dark", "bright"]).evaluate(ctx).metrics
+    assert m["concept/target_rate/baseline"] == 0.0 and m["concept/target_rate/edited"] == 1.0
+    with pytest.raises(ValueError, match="classes must list the target"):
+        Concept(target="bright", classifier=str(path), classes=["dark"]).evaluate(ctx)

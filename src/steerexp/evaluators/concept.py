@@ -74,7 +74,9 @@ class Concept:
             metrics=m,
             grids={"samples/grid": side_by_side_grid(paired, len(ctx.seeds))},
             histograms={"concept/scores": {"baseline": base.tolist(), "edited": edit.tolist()}},
-            tables={"concept/per_prompt": (["prompt", "target_rate_baseline", "target_rate_edited", "mean_diff"], rows)},
+            tables={"concept/per_prompt": (["prompt", "target_rate_baseline", "target_rate_edited", "mean_diff"], rows),
+                    "concept/scores": (["prompt", "seed", "baseline", "edited"],
+                                       [[p, s, float(b), float(e)] for p, s, b, e in zip(paired.prompts, paired.seeds, base, edit)])},
         )
 
     def attribute_agreement(self, ctx: EvalContext, paired) -> dict[str, float]:

@@ -25,6 +25,17 @@ def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, steps: int, warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, loss: torch.Tensor, clip_params=None) -> float:
+    """zero_grad, backward, optional grad-norm clip to 1, step the optimizer and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 class Progress:
     """Prints a line every `every` steps with the running loss and elapsed time."""
 

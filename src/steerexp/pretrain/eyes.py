@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from steerexp.eyes.classifier import ConceptClassifier
 from steerexp.eyes.clip import DEFAULT_MODEL
-from steerexp.pretrain.common import Progress, cosine_lr, to_tensor
+from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step, to_tensor
 from steerexp.worlds.shapes import world
 
 
@@ -57,11 +57,7 @@ def pretrain_classifier(cfg, out: Path, seed: int, pool) -> Path:
         idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
         logits = model(degrade(x[idx], gen))
         loss = sum(F.cross_entropy(logits[h], labels[h][idx]) for h in logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress(step, loss.item())
+        progress(step, optimizer_step(opt, sched, loss))
     model.eval()
     model.save_pretrained(out)
     return out
@@ -102,11 +98,7 @@ def pretrain_clip(cfg, out: Path, seed: int, pool) -> Path:
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
         target = torch.arange(len(idx))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress(step, loss.item())
+        progress(step, optimizer_step(opt, sched, loss))
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return out

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from steerexp.pretrain.common import Progress, cosine_lr, to_tensor
+from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step, to_tensor
 from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
 from steerexp.worlds.shapes import world
 
@@ -53,11 +53,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg, gen: torch.Generato
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress(step, loss.item())
+        progress(step, optimizer_step(opt, sched, loss))
     vae.eval()
 
 
@@ -115,16 +111,12 @@ def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, prot
         t = torch.randint(1000, (b,), generator=gen)
         pred = unet(noise_sched.add_noise(z, noise, t), t, text_encoder(ids).last_hidden_state).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        loss_value = optimizer_step(opt, sched, loss, clip_params=params)
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
-        progress(step, loss.item())
+        progress(step, loss_value)
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
