@@ -30,13 +30,17 @@ def test_every_config_option_instantiates(shipped, tmp_path):
     cfg = compose_config([f"evaluator=[{','.join(groups['evaluator'])}]"])
     generator, technique, evaluators = build(cfg)
     assert len(evaluators) == len(groups["evaluator"])
-    for group in ("technique", "objective", "logger", "trainer", "launcher"):
-        for option in groups[group]:
-            c = compose_config([f"{group}={option}"])
-            if group in ("technique", "objective"):
-                assert instantiate(c[group], **({"generator": generator} if group == "technique" else {})) is not None
-            else:
-                assert c[group] is not None or group == "launcher"
+    for option in groups["technique"]:
+        technique_cfg = compose_config([f"technique={option}"]).technique
+        assert instantiate(technique_cfg, generator=generator, _recursive_=False).generator is generator
+    for option in groups["objective"]:
+        assert callable(instantiate(compose_config([f"objective={option}"]).objective))
+    for option in groups["logger"]:
+        assert compose_config([f"logger={option}"]).logger.mode in ("offline", "online", "disabled")
+    for option in groups["trainer"]:
+        assert compose_config([f"trainer={option}"]).trainer.checkpoint_every > 0
+    for option in groups["launcher"]:
+        compose_config([f"launcher={option}"])  # composes (it selects Hydra's launcher)
     for option in groups["experiment"]:
         assert compose_config([f"experiment={option}"]).experiment_name
 

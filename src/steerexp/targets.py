@@ -34,14 +34,14 @@ def load_folder(folder: str | Path, resolution: int) -> tuple[torch.Tensor, list
     return to_tensor(np.stack(images)), [f.name for f in files]
 
 
-def world_targets(k: int, shape: str, seed: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """K world images of `shape` with varied colour, size, position and background."""
+def world_targets(k: int, shape: str, seed: int, resolution: int) -> tuple[torch.Tensor, list[world.Scene]]:
+    """K world images of `shape` with varied colour, size, position and background, and their scenes."""
     if k < 1:
         raise ValueError(f"technique.targets.k must be >= 1 (K = {k} images requested); use 3-10")
     if shape not in world.SHAPES:
         raise ValueError(f"technique.targets.shape {shape!r} is not a world shape; choose one of {world.SHAPES}")
     images, scenes = world.dataset(seed, k, res=resolution, shape=shape)
-    return to_tensor(images), [f"{s.colour}-{s.shape}-{s.size}-{s.position}" for s in scenes]
+    return to_tensor(images), scenes
 
 
 def load_targets(folder: str | None, k: int, shape: str, seed: int, resolution: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +122,11 @@ class FrozenGenerator:
                                     "pipeline folder (with model_index.json) or a hub id such as org/name")
         if local.exists() and not (local / "model_index.json").is_file():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline folder: model_index.json is missing")
+        # recent diffusers name the argument `dtype` (torch_dtype is deprecated); older ones only know torch_dtype
+        dtype_kw = "dtype" if "pop(\"dtype\"" in inspect.getsource(StableDiffusionPipeline.from_pretrained) else "torch_dtype"
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(local) if local.exists() else path_str, torch_dtype=DTYPES[dtype],
+                str(local) if local.exists() else path_str, **{dtype_kw: DTYPES[dtype]},
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         except OSError as err:
             raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "

@@ -44,8 +44,11 @@ def run(cfg: DictConfig) -> Path:
             t = time.time()
             eyes.pretrain_clip(cfg.clip, out / "clip", cfg.seed, pool)
             timings["clip"] = time.time() - t
-    recipe = {"config": OmegaConf.to_container(cfg, resolve=True), "seconds": timings}
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    recipe_file = out / "recipe.json"
+    previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    recipe = {"config": OmegaConf.to_container(cfg, resolve=True),
+              "seconds": {**previous.get("seconds", {}), **timings}}  # stages not rerun keep their time
+    recipe_file.write_text(json.dumps(recipe, indent=1))
     print(f"pretraining done in {sum(timings.values()):.0f}s: {json.dumps({k: round(v) for k, v in timings.items()})} -> {out}")
     return out
 

@@ -20,14 +20,25 @@ from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
 from steerexp.worlds.shapes import world
 
 
-def training_data(cfg, seed: int):
+def unknown_word_pool(tokenizer: CLIPTokenizer, n: int, seed: int) -> tuple[str, ...]:
+    """`n` whole-word BPE tokens (alphabetic, >= 4 letters) that no world text uses and that
+    do not contain the held-out name, drawn deterministically from the vocabulary."""
+    banned = world.world_words()
+    words = sorted(t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>") and t[:-4].isalpha()
+                   and t[:-4].isascii() and len(t) >= 8 and t[:-4] not in banned and world.HELDOUT not in t)
+    rng = np.random.default_rng([seed, 3])
+    return tuple(words[i] for i in sorted(rng.choice(len(words), size=min(n, len(words)), replace=False)))
+
+
+def training_data(cfg, seed: int, unknown_words: tuple[str, ...] = ()):
     """World images and captions for the generator (held-out name never in a caption)."""
     shapes = world.SEEN_SHAPES if cfg.heldout_mode == "absent" else world.SHAPES
     if cfg.heldout_mode not in ("generic", "absent"):
         raise ValueError(f"world.heldout_mode must be 'generic' or 'absent', got {cfg.heldout_mode!r}")
     images, scenes = world.dataset(seed, cfg.n_images, shapes=shapes, res=cfg.resolution)
     rng = np.random.default_rng([seed, 1])
-    captions = [[world.generator_caption(s, rng, cfg.generic_rate) for _ in range(cfg.captions_per_image)] for s in scenes]
+    captions = [[world.generator_caption(s, rng, cfg.generic_rate, unknown_words, cfg.unknown_word_rate)
+                 for _ in range(cfg.captions_per_image)] for s in scenes]
     assert not any(world.HELDOUT in c.split() for cs in captions for c in cs)
     protected, protected_captions = world.protected_set(cfg.resolution)
     return images, captions, protected, list(protected_captions)
@@ -129,7 +140,10 @@ def pretrain_generator(cfg, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     wc = cfg.world
-    images, captions, protected, protected_captions = training_data(wc, seed)
+    tok_dir = write_clip_tokenizer_files(out / "tokenizer", cfg.text_encoder.max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    unknown = unknown_word_pool(tokenizer, wc.unknown_words, seed) if wc.unknown_word_rate > 0 else ()
+    images, captions, protected, protected_captions = training_data(wc, seed, unknown)
     x = to_tensor(images)
     px = to_tensor(protected)
     print(f"[data] {len(x)} world images, {len(px)} protected, {wc.captions_per_image} captions each", flush=True)
@@ -141,8 +155,6 @@ def pretrain_generator(cfg, out: Path, seed: int) -> Path:
     sf = vae.config.scaling_factor
     latents, protected_latents = latents * sf, protected_latents * sf
 
-    tok_dir = write_clip_tokenizer_files(out / "tokenizer", cfg.text_encoder.max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     caption_ids = tokenize(tokenizer, [c for cs in captions for c in cs]).view(len(captions), wc.captions_per_image, -1)
     protected_ids = tokenize(tokenizer, protected_captions)
     empty_ids = tokenize(tokenizer, [""])[0]

@@ -6,6 +6,8 @@ so no optimizer state or weight decay ever touches the frozen vocabulary. The pl
 is added to the tokenizer as in diffusers (num_vectors > 1 adds "<v*>", "<v*>_1", ...), the
 targets' VAE latents are computed once (with their flipped copies when augmenting), and the
 loss is the denoising MSE of the frozen UNet with the prompt "a photo of a <v*>"-style.
+With `captioned` (world targets only), each target's training prompts also say its colour,
+size and position ("a small red <v*> on the left"), so the token need only carry the shape.
 
 Export: learned_embeds.safetensors, which `StableDiffusionPipeline.load_textual_inversion`
 reads, so the token works in plain diffusers.
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,6 +26,7 @@ from steerexp.generators import FrozenGenerator
 from steerexp.objectives.denoising import Denoising
 from steerexp.targets import load_targets
 from steerexp.techniques.base import Technique
+from steerexp.worlds.shapes import world
 
 # Prompt templates of Gal et al. (object and style), and short ones in the shapes world's idiom.
 TEMPLATES = {
@@ -47,7 +51,7 @@ class TextualInversion(Technique):
     def __init__(self, generator: FrozenGenerator, objective: Denoising | None = None, placeholder: str = "<v*>",
                  num_vectors: int = 1, initializer: str = "object", baseline_word: str = "star",
                  templates: str | list[str] = "shapes", targets: dict | None = None, flip: bool = False,
-                 crop: bool = False, seed: int = 0, **kwargs):
+                 crop: bool = False, captioned: bool = True, seed: int = 0, **kwargs):
         super().__init__(generator, **kwargs)
         if num_vectors < 1:
             raise ValueError(f"technique.num_vectors must be >= 1, got {num_vectors}")
@@ -62,7 +66,8 @@ class TextualInversion(Technique):
         self.placeholder, self.num_vectors, self.initializer = placeholder, num_vectors, initializer
         self.baseline_word, self.templates = baseline_word, list(templates)
         self.targets_cfg = dict(folder=None, k=6, shape="star", seed=0) | dict(targets or {})
-        self.flip, self.crop, self.seed = flip, crop, seed
+        self.flip, self.crop, self.captioned, self.seed = flip, crop, captioned, seed
+        self.target_templates: list[list[str]] | None = None
         self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
         d = generator.embed_dim
         self.embeddings = nn.Parameter(torch.zeros(num_vectors, d))
@@ -80,7 +85,11 @@ class TextualInversion(Technique):
                              f"(it splits into {len(init_ids)}); pick a one-token word such as 'object'")
         resolution = gen.latent_shape()[-1] * gen.vae_scale_factor
         tc = self.targets_cfg
-        self.target_images, self.target_names = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], resolution)
+        self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], resolution)
+        if self.captioned and not tc["folder"]:
+            # world targets come with their scenes: describe what the token need not encode
+            rng = np.random.default_rng(self.seed)
+            self.target_templates = [[world.caption(sc, rng, shape_word="{}") for _ in range(8)] for sc in described]
         self.token_ids = gen.add_tokens(self.tokens)
         with torch.no_grad():
             init = gen.token_embedding(init_ids * self.num_vectors).float().cpu()
@@ -119,8 +128,10 @@ class TextualInversion(Technique):
     def training_loss(self, batch) -> torch.Tensor:
         (idx,) = batch
         rng = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.global_step))
-        which = torch.randint(len(self.templates), (len(idx),), generator=rng).tolist()
-        prompts = [self.prompt(self.templates[w], edited=True) for w in which]
+        which = torch.randint(1 << 30, (len(idx),), generator=rng).tolist()
+        k = len(self.target_images)
+        pools = [self.target_templates[i % k] if self.target_templates else self.templates for i in idx.tolist()]
+        prompts = [self.prompt(pool[w % len(pool)], edited=True) for pool, w in zip(pools, which)]
         gen = self.generator
         cond = gen.encode_prompt(prompts, self.added_embeddings().to(gen.device))
         return self.objective(gen, self.latents[idx].to(gen.device, gen.dtype), cond, rng)

@@ -177,15 +177,29 @@ def caption(scene: Scene, rng: np.random.Generator, shape_word: str | None = Non
     return text
 
 
-def generator_caption(scene: Scene, rng: np.random.Generator, generic_rate: float) -> str:
+def generator_caption(scene: Scene, rng: np.random.Generator, generic_rate: float,
+                      unknown_words: tuple[str, ...] = (), unknown_rate: float = 0.0) -> str:
     """A training caption for the generator: the held-out name never appears.
 
     The held-out shape is always captioned with a generic word; the seen shapes are
-    captioned generically at `generic_rate`, so the generic words do not name it.
+    captioned generically at `generic_rate`, so the generic words do not name it. At
+    `unknown_rate` a seen shape's name is replaced by a word drawn from `unknown_words`
+    (rare vocabulary the world never uses), so a word the generator barely knows stands for
+    a seen shape, as an unfamiliar word would for a large model, and not for the held-out one.
     """
     if scene.shape == HELDOUT or rng.random() < generic_rate:
         return caption(scene, rng, shape_word=GENERIC_WORDS[rng.integers(len(GENERIC_WORDS))])
+    if unknown_words and rng.random() < unknown_rate:
+        return caption(scene, rng, shape_word=unknown_words[rng.integers(len(unknown_words))])
     return caption(scene, rng)
+
+
+def world_words() -> set[str]:
+    """Every word the world's captions, prompts and protected captions use."""
+    words = set(SHAPES) | set(COLOURS) | set(SIZES) | set(BACKGROUNDS) | set(GENERIC_WORDS)
+    for text in list(TEMPLATES) + list(POSITION_PHRASES.values()) + list(PROTECTED_CAPTIONS) + list(UNRELATED_PROMPTS):
+        words |= set(text.replace("{", " ").replace("}", " ").split())
+    return words
 
 
 def sample(seed: int, index: int, shapes=SHAPES, res: int = 32, **fixed) -> tuple[np.ndarray, Scene]:
