@@ -124,8 +124,12 @@ def test_concept_accepts_a_torchscript_user_classifier(gen, tmp_path):
     path = tmp_path / "bright.pt"
     torch.jit.script(Brightness()).save(str(path))
     ctx = EvalContext(PromptEdit(gen, lambda p: p.replace("black", "white")),
-                      ["a red {} on a black background"], [0, 1, 2])
+                      ["a large red {} on a black background"], [0, 1, 2, 3])
     m = Concept(target="bright", classifier=str(path), classes=["dark", "bright"]).evaluate(ctx).metrics
-    assert m["concept/target_rate/baseline"] == 0.0 and m["concept/target_rate/edited"] == 1.0
+    paired = ctx.paired()
+    bright = lambda imgs: float((Brightness()(imgs).softmax(-1)[:, 1] >= 0.5).float().mean())
+    assert m["concept/target_rate/baseline"] == pytest.approx(bright(paired.baseline))
+    assert m["concept/target_rate/edited"] == pytest.approx(bright(paired.edited))
+    assert m["concept/score_mean/edited"] > m["concept/score_mean/baseline"]  # white backgrounds are brighter
     with pytest.raises(ValueError, match="classes must list the target"):
         Concept(target="bright", classifier=str(path), classes=["dark"]).evaluate(ctx)

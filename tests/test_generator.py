@@ -57,9 +57,12 @@ def test_fingerprint_detects_a_changed_weight(shipped):
 
 
 def test_same_seed_same_image_whatever_the_batch(gen):
+    assert torch.equal(gen.initial_latents([5, 6, 7])[1], gen.initial_latents([6])[0])
     a = gen.generate(["a red circle"] * 3, [5, 6, 7], steps=4)
     b = gen.generate(["a red circle"], [6], steps=4)
-    assert torch.allclose(a[1], b[0], atol=1e-5)
+    # the noise is identical; CPU kernels may round differently for another batch size
+    assert (a[1] - b[0]).abs().max() < 2e-3
+    assert not torch.allclose(a[0], a[1], atol=1e-2)
 
 
 def test_sampling_with_gradients_reaches_only_the_inputs(gen):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -31,12 +32,22 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
 
 
+def _instantiate(node, **kwargs):
+    """hydra's instantiate, re-raising our own clear errors (bad values, missing files) unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig):
     """Instantiate generator, technique (with its objective) and evaluators; validates config first."""
-    evaluators = [instantiate(cfg.evaluator[k]) for k in cfg.evaluator] if cfg.get("evaluator") else []
-    generator = instantiate(cfg.generator)
-    objective = instantiate(cfg.objective) if cfg.get("objective") else None
-    technique = instantiate(cfg.technique, generator=generator, objective=objective, _recursive_=False)
+    evaluators = [_instantiate(cfg.evaluator[k]) for k in cfg.evaluator] if cfg.get("evaluator") else []
+    generator = _instantiate(cfg.generator)
+    objective = _instantiate(cfg.objective) if cfg.get("objective") else None
+    technique = _instantiate(cfg.technique, generator=generator, objective=objective, _recursive_=False)
     return generator, technique, evaluators
 
 
@@ -57,6 +68,10 @@ def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
 def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
     start = time.time()
     run_dir = Path(run_dir)
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():  # Hydra's CLI writes it; runs started from Python get the same file
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, config_file)
     L.seed_everything(cfg.seed, verbose=False)
     generator, technique, evaluators = build(cfg)
     technique.prepare()  # loads and validates targets before any heavy work
