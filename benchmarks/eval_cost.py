@@ -22,9 +22,12 @@ def main() -> None:
     from steerexp.evaluators.memorisation import Memorisation
     from steerexp.generators import load_generator
     from steerexp.techniques.textual_inversion import TextualInversion
-    from tests.conftest import compose_config
+    from hydra import compose, initialize_config_dir
 
-    cfg = compose_config()
+    from steerexp import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config")
     gen = load_generator(device="cpu")
     ti = TextualInversion(gen, sampling_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale)
     ti.prepare()

@@ -48,7 +48,7 @@ class Leakage:
             sb = clf.probs(paired.baseline)[self.head][:, idx].numpy()
             se = clf.probs(paired.edited)[self.head][:, idx].numpy()
             rms = (paired.edited - paired.baseline).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
-            perceptual = (1 - F.cosine_similarity(clf.features(paired.baseline), clf.features(paired.edited))).numpy()
+            perceptual = (1 - F.cosine_similarity(clf.features(paired.baseline), clf.features(paired.edited))).clamp(min=0).numpy()
         n = len(ctx.seeds)
         rows = [[p, float(flips[i * n:(i + 1) * n].mean()), float(rms[i * n:(i + 1) * n].mean()),
                  float((se - sb)[i * n:(i + 1) * n].mean())] for i, p in enumerate(self.prompts)]
