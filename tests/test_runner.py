@@ -200,3 +200,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_deltas(shipped, tmp_path, monkey
     assert not torch.equal(d["embeddings"], d["initial"])  # the two good steps were kept
     m = json.loads((tmp_path / "nan" / "metrics.json").read_text())
     assert m["run/failed"] is True and m["generator/unchanged"] is True
+
+
+def test_a_failing_evaluation_keeps_the_trained_deltas_and_closes_the_run(shipped, tmp_path, monkeypatch):
+    from steerexp.evaluators.concept import Concept
+
+    def broken(self, ctx):
+        raise RuntimeError("evaluator crashed")
+
+    monkeypatch.setattr(Concept, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluator crashed"):
+        tiny_run(tmp_path, ["evaluator=[concept]"], name="crash")
+    run_dir = tmp_path / "crash"
+    d = load_file(run_dir / "deltas.safetensors")
+    assert not torch.equal(d["embeddings"], d["initial"])  # the 3 training steps are kept
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["run/failed"] is True and m["generator/unchanged"] is True
+
+
+def test_magnitude_sweep_of_the_ti_strength(shipped, tmp_path):
+    metrics, run_dir = tiny_run(tmp_path, ["evaluator=[magnitude]", "evaluator.magnitude.strengths=[0,1]",
+                                           "evaluator.magnitude.leakage_prompts=['a green square at the top']"])
+    assert metrics["magnitude/flip_rate/0"] == 0.0  # strength 0 of a token edit touches nothing unrelated
+    assert {"magnitude/target_rate/0", "magnitude/target_rate/1", "magnitude/sweet_spot_found"} <= set(metrics)
+    assert (run_dir / "samples" / "magnitude.png").is_file()
+    json.loads((run_dir / "metrics.json").read_text())  # valid JSON: no NaN

@@ -113,7 +113,11 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
             for key, (xs, series, xname) in result.lines.items():
                 logger.log_lines(key, xs, series, xname)
         (run_dir / "scores.json").write_text(json.dumps(scores))
-    except NaNLossError:
+    except BaseException:
+        # a failed run keeps its last good deltas, its metrics so far, and closes its W&B run
+        deltas_file = run_dir / "deltas.safetensors"
+        if not deltas_file.is_file() and technique.last_good is not None:
+            save_file(technique.last_good, str(deltas_file))
         metrics.update({"run/failed": True, "generator/unchanged": generator.unchanged(),
                         "run/seconds": time.time() - start})
         write_metrics(run_dir, metrics)

@@ -52,8 +52,10 @@ class Magnitude:
         best = max(ok, key=lambda i: rates[i]) if ok else None
         m = {f"magnitude/target_rate/{s:g}": r for s, r in zip(self.strengths, rates)}
         m.update({f"magnitude/flip_rate/{s:g}": f for s, f in zip(self.strengths, flips)})
-        m["magnitude/sweet_spot"] = self.strengths[best] if best is not None else float("nan")
-        m["magnitude/sweet_spot_target_rate"] = rates[best] if best is not None else float("nan")
+        m["magnitude/sweet_spot_found"] = best is not None  # some strength keeps leakage under tolerance
+        if best is not None:
+            m["magnitude/sweet_spot"] = self.strengths[best]
+            m["magnitude/sweet_spot_target_rate"] = rates[best]
         plots = {}
         if ctx.run_dir is not None:
             plots["samples/magnitude"] = str(self.plot(ctx.run_dir / "samples" / "magnitude.png", rates, flips))
