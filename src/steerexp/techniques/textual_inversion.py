@@ -48,6 +48,7 @@ TEMPLATES = {
 
 class TextualInversion(Technique):
     has_strength = True  # strength a uses v_init + a * (v* - v_init): 0 is the initializer word, 1 the learned token
+
     def __init__(self, generator: FrozenGenerator, objective: Denoising | None = None, placeholder: str = "<v*>",
                  num_vectors: int = 1, initializer: str = "object", baseline_word: str = "star",
                  templates: str | list[str] = "shapes", targets: dict | None = None, flip: bool = False,
@@ -58,7 +59,7 @@ class TextualInversion(Technique):
         if isinstance(templates, str):
             if templates not in TEMPLATES:
                 raise ValueError(f"technique.templates {templates!r} is unknown; choose one of {sorted(TEMPLATES)} "
-                                 "or give a list of prompts with '{{}}' for the placeholder")
+                                 "or give a list of prompts with '{}' for the placeholder")
             templates = TEMPLATES[templates]
         if not templates or any("{}" not in t for t in templates):
             raise ValueError("technique.templates must be a non-empty list of prompts that each contain '{}'")
