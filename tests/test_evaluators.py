@@ -133,3 +133,22 @@ def test_concept_accepts_a_torchscript_user_classifier(gen, tmp_path):
     assert m["concept/score_mean/edited"] > m["concept/score_mean/baseline"]  # white backgrounds are brighter
     with pytest.raises(ValueError, match="classes must list the target"):
         Concept(target="bright", classifier=str(path), classes=["dark"]).evaluate(ctx)
+
+
+def test_clip_evaluator_uses_the_model_it_is_given(gen, shipped, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from steerexp.evaluators.clip import Clip
+    from steerexp.eyes.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    ctx = EvalContext(PromptEdit(gen, lambda p: p), ["a red {}"], [0, 1])
+    default = Clip().evaluate(ctx).metrics
+    same = Clip(model=DEFAULT_MODEL, pretrained=str(DEFAULT_PRETRAINED)).evaluate(ctx).metrics
+    assert same == pytest.approx(default)
+    weights = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in load_file(DEFAULT_PRETRAINED).items()}
+    save_file(weights, str(tmp_path / "other.safetensors"))
+    other = Clip(model=DEFAULT_MODEL, pretrained=str(tmp_path / "other.safetensors")).evaluate(ctx).metrics
+    assert other["clip/text_similarity/edited"] != pytest.approx(default["clip/text_similarity/edited"])
+    with pytest.raises(FileNotFoundError, match="CLIP weights not found"):
+        Clip(model=DEFAULT_MODEL, pretrained=str(tmp_path / "missing.safetensors")).evaluate(ctx)

@@ -7,7 +7,7 @@ from functools import cached_property
 
 import torch
 
-from steerexp.eyes.classifier import ConceptClassifier
+from steerexp.eyes.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER, ConceptClassifier
 from steerexp.eyes.clip import CLIPScorer
 
 
@@ -34,14 +34,14 @@ class EvalContext:
     """Shared by the evaluators of one run: sampling with and without the edit, cached."""
 
     def __init__(self, technique, prompts: list[str], seeds: list[int], classifier_path: str | None = None,
-                 clip_model: str | None = None, clip_pretrained: str | None = None, run_dir=None):
+                 run_dir=None):
         if not prompts:
             raise ValueError("eval.prompts is empty; give at least one prompt template")
         if not seeds:
             raise ValueError("eval.seeds is empty; give at least one seed")
         self.technique, self.prompts, self.seeds = technique, list(prompts), list(seeds)
         self.run_dir = run_dir
-        self._classifier_path, self._clip = classifier_path, (clip_model, clip_pretrained)
+        self._classifier_path = classifier_path
         self._cache: dict[tuple, Paired] = {}
 
     def paired(self, prompts: list[str] | None = None, seeds: list[int] | None = None) -> Paired:
@@ -58,12 +58,12 @@ class EvalContext:
 
     @cached_property
     def classifier(self) -> ConceptClassifier:
-        return ConceptClassifier.from_pretrained(self._classifier_path) if self._classifier_path else ConceptClassifier.from_pretrained()
+        return ConceptClassifier.from_pretrained(self._classifier_path or DEFAULT_CLASSIFIER)
 
     @cached_property
     def clip(self) -> CLIPScorer:
-        name, pretrained = self._clip
-        return CLIPScorer(name, pretrained) if name else CLIPScorer()
+        """The shipped tiny CLIP (the clip evaluator may bring its own model)."""
+        return CLIPScorer()
 
 
 def side_by_side_grid(paired: Paired, n_seeds: int, gap: int = 2) -> torch.Tensor:

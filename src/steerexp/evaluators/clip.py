@@ -8,6 +8,7 @@ import re
 import torch
 
 from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.eyes.clip import CLIPScorer
 
 
 def strip_placeholder(template: str) -> str:
@@ -21,10 +22,8 @@ class Clip:
         self.model, self.pretrained = model, pretrained
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        if self.model:
-            ctx._clip = (self.model, self.pretrained)
         paired = ctx.paired()
-        clip = ctx.clip
+        clip = CLIPScorer(self.model, self.pretrained) if self.model else ctx.clip
         m = {}
         with torch.no_grad():
             text = clip.encode_texts([strip_placeholder(p) for p in paired.prompts])

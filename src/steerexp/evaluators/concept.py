@@ -40,12 +40,15 @@ class Concept:
             raise ValueError(f"evaluator.concept.threshold must be in (0, 1), got {threshold}")
         self.head, self.target, self.threshold = head, target, threshold
         self.user_classifier, self.classes = classifier, classes
+        self._user_model = None
 
     def scores(self, ctx: EvalContext, images: torch.Tensor) -> np.ndarray:
         """P(target) per image."""
         with torch.no_grad():
             if self.user_classifier:
-                model = load_user_classifier(self.user_classifier)
+                if self._user_model is None:
+                    self._user_model = load_user_classifier(self.user_classifier)
+                model = self._user_model
                 classes = list(self.classes or [])
                 if self.target not in classes:
                     raise ValueError(f"evaluator.concept.classes must list the target {self.target!r} for a user classifier")

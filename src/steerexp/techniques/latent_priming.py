@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from steerexp.eyes.classifier import ConceptClassifier
+from steerexp.eyes.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER, ConceptClassifier
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
 
@@ -57,7 +57,7 @@ class LatentPriming(TrainingFree):
     @torch.no_grad()
     def compute(self) -> None:
         gen = self.generator
-        clf = ConceptClassifier.from_pretrained(self.classifier_path) if self.classifier_path else ConceptClassifier.from_pretrained()
+        clf = ConceptClassifier.from_pretrained(self.classifier_path or DEFAULT_CLASSIFIER)
         idx = clf.class_index(self.head, self.target)
         seeds = [CANDIDATE_SEED_OFFSET + i for i in range(self.candidates)]
         # each candidate latent is scored on every ranking prompt; its score is the mean
