@@ -140,3 +140,21 @@ def test_energy_guidance_raises_the_target_rate(gen, clf):
     tech.strength = 0.0
     b0, e0 = paired(tech, PROMPTS[:1], [0])
     assert torch.equal(b0, e0)
+
+
+def test_guidance_schedules_and_rescale_by_hand():
+    from steerexp.generators import Guidance
+
+    interval = Guidance(scale=5.0, schedule="interval", interval_start=0.2, interval_end=0.6)
+    assert [interval.scale_at(i, 10) for i in range(10)] == [1, 1, 5, 5, 5, 5, 1, 1, 1, 1]
+    wsw = [Guidance(scale=5.0, schedule="weak_strong_weak").scale_at(i, 10) for i in range(10)]
+    assert wsw[0] < 2 and wsw[-1] < 2 and max(wsw) == pytest.approx(1 + 4 * np.sin(np.pi * 0.45))
+    assert wsw == pytest.approx(wsw[::-1])
+    cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    plain = Guidance(scale=7.0).combine(cond, uncond)
+    assert torch.allclose(plain, uncond + 7.0 * (cond - uncond))
+    full = Guidance(scale=7.0, rescale=1.0).combine(cond, uncond)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), atol=1e-5)  # phi = 1 matches cond std
+    neg = torch.randn(2, 4, 8, 8)
+    sub = Guidance(scale=7.0, negative_prompt="x", negative_mode="subtract", negative_weight=2.0).combine(cond, uncond, negative=neg)
+    assert torch.allclose(sub, plain - 2.0 * (neg - uncond))

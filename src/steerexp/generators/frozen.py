@@ -86,6 +86,10 @@ class Guidance:
         return guided
 
 
+# recent diffusers name the loading argument `dtype` (torch_dtype is deprecated); older ones only know torch_dtype
+_DTYPE_KWARG = "dtype" if 'pop("dtype"' in inspect.getsource(StableDiffusionPipeline.from_pretrained) else "torch_dtype"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,11 +126,9 @@ class FrozenGenerator:
                                     "pipeline folder (with model_index.json) or a hub id such as org/name")
         if local.exists() and not (local / "model_index.json").is_file():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline folder: model_index.json is missing")
-        # recent diffusers name the argument `dtype` (torch_dtype is deprecated); older ones only know torch_dtype
-        dtype_kw = "dtype" if "pop(\"dtype\"" in inspect.getsource(StableDiffusionPipeline.from_pretrained) else "torch_dtype"
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                str(local) if local.exists() else path_str, **{dtype_kw: DTYPES[dtype]},
+                str(local) if local.exists() else path_str, **{_DTYPE_KWARG: DTYPES[dtype]},
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         except OSError as err:
             raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
@@ -253,7 +255,7 @@ class FrozenGenerator:
     def unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                     guidance: Guidance, i: int = 0, steps: int = 1, negative: torch.Tensor | None = None) -> torch.Tensor:
         """Guided model output; cond, uncond (and a subtractive negative) run as one batch."""
-        if uncond is None or (guidance.scale == 1.0 and negative is None and guidance.schedule == "constant"):
+        if uncond is None or (guidance.scale == 1.0 and negative is None):  # w = 1 under every schedule
             return self.unet(x, t, cond).sample
         branches = [cond, uncond] + ([negative] if negative is not None else [])
         out = self.unet(torch.cat([x] * len(branches)), t, torch.cat(branches)).sample
