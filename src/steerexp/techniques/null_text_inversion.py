@@ -1,0 +1,168 @@
+"""Null-text inversion (Mokady et al., CVPR 2023): reconstruct a real image under strong
+guidance by optimising only the unconditional ("null-text") embedding, one per timestep.
+
+Stage I, pivot: DDIM inversion at w = 1 with the source prompt c gives x*_0 .. x*_T
+(ddim_inversion.py). Stage II, per sampling step i (timestep t, from T down to 1), starting
+from x_bar_T = x*_T and null = the empty prompt's embedding:
+
+    eps(null)   = eps_theta(x_bar_t, t, null) + w (eps_theta(x_bar_t, t, c) - eps_theta(x_bar_t, t, null))
+    step(null)  = sqrt(a_{t-1}) x0_hat + sqrt(1 - a_{t-1}) eps(null),  x0_hat = (x_bar_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    null_t      = argmin_null || step(null) - x*_{t-1} ||^2       (Adam, `inner_steps` at most)
+    x_bar_{t-1} = step(null_t)
+
+As in the paper's Algorithm 1, the step starts from x_bar_t, the latent NTI's own sampler has
+reached (x*_T at first), so the error of earlier steps is corrected rather than accumulated.
+Details: the conditional prediction is computed once per step (it does not depend on the
+null); the learning rate decays linearly, lr_i = lr (1 - lr_decay i / S); each step
+warm-starts from the previous step's null; an image stops early once its loss is below
+early_stop + i * early_stop_growth (it then takes no further updates and drops out of the
+batch); images are optimised together in batches of `batch_size` (their losses are summed,
+so each image's null gets its own gradient).
+
+Deltas (deltas.safetensors): `null_embeddings` [N, S, L, D] (one [S, L, D] per image) and
+`latents_T` [N, C, h, w]. Reconstruction samples from latents_T with (c, null_t, w); editing
+swaps c for the target prompt and keeps the nulls.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from steerexp.generators import FrozenGenerator, sampling
+from steerexp.techniques.ddim_inversion import DDIMInversion
+
+
+class NullTextInversion(DDIMInversion):
+    """DDIM inversion at w = 1, then per-step null embeddings that close the guided trajectory."""
+
+    def __init__(self, generator: FrozenGenerator, objective=None, inner_steps: int = 10, lr: float = 5e-2,
+                 lr_decay: float = 0.5, early_stopping: bool = True, early_stop: float = 5e-4,
+                 early_stop_growth: float = 2e-5, **kwargs):
+        super().__init__(generator, lr=lr, **kwargs)
+        if inner_steps < 1:
+            raise ValueError(f"technique.inner_steps must be >= 1, got {inner_steps}; for no optimisation use "
+                             "technique=negative_prompt_inversion or technique=ddim_inversion")
+        if not 0 <= lr_decay < 1:
+            raise ValueError(f"technique.lr_decay must be in [0, 1), got {lr_decay}")
+        if early_stop < 0 or early_stop_growth < 0:
+            raise ValueError("technique.early_stop and early_stop_growth must be >= 0")
+        self.inner_steps, self.lr_decay = inner_steps, lr_decay
+        self.early_stopping, self.early_stop, self.early_stop_growth = early_stopping, early_stop, early_stop_growth
+        L, D = generator.tokenizer.model_max_length, generator.embed_dim
+        self.null_embeddings = nn.Parameter(torch.zeros(0, self.sampling_steps, L, D), requires_grad=False)
+        self.history: dict[str, list[float]] = {}
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------ optimisation
+    def compute(self) -> None:
+        start = time.time()
+        self.invert()
+        S = self.sampling_steps
+        nulls = torch.zeros(len(self.x0), S, *self.empty.shape[1:])
+        hist = {k: torch.zeros(len(self.x0), S) for k in ("loss_start", "loss_end", "loss_empty", "inner_steps")}
+        for sl in self.batches():
+            out = self.optimise_batch(sl)
+            nulls[sl] = out.pop("nulls")
+            for k, v in out.items():
+                hist[k][sl] = v
+        self.null_embeddings = nn.Parameter(nulls, requires_grad=False)
+        self.history = {k: v.mean(0).tolist() for k, v in hist.items()}  # per step, mean over images
+        self.seconds = time.time() - start
+        self._cache.clear()
+
+    def step_to(self, x, t, out_c, null, alpha, alpha_prev, i):
+        """The guided DDIM step from x with this null (differentiable in null)."""
+        gen = self.generator
+        out_u = gen.unet(x, t, null.to(gen.dtype)).sample
+        guided = self.guidance.combine(out_c, out_u, i, self.sampling_steps)
+        eps, x0 = sampling.split_prediction(guided, x, alpha, gen.prediction_type)
+        return sampling.ddim_step(eps, x0, alpha_prev)
+
+    def optimise_batch(self, sl: slice) -> dict[str, torch.Tensor]:
+        """Algorithm 1 of Mokady et al. for the images `sl`, all at once."""
+        gen, S = self.generator, self.sampling_steps
+        schedule = gen.schedule(S)
+        cond, x = self.cond[sl], self.pivots[-1][sl].detach()
+        n = len(x)
+        empty = self.empty.expand(n, -1, -1).detach()
+        null = empty.clone()
+        rec = {k: torch.zeros(n, S) for k in ("loss_start", "loss_end", "loss_empty", "inner_steps")}
+        nulls = torch.zeros(n, S, *empty.shape[1:])
+        for i, t in enumerate(schedule.timesteps):
+            t = t.to(gen.device)
+            alpha, alpha_prev = schedule.alphas[i].to(x), schedule.alphas_prev[i].to(x)
+            target = self.pivots[S - 1 - i][sl]
+            with torch.no_grad():
+                out_c = gen.unet(x, t, cond).sample
+                loss_of = lambda nl: (self.step_to(x, t, out_c, nl, alpha, alpha_prev, i) - target).pow(2).flatten(1).mean(1)
+                rec["loss_empty"][:, i] = loss_of(empty).float().cpu()
+            null = self.optimise_step(x, t, out_c, null, target, alpha, alpha_prev, i, empty, rec)
+            with torch.no_grad():
+                x_next = self.step_to(x, t, out_c, null, alpha, alpha_prev, i)
+                rec["loss_end"][:, i] = (x_next - target).pow(2).flatten(1).mean(1).float().cpu()
+            nulls[:, i] = null.float().cpu()
+            x = x_next  # x_bar_{t-1}: where NTI's own sampler is
+        return {"nulls": nulls, **rec}
+
+    def optimise_step(self, x, t, out_c, null, target, alpha, alpha_prev, i, empty, rec) -> torch.Tensor:
+        """Adam on this step's null (warm start `null`); images that reach the threshold stop."""
+        S = self.sampling_steps
+        null = null.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([null], lr=self.lr * (1 - self.lr_decay * i / S))
+        threshold = self.early_stop + i * self.early_stop_growth
+        active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        kept = null.detach().clone()  # the value of each image's null once it stops
+        for j in range(self.inner_steps):
+            if not bool(active.any()):
+                break
+            idx = active.nonzero().squeeze(1)
+            per = (self.step_to(x[idx], t, out_c[idx], null[idx], alpha, alpha_prev, i) - target[idx]).pow(2).flatten(1).mean(1)
+            if j == 0:
+                rec["loss_start"][:, i] = 0.0
+                rec["loss_start"][idx.cpu(), i] = per.detach().float().cpu()
+            done = per.detach() < threshold if self.early_stopping else torch.zeros_like(per, dtype=torch.bool)
+            if bool(done.all()):
+                active[idx] = False
+                break
+            loss = per[~done].sum()
+            if self.budget.l2 > 0:
+                loss = loss + self.budget.l2 * (null[idx][~done] - empty[idx][~done]).pow(2).sum(-1).mean(-1).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec["inner_steps"][idx[~done].cpu(), i] += 1
+            with torch.no_grad():
+                active[idx[done]] = False
+                kept[active] = null[active]
+                null[~active] = kept[~active]  # stopped images take no momentum step
+                if self.budget.max_norm is not None:
+                    d = null - empty
+                    null.copy_(empty + d * (self.budget.max_norm / d.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+        return null.detach()
+
+    # ------------------------------------------------------------------ use
+    def methods(self) -> list[str]:
+        return super().methods() + ["nti"]
+
+    def own_method(self) -> str:
+        return "nti"
+
+    def nulls(self, method: str, sl: slice):
+        if method == "nti":
+            if len(self.null_embeddings) == 0:
+                raise RuntimeError("null-text inversion has no optimised nulls yet: call compute() (or load deltas)")
+            return self.null_embeddings[sl], self.guidance
+        return super().nulls(method, sl)
+
+    def budgeted(self) -> dict[str, torch.Tensor]:
+        if len(self.null_embeddings) == 0 or self.empty is None:
+            return {}
+        return {"null_embeddings": self.null_embeddings - self.empty.float().cpu()[:, None]}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Learned values: one null [L, D] per image and step (known once the targets are loaded)."""
+        n = len(self.images) if self.images is not None else len(self.null_embeddings)
+        per_image = self.null_embeddings.shape[1:].numel()  # S * L * D
+        return {"trainable": n * per_image, "frozen": self.generator.num_parameters()}
