@@ -1,0 +1,61 @@
+"""clip_similarity: cosine similarity of the images' CLIP embedding to a target text or image,
+
+    loss = - mean_i cos(E_img(image_i), E(target))
+
+with the evaluators' CLIP (the shipped tiny open_clip model unless another is named). The
+target is either `text` or `image` (a PNG/JPG file), exactly one of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from steerexp.objectives.composite import ObjectiveInputs, Term
+from steerexp.pretrain.common import to_tensor
+
+
+def load_image(path: str | Path, what: str) -> torch.Tensor:
+    """One RGB image file as [1, 3, H, W] in [0, 1]; `what` names the config field in errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: target image not found: {path}; give an existing PNG/JPG file")
+    try:
+        with Image.open(path) as im:
+            return to_tensor(np.asarray(im.convert("RGB"))[None])
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what}: cannot read target image {path}: {err}") from err
+
+
+class ClipSimilarity(Term):
+    def __init__(self, text: str | None = None, image: str | None = None, weight: float = 1.0,
+                 model: str | None = None, pretrained: str | None = None):
+        super().__init__(weight)
+        if (text is None) == (image is None):
+            raise ValueError("objective clip_similarity needs exactly one target: objective.terms.clip_similarity.text "
+                             "(a prompt) or objective.terms.clip_similarity.image (an image file); "
+                             f"got text={text!r}, image={image!r}")
+        if text is not None and not str(text).strip():
+            raise ValueError("objective clip_similarity: the target text is empty")
+        self.text = text
+        self.image = load_image(image, "objective clip_similarity.image") if image is not None else None
+        self.model, self.pretrained = model, pretrained
+        self._clip = None
+        self._target: torch.Tensor | None = None
+
+    def target_embedding(self, device) -> torch.Tensor:
+        if self._clip is None:
+            from steerexp.eyes.clip import CLIPScorer
+
+            kwargs = {k: v for k, v in (("model_name", self.model), ("pretrained", self.pretrained)) if v}
+            self._clip = CLIPScorer(device=str(device), **kwargs)
+            with torch.no_grad():
+                self._target = (self._clip.encode_texts([self.text]) if self.text is not None
+                                else self._clip.encode_images(self.image))
+        return self._target
+
+    def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        target = self.target_embedding(inputs.images.device)
+        return -(self._clip.encode_images(inputs.images) @ target.T)[:, 0].mean()

@@ -1,0 +1,60 @@
+"""Regularisers: keep the edit small.
+
+- `DeltaL2`: sum over the deltas of ||delta||^2 (whole tensor; mean over seeds for per-seed
+  latent offsets), optionally only some of them (`deltas: [text]`).
+- `Proximity`: mean squared pixel distance of the edited images to the images the same
+  prompts and seeds give with zero deltas (the start of the optimisation): an output-space
+  leash that an L2 on the delta does not give.
+- `chi_penalty`: the chi-norm / Gaussian-shell penalty of ReNO. For z ~ N(0, I_d) the norm
+  r = ||z|| follows a chi distribution with d degrees of freedom, log p(r) = (d-1) log r - r^2/2
+  + const, which peaks at r* = sqrt(d-1). The penalty is its negative log-likelihood shifted to
+  0 at the peak,  (r^2 - r*^2)/2 - (d-1) log(r/r*) >= 0,  about (r - r*)^2 near the shell,
+  so z + delta_z stays a plausible noise sample.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from steerexp.objectives.composite import ObjectiveInputs, Term
+
+
+def chi_penalty(z: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch [B, ...] of the shifted chi NLL of each sample's norm."""
+    flat = z.flatten(1).float()
+    d = flat.shape[1]
+    r2 = flat.pow(2).sum(1).clamp(min=1e-12)
+    peak2 = d - 1.0
+    return (0.5 * (r2 - peak2) - 0.5 * (d - 1) * torch.log(r2 / peak2)).mean()
+
+
+def squared_norm(delta: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """||delta||^2 over the whole tensor, or the mean over dim 0 of per-sample squared norms."""
+    return delta.flatten(1).pow(2).sum(1).mean() if per_sample else delta.pow(2).sum()
+
+
+class DeltaL2(Term):
+    def __init__(self, weight: float = 1.0, deltas: list[str] | None = None):
+        super().__init__(weight)
+        self.names = list(deltas) if deltas else None
+
+    def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        names = self.names or list(inputs.deltas)
+        unknown = [n for n in names if n not in inputs.deltas]
+        if unknown:
+            raise ValueError(f"objective delta_l2: unknown delta(s) {unknown}; this technique has {sorted(inputs.deltas)}")
+        total = inputs.images.new_zeros(())
+        for n in names:
+            d = inputs.deltas[n]
+            total = total + squared_norm(d, per_sample=(d.ndim == 4))  # [B, C, h, w]: per-seed latent offsets
+        return total
+
+
+class Proximity(Term):
+    needs_start = True
+
+    def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        if inputs.start_images is None:
+            raise ValueError("objective proximity needs the zero-delta images; this technique does not provide them")
+        return F.mse_loss(inputs.images, inputs.start_images.to(inputs.images))
+

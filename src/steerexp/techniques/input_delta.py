@@ -1,0 +1,323 @@
+"""Optimised input deltas: a prompt-embedding delta delta_text and/or an initial-latent offset
+delta_z, learned through the frozen generator's differentiable DDIM path (the primer's core
+formulation):
+
+    min   L( D( DDIM_k( e(p) + delta_text , z_s + delta_z ) ) )  +  l2 (||delta_text||^2 + ||delta_z||^2)
+                                                                  +  chi * chi_nll(||z_s + delta_z||)
+    s.t.  ||delta_text|| <= eps_text,  ||delta_z|| <= eps_z
+          (budget.joint: (||delta_text|| / eps_text)^2 + (||delta_z|| / eps_z)^2 <= 1, one shared budget;
+          with one delta enabled it is that delta's own ball)
+
+e(p) is the frozen text encoder's output [L, D] for a training prompt p, z_s the seed's
+Gaussian x_T, DDIM_k the k-step deterministic sampler (`train_sampling_steps`, with gradient
+checkpointing per step), D the VAE decoder and L an image objective (a `Composite` of
+conf/objective/ terms: concept_score, clip_similarity, reconstruction, delta_l2, proximity).
+Only the deltas are parameters; no weight of G is touched.
+
+- delta_text (`text: true`): [L, D] on every token position (`tokens: all`), or [n, D] on the
+  tokens of one word of the prompts (`tokens: blue`: the delta follows the word wherever it
+  appears, prompts without it are untouched), or on fixed token indices (`tokens: [2, 3]`).
+- delta_z (`latent: true`): one offset per training seed [S, C, h, w] (`latent_mode: per_seed`,
+  usable only on those seeds, ReNO-style) or one shared by all seeds [C, h, w]
+  (`latent_mode: shared`, trained on `train_seeds`, meant for new seeds).
+- Budgets: after every optimizer step each delta is projected (Euclidean projection, i.e.
+  rescaled) onto its ball. The norm is over the whole tensor: all of delta_text (or per token
+  with `text_norm: token`), each seed's delta_z. With `joint` both are rescaled together in
+  the normalised coordinates (delta_text/eps_text, delta_z/eps_z), the projection onto one
+  ball of radius 1 there.
+- `strength` scales both deltas at generation (the magnitude evaluator's sweep).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from steerexp.generators import FrozenGenerator
+from steerexp.objectives.composite import Composite, ObjectiveInputs
+from steerexp.objectives.regularisers import chi_penalty, squared_norm
+from steerexp.techniques.base import Technique
+
+LATENT_MODES = ("shared", "per_seed")
+TEXT_NORMS = ("tensor", "token")
+
+
+@dataclass
+class DeltaBudget:
+    eps_text: float | None = None   # radius of the delta_text ball (null: no ball)
+    eps_z: float | None = None      # radius of the delta_z ball (null: no ball)
+    text_norm: str = "tensor"       # tensor: ||delta_text|| over all its entries | token: per token row
+    joint: bool = False             # one budget: (||dt|| / eps_text)^2 + (||dz|| / eps_z)^2 <= 1
+    l2: float = 0.0                 # + l2 * (||dt||^2 + ||dz||^2) in the loss
+    chi: float = 0.0                # + chi * chi-norm penalty on z + dz (ReNO's Gaussian shell)
+
+    def __post_init__(self):
+        for name in ("eps_text", "eps_z"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"technique.budget.{name} must be positive (or null for no ball), got {value}; "
+                                 f"set e.g. technique.budget.{name}=2.0")
+        for name in ("l2", "chi"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"technique.budget.{name} must be >= 0, got {getattr(self, name)}; set 0 to disable")
+        if self.text_norm not in TEXT_NORMS:
+            raise ValueError(f"technique.budget.text_norm must be one of {TEXT_NORMS}, got {self.text_norm!r}")
+
+
+class InputDelta(Technique):
+    has_strength = True  # strength s generates with s * delta_text and s * delta_z
+
+    def __init__(self, generator: FrozenGenerator, objective: Composite | None = None, text: bool = True,
+                 latent: bool = False, tokens: str | list[int] = "all", latent_mode: str = "shared",
+                 prompts: list[str] | None = None, slot_word: str = "circle", train_seeds: list[int] | None = None,
+                 train_sampling_steps: int = 10, checkpoint: bool = True, budget: dict | DeltaBudget | None = None,
+                 seed: int = 0, **kwargs):
+        super().__init__(generator, **kwargs)  # the base budget stays off: DeltaBudget acts instead
+        if not (text or latent):
+            raise ValueError("technique has nothing to learn: set technique.text=true and/or technique.latent=true")
+        if latent_mode not in LATENT_MODES:
+            raise ValueError(f"technique.latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+        for name, k in (("train_sampling_steps", train_sampling_steps), ("sampling_steps", self.sampling_steps)):
+            if k < 1:
+                raise ValueError(f"technique.{name} must be >= 1 (the DDIM steps to optimise / sample through), got {k}")
+        self.budget_cfg = budget if isinstance(budget, DeltaBudget) else DeltaBudget(**dict(budget or {}))
+        self.prompts = list(prompts or ["a blue circle"])
+        self.train_seeds = [int(s) for s in (train_seeds if train_seeds is not None else range(100, 108))]
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ValueError(f"technique.train_seeds must be a non-empty list of distinct seeds, got {self.train_seeds}")
+        self.objective, self.use_text, self.use_latent = objective, bool(text), bool(latent)
+        self.latent_mode, self.slot_word, self.seed = latent_mode, slot_word, seed
+        self.train_sampling_steps, self.checkpoint = int(train_sampling_steps), bool(checkpoint)
+        self.tokens = tokens if isinstance(tokens, str) else [int(i) for i in ([tokens] if isinstance(tokens, int) else tokens)]
+        self.word_ids = self._token_spec()
+        self._check_joint()
+        if self.use_text:
+            n = generator.tokenizer.model_max_length if self.tokens == "all" else len(self.word_ids or self.tokens)
+            self.text_delta = nn.Parameter(torch.zeros(n, generator.embed_dim))
+        if self.use_latent:
+            shape = generator.latent_shape()
+            rows = (len(self.train_seeds),) if latent_mode == "per_seed" else ()
+            self.latent_delta = nn.Parameter(torch.zeros(*rows, *shape))
+        self._cache: dict[str, torch.Tensor] = {}
+        self._start: dict[int, torch.Tensor] = {}  # pair index -> zero-delta image
+
+    # ------------------------------------------------------------------ validation
+    def _token_spec(self) -> list[int] | None:
+        """The word's token ids for `tokens: <word>` (None for `all` or explicit indices)."""
+        L = self.generator.tokenizer.model_max_length
+        if isinstance(self.tokens, list):
+            if not self.tokens or any(not 0 <= i < L for i in self.tokens) or len(set(self.tokens)) != len(self.tokens):
+                raise ValueError(f"technique.tokens indices must be distinct and in [0, {L}), got {self.tokens}")
+            return None
+        if self.tokens == "all":
+            return None
+        ids = self.generator.tokenizer(self.tokens, add_special_tokens=False).input_ids
+        if not ids or not self.tokens.strip():
+            raise ValueError(f"technique.tokens {self.tokens!r} is empty; use all, a word of the prompts, or indices")
+        return ids
+
+    def _check_joint(self) -> None:
+        b = self.budget_cfg
+        if not b.joint:
+            return
+        if (self.use_text and b.eps_text is None) or (self.use_latent and b.eps_z is None):
+            raise ValueError("technique.budget.joint shares one budget between delta_text and delta_z: set "
+                             "budget.eps_text and budget.eps_z (the radius each would have alone)")
+        if (self.use_latent and self.latent_mode != "shared") or b.text_norm != "tensor":
+            raise ValueError("technique.budget.joint needs latent_mode=shared and budget.text_norm=tensor (one norm each)")
+
+    # ------------------------------------------------------------------ deltas as applied
+    def positions(self, ids: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per prompt, the token positions delta_text writes to (None: the prompt lacks the word)."""
+        L = ids.shape[1]
+        if self.tokens == "all":
+            return [torch.arange(L)] * len(ids)
+        if self.word_ids is None:
+            return [torch.tensor(self.tokens)] * len(ids)
+        n, out = len(self.word_ids), []
+        for row in ids.tolist():
+            starts = [i for i in range(L - n + 1) if row[i:i + n] == self.word_ids]
+            out.append(torch.arange(starts[0], starts[0] + n) if starts else None)
+        return out
+
+    def text_delta_for(self, ids: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """[B, L, D]: delta_text scattered onto each prompt's positions, zero elsewhere (differentiable)."""
+        B, L = ids.shape
+        if self.tokens == "all":
+            return strength * self.text_delta.expand(B, L, -1)
+        full = self.text_delta.new_zeros(B, L, self.text_delta.shape[-1])
+        rows = [(b, p) for b, p in enumerate(self.positions(ids.cpu())) if p is not None]
+        if rows:
+            b_idx = torch.cat([torch.full((len(p),), b) for b, p in rows]).to(full.device)
+            p_idx = torch.cat([p for _, p in rows]).to(full.device)
+            values = torch.cat([self.text_delta] * len(rows))
+            full = full.index_put((b_idx, p_idx), strength * values)
+        return full
+
+    def seed_rows(self, seeds: list[int]) -> list[int]:
+        index = {s: i for i, s in enumerate(self.train_seeds)}
+        unknown = [s for s in seeds if s not in index]
+        if unknown:
+            raise ValueError(f"per-seed latent offsets exist only for technique.train_seeds={self.train_seeds}, not for "
+                             f"seeds {sorted(set(unknown))}; set eval.seeds to a subset of them, or use latent_mode=shared")
+        return [index[s] for s in seeds]
+
+    def latent_delta_for(self, seeds: list[int], strength: float = 1.0) -> torch.Tensor:
+        """[B, C, h, w] offsets of these seeds (the shared one broadcast)."""
+        if self.latent_mode == "shared":
+            return strength * self.latent_delta.expand(len(seeds), *self.latent_delta.shape)
+        return strength * self.latent_delta[torch.tensor(self.seed_rows(seeds), device=self.latent_delta.device)]
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self) -> None:
+        if not getattr(self.objective, "on_images", False):
+            raise ValueError(f"technique {type(self).__name__} scores decoded images, so it needs an image objective, "
+                             f"e.g. objective=[concept_score,delta_l2] (got {type(self.objective).__name__}; "
+                             "objective=denoising is for textual_inversion)")
+        gen = self.generator
+        ids = gen.tokenize(self.prompts)
+        if self.use_text and self.word_ids is not None:
+            missing = [p for p, pos in zip(self.prompts, self.positions(ids.cpu())) if pos is None]
+            if missing:
+                raise ValueError(f"technique.tokens {self.tokens!r} does not occur in training prompt(s) {missing}")
+        with torch.no_grad():
+            self._cache = {"ids": ids, "cond": gen.encode_prompt(ids).float(),
+                           "uncond": gen.guidance_embeddings(self.guidance)[0].float(),
+                           "z": gen.initial_latents(self.train_seeds).float()}
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(prompt index, seed index) training pairs."""
+        return [(p, s) for p in range(len(self.prompts)) for s in range(len(self.train_seeds))]
+
+    def train_dataloader(self):
+        """Shuffled passes over all (prompt, seed) pairs, `batch_size` pairs per optimisation step."""
+        g = torch.Generator().manual_seed(self.seed)
+        n, need = len(self.pairs()), max(1, self.steps) * self.batch_size
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
+        return DataLoader(TensorDataset(order), batch_size=self.batch_size, shuffle=False)
+
+    # ------------------------------------------------------------------ training
+    def render(self, pair_idx: list[int], with_deltas: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded images and initial latents of training pairs, through the k-step DDIM path."""
+        gen, c = self.generator, self._cache
+        pairs = [self.pairs()[i] for i in pair_idx]
+        p_idx, s_idx = [p for p, _ in pairs], [s for _, s in pairs]
+        cond, z = c["cond"][p_idx], c["z"][s_idx]
+        if with_deltas and self.use_text:
+            cond = cond + self.text_delta_for(c["ids"][p_idx])
+        if with_deltas and self.use_latent:
+            z = z + self.latent_delta_for([self.train_seeds[s] for s in s_idx])
+        dtype = gen.dtype
+        x = gen.sample(cond.to(dtype), z.to(dtype), c["uncond"].to(dtype), self.train_sampling_steps, self.guidance,
+                       grad=torch.is_grad_enabled(), checkpoint=self.checkpoint)
+        return gen.decode_latents(x).float(), z
+
+    def start_images(self, pair_idx: list[int]) -> torch.Tensor:
+        """The zero-delta images of training pairs (cached): the `proximity` term's anchor."""
+        todo = [i for i in pair_idx if i not in self._start]
+        if todo:
+            with torch.no_grad():
+                images, _ = self.render(todo, with_deltas=False)
+            self._start.update({i: im for i, im in zip(todo, images)})
+        return torch.stack([self._start[i] for i in pair_idx])
+
+    def applied_deltas(self, pair_idx: list[int]) -> dict[str, torch.Tensor]:
+        """The deltas as this batch used them (per-seed offsets: only the batch's rows)."""
+        out = {}
+        if self.use_text:
+            out["text"] = self.text_delta
+        if self.use_latent:
+            seeds = [self.train_seeds[self.pairs()[i][1]] for i in pair_idx]
+            out["latent"] = self.latent_delta if self.latent_mode == "shared" else self.latent_delta_for(seeds)
+        return out
+
+    def training_loss(self, batch) -> torch.Tensor:
+        (idx,) = batch
+        pair_idx = idx.tolist()
+        if not self._cache:
+            self.prepare()
+        images, z = self.render(pair_idx)
+        deltas = self.applied_deltas(pair_idx)
+        inputs = ObjectiveInputs(images, deltas, z, self.start_images(pair_idx) if self.objective.needs_start else None)
+        loss = self.objective(inputs)
+        b = self.budget_cfg
+        if b.l2 > 0:
+            loss = loss + b.l2 * sum(squared_norm(d, per_sample=(d.ndim == 4)) for d in deltas.values())
+        if b.chi > 0 and self.use_latent:
+            loss = loss + b.chi * chi_penalty(z)
+        if self._trainer is not None:
+            self.log_dict({f"train/{k}": v for k, v in self.objective.last.items()})
+        return loss
+
+    # ------------------------------------------------------------------ budget
+    def budgeted(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.use_text:
+            out["text"] = self.text_delta
+        if self.use_latent:
+            out["latent"] = self.latent_delta
+        return out
+
+    def project(self, name: str, value: torch.Tensor) -> None:
+        (self.text_delta if name == "text" else self.latent_delta).copy_(value)
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """The budget's norms: ||delta_text|| (whole, or per token row) and ||delta_z|| (per seed, or the shared one)."""
+        out = {}
+        if self.use_text:
+            t = self.text_delta.detach()
+            out["text"] = t.norm(dim=-1) if self.budget_cfg.text_norm == "token" else t.norm()
+        if self.use_latent:
+            z = self.latent_delta.detach()
+            out["latent"] = z.flatten(1).norm(dim=1) if self.latent_mode == "per_seed" else z.norm()
+        return out
+
+    @torch.no_grad()
+    def apply_budget(self) -> None:
+        """Project every delta onto its ball (or both onto the joint ball)."""
+        b, norms = self.budget_cfg, self.norms()
+        if b.joint:
+            u = self.joint_norm(norms)
+            if u > 1:
+                for delta in self.budgeted().values():
+                    delta.mul_(1 / u)
+            return
+        for name, eps in (("text", b.eps_text), ("latent", b.eps_z)):
+            if name not in norms or eps is None:
+                continue
+            scale = torch.clamp(eps / norms[name].clamp(min=1e-12), max=1.0)
+            delta = self.budgeted()[name]
+            delta.mul_(scale.view(*scale.shape, *([1] * (delta.ndim - scale.ndim))))
+
+    def joint_norm(self, norms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sqrt((||dt|| / eps_text)^2 + (||dz|| / eps_z)^2) over the enabled deltas: <= 1 inside the joint budget."""
+        eps = {"text": self.budget_cfg.eps_text, "latent": self.budget_cfg.eps_z}
+        return torch.sqrt(sum((v / eps[k]) ** 2 for k, v in norms.items()))
+
+    def delta_norms(self) -> dict[str, float]:
+        norms = self.norms()
+        out = {k: float(v.max()) for k, v in norms.items()}
+        if self.budget_cfg.joint:
+            out["joint"] = float(self.joint_norm(norms))
+        return out
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.nan_step is None:
+            self.apply_budget()
+        super().on_train_batch_end(outputs, batch, batch_idx)
+
+    # ------------------------------------------------------------------ use
+    def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
+        gen = self.generator
+        texts = [p.replace("{}", self.slot_word) for p in prompts]
+        if not edited:
+            return gen.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance)
+        with torch.no_grad():
+            delta = self.text_delta_for(gen.tokenize(texts), self.strength).to(gen.device, gen.dtype) if self.use_text else None
+            latents = gen.initial_latents(seeds)
+            if self.use_latent:
+                latents = latents + self.latent_delta_for(list(seeds), self.strength).to(latents)
+        return gen.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance, delta=delta, latents=latents)
