@@ -33,6 +33,18 @@ def run_identity(cfg: DictConfig) -> tuple[Path, str, str]:
     return run_dir, name, group
 
 
+def sweep_objective_value(objective, metrics: dict) -> float:
+    """What a sweeper (hparams_search=optuna) optimises: `sweep_objective` is a metric key
+    ("concept/target_rate/edited") or a mapping metric -> weight whose weighted sum is returned,
+    e.g. {concept/target_rate/edited: 1.0, leakage/flip_rate: -0.5} = target rate - 0.5 * flip rate."""
+    terms = {objective: 1.0} if isinstance(objective, str) else dict(objective)
+    missing = [k for k in terms if k not in metrics]
+    if missing:
+        raise KeyError(f"sweep_objective names metrics this run did not produce: {missing}; "
+                       f"add the evaluator that writes them or choose among: {sorted(metrics)}")
+    return float(sum(float(w) * float(metrics[k]) for k, w in terms.items()))
+
+
 def _quiet() -> None:
     import logging
     import warnings
@@ -55,7 +67,7 @@ def _main(cfg: DictConfig) -> float | None:
     print(json.dumps({k: metrics[k] for k in keys}, indent=1))
     print(f"run directory: {run_dir}")
     objective = cfg.get("sweep_objective")
-    return float(metrics[objective]) if objective and objective in metrics else None
+    return sweep_objective_value(objective, metrics) if objective else None
 
 
 def main() -> None:

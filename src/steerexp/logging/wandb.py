@@ -1,8 +1,14 @@
 """W&B through Lightning's WandbLogger: offline by default under <run_dir>/wandb, online
 only when `logger.mode=online`, nothing with `logger.mode=disabled`. Every run, including
-each job of a multirun, starts and finishes its own W&B run."""
+each job of a multirun, starts and finishes its own W&B run.
+
+In a sweep (`steerexp -m ...`): group = the sweep (its directory), name = the job's override
+dirname, job_type = train (the technique learns) or eval (training-free), and the run id is a
+hash of the sweep dir and the job number, so `steerexp-sweep rerun` of a failed job resumes its
+W&B run instead of starting a duplicate (offline runs sync into the same id with `wandb sync`)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -12,9 +18,40 @@ import torch
 MODES = ("offline", "online", "disabled")
 
 
+def sweep_run_id(sweep_dir: str | Path, job_num: int) -> str:
+    """Deterministic W&B run id of a sweep job: the same sweep dir and job number give the same id."""
+    key = f"{Path(sweep_dir).absolute().as_posix()}#{int(job_num)}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def default_run_id() -> str | None:
+    """The sweep job's deterministic id when running inside a Hydra multirun, else None (W&B picks one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    mode = hc.get("mode")
+    if getattr(mode, "name", mode) != "MULTIRUN" or hc.job.get("num") is None:
+        return None
+    return sweep_run_id(hc.sweep.dir, hc.job.num)
+
+
+def infer_job_type(config: dict) -> str:
+    """"train" when the technique learns its deltas (a trainable technique with steps > 0), else "eval"."""
+    technique = (config or {}).get("technique") or {}
+    try:
+        from hydra.utils import get_class
+
+        trainable = bool(getattr(get_class(technique["_target_"]), "trainable", True))
+    except Exception:
+        trainable = True
+    return "train" if trainable and (technique.get("steps") or 0) > 0 else "eval"
+
+
 class RunLogger:
     def __init__(self, mode: str, run_dir: Path, name: str, group: str, tags: list[str], config: dict,
-                 project: str = "steerexp", entity: str | None = None, job_type: str = "train", run_id: str | None = None):
+                 project: str = "steerexp", entity: str | None = None, job_type: str | None = None, run_id: str | None = None):
         if mode not in MODES:
             raise ValueError(f"logger.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.run_dir = mode, Path(run_dir)
@@ -28,6 +65,8 @@ class RunLogger:
         # a fresh run per job: never resume the previous job's run within one process
         if wandb.run is not None:
             wandb.finish()
+        job_type = job_type or infer_job_type(config)
+        run_id = run_id or default_run_id()  # Lightning's WandbLogger passes resume="allow"
         self.lightning = WandbLogger(
             project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type,
             save_dir=str(self.run_dir), offline=(mode == "offline"), id=run_id, config=config,

@@ -1,0 +1,14 @@
+"""steerexp's Hydra plugins (found by Hydra through the `hydra_plugins` namespace package).
+
+- `hydra/launcher=gpus` (`launcher=gpus` in steerexp): every job in a fresh process with its own
+  CUDA_VISIBLE_DEVICES from a pool of devices, jobs concurrent across devices, failures isolated
+  (gpus_launcher.py, jobs.py, _worker.py; `steerexp-sweep rerun <sweep dir>` in steerexp/sweep.py).
+- `hydra/sweeper=steerexp_optuna` (`hparams_search=optuna` in steerexp): an Optuna sweeper written on
+  Optuna's own ask/tell API (optuna_sweeper.py).
+- the `steerexp_unique_dir` resolver: sweep directories that never collide (resolvers.py).
+
+Hydra imports every module here while it scans for plugins, so they import nothing heavy at the top.
+"""
+from hydra_plugins.steerexp_launchers.resolvers import register_resolvers
+
+register_resolvers()

@@ -1,0 +1,63 @@
+"""One sweep job in its own process: `python -m hydra_plugins.steerexp_launchers._worker <spec.pkl>`.
+
+The launcher sets CUDA_VISIBLE_DEVICES before starting this process, so the job only ever sees its
+own device. Loads the spec (Hydra context, task function, the job's config, Hydra's singleton
+state), runs the job exactly as Hydra's own launchers do (`run_job`), and leaves next to the spec:
+`<num>.status.json` (COMPLETED / FAILED + the error) and `<num>.return.pkl` (the JobReturn, whose
+return value the sweeper reads, e.g. Optuna's objective). A failing job also writes its traceback
+to `<job dir>/traceback.txt`. Exit code 0 if the job completed, 1 if it failed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+def _write_failure(job_dir: Path | None, err: BaseException) -> str:
+    text = "".join(traceback.format_exception(err))
+    print(text, file=sys.stderr, flush=True)
+    if job_dir is not None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "traceback.txt").write_text(text)
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def main(argv: list[str]) -> int:
+    spec_path = Path(argv[0])
+    status_path = spec_path.with_suffix(".status.json")
+    return_path = spec_path.with_suffix(".return.pkl")
+    job_dir = None
+    try:
+        import cloudpickle
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import JobStatus, run_job, setup_globals
+
+        spec = cloudpickle.loads(spec_path.read_bytes())
+        job_dir = Path(spec["job_dir"])
+        setup_globals()
+        Singleton.set_state(spec["singleton_state"])
+        ret = run_job(hydra_context=spec["hydra_context"], task_function=spec["task_function"],
+                      config=spec["config"], job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        if ret.status == JobStatus.FAILED:
+            error = _write_failure(job_dir, ret._return_value)
+            ret._return_value = None  # exceptions need not pickle; the launcher puts a clear one back
+            verdict = {"status": "FAILED", "error": error}
+        else:
+            verdict = {"status": "COMPLETED", "error": None}
+        try:
+            payload = cloudpickle.dumps(ret)
+        except Exception as err:  # an unpicklable return value: keep the job, drop the value
+            ret._return_value = None
+            payload = cloudpickle.dumps(ret)
+            verdict["warning"] = f"the return value could not be pickled ({err}); the sweeper gets None"
+        return_path.write_bytes(payload)
+    except BaseException as err:  # outside the task: a bad spec, a config that does not resolve, ...
+        verdict = {"status": "FAILED", "error": _write_failure(job_dir, err)}
+    status_path.write_text(json.dumps(verdict))
+    return 0 if verdict["status"] == "COMPLETED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,113 @@
+"""nudging: the before/after table of a filter-and-nudge technique (technique=nudging).
+
+On the protected captions (the world's by default) x eval seeds, baseline (plain) vs edited
+(filtered + nudged):
+  nudging/protected/not_memorised/<side>   fraction whose per-pixel RMS to EVERY protected image > threshold
+  nudging/protected/shape_agreement/<side> the classifier reads the same shape (colour) on the output as on
+  nudging/protected/colour_agreement/<side>  the protected image the caption reproduces (the nearest protected
+                                           image to the initial output): relevance to the caption's content
+  nudging/protected/clip_t/<side>          CLIP-T: cosine of the output to its caption
+  nudging/protected/nn_clip_cosine_median/<side>   CLIP cosine to the nearest protected image (near-copy check)
+  nudging/protected/trigger_rate, rounds_mean (triggered outputs), still_triggered_rate
+On ordinary prompts (the world's unrelated suite by default):
+  nudging/ordinary/false_trigger_rate      the filters fire on an ordinary prompt's initial output
+  nudging/ordinary/shape_agreement/<side>, colour_agreement/<side>   with the shape/colour the prompt names
+Cost: nudging/seconds_per_image (all outputs), seconds_per_triggered_image, seconds_per_untriggered_image
+(sampling + filtering only).
+Logged: a per-output table and the grid samples/nudging (rows: initial | nudged | nearest protected).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.memorisation import nn_rms
+from steerexp.worlds.shapes import world
+
+
+def named_agreement(prompts: list[str], predicted: list[str], classes) -> float:
+    """How often the prediction equals the one class of `classes` the prompt names (prompts naming one)."""
+    hits = [p == named[0] for prompt, p in zip(prompts, predicted)
+            if len(named := [c for c in classes if c in prompt.split()]) == 1]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def triptych_grid(rows: list[tuple[torch.Tensor, ...]], gap: int = 2) -> torch.Tensor:
+    """One row per output: initial | nudged | nearest protected, [3, H, W] in [0, 1]."""
+    out = []
+    for images in rows:
+        c, h, _ = images[0].shape
+        parts = []
+        for im in images:
+            parts += [im, torch.ones(c, h, gap)]
+        out += [torch.cat(parts[:-1], -1), torch.ones(c, gap, sum(p.shape[-1] for p in parts[:-1]))]
+    return torch.cat(out[:-1], -2)
+
+
+class Nudging:
+    name = "nudging"
+
+    def __init__(self, threshold: float = 0.1, protected_prompts: list[str] | None = None,
+                 ordinary_prompts: list[str] | None = None, grid_rows: int = 16):
+        if not threshold > 0:
+            raise ValueError(f"evaluator.nudging.threshold must be > 0, got {threshold}")
+        self.threshold, self.grid_rows = threshold, grid_rows
+        self.protected_prompts = list(protected_prompts or world.PROTECTED_CAPTIONS)
+        self.ordinary_prompts = list(ordinary_prompts or world.UNRELATED_PROMPTS)
+
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        tech = ctx.technique
+        if not hasattr(tech, "ensure"):
+            raise ValueError("evaluator nudging needs technique=nudging (a technique that filters and nudges "
+                             "each output); drop it from the evaluator list for other techniques")
+        m: dict[str, float | bool] = {}
+        prot, ordinary = ctx.paired(self.protected_prompts), ctx.paired(self.ordinary_prompts)
+        prot_recs = tech.ensure([tech.fill(p) for p in prot.prompts], prot.seeds)
+        ord_recs = tech.ensure([tech.fill(p) for p in ordinary.prompts], ordinary.seeds)
+        refs = tech.protected
+        nearest = refs[[r.nearest for r in prot_recs]]
+        with torch.no_grad():
+            ref_pred = ctx.classifier.predict(nearest)
+            text = ctx.clip.encode_texts([tech.fill(p) for p in prot.prompts])
+            for side in ("baseline", "edited"):
+                images = getattr(prot, side)
+                rms = nn_rms(images, refs).numpy()
+                pred = ctx.classifier.predict(images)
+                m[f"nudging/protected/not_memorised/{side}"] = float((rms > self.threshold).mean())
+                m[f"nudging/protected/nn_rms_median/{side}"] = float(np.median(rms))
+                for head in ("shape", "colour"):
+                    m[f"nudging/protected/{head}_agreement/{side}"] = float(np.mean(
+                        [a == b for a, b in zip(pred[head], ref_pred[head])]))
+                emb = ctx.clip.encode_images(images)
+                m[f"nudging/protected/clip_t/{side}"] = float((emb * text).sum(-1).mean())
+                m[f"nudging/protected/nn_clip_cosine_median/{side}"] = float(
+                    (emb @ ctx.clip.encode_images(refs).T).max(-1).values.median())
+                pred = ctx.classifier.predict(getattr(ordinary, side))
+                for head in ("shape", "colour"):
+                    m[f"nudging/ordinary/{head}_agreement/{side}"] = named_agreement(
+                        ordinary.prompts, pred[head], world.HEADS[head])
+        trig = [r for r in prot_recs if r.triggered]
+        m["nudging/protected/trigger_rate"] = float(np.mean([r.triggered for r in prot_recs]))
+        m["nudging/protected/still_triggered_rate"] = float(np.mean([r.still_triggered for r in prot_recs]))
+        m["nudging/protected/rounds_mean"] = float(np.mean([r.rounds for r in trig])) if trig else 0.0
+        m["nudging/protected/rounds_max"] = max([r.rounds for r in trig], default=0)
+        m["nudging/ordinary/false_trigger_rate"] = float(np.mean([r.triggered for r in ord_recs]))
+        every = prot_recs + ord_recs
+        m["nudging/seconds_per_image"] = float(np.mean([r.seconds for r in every]))
+        for name, keep in (("triggered", True), ("untriggered", False)):
+            secs = [r.seconds for r in every if r.triggered == keep]
+            m[f"nudging/seconds_per_{name}_image"] = float(np.mean(secs)) if secs else 0.0
+
+        rows = [[p, s, kind, r.triggered, r.rounds, r.rms_before, r.rms_after, r.clip_after, r.seconds]
+                for kind, paired, recs in (("protected", prot, prot_recs), ("ordinary", ordinary, ord_recs))
+                for p, s, r in zip(paired.prompts, paired.seeds, recs)]
+        columns = ["prompt", "seed", "set", "triggered", "rounds", "rms_before", "rms_after", "clip_after", "seconds"]
+        shown = [(r.initial, r.final, refs[r.nearest]) for r in (trig or prot_recs)][: self.grid_rows]
+        return EvalResult(
+            metrics=m,
+            grids={"samples/nudging": triptych_grid(shown)},
+            histograms={"nudging/nn_rms": {"baseline": nn_rms(prot.baseline, refs).tolist(),
+                                           "edited": nn_rms(prot.edited, refs).tolist()}},
+            tables={"nudging/outputs": (columns, rows)},
+        )

@@ -1,0 +1,84 @@
+"""`steerexp-sweep`: look after a sweep run with launcher=gpus.
+
+    steerexp-sweep status <sweep dir>                  completed / failed / missing jobs
+    steerexp-sweep rerun <sweep dir>                   relaunch only the failed and missing jobs
+    steerexp-sweep rerun <sweep dir> --devices 2,3     ... on other GPUs (default: the sweep's own)
+
+A rerun starts each job from its saved spec in `<sweep dir>/.sweep/jobs/` (the same composed config,
+job number and run dir, so a W&B run resumes under its deterministic id), in a fresh process on a
+device from the pool, exactly as the launcher did. Jobs are "failed" with a FAILED marker in their
+run dir and "missing" without COMPLETED (never started, or killed with the sweep). Code is imported
+anew, so a fix in the package applies to the rerun; the config does not change. Exit code 1 if any
+job is still not completed afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hydra_plugins.steerexp_launchers import jobs as J
+
+
+def _devices(text: str | None):
+    return None if text is None else [d for d in text.split(",") if d.strip()]
+
+
+def status(sweep_dir: Path) -> int:
+    jobs = J.jobs_of(sweep_dir)
+    for job in jobs:
+        state = (job.status or "MISSING").lower()
+        print(f"#{job.num:<4} {state:<9} {' '.join(job.overrides)}" + (f"   {job.error}" if job.error else ""))
+    print(J.summary(jobs, sweep_dir))
+    return 0 if all(j.status == J.COMPLETED for j in jobs) else 1
+
+
+def rerun(sweep_dir: Path, devices=None, jobs_per_device: int | None = None) -> int:
+    manifest = J.read_manifest(sweep_dir)
+    jobs = J.jobs_of(sweep_dir)
+    todo = [j for j in jobs if j.status != J.COMPLETED]
+    if not todo:
+        print(f"sweep {sweep_dir}: all {len(jobs)} jobs completed; nothing to rerun")
+        return 0
+    for job in todo:
+        if not job.spec.is_file():
+            raise FileNotFoundError(f"job #{job.num}'s spec {job.spec} is missing: the sweep dir was moved or "
+                                    "pruned; relaunch the sweep with steerexp -m ... instead")
+    cwd = Path(manifest["cwd"])
+    if not cwd.is_dir():
+        raise FileNotFoundError(f"the sweep was launched from {cwd}, which no longer exists; the jobs' relative "
+                                "paths (the sweep dir among them) resolve against it: recreate it or rerun by hand")
+    devices = devices if devices is not None else manifest.get("devices")
+    jobs_per_device = jobs_per_device or manifest.get("jobs_per_device", 1)
+    print(f"rerunning {len(todo)} of {len(jobs)} jobs: " + ", ".join(f"#{j.num}" for j in todo), flush=True)
+    J.run_jobs(todo, devices, jobs_per_device, cwd=str(cwd))
+    jobs = J.jobs_of(sweep_dir)
+    print(J.summary(jobs, sweep_dir))
+    return 0 if all(j.status == J.COMPLETED for j in jobs) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="steerexp-sweep", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_status = sub.add_parser("status", help="list the jobs of a sweep: completed, failed or missing")
+    p_status.add_argument("sweep_dir", type=Path)
+    p_rerun = sub.add_parser("rerun", help="relaunch only the failed and missing jobs of a sweep")
+    p_rerun.add_argument("sweep_dir", type=Path)
+    p_rerun.add_argument("--devices", default=None, help="comma-separated CUDA_VISIBLE_DEVICES values (default: the sweep's)")
+    p_rerun.add_argument("--jobs-per-device", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a directory: give the sweep dir, e.g. outputs/multirun/<date>/<time>")
+    try:
+        if args.command == "status":
+            return status(args.sweep_dir)
+        return rerun(args.sweep_dir, _devices(args.devices), args.jobs_per_device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"steerexp-sweep: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

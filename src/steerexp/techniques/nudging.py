@@ -1,0 +1,388 @@
+"""Embedding nudging (arXiv 2408.15450): steer a single output away from memorised or
+unwanted images without blocking generation.
+
+For each (prompt, seed) the generator first samples as usual. A list of filters checks
+that initial output; when none triggers, it is returned unchanged. When one triggers, a
+latent L (the initial noise z_T by default, or the prompt embedding c) is optimised with
+Adam through differentiable DDIM sampling, VAE decoding and the CLIP image encoder E:
+
+    loss(L) = -alpha * mean_p cos(E(x(L)), preferred_p)
+              + beta * mean_u cos(E(x(L)), undesired_u)
+              + gamma * ||L - L0||
+
+    preferred  the CLIP text embedding of the prompt and/or CLIP image embeddings of exemplars
+    undesired  CLIP image embeddings of the protected set (`undesired=all`), or only of the
+               protected image nearest in CLIP space to the initial output (`undesired=nearest`)
+
+Adaptive rounds: after each round of `opt_steps` Adam steps the output is regenerated
+(at the full sampling steps) and re-filtered; while still triggered, beta is multiplied by
+`beta_growth` and another round runs, up to `rounds` rounds.
+
+Filters (`filters`, a list; any that triggers counts):
+    {kind: memorisation, threshold: 0.1}   per-pixel RMS to the nearest protected image < threshold
+    {kind: clip, tau: 0.9}                 max CLIP cosine to the undesired embeddings > tau
+    {kind: classifier, head: colour, classes: [red], threshold: 0.5}
+                                           the concept classifier gives P(any listed class) >= threshold
+Any object with `__call__(images, nudging) -> (triggered [N] bool, score [N])` also works.
+
+Modes (the baselines run through the same filter and rounds, only the mitigation differs):
+    nudge  the objective above
+    noise  Somepalli et al.: c + lambda * N(0, I) on the prompt embedding, fresh noise each round
+    wen    Wen et al.: minimise ||eps(z_T, c + d) - eps(z_T, empty)||_2 over d at the first step
+
+Per output the technique records: triggered or not, rounds, the final nearest-protected
+RMS and CLIP cosine, seconds, and the optimised offset (z_T offset or prompt delta).
+Nudging is per output, so it runs lazily in `generate(..., edited=True)`; `compute()`
+pre-runs `prompts` x `seeds` when given, and those records are the run's deltas
+(deltas.safetensors rows in the order of nudges.json, written by `export`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from steerexp.evaluators.memorisation import nn_rms
+from steerexp.generators import FrozenGenerator
+from steerexp.pretrain.common import to_tensor
+from steerexp.techniques.base import TrainingFree
+from steerexp.worlds.shapes import world
+
+MODES = ("nudge", "noise", "wen")
+LATENTS = ("z_T", "prompt")
+PREFERRED = ("prompt", "exemplars", "both")
+UNDESIRED = ("all", "nearest")
+
+
+def load_images(source, what: str) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] from a tensor or a folder of PNG/JPG files."""
+    if isinstance(source, torch.Tensor):
+        return source.float()
+    folder = Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"technique.{what}: folder not found: {folder}; give a folder of PNG/JPG images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        return torch.zeros(0, 3, 1, 1)
+    return to_tensor(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]))
+
+
+# ----------------------------------------------------------------------------- filters
+class MemorisationFilter:
+    """Triggers when the nearest protected image is closer than `threshold` (per-pixel RMS)."""
+
+    def __init__(self, threshold: float = 0.1):
+        if not threshold > 0:
+            raise ValueError(f"memorisation filter threshold must be > 0, got {threshold}")
+        self.threshold = threshold
+
+    def __call__(self, images, nudging):
+        rms = nn_rms(images, nudging.protected)
+        return rms < self.threshold, rms
+
+
+class ClipFilter:
+    """Triggers when the CLIP cosine to any undesired embedding exceeds `tau`."""
+
+    def __init__(self, tau: float = 0.9):
+        if not -1 <= tau <= 1:
+            raise ValueError(f"clip filter tau must be in [-1, 1], got {tau}")
+        self.tau = tau
+
+    def __call__(self, images, nudging):
+        cos = (nudging.clip.encode_images(images) @ nudging.undesired_embeddings.T).max(-1).values
+        return cos > self.tau, cos
+
+
+class ClassifierFilter:
+    """Triggers when the concept classifier's P(any of `classes` of `head`) >= threshold."""
+
+    def __init__(self, head: str = "colour", classes: list[str] | None = None, threshold: float = 0.5):
+        if not classes:
+            raise ValueError("classifier filter needs `classes`, e.g. {kind: classifier, head: colour, classes: [red]}")
+        self.head, self.classes, self.threshold = head, list(classes), threshold
+        self._clf = None
+
+    def __call__(self, images, nudging):
+        if self._clf is None:
+            from steerexp.eyes.classifier import ConceptClassifier
+            self._clf = ConceptClassifier.from_pretrained()
+        probs = self._clf.probs(images)[self.head]
+        p = probs[:, [self._clf.class_index(self.head, c) for c in self.classes]].sum(-1)
+        return p >= self.threshold, p
+
+
+FILTERS = {"memorisation": MemorisationFilter, "clip": ClipFilter, "classifier": ClassifierFilter}
+
+
+def build_filter(spec):
+    if callable(spec):
+        return spec
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in FILTERS:
+        raise ValueError(f"technique.filters: unknown filter kind {kind!r}; choose one of {list(FILTERS)}")
+    return FILTERS[kind](**spec)
+
+
+@dataclass
+class NudgeRecord:
+    """One output: its initial and final image, and what nudging did."""
+    initial: torch.Tensor
+    final: torch.Tensor
+    triggered: bool          # the filters triggered on the initial output
+    still_triggered: bool    # ... and on the final one
+    rounds: int
+    rms_before: float        # per-pixel RMS to the nearest protected image
+    rms_after: float
+    nearest: int             # index of the protected image nearest (RMS) to the initial output
+    clip_after: float        # max CLIP cosine of the final output to the undesired embeddings
+    offset: torch.Tensor     # the optimised offset (z_T offset or prompt delta); zeros if untouched
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- the technique
+class Nudging(TrainingFree):
+    def __init__(self, generator: FrozenGenerator, objective=None, mode: str = "nudge", latent: str = "z_T",
+                 filters: list | None = None, alpha: float = 1.0, beta: float = 1.0, gamma: float = 0.01,
+                 preferred: str = "prompt", exemplars=None, undesired: str = "all", protected=None,
+                 rounds: int = 3, beta_growth: float = 2.0, opt_steps: int = 8, opt_lr: float = 0.1,
+                 opt_sampling_steps: int | None = None, noise_lambda: float = 0.1, prompts: list[str] | None = None,
+                 seeds: list[int] | None = None, slot_word: str = "object", nudge_batch: int = 16, **kwargs):
+        super().__init__(generator, **kwargs)
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            if value < 0:
+                raise ValueError(f"technique.{name} must be >= 0 (it weighs a term of the nudging objective), "
+                                 f"got {value}; set e.g. technique.{name}={abs(value)}")
+        checks = (("mode", mode, MODES), ("latent", latent, LATENTS), ("preferred", preferred, PREFERRED),
+                  ("undesired", undesired, UNDESIRED))
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"technique.{name} must be one of {allowed}, got {value!r}")
+        if rounds < 1 or opt_steps < 1:
+            raise ValueError(f"technique.rounds and technique.opt_steps must be >= 1, got {rounds}, {opt_steps}")
+        if beta_growth < 1:
+            raise ValueError(f"technique.beta_growth must be >= 1 (beta rises while triggered), got {beta_growth}")
+        if mode == "nudge" and alpha == 0 and beta == 0:
+            raise ValueError("technique.alpha and technique.beta are both 0: the nudging objective has nothing to "
+                             "pull toward or push from; set technique.beta > 0")
+        res = generator.latent_shape()[-1] * generator.vae_scale_factor
+        self.protected = load_images(protected, "protected") if protected is not None else to_tensor(world.protected_set(res)[0])
+        if len(self.protected) == 0:
+            raise ValueError(f"the protected set is empty ({protected}); nudging needs images to steer away from: "
+                             "put PNG/JPG files in that folder or set technique.protected=null for the world's set")
+        self.exemplars = load_images(exemplars, "exemplars") if exemplars is not None else None
+        if preferred != "prompt" and (self.exemplars is None or len(self.exemplars) == 0):
+            raise ValueError(f"technique.preferred={preferred} needs exemplar images: set technique.exemplars "
+                             "to a folder of images, or technique.preferred=prompt")
+        self.filters = [build_filter(f) for f in (filters if filters is not None else [{"kind": "memorisation"}])]
+        if not self.filters:
+            raise ValueError("technique.filters is empty: nothing would ever trigger; give at least one filter, "
+                             "e.g. [{kind: memorisation, threshold: 0.1}]")
+        self.mode, self.latent, self.alpha, self.beta, self.gamma = mode, latent, alpha, beta, gamma
+        self.preferred, self.undesired = preferred, undesired
+        self.rounds, self.beta_growth, self.opt_steps, self.opt_lr = rounds, beta_growth, opt_steps, opt_lr
+        self.opt_sampling_steps = opt_sampling_steps or self.sampling_steps
+        self.noise_lambda, self.slot_word, self.nudge_batch = noise_lambda, slot_word, nudge_batch
+        self.prompts, self.seeds = list(prompts or []), list(seeds or [])
+        self.records: dict[tuple[str, int], NudgeRecord] = {}
+        self._clip = self._undesired = None
+
+    # ------------------------------------------------------------------ eyes
+    @property
+    def clip(self):
+        if self._clip is None:
+            from steerexp.eyes.clip import CLIPScorer
+            self._clip = CLIPScorer()
+        return self._clip
+
+    @property
+    def undesired_embeddings(self) -> torch.Tensor:
+        if self._undesired is None:
+            with torch.no_grad():
+                self._undesired = self.clip.encode_images(self.protected)
+        return self._undesired
+
+    def check(self, images: torch.Tensor) -> torch.Tensor:
+        """[N] bool: any filter triggers."""
+        with torch.no_grad():
+            return torch.stack([f(images, self)[0].bool().cpu() for f in self.filters]).any(0)
+
+    # ------------------------------------------------------------------ the objective
+    def preferred_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """[N, P, E]: per output, the embeddings to pull toward."""
+        with torch.no_grad():
+            parts = []
+            if self.preferred in ("prompt", "both"):
+                parts.append(self.clip.encode_texts(texts)[:, None])
+            if self.preferred in ("exemplars", "both"):
+                ex = self.clip.encode_images(self.exemplars)
+                parts.append(ex[None].expand(len(texts), -1, -1))
+            return torch.cat(parts, 1)
+
+    def objective(self, images, preferred, undesired, beta, offset) -> torch.Tensor:
+        """Per-output loss: -alpha mean cos(E(x), pref) + beta mean cos(E(x), undesired) + gamma ||L - L0||."""
+        e = self.clip.encode_images(images)
+        pull = torch.einsum("ne,npe->np", e, preferred).mean(-1)
+        push = torch.einsum("ne,nue->nu", e, undesired).mean(-1)
+        dist = offset.flatten(1).pow(2).sum(-1).add(1e-12).sqrt()
+        return -self.alpha * pull + beta * push + self.gamma * dist
+
+    def undesired_for(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, U, E]: all protected embeddings, or the one nearest each initial output in CLIP space."""
+        und = self.undesired_embeddings
+        if self.undesired == "all":
+            return und[None].expand(len(images), -1, -1)
+        with torch.no_grad():
+            idx = (self.clip.encode_images(images) @ und.T).argmax(-1)
+        return und[idx][:, None]
+
+    # ------------------------------------------------------------------ mitigation rounds
+    def _sample(self, cond, z, uncond, steps, grad=False):
+        gen = self.generator
+        x = gen.sample(cond, z, uncond, steps, self.guidance, grad=grad, checkpoint=grad)
+        return gen.decode_latents(x)
+
+    def _inputs(self, cond, z0, d):
+        return (cond + d, z0) if self._on_prompt else (cond, z0 + d)
+
+    @property
+    def _on_prompt(self) -> bool:
+        return self.mode != "nudge" or self.latent == "prompt"
+
+    def nudge_round(self, cond, z0, uncond, d, beta, preferred, undesired) -> torch.Tensor:
+        d = d.clone().requires_grad_(True)
+        opt = torch.optim.Adam([d], lr=self.opt_lr)
+        for _ in range(self.opt_steps):
+            c, z = self._inputs(cond, z0, d)
+            images = self._sample(c, z, uncond, self.opt_sampling_steps, grad=True)
+            loss = self.objective(images, preferred, undesired, beta, d).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return d.detach()
+
+    def wen_round(self, cond, z0, uncond, d) -> torch.Tensor:
+        """Minimise the text-conditional noise magnitude at the first sampling step (Wen et al.)."""
+        gen = self.generator
+        t = gen.schedule(self.sampling_steps).timesteps[0].to(gen.device)
+        with torch.no_grad():
+            eps_empty = gen.unet(z0, t, uncond.expand(len(z0), -1, -1)).sample
+        d = d.clone().requires_grad_(True)
+        opt = torch.optim.Adam([d], lr=self.opt_lr)
+        for _ in range(self.opt_steps):
+            loss = (gen.unet(z0, t, cond + d).sample - eps_empty).flatten(1).norm(dim=-1).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return d.detach()
+
+    def noise_round(self, cond, seeds, r) -> torch.Tensor:
+        """Somepalli et al.: Gaussian noise of scale lambda on the prompt embedding, fresh each round."""
+        noise = [torch.randn(cond.shape[1:], generator=torch.Generator().manual_seed(int(s) * 1000 + r)) for s in seeds]
+        return self.noise_lambda * torch.stack(noise).to(cond)
+
+    # ------------------------------------------------------------------ one batch of outputs
+    def run_batch(self, texts: list[str], seeds: list[int]) -> None:
+        gen, start = self.generator, time.perf_counter()
+        with torch.no_grad():
+            uncond, _ = gen.guidance_embeddings(self.guidance)
+            cond, z0 = gen.encode_prompt(texts), gen.initial_latents(seeds)
+            initial = self._sample(cond, z0, uncond, self.sampling_steps).float().cpu()
+        triggered = self.check(initial)
+        t_initial = (time.perf_counter() - start) / len(texts)
+        idx = torch.nonzero(triggered).flatten()
+        offsets = torch.zeros_like(cond if self._on_prompt else z0)
+        final, rounds = initial.clone(), torch.zeros(len(texts), dtype=torch.long)
+        still = triggered.clone()
+        start = time.perf_counter()
+        if len(idx):
+            beta = torch.full((len(texts),), float(self.beta))
+            preferred = self.preferred_embeddings(texts) if self.mode == "nudge" else None
+            undesired = self.undesired_for(initial) if self.mode == "nudge" else None
+            for r in range(self.rounds):
+                act = torch.nonzero(still).flatten()
+                if not len(act):
+                    break
+                if self.mode == "nudge":
+                    offsets[act] = self.nudge_round(cond[act], z0[act], uncond, offsets[act], beta[act].to(cond),
+                                                    preferred[act], undesired[act])
+                elif self.mode == "wen":
+                    offsets[act] = self.wen_round(cond[act], z0[act], uncond, offsets[act])
+                else:
+                    offsets[act] = self.noise_round(cond[act], [seeds[i] for i in act], r)
+                with torch.no_grad():
+                    c, z = self._inputs(cond[act], z0[act], offsets[act])
+                    final[act] = self._sample(c, z, uncond, self.sampling_steps).float().cpu()
+                rounds[act] += 1
+                still[act] = self.check(final[act])
+                beta[act] = torch.where(still[act], beta[act] * self.beta_growth, beta[act])
+        t_nudge = (time.perf_counter() - start) / max(1, len(idx))
+        with torch.no_grad():
+            rms_before, rms_after = nn_rms(initial, self.protected), nn_rms(final, self.protected)
+            nearest = ((initial.flatten(1)[:, None] - F.interpolate(self.protected, size=initial.shape[-2:]).flatten(1)[None])
+                       .pow(2).mean(-1).argmin(-1))
+            clip_after = (self.clip.encode_images(final) @ self.undesired_embeddings.T).max(-1).values
+        for i, (text, seed) in enumerate(zip(texts, seeds)):
+            self.records[(text, int(seed))] = NudgeRecord(
+                initial[i], final[i], bool(triggered[i]), bool(still[i]), int(rounds[i]), float(rms_before[i]),
+                float(rms_after[i]), int(nearest[i]), float(clip_after[i]), offsets[i].detach().float().cpu(),
+                t_initial + (t_nudge if triggered[i] else 0.0))
+
+    def fill(self, prompt: str) -> str:
+        return prompt.replace("{}", self.slot_word)
+
+    def ensure(self, texts: list[str], seeds: list[int]) -> list[NudgeRecord]:
+        """Records for every (text, seed), nudging the ones not seen yet."""
+        todo = list(dict.fromkeys((t, int(s)) for t, s in zip(texts, seeds) if (t, int(s)) not in self.records))
+        for i in range(0, len(todo), self.nudge_batch):
+            chunk = todo[i:i + self.nudge_batch]
+            self.run_batch([t for t, _ in chunk], [s for _, s in chunk])
+        return [self.records[(t, int(s))] for t, s in zip(texts, seeds)]
+
+    # ------------------------------------------------------------------ run flow
+    def compute(self) -> None:
+        """Pre-run nudging on `prompts` x `seeds` (when given); their records are the run's deltas."""
+        if self.prompts and self.seeds:
+            self.ensure([self.fill(p) for p in self.prompts for _ in self.seeds], [s for _ in self.prompts for s in self.seeds])
+
+    def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
+        texts = [self.fill(p) for p in prompts]
+        if not edited:
+            return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance)
+        return torch.stack([r.final for r in self.ensure(texts, seeds)])
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Per output (rows in the order of nudges.json): the optimised offset, rounds, flags."""
+        recs = list(self.records.values())
+        if not recs:
+            return {}
+        name = "prompt_delta" if self._on_prompt else "z_offset"
+        return {name: torch.stack([r.offset for r in recs]).contiguous(),
+                "rounds": torch.tensor([r.rounds for r in recs]),
+                "triggered": torch.tensor([r.triggered for r in recs]),
+                "still_triggered": torch.tensor([r.still_triggered for r in recs])}
+
+    def load_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError("nudging deltas are per output (see nudges.json); re-run the technique instead")
+
+    def delta_norms(self) -> dict[str, float]:
+        offsets = [r.offset.norm() for r in self.records.values() if r.triggered]
+        return {"offset_max": float(torch.stack(offsets).max())} if offsets else {}
+
+    def export(self, run_dir) -> list[str]:
+        rows = [{"prompt": t, "seed": s, **self.summary(r)} for (t, s), r in self.records.items()]
+        (Path(run_dir) / "nudges.json").write_text(json.dumps(rows, indent=1))
+        return ["nudges.json"]
+
+    @staticmethod
+    def summary(r: NudgeRecord) -> dict:
+        return {"triggered": r.triggered, "still_triggered": r.still_triggered, "rounds": r.rounds,
+                "rms_before": r.rms_before, "rms_after": r.rms_after, "nearest": r.nearest,
+                "clip_after": r.clip_after, "offset_norm": float(r.offset.norm()), "seconds": r.seconds}

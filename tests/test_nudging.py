@@ -1,0 +1,126 @@
+"""Embedding nudging, small: the memorisation filter separates a protected caption from an
+ordinary prompt, nudging moves a memorised output past the threshold, the baselines run,
+the preset runs end to end, bad input is clear, and the generator stays frozen."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from steerexp.evaluators.memorisation import nn_rms
+from steerexp.generators import load_generator
+from steerexp.run import run
+from steerexp.techniques.nudging import Nudging
+from steerexp.worlds.shapes import world
+from tests.conftest import compose_config
+
+PROTECTED = world.PROTECTED_CAPTIONS[0]   # "the emblem of the northern guild"
+ORDINARY = "a red circle on the left"
+STEPS = 8                                 # the shipped generator already reproduces protected images at 8 DDIM steps
+
+
+@pytest.fixture(scope="module")
+def gen(shipped):
+    return load_generator(device="cpu")
+
+
+def small(gen, **kw):
+    args = dict(sampling_steps=STEPS, guidance_scale=5.0, opt_sampling_steps=STEPS, opt_steps=4, rounds=3)
+    return Nudging(gen, **{**args, **kw})
+
+
+def test_protected_caption_triggers_the_filter_and_an_ordinary_prompt_does_not(gen):
+    tech = small(gen)
+    images = tech.generate([PROTECTED, ORDINARY], [0, 0], edited=False)
+    assert tech.check(images).tolist() == [True, False]
+    rms = nn_rms(images, tech.protected)
+    assert rms[0] < 0.1 < rms[1]
+    # the other filter kinds: CLIP similarity to the protected set, a classifier rule ("no red")
+    clip_rule = small(gen, filters=[{"kind": "clip", "tau": 0.9}])
+    assert clip_rule.check(images).tolist() == [True, False]
+    no_blue = small(gen, filters=[{"kind": "classifier", "head": "colour", "classes": ["blue"]}])
+    blue = no_blue.generate(["a blue square at the top"], [0], edited=False)
+    assert no_blue.check(torch.cat([images, blue])).tolist() == [False, False, True]
+
+
+def test_nudging_moves_a_memorised_output_past_the_threshold(gen):
+    tech = small(gen, latent="prompt")
+    before = gen.fingerprint()
+    edited = tech.generate([PROTECTED, ORDINARY], [0, 0], edited=True)
+    rec, plain = tech.records[(PROTECTED, 0)], tech.records[(ORDINARY, 0)]
+    assert rec.triggered and rec.rms_before < 0.1
+    assert rec.rms_after > 0.1 and not rec.still_triggered and 1 <= rec.rounds <= 3
+    assert float(nn_rms(edited[:1], tech.protected)) > 0.1
+    # the ordinary prompt is left alone: no rounds, no offset, the plain image
+    assert not plain.triggered and plain.rounds == 0 and float(plain.offset.abs().max()) == 0
+    assert torch.equal(edited[1], plain.initial)
+    assert set(tech.deltas()) == {"prompt_delta", "rounds", "triggered", "still_triggered"}
+    assert gen.fingerprint() == before and gen.unchanged()
+
+
+def test_baselines_change_only_the_prompt_embedding(gen):
+    noise = small(gen, mode="noise", rounds=1)
+    noise.generate([PROTECTED], [0], edited=True)
+    rec = noise.records[(PROTECTED, 0)]
+    n = rec.offset.numel()
+    assert rec.rounds == 1 and abs(float(rec.offset.norm()) / (0.1 * n ** 0.5) - 1) < 0.1  # lambda * N(0, I)
+
+    wen = small(gen, mode="wen", rounds=1, opt_steps=3)
+    cond, z0 = gen.encode_prompt([PROTECTED]), gen.initial_latents([0])
+    uncond = gen.encode_prompt([""])
+    t = gen.schedule(STEPS).timesteps[0]
+    magnitude = lambda d: float((gen.unet(z0, t, cond + d).sample - gen.unet(z0, t, uncond).sample).norm())
+    with torch.no_grad():
+        start = magnitude(torch.zeros_like(cond))
+    d = wen.wen_round(cond, z0, uncond, torch.zeros_like(cond))
+    with torch.no_grad():
+        assert magnitude(d) < start  # the text-conditional noise magnitude falls
+    assert "z_offset" not in wen.deltas() and gen.unchanged()
+
+
+def test_bad_input_is_clear(gen, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="protected set is empty"):
+        Nudging(gen, protected=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="protected set is empty"):
+        Nudging(gen, protected=torch.zeros(0, 3, 32, 32))
+    for name in ("alpha", "beta", "gamma"):
+        with pytest.raises(ValueError, match=f"technique.{name} must be >= 0"):
+            Nudging(gen, **{name: -0.5})
+    with pytest.raises(ValueError, match="unknown filter kind"):
+        Nudging(gen, filters=[{"kind": "nsfw"}])
+    with pytest.raises(ValueError, match="filters is empty"):
+        Nudging(gen, filters=[])
+    with pytest.raises(ValueError, match="technique.latent"):
+        Nudging(gen, latent="unet")
+    with pytest.raises(ValueError, match="needs exemplar images"):
+        Nudging(gen, preferred="exemplars")
+
+
+def test_preset_runs_end_to_end(shipped, tmp_path):
+    cfg = compose_config([
+        "experiment=nudging_memorisation", "logger=none", f"sampling.steps={STEPS}", "eval.seeds=[0]",
+        f"eval.prompts=['{PROTECTED}','{ORDINARY}']", "technique.latent=prompt", "technique.opt_steps=4",
+        f"technique.opt_sampling_steps={STEPS}",
+        f"evaluator.nudging.protected_prompts=['{PROTECTED}']", f"evaluator.nudging.ordinary_prompts=['{ORDINARY}']",
+        f"evaluator.memorisation.prompts=['{PROTECTED}']",
+    ])
+    metrics = run(cfg, tmp_path, "nudge", "tests")
+    assert metrics["nudging/protected/not_memorised/baseline"] == 0.0
+    assert metrics["nudging/protected/not_memorised/edited"] == 1.0
+    assert metrics["memorisation/frac_below_threshold"] == 0.0
+    assert metrics["nudging/ordinary/false_trigger_rate"] == 0.0
+    assert metrics["nudging/protected/rounds_mean"] >= 1 and metrics["generator/unchanged"] is True
+    deltas = load_file(str(tmp_path / "deltas.safetensors"))
+    rows = json.loads((tmp_path / "nudges.json").read_text())
+    assert [r["prompt"] for r in rows] == [PROTECTED, ORDINARY] and deltas["prompt_delta"].shape[0] == 2
+    assert deltas["triggered"].tolist() == [True, False]
+    assert (tmp_path / "samples" / "nudging.png").is_file()
+
+
+def test_evaluator_needs_the_nudging_technique():
+    from steerexp.evaluators.base import EvalContext
+    from steerexp.evaluators.nudging import Nudging as NudgingEval
+
+    with pytest.raises(ValueError, match="needs technique=nudging"):
+        NudgingEval().evaluate(EvalContext(object(), ["a"], [0]))
