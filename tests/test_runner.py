@@ -225,3 +225,15 @@ def test_magnitude_sweep_of_the_ti_strength(shipped, tmp_path):
     assert {"magnitude/target_rate/0", "magnitude/target_rate/1", "magnitude/sweet_spot_found"} <= set(metrics)
     assert (run_dir / "samples" / "magnitude.png").is_file()
     json.loads((run_dir / "metrics.json").read_text())  # valid JSON: no NaN
+
+
+def test_wandb_job_type_follows_the_technique(shipped):
+    """A run that learns deltas is a W&B "train" job; a training-free one (or 0 steps) is "eval"."""
+    from steerexp.run import build
+
+    _, ti, _ = build(compose_config(TINY + ["logger=none"]))
+    assert ti.job_type == "train"
+    ti.steps = 0
+    assert ti.job_type == "eval"
+    _, arithmetic, _ = build(compose_config(["logger=none", "technique=embedding_arithmetic"]))
+    assert arithmetic.job_type == "eval"

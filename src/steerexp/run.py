@@ -77,7 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
     technique.prepare()  # loads and validates targets before any heavy work
     tags = [t for t in (cfg.technique._target_.split(".")[-2], cfg.get("experiment_name")) if t]
     logger = RunLogger(cfg.logger.mode, run_dir, name, group, tags, OmegaConf.to_container(cfg, resolve=True),
-                       project=cfg.logger.project, entity=cfg.logger.get("entity"))
+                       project=cfg.logger.project, entity=cfg.logger.get("entity"), job_type=technique.job_type)
     metrics: dict = {f"params/{k}": v for k, v in technique.parameter_counts().items()}
     try:
         if technique.trainable and technique.steps > 0:

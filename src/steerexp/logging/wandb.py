@@ -37,21 +37,9 @@ def default_run_id() -> str | None:
     return sweep_run_id(hc.sweep.dir, hc.job.num)
 
 
-def infer_job_type(config: dict) -> str:
-    """"train" when the technique learns its deltas (a trainable technique with steps > 0), else "eval"."""
-    technique = (config or {}).get("technique") or {}
-    try:
-        from hydra.utils import get_class
-
-        trainable = bool(getattr(get_class(technique["_target_"]), "trainable", True))
-    except Exception:
-        trainable = True
-    return "train" if trainable and (technique.get("steps") or 0) > 0 else "eval"
-
-
 class RunLogger:
     def __init__(self, mode: str, run_dir: Path, name: str, group: str, tags: list[str], config: dict,
-                 project: str = "steerexp", entity: str | None = None, job_type: str | None = None, run_id: str | None = None):
+                 project: str = "steerexp", entity: str | None = None, job_type: str = "train", run_id: str | None = None):
         if mode not in MODES:
             raise ValueError(f"logger.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.run_dir = mode, Path(run_dir)
@@ -65,7 +53,6 @@ class RunLogger:
         # a fresh run per job: never resume the previous job's run within one process
         if wandb.run is not None:
             wandb.finish()
-        job_type = job_type or infer_job_type(config)
         run_id = run_id or default_run_id()  # Lightning's WandbLogger passes resume="allow"
         self.lightning = WandbLogger(
             project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type,

@@ -93,6 +93,11 @@ class Technique(L.LightningModule):
     def delta_norms(self) -> dict[str, float]:
         return {k: float(v.detach().norm(dim=-1).max()) for k, v in self.budgeted().items()}
 
+    @property
+    def job_type(self) -> str:
+        """W&B job type: "train" when the run learns deltas, "eval" when it only computes and evaluates."""
+        return "train" if self.trainable and self.steps > 0 else "eval"
+
     def parameter_counts(self) -> dict[str, int]:
         return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
                 "frozen": self.generator.num_parameters()}
