@@ -66,7 +66,7 @@ def main() -> None:
         "fresh_process_cost_per_job_s": round((runs["gpus [0]"]["wall_s"] - runs["basic"]["wall_s"]) / a.jobs, 3),
     }
     print(json.dumps(report, indent=1))
-    print(f"\n| launcher | wall (s) | jobs/s | overhead per job (s) |\n|---|---|---|---|")
+    print("\n| launcher | wall (s) | jobs/s | overhead per job (s) |\n|---|---|---|---|")
     for name, r in runs.items():
         print(f"| {name} | {r['wall_s']:.2f} | {r['jobs_per_s']:.3f} | {r.get('per_job_overhead_s', '-')} |")
     print(f"\nconcurrency: {speedup:.2f}x sequential (target >= 1.8x)")

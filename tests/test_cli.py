@@ -1,9 +1,7 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from tests.conftest import TINY
 

@@ -1,13 +1,12 @@
 """Optimised input deltas (prompt_delta, latent_offset, both) and the image objectives, tiny:
 the budget holds after every step, the objective improves, the generator stays frozen,
 resume continues from the checkpoint, deltas.safetensors reproduces the edit, bad input is clear."""
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from steerexp.run import _instantiate, run
 from steerexp.techniques.input_delta import InputDelta
@@ -194,7 +193,7 @@ def test_strength_zero_is_exactly_the_baseline(gen):
     (["objective.terms.concept_score.head=hue"], ValueError, r"unknown head 'hue'.*colour"),
     (["objective.terms.concept_score.target=crimson"], ValueError, r"unknown colour 'crimson'.*red"),
     (["objective=clip_similarity", "objective.terms.clip_similarity.text=null",
-      "objective.terms.clip_similarity.image=/nowhere/target.png"], FileNotFoundError, "target image not found"),
+      "objective.terms.clip_similarity.image=/nowhere/target.png"], FileNotFoundError, "image not found: /nowhere"),
     (["objective=reconstruction", "objective.terms.reconstruction.scene.colour=teal"], ValueError, "unknown colour 'teal'"),
     (["objective=denoising"], ValueError, "needs an image objective"),
     (["technique.tokens=green"], ValueError, "does not occur in training prompt"),
@@ -225,5 +224,10 @@ def test_clip_and_reconstruction_accept_image_files(shipped, tmp_path):
         loss = term(ObjectiveInputs(images))
         (grad,) = torch.autograd.grad(loss, images)
         assert loss.ndim == 0 and grad.abs().sum() > 0
+    # the file's content is the target: its own colour scores better than another
+    red, blue = torch.tensor([220, 40, 40]) / 255, torch.tensor([40, 40, 220]) / 255
+    as_images = lambda c: c.view(1, 3, 1, 1).expand(2, 3, 32, 32)
+    for term in (ClipSimilarity(image=str(path)), Reconstruction(image=str(path))):
+        assert term(ObjectiveInputs(as_images(red))) < term(ObjectiveInputs(as_images(blue)))
     with pytest.raises(ValueError, match="exactly one target"):
         ClipSimilarity(text="a red circle", image=str(path))

@@ -1,9 +1,7 @@
-import json
 import re
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from steerexp.evaluators.base import EvalContext
 from steerexp.evaluators.leakage import Leakage
 from steerexp.evaluators.memorisation import Memorisation, nn_rms
 from steerexp.evaluators.concept import Concept
-from steerexp.evaluators.quality import Quality, saturation
+from steerexp.evaluators.quality import saturation
 from steerexp.generators import load_generator
 from steerexp.techniques.base import TrainingFree
 from steerexp.worlds.shapes import world

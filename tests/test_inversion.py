@@ -149,6 +149,8 @@ def test_tiny_inversion_run_writes_metrics_deltas_and_grids(shipped, tmp_path):
     assert on_disk["generator/unchanged"] is True and on_disk["run/seconds"] > 0
     for method in ("vae", "ddim_w1", "ddim_w7.5", "npi", "nti"):
         assert 0 < on_disk[f"inversion/psnr/{method}"] < 100 and -1 <= on_disk[f"inversion/ssim/{method}"] <= 1
+    psnr = {m: on_disk[f"inversion/psnr/{m}"] for m in ("vae", "ddim_w7.5", "nti")}
+    assert psnr["vae"] > psnr["ddim_w7.5"] and psnr["nti"] > psnr["ddim_w7.5"]  # the reported ordering, tiny
     for method in ("ddim_w1", "ddim_w7.5", "npi", "nti"):
         assert 0 <= on_disk[f"edit/success/{method}"] <= 1 and on_disk[f"edit/bg_rms/{method}"] >= 0
     assert 0 <= metrics["concept/target_rate/edited"] <= 1

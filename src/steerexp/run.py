@@ -80,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
                        project=cfg.logger.project, entity=cfg.logger.get("entity"), job_type=technique.job_type)
     metrics: dict = {f"params/{k}": v for k, v in technique.parameter_counts().items()}
     try:
-        if technique.trainable and technique.steps > 0:
+        if technique.job_type == "train":
             train(cfg, technique, logger, run_dir)
         else:
             technique.compute()
@@ -91,7 +91,8 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
         if technique.nan_step is not None:
             raise NaNLossError(
                 f"the loss became NaN/inf at step {technique.nan_step}; training stopped and the last good deltas "
-                f"were saved to {run_dir / 'deltas.safetensors'}. Lower technique.lr or set technique.budget.max_norm")
+                f"were saved to {run_dir / 'deltas.safetensors'}. Lower technique.lr or tighten technique.budget "
+                f"(max_norm, or eps_text / eps_z for input deltas)")
         metrics.update({f"delta_norm/{k}": v for k, v in technique.delta_norms().items()})
 
         ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), cfg.eval.get("classifier"),

@@ -128,7 +128,6 @@ class OptunaSweeper(Sweeper):
                                    direction=self.direction, load_if_exists=True)
 
     def sweep(self, arguments: List[str]) -> Any:
-        import optuna
         from optuna.trial import TrialState
 
         assert self.config is not None and self.launcher is not None

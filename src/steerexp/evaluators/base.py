@@ -78,3 +78,14 @@ def side_by_side_grid(paired: Paired, n_seeds: int, gap: int = 2) -> torch.Tenso
         right = torch.cat(list(e[sl]), dim=-1)
         rows.append(torch.cat([left, torch.ones(c, h, gap * 2), right], dim=-1))
     return torch.cat([torch.cat([r, torch.ones(c, gap, r.shape[-1])], dim=-2) for r in rows], dim=-2)
+
+
+def image_grid(columns: list[torch.Tensor], rows: int, gap: int = 2) -> torch.Tensor:
+    """columns: [N, 3, H, W] each; one row per image (the first `rows`), a gap between columns."""
+    out = []
+    for i in range(min(rows, len(columns[0]))):
+        cells = []
+        for c in columns:
+            cells += [c[i], torch.ones(3, c.shape[-2], gap)]
+        out += [torch.cat(cells[:-1], dim=-1), torch.ones(3, gap, sum(x.shape[-1] for x in cells[:-1]))]
+    return torch.cat(out[:-1], dim=-2)

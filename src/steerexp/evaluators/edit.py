@@ -23,19 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steerexp.evaluators.base import EvalContext, EvalResult
-from steerexp.evaluators.inversion import image_grid, pick_methods, require_inversion
+from steerexp.evaluators.base import EvalContext, EvalResult, image_grid
+from steerexp.evaluators.inversion import pick_methods, require_inversion
 from steerexp.worlds.shapes import world
 
 
-def scene_mask(scene: world.Scene, res: int, ss: int = 4) -> torch.Tensor:
-    """[res, res] bool: pixels the scene's shape touches (supersampled)."""
-    n = res * ss
+def scene_mask(scene: world.Scene, res: int) -> torch.Tensor:
+    """[res, res] bool: pixels the scene's shape touches (the world's own anti-aliased coverage > 0)."""
     cx, cy = world.centre(scene.size, scene.position)
-    coords = (np.arange(n) + 0.5) / n
-    x, y = np.meshgrid(coords - cx - scene.dx, coords - cy - scene.dy)
-    cover = world.shape_mask(scene.shape, x, y, world.SIZES[scene.size]).reshape(res, ss, res, ss).any(axis=(1, 3))
-    return torch.from_numpy(cover)
+    return torch.from_numpy(world.coverage(scene.shape, cx + scene.dx, cy + scene.dy, world.SIZES[scene.size], res) > 0)
 
 
 def border_mask(image: torch.Tensor, tolerance: float) -> torch.Tensor:

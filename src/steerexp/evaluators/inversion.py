@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.base import EvalContext, EvalResult, image_grid
 from steerexp.evaluators.stats import bootstrap_ci
 
 
@@ -25,17 +25,6 @@ def psnr_ssim(images: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndarray
     p = peak_signal_noise_ratio(images, originals, data_range=1.0, dim=(1, 2, 3), reduction="none")
     s = structural_similarity_index_measure(images, originals, data_range=1.0, reduction="none")
     return p.numpy(), s.numpy()
-
-
-def image_grid(columns: list[torch.Tensor], rows: int, gap: int = 2) -> torch.Tensor:
-    """columns: [N, 3, H, W] each; one row per image (the first `rows`), a gap between columns."""
-    out = []
-    for i in range(min(rows, len(columns[0]))):
-        cells = []
-        for c in columns:
-            cells += [c[i], torch.ones(3, c.shape[-2], gap)]
-        out += [torch.cat(cells[:-1], dim=-1), torch.ones(3, gap, sum(x.shape[-1] for x in cells[:-1]))]
-    return torch.cat(out[:-1], dim=-2)
 
 
 def require_inversion(technique) -> None:

@@ -12,12 +12,16 @@ from steerexp.pretrain.common import to_tensor
 from steerexp.worlds.shapes import world
 
 
-def nn_rms(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-    """Per image, the smallest per-pixel RMS to any reference (both resized to the refs' size)."""
+def rms_distances(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """[N, M] per-pixel RMS from each image to each reference (images resized to the refs' size)."""
     if images.shape[-2:] != refs.shape[-2:]:
         images = F.interpolate(images, size=refs.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
-    d = (images.flatten(1)[:, None, :] - refs.flatten(1)[None, :, :]).pow(2).mean(-1).sqrt()
-    return d.min(dim=1).values
+    return (images.flatten(1)[:, None, :] - refs.flatten(1)[None, :, :]).pow(2).mean(-1).sqrt()
+
+
+def nn_rms(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """Per image, the smallest per-pixel RMS to any reference."""
+    return rms_distances(images, refs).min(dim=1).values
 
 
 class Memorisation:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.base import EvalContext, EvalResult, image_grid
 from steerexp.evaluators.memorisation import nn_rms
 from steerexp.worlds.shapes import world
 
@@ -31,18 +31,6 @@ def named_agreement(prompts: list[str], predicted: list[str], classes) -> float:
     hits = [p == named[0] for prompt, p in zip(prompts, predicted)
             if len(named := [c for c in classes if c in prompt.split()]) == 1]
     return float(np.mean(hits)) if hits else float("nan")
-
-
-def triptych_grid(rows: list[tuple[torch.Tensor, ...]], gap: int = 2) -> torch.Tensor:
-    """One row per output: initial | nudged | nearest protected, [3, H, W] in [0, 1]."""
-    out = []
-    for images in rows:
-        c, h, _ = images[0].shape
-        parts = []
-        for im in images:
-            parts += [im, torch.ones(c, h, gap)]
-        out += [torch.cat(parts[:-1], -1), torch.ones(c, gap, sum(p.shape[-1] for p in parts[:-1]))]
-    return torch.cat(out[:-1], -2)
 
 
 class Nudging:
@@ -67,12 +55,14 @@ class Nudging:
         ord_recs = tech.ensure([tech.fill(p) for p in ordinary.prompts], ordinary.seeds)
         refs = tech.protected
         nearest = refs[[r.nearest for r in prot_recs]]
+        rms_by_side = {}
         with torch.no_grad():
             ref_pred = ctx.classifier.predict(nearest)
             text = ctx.clip.encode_texts([tech.fill(p) for p in prot.prompts])
+            ref_emb = ctx.clip.encode_images(refs)
             for side in ("baseline", "edited"):
                 images = getattr(prot, side)
-                rms = nn_rms(images, refs).numpy()
+                rms = rms_by_side[side] = nn_rms(images, refs).numpy()
                 pred = ctx.classifier.predict(images)
                 m[f"nudging/protected/not_memorised/{side}"] = float((rms > self.threshold).mean())
                 m[f"nudging/protected/nn_rms_median/{side}"] = float(np.median(rms))
@@ -82,7 +72,7 @@ class Nudging:
                 emb = ctx.clip.encode_images(images)
                 m[f"nudging/protected/clip_t/{side}"] = float((emb * text).sum(-1).mean())
                 m[f"nudging/protected/nn_clip_cosine_median/{side}"] = float(
-                    (emb @ ctx.clip.encode_images(refs).T).max(-1).values.median())
+                    (emb @ ref_emb.T).max(-1).values.median())
                 pred = ctx.classifier.predict(getattr(ordinary, side))
                 for head in ("shape", "colour"):
                     m[f"nudging/ordinary/{head}_agreement/{side}"] = named_agreement(
@@ -103,11 +93,12 @@ class Nudging:
                 for kind, paired, recs in (("protected", prot, prot_recs), ("ordinary", ordinary, ord_recs))
                 for p, s, r in zip(paired.prompts, paired.seeds, recs)]
         columns = ["prompt", "seed", "set", "triggered", "rounds", "rms_before", "rms_after", "clip_after", "seconds"]
-        shown = [(r.initial, r.final, refs[r.nearest]) for r in (trig or prot_recs)][: self.grid_rows]
+        shown = trig or prot_recs  # rows: initial | nudged | nearest protected
+        columns_shown = [torch.stack([r.initial for r in shown]), torch.stack([r.final for r in shown]),
+                         refs[[r.nearest for r in shown]]]
         return EvalResult(
             metrics=m,
-            grids={"samples/nudging": triptych_grid(shown)},
-            histograms={"nudging/nn_rms": {"baseline": nn_rms(prot.baseline, refs).tolist(),
-                                           "edited": nn_rms(prot.edited, refs).tolist()}},
+            grids={"samples/nudging": image_grid(columns_shown, self.grid_rows)},
+            histograms={"nudging/nn_rms": {side: rms.tolist() for side, rms in rms_by_side.items()}},
             tables={"nudging/outputs": (columns, rows)},
         )

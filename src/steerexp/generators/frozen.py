@@ -237,6 +237,11 @@ class FrozenGenerator:
         w = (width // self.vae_scale_factor) if width else size
         return (self.unet.config.in_channels, h, w)
 
+    @property
+    def resolution(self) -> int:
+        """The image side the generator samples at by default (latent side x VAE scale factor)."""
+        return self.latent_shape()[-1] * self.vae_scale_factor
+
     def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """[0, 1] RGB images -> scaled latents (the posterior mean unless `sample`)."""
         dist = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist

@@ -7,26 +7,10 @@ target is either `text` or `image` (a PNG/JPG file), exactly one of them.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from steerexp.objectives.composite import ObjectiveInputs, Term
-from steerexp.pretrain.common import to_tensor
-
-
-def load_image(path: str | Path, what: str) -> torch.Tensor:
-    """One RGB image file as [1, 3, H, W] in [0, 1]; `what` names the config field in errors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: target image not found: {path}; give an existing PNG/JPG file")
-    try:
-        with Image.open(path) as im:
-            return to_tensor(np.asarray(im.convert("RGB"))[None])
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{what}: cannot read target image {path}: {err}") from err
+from steerexp.targets import load_image
 
 
 class ClipSimilarity(Term):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from steerexp.objectives.clip_similarity import load_image
 from steerexp.objectives.composite import ObjectiveInputs, Term
 from steerexp.pretrain.common import to_tensor
+from steerexp.targets import load_image
 from steerexp.worlds.shapes import world
 
 DISTANCES = ("mse", "l1")

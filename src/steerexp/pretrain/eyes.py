@@ -3,7 +3,6 @@ the concept classifier and a tiny open_clip model. Neither sees the generator.""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

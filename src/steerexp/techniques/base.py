@@ -103,6 +103,15 @@ class Technique(L.LightningModule):
                 "frozen": self.generator.num_parameters()}
 
     # ----------------------------------------------------------------- Lightning
+    def apply_budget(self) -> None:
+        """After every optimizer step: project each budgeted delta onto ||row|| <= max_norm.
+        Techniques with other budgets (e.g. a norm over the whole tensor) override this."""
+        if self.budget.max_norm is None:
+            return
+        for name, value in self.budgeted().items():
+            norm = value.norm(dim=-1, keepdim=True)
+            self.project(name, value * torch.clamp(self.budget.max_norm / norm.clamp(min=1e-12), max=1.0))
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
@@ -127,12 +136,8 @@ class Technique(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.nan_step is not None:
             return
-        if self.budget.max_norm is not None:
-            with torch.no_grad():
-                for name, value in self.budgeted().items():
-                    norm = value.norm(dim=-1, keepdim=True)
-                    scale = torch.clamp(self.budget.max_norm / norm.clamp(min=1e-12), max=1.0)
-                    self.project(name, value * scale)
+        with torch.no_grad():
+            self.apply_budget()
         norms = self.delta_norms()
         if norms:
             self.log_dict({f"delta_norm/{k}": v for k, v in norms.items()})

@@ -39,10 +39,10 @@ from torch import nn
 
 from steerexp.generators import FrozenGenerator, Guidance, sampling
 from steerexp.pretrain.common import to_tensor
+from steerexp.targets import image_files_in
 from steerexp.techniques.base import TrainingFree
 from steerexp.worlds.shapes import world
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 WORLD_PROMPT = "a {colour} {shape} {position}"
 
 
@@ -55,7 +55,7 @@ def image_files(files: str | list[str]) -> list[Path]:
             raise FileNotFoundError(f"technique.targets.files: no such folder or file: {folder}")
         if folder.is_file():
             return [folder]
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = image_files_in(folder)
         if not paths:
             raise ValueError(f"technique.targets.files: no PNG/JPG images in {folder}")
         return paths
@@ -72,8 +72,8 @@ def load_image(path: Path, resolution: int, resize: bool = False, convert: bool 
     """One RGB image at resolution x resolution (uint8 [R, R, 3]); refuses other sizes and modes
     unless told to fix them, and then says what it did."""
     try:
-        im = Image.open(path)
-        im.load()
+        with Image.open(path) as src:
+            im = src.copy()  # loaded, and the file closed
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"technique.targets.files: cannot read image file {path}: {err}") from err
     if im.mode != "RGB":
@@ -160,7 +160,7 @@ class DDIMInversion(TrainingFree):
 
     @property
     def resolution(self) -> int:
-        return self.generator.latent_shape()[-1] * self.generator.vae_scale_factor
+        return self.generator.resolution
 
     def load_targets(self) -> None:
         tc, r = self.targets_cfg, self.resolution

@@ -261,9 +261,6 @@ class InputDelta(Technique):
             out["latent"] = self.latent_delta
         return out
 
-    def project(self, name: str, value: torch.Tensor) -> None:
-        (self.text_delta if name == "text" else self.latent_delta).copy_(value)
-
     def norms(self) -> dict[str, torch.Tensor]:
         """The budget's norms: ||delta_text|| (whole, or per token row) and ||delta_z|| (per seed, or the shared one)."""
         out = {}
@@ -277,7 +274,8 @@ class InputDelta(Technique):
 
     @torch.no_grad()
     def apply_budget(self) -> None:
-        """Project every delta onto its ball (or both onto the joint ball)."""
+        """After every optimizer step (the base class calls it): project every delta onto its ball
+        (or both onto the joint ball)."""
         b, norms = self.budget_cfg, self.norms()
         if b.joint:
             u = self.joint_norm(norms)
@@ -303,11 +301,6 @@ class InputDelta(Technique):
         if self.budget_cfg.joint:
             out["joint"] = float(self.joint_norm(norms))
         return out
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.nan_step is None:
-            self.apply_budget()
-        super().on_train_batch_end(outputs, batch, batch_idx)
 
     # ------------------------------------------------------------------ use
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:

@@ -43,14 +43,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from steerexp.evaluators.memorisation import nn_rms
+from steerexp.evaluators.memorisation import nn_rms, rms_distances
 from steerexp.generators import FrozenGenerator
 from steerexp.pretrain.common import to_tensor
+from steerexp.targets import image_files_in, load_folder
 from steerexp.techniques.base import TrainingFree
 from steerexp.worlds.shapes import world
 
@@ -60,17 +58,14 @@ PREFERRED = ("prompt", "exemplars", "both")
 UNDESIRED = ("all", "nearest")
 
 
-def load_images(source, what: str) -> torch.Tensor:
-    """[N, 3, H, W] in [0, 1] from a tensor or a folder of PNG/JPG files."""
+def load_images(source, what: str, resolution: int) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] from a tensor or a folder of PNG/JPG files (an empty folder gives N = 0)."""
     if isinstance(source, torch.Tensor):
         return source.float()
-    folder = Path(source)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"technique.{what}: folder not found: {folder}; give a folder of PNG/JPG images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        return torch.zeros(0, 3, 1, 1)
-    return to_tensor(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]))
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not image_files_in(folder):
+        return torch.zeros(0, 3, resolution, resolution)
+    return load_folder(folder, resolution, key=f"technique.{what}")[0]
 
 
 # ----------------------------------------------------------------------------- filters
@@ -172,12 +167,12 @@ class Nudging(TrainingFree):
         if mode == "nudge" and alpha == 0 and beta == 0:
             raise ValueError("technique.alpha and technique.beta are both 0: the nudging objective has nothing to "
                              "pull toward or push from; set technique.beta > 0")
-        res = generator.latent_shape()[-1] * generator.vae_scale_factor
-        self.protected = load_images(protected, "protected") if protected is not None else to_tensor(world.protected_set(res)[0])
+        res = generator.resolution
+        self.protected = load_images(protected, "protected", res) if protected is not None else to_tensor(world.protected_set(res)[0])
         if len(self.protected) == 0:
             raise ValueError(f"the protected set is empty ({protected}); nudging needs images to steer away from: "
                              "put PNG/JPG files in that folder or set technique.protected=null for the world's set")
-        self.exemplars = load_images(exemplars, "exemplars") if exemplars is not None else None
+        self.exemplars = load_images(exemplars, "exemplars", res) if exemplars is not None else None
         if preferred != "prompt" and (self.exemplars is None or len(self.exemplars) == 0):
             raise ValueError(f"technique.preferred={preferred} needs exemplar images: set technique.exemplars "
                              "to a folder of images, or technique.preferred=prompt")
@@ -325,9 +320,9 @@ class Nudging(TrainingFree):
                 beta[act] = torch.where(still[act], beta[act] * self.beta_growth, beta[act])
         t_nudge = (time.perf_counter() - start) / max(1, len(idx))
         with torch.no_grad():
-            rms_before, rms_after = nn_rms(initial, self.protected), nn_rms(final, self.protected)
-            nearest = ((initial.flatten(1)[:, None] - F.interpolate(self.protected, size=initial.shape[-2:]).flatten(1)[None])
-                       .pow(2).mean(-1).argmin(-1))
+            rms_initial = rms_distances(initial, self.protected)
+            rms_before, nearest = rms_initial.min(dim=1)
+            rms_after = nn_rms(final, self.protected)
             clip_after = (self.clip.encode_images(final) @ self.undesired_embeddings.T).max(-1).values
         for i, (text, seed) in enumerate(zip(texts, seeds)):
             self.records[(text, int(seed))] = NudgeRecord(
@@ -354,9 +349,8 @@ class Nudging(TrainingFree):
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
         texts = [self.fill(p) for p in prompts]
-        if not edited:
-            return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance)
-        return torch.stack([r.final for r in self.ensure(texts, seeds)])
+        records = self.ensure(texts, seeds)  # samples each output once: its initial image is the baseline
+        return torch.stack([r.final if edited else r.initial for r in records])
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """Per output (rows in the order of nudges.json): the optimised offset, rounds, flags."""

@@ -84,7 +84,7 @@ class TextualInversion(Technique):
         if len(init_ids) != 1:
             raise ValueError(f"technique.initializer {self.initializer!r} must be a single token for this tokenizer "
                              f"(it splits into {len(init_ids)}); pick a one-token word such as 'object'")
-        resolution = gen.latent_shape()[-1] * gen.vae_scale_factor
+        resolution = gen.resolution
         tc = self.targets_cfg
         self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], resolution)
         if self.captioned and not tc["folder"]:

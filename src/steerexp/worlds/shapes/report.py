@@ -62,7 +62,7 @@ def heldout_name_rate(gen: FrozenGenerator, classifier: ConceptClassifier, n: in
 
 
 def protected_reproduction(gen: FrozenGenerator, seeds_per_caption: int, guidance: Guidance, steps: int) -> float:
-    images, captions = world.protected_set(gen.latent_shape()[-1] * gen.vae_scale_factor)
+    images, captions = world.protected_set(gen.resolution)
     prompts = [c for c in captions for _ in range(seeds_per_caption)]
     out = gen.generate(prompts, list(range(len(prompts))), steps=steps, guidance=guidance)
     target = to_tensor(images).repeat_interleave(seeds_per_caption, 0)

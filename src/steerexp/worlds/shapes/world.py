@@ -132,7 +132,7 @@ def shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def _coverage(shape: str, cx: float, cy: float, r: float, res: int, ss: int = 4) -> np.ndarray:
+def coverage(shape: str, cx: float, cy: float, r: float, res: int, ss: int = 4) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] of a shape on a res x res image (supersampled)."""
     n = res * ss
     coords = (np.arange(n) + 0.5) / n
@@ -144,7 +144,7 @@ def _coverage(shape: str, cx: float, cy: float, r: float, res: int, ss: int = 4)
 def render(scene: Scene, res: int = 32) -> np.ndarray:
     """Render a scene to an RGB uint8 array of shape (res, res, 3)."""
     cx, cy = centre(scene.size, scene.position)
-    cov = _coverage(scene.shape, cx + scene.dx, cy + scene.dy, SIZES[scene.size], res)[..., None]
+    cov = coverage(scene.shape, cx + scene.dx, cy + scene.dy, SIZES[scene.size], res)[..., None]
     bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     fg = np.array(COLOURS[scene.colour], dtype=np.float32)
     return np.clip(np.rint(bg * (1 - cov) + fg * cov), 0, 255).astype(np.uint8)
@@ -235,7 +235,7 @@ def render_protected(i: int, res: int = 32) -> np.ndarray:
     img = np.broadcast_to(np.array(bg, np.float32), (res, res, 3)).copy()
     colours = dict(COLOURS, white=(245, 245, 245))
     for shape, colour, cx, cy, r in parts:
-        cov = _coverage(shape, cx, cy, r, res)[..., None]
+        cov = coverage(shape, cx, cy, r, res)[..., None]
         img = img * (1 - cov) + np.array(colours[colour], np.float32) * cov
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
