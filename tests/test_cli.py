@@ -1,14 +1,30 @@
 import json
+import os
 import subprocess
 import sys
+import time
 
+import pytest
 
 from tests.conftest import TINY
 
 
-def steerexp(args, cwd):
+def steerexp(args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "steerexp.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
+
+
+def config_env(**extra):
+    """No GPU, no full tracebacks: what the config-error tests expect."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WANDB_MODE="disabled", **extra)
+    if "HYDRA_FULL_ERROR" not in extra:
+        env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+# Before the validator these took 8-11 s (imports, model loading) or a whole training run (eval.seeds=[]).
+# The goal is <= 2 s; the bound here is generous for a loaded machine, far below the old cost.
+CONFIG_ERROR_SECONDS = 6.0
 
 
 def test_help_lists_the_groups_and_options(tmp_path):
@@ -20,9 +36,45 @@ def test_help_lists_the_groups_and_options(tmp_path):
 
 
 def test_unknown_option_fails_with_the_choices(tmp_path):
-    out = steerexp(["technique=nope"], tmp_path)
-    assert out.returncode != 0
+    out = steerexp(["technique=nope"], tmp_path, env=config_env())
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("steerexp: error: technique: ")
     assert "textual_inversion" in out.stderr and "nope" in out.stderr
+
+
+@pytest.mark.parametrize("args,key", [
+    (["eval.seeds=[]"], "eval.seeds"),                                   # was: an error after training
+    (["technique.lr=nan"], "technique.lr"),                               # was: torch's message after loading
+    (["eval.prompts=['a {} next to a {}']"], "eval.prompts[0]"),          # was: IndexError after training
+    (["generator=sd", "generator.path=/nonexistent"], "generator.path"),  # was: the fp16-on-CPU error
+    (["evaluator=[concpt]"], "evaluator"),                                # was: Hydra's error without the options
+])
+def test_config_errors_are_one_line_exit_2_in_seconds(tmp_path, args, key):
+    start = time.perf_counter()
+    out = steerexp([*args, "logger=none"], tmp_path, env=config_env())
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"steerexp: error: {key}: ") and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert elapsed < CONFIG_ERROR_SECONDS, elapsed
+
+
+@pytest.mark.parametrize("how", [["verbose=true"], []])
+def test_verbose_or_hydra_full_error_shows_the_traceback(tmp_path, how):
+    env = config_env() if how else config_env(HYDRA_FULL_ERROR="1")
+    out = steerexp(["technique.batch_size=0", "logger=none", *how], tmp_path, env=env)
+    assert out.returncode == 2
+    assert "Traceback" in out.stderr and "ConfigError" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("steerexp: error: technique.batch_size: ")
+
+
+def test_a_sweep_records_each_bad_job_and_goes_on(tmp_path):
+    start = time.perf_counter()
+    out = steerexp(["-m", "technique.lr=nan,-1", "logger=none"], tmp_path, env=config_env())
+    assert out.returncode != 0
+    assert "steerexp: error: job 0: technique.lr: " in out.stderr
+    assert "steerexp: error: job 1: technique.lr: " in out.stderr  # the second job ran after the first failed
+    assert time.perf_counter() - start < 3 * CONFIG_ERROR_SECONDS
 
 
 def test_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shipped, tmp_path):

@@ -62,15 +62,15 @@ def fit(technique, steps):
       "technique.budget.joint=true"], lambda n: (n["text"] / 0.5) ** 2 + (n["latent"] / 0.3) ** 2 <= 1 + 1e-5),
 ], ids=["text-tensor", "latent-per-seed", "joint"])
 def test_the_budget_is_never_exceeded_after_any_step(gen, monkeypatch, extra, check):
-    original = InputDelta.on_train_batch_end
+    original = InputDelta.apply_budget  # runs inside every optimizer step, before any checkpoint
     before, after = [], []
 
-    def recorded(self, outputs, batch, batch_idx):
+    def recorded(self):
         before.append({k: v.clone() for k, v in self.norms().items()})
-        original(self, outputs, batch, batch_idx)
+        original(self)
         after.append({k: v.clone() for k, v in self.norms().items()})
 
-    monkeypatch.setattr(InputDelta, "on_train_batch_end", recorded)
+    monkeypatch.setattr(InputDelta, "apply_budget", recorded)
     fit(make(gen, ["technique.lr=0.5"] + extra), steps=4)  # through Lightning, as the run flow trains
     assert len(after) == 4 and all(check(n) for n in after)
     assert not all(check(n) for n in before)  # the raw steps did leave the ball: the projection acted

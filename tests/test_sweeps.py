@@ -1,13 +1,17 @@
-"""Sweeps: launcher=gpus (devices, concurrency, failure isolation, rerun), SLURM through submitit's
-local executor, Ray on a local instance, hparams_search=optuna, unique sweep dirs, W&B run ids.
+"""Sweeps: launcher=gpus (devices, concurrency, failure isolation, rerun, workers dying with the
+launcher), launcher=basic (markers, failure isolation, rerun), `steerexp-sweep status|rerun` on a live
+sweep, SLURM through submitit's local executor, Ray on a local instance, hparams_search=optuna, unique
+run and sweep dirs (one per sweep, whatever process its jobs run in), W&B run ids.
 
 The jobs are tests/sweep_app/app.py: a tiny Hydra app whose jobs wait instead of computing; it uses
 steerexp's own conf/launcher/*.yaml and conf/hparams_search/optuna.yaml.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +20,15 @@ import yaml
 APP = Path(__file__).parent / "sweep_app" / "app.py"
 
 
-def app(args, cwd, timeout=240):
+def app_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def app(args, cwd, timeout=240):
     return subprocess.run([sys.executable, str(APP), "-m", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=app_env())
 
 
 def sweep_cli(args, cwd):
@@ -42,6 +50,48 @@ def runs(job: Path) -> list[dict]:
     return [json.loads(line) for line in (job / "runs.txt").read_text().splitlines()]
 
 
+def assert_one_sweep(cwd: Path) -> Path:
+    """The sweep's only dir: every job ran in it (whatever process it ran in), and nothing else was
+    claimed: no `<time>_1` sweep dir, no single-run dir outputs/<date>/<time> (app.yaml's hydra.run.dir
+    uses the claiming resolver, as steerexp's does)."""
+    assert sorted(p.name for p in (cwd / "outputs").iterdir()) == ["multirun"]
+    sweep = the_sweep(cwd)
+    jobs = job_dirs(sweep)
+    assert jobs
+    for job in jobs:
+        for r in runs(job):
+            assert (cwd / r["sweep_dir"]).resolve() == sweep.resolve()
+            assert Path(r["output_dir"]).resolve() == job.resolve()
+    return sweep
+
+
+def jobs_started(cwd: Path, n: int) -> bool:
+    """Jobs 0..n-1 of the only sweep under cwd have started, and their RUNNING markers name their processes."""
+    for num in range(n):
+        found = list((cwd / "outputs").glob(f"multirun/*/*/{num}"))
+        if not found or not (found[0] / "runs.txt").is_file() or not (found[0] / "RUNNING").is_file():
+            return False
+        try:
+            marker = json.loads((found[0] / "RUNNING").read_text())
+        except ValueError:
+            return False
+        if marker["pid"] != runs(found[0])[0]["pid"]:
+            return False
+    return True
+
+
+def gone(pids, within: float) -> bool:
+    """All these processes have exited (zombies count as exited) within `within` seconds."""
+    from hydra_plugins.steerexp_launchers.jobs import pid_alive
+
+    deadline = time.time() + within
+    while any(pid_alive(p) for p in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def max_overlap(intervals) -> int:
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda t: (t[0], t[1]))
     running = best = 0
@@ -54,7 +104,7 @@ def max_overlap(intervals) -> int:
 def test_gpus_launcher_gives_each_job_its_device_and_runs_two_at_once(tmp_path):
     out = app(["launcher=gpus", "hydra.launcher.devices=[0,1]", "x=1,2,3,4", "sleep_s=1.5"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    jobs = job_dirs(the_sweep(tmp_path))
+    jobs = job_dirs(assert_one_sweep(tmp_path))
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     seen = [json.loads((j / "job.json").read_text()) for j in jobs]
     for job, s in zip(jobs, seen):
@@ -98,21 +148,140 @@ def test_failing_job_is_isolated_and_rerun_redoes_only_it(tmp_path):
     assert "nothing to rerun" in sweep_cli(["rerun", str(sweep)], tmp_path).stdout
 
 
-def test_sweeps_started_in_the_same_second_never_share_a_dir(tmp_path):
+def test_basic_launcher_isolates_a_failing_job_and_rerun_redoes_only_it(tmp_path):
+    flag = tmp_path / "fail_flag"
+    flag.touch()
+    out = app(["x=1,2,3", "fail_x=2", f"fail_flag={flag}"], tmp_path)  # launcher=basic: the default
+    assert out.returncode != 0
+    assert "3 jobs, 2 completed, 1 failed" in out.stderr and "steerexp-sweep rerun" in out.stderr
+    sweep = assert_one_sweep(tmp_path)
+    jobs = job_dirs(sweep)
+    assert [(j / "COMPLETED").is_file() for j in jobs] == [True, False, True]  # the job after the failure ran
+    assert (jobs[1] / "FAILED").read_text().startswith("RuntimeError: deliberate failure of x=2")
+    assert "deliberate failure of x=2" in (jobs[1] / "traceback.txt").read_text()
+    assert not any((j / "RUNNING").exists() for j in jobs)
+    launcher_pid = runs(jobs[0])[0]["pid"]
+    assert {runs(j)[0]["pid"] for j in jobs} == {launcher_pid}  # one after another, in the launching process
+
+    status = sweep_cli(["status", str(sweep)], tmp_path)
+    assert status.returncode == 1 and "#1    failed" in status.stdout and "#2    completed" in status.stdout
+    flag.unlink()
+    rerun = sweep_cli(["rerun", str(sweep)], tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "rerunning 1 of 3 jobs: #1" in rerun.stdout
+    assert [len(runs(j)) for j in jobs] == [1, 2, 1]
+    assert all((j / "COMPLETED").is_file() and not (j / "FAILED").exists() for j in jobs)
+    first, second = runs(jobs[1])
+    assert second["pid"] != launcher_pid  # a fresh process, through the gpus launcher's worker
+    assert (first["sweep_dir"], first["job_num"]) == (second["sweep_dir"], second["job_num"])
+    assert second["cuda_visible_devices"] is None  # this process's devices, as the basic launcher had
+
+
+def test_gpus_workers_die_with_the_launcher_and_a_live_sweep_is_not_rerun(tmp_path):
+    hold = tmp_path / "hold"  # the jobs wait while it exists
+    hold.touch()
+    with open(tmp_path / "launcher.log", "wb") as log:
+        launcher = subprocess.Popen([sys.executable, str(APP), "-m", "launcher=gpus", "hydra.launcher.devices=[0,1]",
+                                     "x=1,2,3", f"hold_flag={hold}", "child=true"],
+                                    cwd=tmp_path, env=app_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        while not jobs_started(tmp_path, 2):  # jobs 0 and 1 run (in their workers), job 2 waits for a device
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.1)
+        sweep = the_sweep(tmp_path)
+        jobs = [sweep / "0", sweep / "1"]
+        started = [runs(j)[0] for j in jobs]
+
+        # two jobs running (one per device), the third queued: status says so, rerun refuses all three
+        status = sweep_cli(["status", str(sweep)], tmp_path)
+        lines = status.stdout.splitlines()
+        assert status.returncode == 1
+        for num, r in enumerate(started):
+            assert lines[num].startswith(f"#{num}    running") and f"pid {r['pid']} on " in lines[num]
+        assert lines[2].startswith("#2    pending")
+        assert "2 running, 1 pending" in status.stdout and "did not run" not in status.stdout
+        rerun = sweep_cli(["rerun", str(sweep)], tmp_path)
+        assert rerun.returncode == 1
+        refusals = rerun.stderr.strip().splitlines()
+        assert len(refusals) == 3 and all("not rerunning it" in line for line in refusals)
+        assert "job #0 is still running" in refusals[0] and "job #2 is queued" in refusals[2]
+        assert [len(runs(j)) for j in jobs] == [1, 1] and not (sweep / "2").exists()  # nothing started twice
+
+        # the launcher dies: its workers, and the processes they started, die with it
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=10)
+        assert gone([r["pid"] for r in started] + [r["child_pid"] for r in started], within=5)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+    status = sweep_cli(["status", str(sweep)], tmp_path)
+    assert "3 missing" in status.stdout and status.stdout.count("was stopped") == 2
+    hold.unlink()
+    rerun = sweep_cli(["rerun", str(sweep)], tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert [len(runs(j)) for j in job_dirs(sweep)] == [2, 2, 1]
+
+
+def test_sweeps_and_runs_started_in_the_same_second_never_share_a_dir(tmp_path):
     from hydra_plugins.steerexp_launchers.resolvers import unique_dir
+
+    from steerexp import conf_dir
 
     assert unique_dir(str(tmp_path / "a")) == str(tmp_path / "a")
     assert unique_dir(str(tmp_path / "a")) == str(tmp_path / "a") + "_1"
-    # two sweeps racing for the very same name (as two launched in the same second do)
-    base = tmp_path / "same"
-    args = [f"hydra.sweep.dir=${{steerexp_unique_dir:{base}}}", "x=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(APP), "-m", *args], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    dirs = sorted(p.name for p in tmp_path.glob("same*"))
-    assert dirs == ["same", "same_1"]
-    assert all((tmp_path / d / "0" / "job.json").is_file() for d in dirs)
+    (tmp_path / "a").rmdir()
+    (tmp_path / "a_1").rmdir()
+    # steerexp's own run and sweep dirs are claimed by the resolver
+    hydra_cfg = yaml.safe_load((conf_dir() / "config.yaml").read_text())["hydra"]
+    assert hydra_cfg["run"]["dir"].startswith("${steerexp_unique_dir:outputs/")
+    assert hydra_cfg["sweep"]["dir"].startswith("${steerexp_unique_dir:outputs/multirun/")
+    # two sweeps and two single runs racing for the very same names (as two launched in the same second do)
+    sweep_args = ["-m", f"hydra.sweep.dir=${{steerexp_unique_dir:{tmp_path / 'same'}}}", "x=1"]
+    run_args = [f"hydra.run.dir=${{steerexp_unique_dir:{tmp_path / 'run'}}}", "x=1", "sleep_s=0.5"]
+    procs = [subprocess.Popen([sys.executable, str(APP), *args], cwd=tmp_path, env=app_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for args in (sweep_args, sweep_args, run_args, run_args)]
+    assert all(p.wait(timeout=120) == 0 for p in procs), [p.stderr.read()[-2000:] for p in procs]
+    # nothing else: the sweeps' jobs claimed no run dir (outputs/<date>/<time>)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run_1", "same", "same_1"]
+    for d in ("same", "same_1"):
+        assert (tmp_path / d / "0" / "job.json").is_file()
+    for d in ("run", "run_1"):
+        assert Path(runs(tmp_path / d)[0]["output_dir"]) == tmp_path / d and (tmp_path / d / "job.json").is_file()
+
+
+def test_a_sweep_dir_is_claimed_once_and_pinned_for_every_job(tmp_path, monkeypatch):
+    """Job configs carry the claimed sweep dir as a literal (a pinned Hydra override), so a job never
+    resolves the claiming expression again, even with its resolver cache gone (hydra-core 1.4
+    prereleases lost it on the way to submitit's job processes: `<time>/` and `<time>_1/`)."""
+    import pickle
+
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    import hydra_plugins.steerexp_launchers  # noqa: F401  (registers the resolver)
+    from steerexp import conf_dir
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(APP.parent / "conf"), version_base="1.3"):
+        hydra_app = GlobalHydra.instance().hydra
+        master = hydra_app.compose_config("app", [f"hydra.searchpath=[file://{conf_dir()}]", "hydra.mode=MULTIRUN",
+                                                  "x=1,2"], run_mode=RunMode.MULTIRUN)
+        sweep_dir = master.hydra.sweep.dir  # where the sweep starts: claimed here, once
+        assert master.hydra.sweep.dir == sweep_dir
+        assert master.hydra.overrides.hydra[-1] == f"hydra.sweep.dir='{sweep_dir}'"
+        job = hydra_app.config_loader.load_sweep_config(master, ["x=1"])
+        assert OmegaConf.to_container(job.hydra.sweep)["dir"] == sweep_dir  # a literal, no resolver left
+        OmegaConf.clear_cache(job)
+        assert job.hydra.sweep.dir == sweep_dir
+        assert pickle.loads(pickle.dumps(job)).hydra.sweep.dir == sweep_dir
+        assert job.hydra.run.dir.startswith("outputs/")  # a sweep job resolves its run dir without claiming it
+    leaves = [p for p in (tmp_path / "outputs").rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert leaves == [tmp_path / sweep_dir]
 
 
 def test_device_pool_rejects_bad_devices_with_the_fix():
@@ -148,7 +317,7 @@ def test_optuna_three_trials_return_the_best_value(tmp_path):
 def test_submitit_local_sweep_of_two_jobs_completes(tmp_path):
     out = app(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "x=1,2"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    jobs = job_dirs(the_sweep(tmp_path))
+    jobs = job_dirs(assert_one_sweep(tmp_path))  # the jobs ran in submitit's processes, all in one sweep dir
     assert [json.loads((j / "job.json").read_text())["x"] for j in jobs] == [1, 2]
     # launcher=slurm composes against submitit's SLURM schema: one GPU per task, requeues, an array
     cfg = subprocess.run([sys.executable, str(APP), "--cfg", "hydra", "--package", "hydra.launcher", "launcher=slurm"],
@@ -163,7 +332,7 @@ def test_ray_local_sweep_of_two_jobs_completes(tmp_path):
     out = app(["launcher=ray", "hydra.launcher.ray.remote.num_gpus=0", "+hydra.launcher.ray.init.num_cpus=2",
                "+hydra.launcher.ray.init.include_dashboard=false", "x=1,2"], tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    jobs = job_dirs(the_sweep(tmp_path))
+    jobs = job_dirs(assert_one_sweep(tmp_path))  # the jobs ran in Ray workers, all in one sweep dir
     assert [json.loads((j / "job.json").read_text())["x"] for j in jobs] == [1, 2]
     hydra_cfg = yaml.safe_load((jobs[0] / ".hydra" / "hydra.yaml").read_text())["hydra"]["launcher"]
     assert hydra_cfg["ray"]["remote"]["max_calls"] == 1  # a fresh Ray worker per job (num_gpus=1 by default)

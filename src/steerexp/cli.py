@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -16,6 +18,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from steerexp import conf_dir
+from steerexp.errors import ConfigError
+from steerexp.validate import check_group_overrides, validate
 
 OmegaConf.register_new_resolver("steerexp_suffix", lambda name: f"_{name}" if name else "", replace=True)
 
@@ -56,13 +60,47 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _verbose(cfg: DictConfig | None = None) -> bool:
+    """Full tracebacks for config errors: HYDRA_FULL_ERROR=1 or verbose=true."""
+    if os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0"):
+        return True
+    try:
+        return bool(cfg is not None and cfg.get("verbose", False) is True)
+    except Exception:
+        return False
+
+
+def _is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra context (called from Python)
+        return False
+
+
+def _config_error(err: ConfigError, cfg: DictConfig | None) -> None:
+    """A single run: `steerexp: error: <message>` and exit code 2 (the traceback only when verbose)."""
+    if _verbose(cfg):
+        traceback.print_exception(err)
+    print(f"steerexp: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def _main(cfg: DictConfig) -> float | None:
-    from steerexp.run import run
+    try:
+        # the whole config, before torch, Lightning or any model loads (seconds, not minutes)
+        for warning in validate(cfg):
+            print(f"steerexp: warning: {warning}", file=sys.stderr, flush=True)
+        from steerexp.run import run
 
-    _quiet()
+        _quiet()
 
-    run_dir, name, group = run_identity(cfg)
-    metrics = run(cfg, run_dir, name, group)
+        run_dir, name, group = run_identity(cfg)
+        metrics = run(cfg, run_dir, name, group)
+    except ConfigError as err:
+        if _is_multirun():  # the launcher records this job as failed; the others go on
+            print(f"steerexp: error: job {HydraConfig.get().job.num}: {err}", file=sys.stderr, flush=True)
+            raise
+        _config_error(err, cfg)
     keys = [k for k in cfg.get("print_metrics", []) if k in metrics]
     print(json.dumps({k: metrics[k] for k in keys}, indent=1))
     print(f"run directory: {run_dir}")
@@ -71,6 +109,13 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    try:  # group=option overrides name existing files: one line listing the options, before Hydra composes
+        check_group_overrides(sys.argv[1:])
+    except ConfigError as err:
+        _config_error(err, None)
+    from steerexp.safety import install_guard
+
+    install_guard()  # Hydra's own instantiations (callbacks, launcher, sweeper) are allowlisted too
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_main)()
 
 

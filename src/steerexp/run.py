@@ -6,6 +6,8 @@ deltas, evaluate paired samples, and write the run directory:
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -17,9 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
+from steerexp import safety
+from steerexp.errors import ConfigError
 from steerexp.evaluators.base import EvalContext
 from steerexp.logging.wandb import RunLogger
 from steerexp.techniques.base import NaNLossError
+
+safety.install_guard()  # every instantiation (ours and Hydra's) checks its _target_ against the allowlist
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the run directory keeps the last good deltas."""
 
 
 def save_png(path: Path, grid: torch.Tensor, upscale: int = 2) -> None:
@@ -32,8 +42,10 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
 
 
-def _instantiate(node, **kwargs):
-    """hydra's instantiate, re-raising our own clear errors (bad values, missing files) unwrapped."""
+def _instantiate(node, key: str = "", **kwargs):
+    """hydra's instantiate of an allowlisted node, re-raising our own clear errors (bad values, missing
+    files) unwrapped."""
+    safety.check_targets(node, key)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -44,11 +56,65 @@ def _instantiate(node, **kwargs):
 
 def build(cfg: DictConfig):
     """Instantiate generator, technique (with its objective) and evaluators; validates config first."""
-    evaluators = [_instantiate(cfg.evaluator[k]) for k in cfg.evaluator] if cfg.get("evaluator") else []
-    generator = _instantiate(cfg.generator)
-    objective = _instantiate(cfg.objective) if cfg.get("objective") else None
-    technique = _instantiate(cfg.technique, generator=generator, objective=objective, _recursive_=False)
+    safety.check_targets(cfg)
+    evaluators = [_instantiate(cfg.evaluator[k], f"evaluator.{k}") for k in cfg.evaluator] if cfg.get("evaluator") else []
+    generator = _instantiate(cfg.generator, "generator")
+    objective = _instantiate(cfg.objective, "objective") if cfg.get("objective") else None
+    technique = _instantiate(cfg.technique, "technique", generator=generator, objective=objective, _recursive_=False)
     return generator, technique, evaluators
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(deltas, identity) of a Lightning checkpoint (.ckpt, loaded with weights_only=True: no pickle
+    code runs) or of a run's deltas.safetensors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError("ckpt_path", f"checkpoint not found: {path}", "give <run dir>/checkpoints/last.ckpt or "
+                          "<run dir>/deltas.safetensors of an earlier run")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            deltas = {k: f.get_tensor(k) for k in f.keys()}
+        return deltas, {"technique": meta.get("technique"), "structure": json.loads(meta.get("structure", "{}"))}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a checkpoint, truncated, or holding objects a weights-only load refuses
+        raise ConfigError("ckpt_path", f"{path} is not a readable weights-only checkpoint ({str(err).splitlines()[0]})",
+                          "give a .ckpt written by steerexp or a deltas.safetensors") from None
+    if "state_dict" not in ckpt:
+        raise ConfigError("ckpt_path", f"{path} has no state_dict: not a Lightning checkpoint",
+                          "give <run dir>/checkpoints/last.ckpt")
+    return ckpt["state_dict"], ckpt.get("steerexp", {})
+
+
+def load_checkpoint_deltas(cfg: DictConfig, technique) -> bool:
+    """Check `ckpt_path` against the technique; load its deltas when the run does not train on from it
+    (technique.steps=0, or a deltas.safetensors). Returns True when the deltas were loaded."""
+    if not cfg.get("ckpt_path"):
+        return False
+    if not technique.trainable:
+        raise ConfigError("ckpt_path", f"{type(technique).__name__} computes its deltas, it does not train them",
+                          "drop ckpt_path, or use it with a trainable technique (textual_inversion, prompt_delta, ...)")
+    deltas, ident = read_checkpoint(cfg.ckpt_path)
+    mine = technique.identity()["technique"]
+    if ident.get("technique") and ident["technique"] != mine:
+        raise ConfigError("ckpt_path", f"{cfg.ckpt_path} was written by {ident['technique']}, this run's technique is "
+                          f"{mine}", "choose the technique= it was trained with, or another checkpoint")
+    technique.load_deltas(deltas, str(cfg.ckpt_path), ident.get("structure"))
+    return technique.steps == 0 or str(cfg.ckpt_path).endswith(".safetensors")
+
+
+class _InterruptWatch(L.Callback):
+    """Lightning turns Ctrl-C into sys.exit(1) after its own shutdown; remember the step it came at."""
+
+    def __init__(self):
+        self.step: int | None = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.step = int(trainer.global_step)
 
 
 def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
@@ -56,13 +122,41 @@ def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
 
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.trainer.checkpoint_every)
+    watch = _InterruptWatch()
     trainer = L.Trainer(
         max_steps=technique.steps, max_epochs=-1, accelerator=technique.generator.device.type, devices=1,
-        logger=logger.lightning if logger.lightning is not None else False, callbacks=[ckpt],
+        logger=logger.lightning if logger.lightning is not None else False, callbacks=[ckpt, watch],
         enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=cfg.trainer.log_every_n_steps, deterministic=False,
     )
-    trainer.fit(technique, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(technique, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SystemExit:
+        if watch.step is not None:
+            raise Interrupted(watch.step) from None
+        raise
+    if technique.nan_step is None:  # last.ckpt holds the final deltas, whatever the checkpoint interval
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+
+
+def resume_hint(cfg: DictConfig, run_dir: Path, technique, step: int | None) -> str:
+    """What to tell the user after Ctrl-C: where the last good deltas are, and the exact resume command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    overrides = [o for o in overrides if not o.split("=")[0].lstrip("+~") == "ckpt_path"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    at = f" at step {step} of {technique.steps}" if step is not None else ""
+    lines = [f"steerexp: interrupted{at}.",
+             f"  last good deltas: {run_dir / 'deltas.safetensors'}"]
+    if last.is_file():
+        saved = torch.load(last, map_location="cpu", weights_only=True).get("global_step")
+        command = " ".join(["steerexp", *map(shlex.quote, overrides), shlex.quote(f"ckpt_path={last}")])
+        lines.append(f"  resume exactly (from the checkpoint of step {saved}): {command}")
+    else:
+        command = " ".join(["steerexp", *map(shlex.quote, overrides)])
+        lines.append(f"  no checkpoint was written yet (every {cfg.trainer.checkpoint_every} steps); start again: {command}")
+    return "\n".join(lines)
 
 
 def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
@@ -73,6 +167,9 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
         config_file.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, config_file)
     L.seed_everything(cfg.seed, verbose=False)
+    from steerexp import images
+
+    images.configure(**(cfg.get("images") or {}))  # how user image files are read (conf/config.yaml: images)
     generator, technique, evaluators = build(cfg)
     technique.prepare()  # loads and validates targets before any heavy work
     tags = [t for t in (cfg.technique._target_.split(".")[-2], cfg.get("experiment_name")) if t]
@@ -80,13 +177,15 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
                        project=cfg.logger.project, entity=cfg.logger.get("entity"), job_type=technique.job_type)
     metrics: dict = {f"params/{k}": v for k, v in technique.parameter_counts().items()}
     try:
-        if technique.job_type == "train":
+        if load_checkpoint_deltas(cfg, technique):
+            technique.last_good = technique.deltas()  # evaluate the checkpoint's deltas; nothing to train
+        elif technique.job_type == "train":
             train(cfg, technique, logger, run_dir)
         else:
             technique.compute()
         if technique.nan_step is not None:
             technique.load_deltas(technique.last_good)
-        save_file(technique.deltas(), str(run_dir / "deltas.safetensors"))
+        save_file(technique.deltas(), str(run_dir / "deltas.safetensors"), metadata=technique.safetensors_metadata())
         technique.export(run_dir)
         if technique.nan_step is not None:
             raise NaNLossError(
@@ -114,15 +213,19 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
             for key, (xs, series, xname) in result.lines.items():
                 logger.log_lines(key, xs, series, xname)
         (run_dir / "scores.json").write_text(json.dumps(scores))
-    except BaseException:
+    except BaseException as err:
         # a failed run keeps its last good deltas, its metrics so far, and closes its W&B run
         deltas_file = run_dir / "deltas.safetensors"
         if not deltas_file.is_file() and technique.last_good is not None:
-            save_file(technique.last_good, str(deltas_file))
+            save_file(technique.last_good, str(deltas_file), metadata=technique.safetensors_metadata())
         metrics.update({"run/failed": True, "generator/unchanged": generator.unchanged(),
                         "run/seconds": time.time() - start})
         write_metrics(run_dir, metrics)
         logger.finish(metrics)
+        if isinstance(err, KeyboardInterrupt):
+            step = err.args[0] if isinstance(err, Interrupted) else None
+            print(resume_hint(cfg, run_dir, technique, step), file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         raise
     metrics["generator/unchanged"] = generator.unchanged()
     metrics["run/seconds"] = time.time() - start

@@ -1,15 +1,18 @@
-"""`steerexp-sweep`: look after a sweep run with launcher=gpus.
+"""`steerexp-sweep`: look after a sweep run with launcher=basic (the default) or launcher=gpus.
 
-    steerexp-sweep status <sweep dir>                  completed / failed / missing jobs
+    steerexp-sweep status <sweep dir>                  completed / failed / running / pending / missing jobs
     steerexp-sweep rerun <sweep dir>                   relaunch only the failed and missing jobs
-    steerexp-sweep rerun <sweep dir> --devices 2,3     ... on other GPUs (default: the sweep's own)
+    steerexp-sweep rerun <sweep dir> --devices 2,3     ... on these GPUs (default: the sweep's own)
 
 A rerun starts each job from its saved spec in `<sweep dir>/.sweep/jobs/` (the same composed config,
-job number and run dir, so a W&B run resumes under its deterministic id), in a fresh process on a
-device from the pool, exactly as the launcher did. Jobs are "failed" with a FAILED marker in their
-run dir and "missing" without COMPLETED (never started, or killed with the sweep). Code is imported
-anew, so a fix in the package applies to the rerun; the config does not change. Exit code 1 if any
-job is still not completed afterwards.
+job number and run dir, so a W&B run resumes under its deterministic id) in a fresh process, exactly
+as launcher=gpus does: over the sweep's device pool for a gpus sweep; one after another, on this
+process's devices, for a basic sweep. Jobs are "failed" with a FAILED marker in their run dir and
+"missing" without COMPLETED (never started, or killed with the sweep). A job whose process is alive
+(its RUNNING marker, checked) is "running", and a job the live sweep has yet to start is "pending":
+a rerun refuses both, with one line each, so a job never runs twice into one directory. Code is
+imported anew, so a fix in the package applies to the rerun; the config does not change. Exit code 1
+if any job is still not completed afterwards (running and pending ones included), 2 on a usage error.
 """
 from __future__ import annotations
 
@@ -25,11 +28,24 @@ def _devices(text: str | None):
     return None if text is None else [d for d in text.split(",") if d.strip()]
 
 
+def _detail(job: J.Job) -> str:
+    if job.status == J.FAILED:
+        return job.error or ""
+    if job.status == J.RUNNING:
+        return J.describe(job.running or {})
+    if job.status == J.PENDING:
+        return "queued in the running sweep"
+    if job.status is None and job.running:
+        return f"was running ({J.describe(job.running)}); that process is gone"
+    return ""
+
+
 def status(sweep_dir: Path) -> int:
     jobs = J.jobs_of(sweep_dir)
     for job in jobs:
         state = (job.status or "MISSING").lower()
-        print(f"#{job.num:<4} {state:<9} {' '.join(job.overrides)}" + (f"   {job.error}" if job.error else ""))
+        detail = _detail(job)
+        print(f"#{job.num:<4} {state:<9} {' '.join(job.overrides)}" + (f"   {detail}" if detail else ""))
     print(J.summary(jobs, sweep_dir))
     return 0 if all(j.status == J.COMPLETED for j in jobs) else 1
 
@@ -37,8 +53,14 @@ def status(sweep_dir: Path) -> int:
 def rerun(sweep_dir: Path, devices=None, jobs_per_device: int | None = None) -> int:
     manifest = J.read_manifest(sweep_dir)
     jobs = J.jobs_of(sweep_dir)
-    todo = [j for j in jobs if j.status != J.COMPLETED]
+    busy = [j for j in jobs if j.status in (J.RUNNING, J.PENDING)]
+    for job in busy:
+        print(f"steerexp-sweep: {J.busy_reason(job)}; not rerunning it", file=sys.stderr)
+    todo = [j for j in jobs if j.status in (J.FAILED, None)]
     if not todo:
+        if busy:
+            print(f"sweep {sweep_dir}: nothing to rerun now ({len(busy)} jobs still running or pending)")
+            return 1
         print(f"sweep {sweep_dir}: all {len(jobs)} jobs completed; nothing to rerun")
         return 0
     for job in todo:
@@ -49,10 +71,11 @@ def rerun(sweep_dir: Path, devices=None, jobs_per_device: int | None = None) -> 
     if not cwd.is_dir():
         raise FileNotFoundError(f"the sweep was launched from {cwd}, which no longer exists; the jobs' relative "
                                 "paths (the sweep dir among them) resolve against it: recreate it or rerun by hand")
+    in_turn = manifest.get("launcher") == "basic" and devices is None  # as the basic launcher ran them
     devices = devices if devices is not None else manifest.get("devices")
     jobs_per_device = jobs_per_device or manifest.get("jobs_per_device", 1)
     print(f"rerunning {len(todo)} of {len(jobs)} jobs: " + ", ".join(f"#{j.num}" for j in todo), flush=True)
-    J.run_jobs(todo, devices, jobs_per_device, cwd=str(cwd))
+    J.run_jobs(todo, devices, jobs_per_device, cwd=str(cwd), inherit_devices=in_turn)
     jobs = J.jobs_of(sweep_dir)
     print(J.summary(jobs, sweep_dir))
     return 0 if all(j.status == J.COMPLETED for j in jobs) else 1
@@ -61,7 +84,7 @@ def rerun(sweep_dir: Path, devices=None, jobs_per_device: int | None = None) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="steerexp-sweep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_status = sub.add_parser("status", help="list the jobs of a sweep: completed, failed or missing")
+    p_status = sub.add_parser("status", help="list the jobs of a sweep: completed, failed, running, pending or missing")
     p_status.add_argument("sweep_dir", type=Path)
     p_rerun = sub.add_parser("rerun", help="relaunch only the failed and missing jobs of a sweep")
     p_rerun.add_argument("sweep_dir", type=Path)

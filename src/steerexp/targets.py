@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from steerexp import images as image_policy
 from steerexp.pretrain.common import to_tensor
 from steerexp.worlds.shapes import world
 
@@ -20,7 +20,8 @@ def image_files_in(folder: Path) -> list[Path]:
 
 
 def load_folder(folder: str | Path, resolution: int, key: str = "technique.targets.folder") -> tuple[torch.Tensor, list[str]]:
-    """All PNG/JPG images of `folder`, RGB, resized to `resolution`, as [K, 3, R, R] in [0, 1].
+    """All PNG/JPG images of `folder`, RGB, fitted to `resolution` per the `images:` policy
+    (steerexp.images: 16-bit, alpha, EXIF, crop/pad, size limits), as [K, 3, R, R] in [0, 1].
     `key` is the config setting named in error messages."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -28,26 +29,19 @@ def load_folder(folder: str | Path, resolution: int, key: str = "technique.targe
     files = image_files_in(folder)
     if not files:
         raise ValueError(f"{key}: no PNG/JPG images in {folder} (K = 0); add some")
-    images = [np.asarray(read_rgb(f, key).resize((resolution, resolution), Image.BICUBIC)) for f in files]
-    return to_tensor(np.stack(images)), [f.name for f in files]
+    return to_tensor(image_policy.read_images(files, key, resolution)), [f.name for f in files]
 
 
 def read_rgb(path: Path, key: str) -> Image.Image:
-    """One image file as an RGB PIL image; unreadable files are a clear error naming `key`."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{key}: cannot read image file {path}: {err}; "
-                         "remove it or replace it with a valid PNG/JPG") from err
+    """One image file as an RGB PIL image at its own size, read per the `images:` policy
+    (steerexp.images); unreadable files are a clear error naming `key`."""
+    return Image.fromarray(image_policy.read_image(path, key))
 
 
 def load_image(path: str | Path, key: str) -> torch.Tensor:
-    """One RGB image file at its own size as [1, 3, H, W] in [0, 1]; `key` names the config field in errors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: image not found: {path}; give an existing PNG/JPG file")
-    return to_tensor(np.asarray(read_rgb(path, key))[None])
+    """One RGB image file at its own size (read per the `images:` policy, steerexp.images) as
+    [1, 3, H, W] in [0, 1]; `key` names the config field in errors."""
+    return to_tensor(image_policy.read_image(path, key)[None])
 
 
 def world_targets(k: int, shape: str, seed: int, resolution: int) -> tuple[torch.Tensor, list[world.Scene]]:

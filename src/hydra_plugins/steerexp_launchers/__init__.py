@@ -3,9 +3,13 @@
 - `hydra/launcher=gpus` (`launcher=gpus` in steerexp): every job in a fresh process with its own
   CUDA_VISIBLE_DEVICES from a pool of devices, jobs concurrent across devices, failures isolated
   (gpus_launcher.py, jobs.py, _worker.py; `steerexp-sweep rerun <sweep dir>` in steerexp/sweep.py).
+- `hydra/launcher=steerexp_basic` (`launcher=basic`, the default): Hydra's basic launcher (jobs one after
+  another, in this process) with the same sweep state as launcher=gpus: manifest, job specs, COMPLETED /
+  FAILED markers, so `steerexp-sweep status|rerun` work on it too (basic_launcher.py).
 - `hydra/sweeper=steerexp_optuna` (`hparams_search=optuna` in steerexp): an Optuna sweeper written on
   Optuna's own ask/tell API (optuna_sweeper.py).
-- the `steerexp_unique_dir` resolver: sweep directories that never collide (resolvers.py).
+- the `steerexp_unique_dir` resolver: run and sweep directories that never collide, a sweep's claimed
+  once and pinned for all its jobs (resolvers.py).
 
 Hydra imports every module here while it scans for plugins, so they import nothing heavy at the top.
 """

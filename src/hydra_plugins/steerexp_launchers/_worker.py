@@ -6,13 +6,46 @@ state), runs the job exactly as Hydra's own launchers do (`run_job`), and leaves
 `<num>.status.json` (COMPLETED / FAILED + the error) and `<num>.return.pkl` (the JobReturn, whose
 return value the sweeper reads, e.g. Optuna's objective). A failing job also writes its traceback
 to `<job dir>/traceback.txt`. Exit code 0 if the job completed, 1 if it failed.
+
+The job dies with its launcher: the launcher passes the read end of a pipe (fd in
+STEEREXP_LAUNCHER_FD) whose write end only it holds. A daemon thread blocks reading it; EOF means the
+launcher is gone (exited, crashed or SIGKILLed: the kernel closes its fds), and the thread kills this
+process's group (the worker leads its own session: the job and every process it started). Nothing is
+saved at that point: the job stays without COMPLETED and `steerexp-sweep rerun` redoes it.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
+
+PARENT_FD_ENV = "STEEREXP_LAUNCHER_FD"  # = jobs.PARENT_FD_ENV (not imported: this runs before any import)
+
+
+def watch_launcher() -> None:
+    """Kill this job's process group when the launcher's end of the pipe closes (see the docstring)."""
+    fd = os.environ.pop(PARENT_FD_ENV, None)
+    if fd is None:
+        return
+    fd = int(fd)
+    os.set_inheritable(fd, False)  # the job's own subprocesses need not hold it
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1024):
+                pass
+        except OSError:
+            pass
+        print("steerexp worker: the launcher is gone; stopping this job and its processes", file=sys.stderr, flush=True)
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="steerexp-launcher-watch", daemon=True).start()
 
 
 def _write_failure(job_dir: Path | None, err: BaseException) -> str:
@@ -25,6 +58,7 @@ def _write_failure(job_dir: Path | None, err: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
+    watch_launcher()
     spec_path = Path(argv[0])
     status_path = spec_path.with_suffix(".status.json")
     return_path = spec_path.with_suffix(".return.pkl")

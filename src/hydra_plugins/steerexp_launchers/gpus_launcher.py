@@ -9,7 +9,9 @@ first job's CUDA_VISIBLE_DEVICES; submitit's local executor puts every job on th
   traceback.txt) and the others go on; the launcher logs a summary at the end and the sweep exits
   non-zero if any job failed;
 - the sweep's job specs stay in `<sweep dir>/.sweep/`, so `steerexp-sweep rerun <sweep dir>`
-  relaunches only the failed or missing jobs (same configs, same job numbers and run dirs).
+  relaunches only the failed or missing jobs (same configs, same job numbers and run dirs), and
+  `steerexp-sweep status <sweep dir>` shows each job completed / failed / running / pending / missing;
+- a job's process dies with the launcher (killed, crashed): no job outlives its sweep (jobs.py).
 
     steerexp -m launcher=gpus hydra.launcher.devices=[0,1,2,3] technique.alpha=0.25,0.5,1,2
 """
@@ -61,22 +63,57 @@ def job_output_dir(config: DictConfig) -> Path:
     return path.absolute()
 
 
-def load_return(job: J.Job, sweep_summary: str) -> JobReturn:
-    """The job's JobReturn from its worker; a failed job's return value raises a SweepJobFailed."""
+def prepare_jobs(hydra_context: HydraContext, task_function: TaskFunction, master: DictConfig,
+                 job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path,
+                 strict: bool = True) -> tuple:
+    """Compose every job's config and save its spec under `<sweep dir>/.sweep/jobs/`; returns (jobs,
+    configs). strict=False: a spec that cannot be pickled is logged and skipped (its job still runs,
+    in this process, but `steerexp-sweep rerun` cannot redo it)."""
     import cloudpickle
 
-    ret = None
-    if job.job_return.is_file():
-        ret = cloudpickle.loads(job.job_return.read_bytes())
-    if ret is None:
-        ret = JobReturn(overrides=list(job.overrides), working_dir=str(job.job_dir))
-    if job.status == J.COMPLETED:
-        ret.status = JobStatus.COMPLETED
-        return ret
-    ret.status = JobStatus.FAILED
-    what = job.error or "did not run (the sweep was interrupted)"
-    ret._return_value = SweepJobFailed(f"job #{job.num} ({' '.join(job.overrides)}) failed: {what}\n{sweep_summary}")
-    return ret
+    specs = J.state_dir(sweep_dir).absolute() / "jobs"
+    specs.mkdir(parents=True, exist_ok=True)
+    singleton_state = Singleton.get_state()
+    jobs, configs = [], []
+    for i, overrides in enumerate(job_overrides):
+        num = initial_job_idx + i
+        config = hydra_context.config_loader.load_sweep_config(master, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id = num
+            config.hydra.job.num = num
+        job = J.Job(num, list(filter_overrides(overrides)), job_output_dir(config), specs / f"{num}.pkl")
+        try:
+            payload = cloudpickle.dumps({
+                "hydra_context": hydra_context, "task_function": task_function, "config": config,
+                "singleton_state": singleton_state, "job_dir": str(job.job_dir)})
+        except Exception as err:
+            if strict:
+                raise
+            log.warning(f"#{num}: its spec could not be saved ({type(err).__name__}: {err}); "
+                        "the job runs, but `steerexp-sweep rerun` cannot redo it")
+        else:
+            job.spec.write_bytes(payload)
+        jobs.append(job)
+        configs.append(config)
+    return jobs, configs
+
+
+def returns_for_sweeper(jobs: List[J.Job], returns: List[Optional[JobReturn]], sweep_summary: str) -> List[JobReturn]:
+    """Each job's JobReturn with the status from its markers; a failed or unfinished job's return
+    value raises SweepJobFailed (with the sweep's summary) when the sweeper reads it."""
+    out = []
+    for job, ret in zip(jobs, returns):
+        if ret is None:
+            ret = JobReturn(overrides=list(job.overrides), working_dir=str(job.job_dir))
+        if job.status == J.COMPLETED:
+            ret.status = JobStatus.COMPLETED
+        else:
+            ret.status = JobStatus.FAILED
+            what = job.error or "did not run (the sweep was interrupted)"
+            ret._return_value = SweepJobFailed(
+                f"job #{job.num} ({' '.join(job.overrides)}) failed: {what}\n{sweep_summary}")
+        out.append(ret)
+    return out
 
 
 class GPUsLauncher(Launcher):
@@ -98,27 +135,18 @@ class GPUsLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         J.slots(self.devices, self.jobs_per_device)  # bad devices fail here, before any job is written
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        specs = J.state_dir(sweep_dir).absolute() / "jobs"
-        specs.mkdir(parents=True, exist_ok=True)
-        singleton_state = Singleton.get_state()
-
-        jobs = []
-        for i, overrides in enumerate(job_overrides):
-            num = initial_job_idx + i
-            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(config):
-                config.hydra.job.id = num
-                config.hydra.job.num = num
-            job = J.Job(num, list(filter_overrides(overrides)), job_output_dir(config), specs / f"{num}.pkl")
-            job.spec.write_bytes(cloudpickle.dumps({
-                "hydra_context": self.hydra_context, "task_function": self.task_function, "config": config,
-                "singleton_state": singleton_state, "job_dir": str(job.job_dir)}))
-            jobs.append(job)
-        J.write_manifest(sweep_dir, jobs, self.devices, self.jobs_per_device, os.getcwd())
+        jobs, _ = prepare_jobs(self.hydra_context, self.task_function, self.config, job_overrides,
+                               initial_job_idx, sweep_dir)
+        J.write_manifest(sweep_dir, jobs, self.devices, self.jobs_per_device, os.getcwd(), launcher="gpus")
         pool = ", ".join(J.slots(self.devices, 1))
         log.info(f"launcher=gpus: {len(jobs)} jobs on devices [{pool}] x {self.jobs_per_device}, sweep dir {sweep_dir}")
 
-        J.run_jobs(jobs, self.devices, self.jobs_per_device, cwd=os.getcwd())
+        J.launcher_started(sweep_dir)
+        try:
+            J.run_jobs(jobs, self.devices, self.jobs_per_device, cwd=os.getcwd())
+        finally:
+            J.launcher_finished(sweep_dir)
         text = J.summary(jobs, sweep_dir)
         (log.error if any(j.status != J.COMPLETED for j in jobs) else log.info)(text)
-        return [load_return(job, text) for job in jobs]
+        returns = [cloudpickle.loads(j.job_return.read_bytes()) if j.job_return.is_file() else None for j in jobs]
+        return returns_for_sweeper(jobs, returns, text)

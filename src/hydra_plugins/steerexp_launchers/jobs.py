@@ -1,20 +1,31 @@
-"""Run sweep jobs in fresh processes over a pool of devices, isolating failures.
+"""Run sweep jobs in fresh processes over a pool of devices, isolating failures; the sweep's state on disk.
 
 A job is a pickled spec (Hydra context, task function, the job's composed config) that
 `python -m hydra_plugins.steerexp_launchers._worker <spec>` runs in a new process whose
 CUDA_VISIBLE_DEVICES is one slot of the pool (`devices` x `jobs_per_device`). A thread per slot
-keeps its device busy; a slot returns to the pool when its job's process exits.
+keeps its device busy; a slot returns to the pool when its job's process exits. The basic launcher
+(basic_launcher.py) runs its jobs in its own process instead but keeps the same state on disk, so
+`steerexp-sweep status|rerun` treat both alike.
 
 On disk (the sweep dir holds `.sweep/`, each job dir the markers):
 
-    <sweep dir>/.sweep/manifest.json        cwd, devices, jobs: num -> overrides, job dir, spec
+    <sweep dir>/.sweep/manifest.json        launcher kind, cwd, devices, jobs: num -> overrides, job dir, spec
     <sweep dir>/.sweep/jobs/<num>.pkl       the job spec (what `steerexp-sweep rerun` relaunches)
+    <sweep dir>/.sweep/LAUNCHER             JSON: pid, host of the launching process while it runs
+    <job dir>/RUNNING                       JSON: pid, host, start time of the job's process while it runs
     <job dir>/COMPLETED                     JSON: device, seconds, finished-at
     <job dir>/FAILED                        the error in one line (+ device, exit code)
     <job dir>/traceback.txt                 the job's traceback (or the log tail if the process died)
-    <job dir>/stdout.log                    the job process's stdout and stderr
+    <job dir>/stdout.log                    the job process's stdout and stderr (not for in-process jobs)
 
-A job without COMPLETED is failed (FAILED present) or missing (never ran, or was killed).
+A job is running while its RUNNING marker names a live process (checked: same host, pid alive and
+started when the marker says, so a reused pid does not count), pending while it has no marker and
+the sweep's LAUNCHER is alive, and otherwise completed (COMPLETED), failed (FAILED) or missing
+(never ran, or was killed; a RUNNING marker whose process is gone).
+
+A job process dies with its launcher: it inherits the read end of a pipe whose only write end the
+launching process holds; when that process dies (even by SIGKILL) the kernel closes the write end, the
+worker reads EOF and kills its own process group (the job and everything it started). See _worker.py.
 """
 
 import json
@@ -23,19 +34,24 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-COMPLETED, FAILED, TRACEBACK, LOG = "COMPLETED", "FAILED", "traceback.txt", "stdout.log"
+COMPLETED, FAILED, RUNNING, PENDING = "COMPLETED", "FAILED", "RUNNING", "PENDING"
+TRACEBACK, LOG = "traceback.txt", "stdout.log"
 STATE_DIR = ".sweep"
+LAUNCHER = "LAUNCHER"
 WORKER = "hydra_plugins.steerexp_launchers._worker"
+PARENT_FD_ENV = "STEEREXP_LAUNCHER_FD"  # the worker's end of the pipe to its launcher (see _worker.py)
 
 
 @dataclass
@@ -45,10 +61,11 @@ class Job:
     job_dir: Path
     spec: Path
     device: str | None = None
-    status: str | None = None  # COMPLETED | FAILED | None (missing: never ran or was stopped)
+    status: str | None = None  # COMPLETED | FAILED | RUNNING | PENDING | None (missing: never ran or was stopped)
     error: str | None = None
     seconds: float = 0.0
     started: float = 0.0
+    running: dict | None = None  # the RUNNING marker (live, or stale when status is None)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -95,6 +112,142 @@ def slots(devices, jobs_per_device: int) -> list[str]:
     return [d for _ in range(int(jobs_per_device)) for d in devices]  # spread over devices before sharing one
 
 
+# ---------------------------------------------------------------- processes
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on; None where there is no /proc entry."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def process_start(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, Linux), to tell a reused pid from the original."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat and len(stat) > 19 else None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """The process exists, is not a zombie, and (if `start` is known) is the one that started then."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    except (OSError, ValueError, TypeError):
+        return False
+    stat = _proc_stat(pid)
+    if stat is None:
+        return not Path("/proc/self/stat").exists()  # no /proc at all (macOS): kill(0) is all we know
+    if stat[0] in ("Z", "X"):
+        return False
+    return start is None or process_start(pid) == str(start)
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def process_record(pid: int | None = None) -> dict:
+    pid = os.getpid() if pid is None else int(pid)
+    return {"pid": pid, "host": host(), "proc_start": process_start(pid), "started": time.time()}
+
+
+def is_alive(record: dict | None) -> bool | None:
+    """Whether the process a record names still runs; None if it runs on another host (cannot tell)."""
+    if not record or "pid" not in record:
+        return False
+    if record.get("host") not in (None, host()):
+        return None
+    return pid_alive(record["pid"], record.get("proc_start"))
+
+
+def describe(record: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
+    return f"pid {record.get('pid')} on {record.get('host')}, since {when}"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- markers
+
+def claim_running(job: Job, device: str | None = None) -> dict | None:
+    """Write the job's RUNNING marker (this process's pid until set_running_pid names the worker).
+    Returns None when claimed, else the marker of the process that runs the job (alive, or on another
+    host). Check and write happen under an exclusive lock on the job dir, so of two launchers (a
+    sweep and a rerun, two reruns) only one starts the job; a stale marker (its process gone) is replaced."""
+    import fcntl
+
+    job.job_dir.mkdir(parents=True, exist_ok=True)
+    path = job.job_dir / RUNNING
+    fd = os.open(job.job_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        existing = _read_json(path) if path.exists() else None
+        if existing is not None and is_alive(existing) is not False:
+            return existing
+        record = dict(process_record(), device=device, launcher_pid=os.getpid())
+        _write_json(path, record)
+        job.running = record
+        return None
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def set_running_pid(job: Job, pid: int) -> None:
+    """The job's process is `pid` now (the worker, started by this launcher)."""
+    record = dict(job.running or process_record(), pid=int(pid), proc_start=process_start(pid))
+    job.running = record
+    _write_json(job.job_dir / RUNNING, record)
+
+
+def release_running(job: Job) -> None:
+    (job.job_dir / RUNNING).unlink(missing_ok=True)
+    job.running = None
+
+
+def failure_text(err: BaseException) -> tuple[str, str]:
+    """(the error in one line, the full traceback) of an exception."""
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return (f"{type(err).__name__}: {err}".splitlines() or [type(err).__name__])[0], text
+
+
+def mark_completed(job: Job) -> None:
+    job.status, job.error = COMPLETED, None
+    _write_json(job.job_dir / COMPLETED, {"device": job.device, "seconds": round(job.seconds, 3),
+                                          "finished": time.time()})
+
+
+def mark_failed(job: Job, error: str, code: int | None = None, traceback_text: str | None = None) -> None:
+    job.status, job.error = FAILED, error
+    if traceback_text is not None:
+        (job.job_dir / TRACEBACK).write_text(traceback_text)
+    exit_code = "" if code is None else f"exit code: {code}\n"
+    (job.job_dir / FAILED).write_text(f"{error}\ndevice: {job.device}\n{exit_code}")
+
+
+def clear_markers(job: Job) -> None:
+    for name in (COMPLETED, FAILED, TRACEBACK):
+        (job.job_dir / name).unlink(missing_ok=True)
+    job.result.unlink(missing_ok=True)
+    job.job_return.unlink(missing_ok=True)
+    job.status = job.error = None
+
+
 # ---------------------------------------------------------------- manifest
 
 def state_dir(sweep_dir: Path) -> Path:
@@ -105,16 +258,17 @@ def read_manifest(sweep_dir: Path) -> dict:
     path = state_dir(sweep_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: `steerexp-sweep` works on sweeps run with launcher=gpus "
-            f"(the other launchers keep no job specs); check the sweep directory {sweep_dir}")
+            f"{path} not found: `steerexp-sweep` works on sweeps run with launcher=basic or launcher=gpus "
+            f"(slurm and ray keep no job specs; older sweeps had none either); check the sweep directory {sweep_dir}")
     return json.loads(path.read_text())
 
 
-def write_manifest(sweep_dir: Path, jobs: list[Job], devices, jobs_per_device: int, cwd: str) -> None:
+def write_manifest(sweep_dir: Path, jobs: list[Job], devices, jobs_per_device: int, cwd: str,
+                   launcher: str = "gpus") -> None:
     """Add `jobs` to the sweep's manifest (a sweeper may launch several batches into one sweep dir)."""
     path = state_dir(sweep_dir) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {"jobs": {}}
-    manifest.update({"cwd": cwd, "devices": None if devices is None else [str(d) for d in devices],
+    manifest.update({"launcher": launcher, "cwd": cwd, "devices": None if devices is None else [str(d) for d in devices],
                      "jobs_per_device": int(jobs_per_device), "python": sys.executable})
     for job in jobs:
         manifest["jobs"][str(job.num)] = {"overrides": list(job.overrides), "job_dir": str(job.job_dir),
@@ -125,18 +279,55 @@ def write_manifest(sweep_dir: Path, jobs: list[Job], devices, jobs_per_device: i
     tmp.replace(path)
 
 
+def launcher_started(sweep_dir: Path) -> None:
+    """Record this process as the sweep's live launcher (its queued jobs show as pending meanwhile)."""
+    path = state_dir(sweep_dir) / LAUNCHER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, process_record())
+
+
+def launcher_finished(sweep_dir: Path) -> None:
+    path = state_dir(sweep_dir) / LAUNCHER
+    if (_read_json(path) or {}).get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
+
+
+def live_launcher(sweep_dir: Path) -> dict | None:
+    """The record of the process launching this sweep now, if it is alive (or on another host)."""
+    record = _read_json(state_dir(sweep_dir) / LAUNCHER)
+    return record if record is not None and is_alive(record) is not False else None
+
+
 def jobs_of(sweep_dir: Path) -> list[Job]:
     """Every job of a sweep with its status read from the markers in its job dir."""
     manifest = read_manifest(sweep_dir)
+    launcher = live_launcher(sweep_dir)
     jobs = []
     for num, entry in sorted(manifest["jobs"].items(), key=lambda kv: int(kv[0])):
         job = Job(int(num), entry["overrides"], Path(entry["job_dir"]), Path(entry["spec"]))
-        if (job.job_dir / COMPLETED).is_file():
+        marker = _read_json(job.job_dir / RUNNING) if (job.job_dir / RUNNING).exists() else None
+        job.running = marker
+        if marker is not None and is_alive(marker) is not False:
+            job.status = RUNNING
+        elif (job.job_dir / COMPLETED).is_file():
             job.status = COMPLETED
         elif (job.job_dir / FAILED).is_file():
             job.status, job.error = FAILED, (job.job_dir / FAILED).read_text().splitlines()[0]
+        elif launcher is not None and marker is None:
+            job.status, job.extra["launcher"] = PENDING, launcher
         jobs.append(job)
     return jobs
+
+
+def busy_reason(job: Job) -> str | None:
+    """Why a job must not be started again now (it runs, or the live sweep will run it), or None."""
+    if job.status == RUNNING and job.running:
+        where = "" if is_alive(job.running) else (
+            f" (on another host: cannot check from {host()}; delete {job.job_dir / RUNNING} if it is gone)")
+        return f"job #{job.num} is still running ({describe(job.running)}){where}"
+    if job.status == PENDING:
+        return f"job #{job.num} is queued in the sweep that is still running ({describe(job.extra['launcher'])})"
+    return None
 
 
 # ---------------------------------------------------------------- running
@@ -159,69 +350,90 @@ class _Running:
                     pass
 
 
-def _clear(job: Job) -> None:
-    for name in (COMPLETED, FAILED, TRACEBACK):
-        (job.job_dir / name).unlink(missing_ok=True)
-    job.result.unlink(missing_ok=True)
-    job.job_return.unlink(missing_ok=True)
-    job.status = job.error = None
-
-
 def _finish(job: Job, code: int) -> None:
     verdict = json.loads(job.result.read_text()) if job.result.is_file() else {}
     if code == 0 and verdict.get("status") == COMPLETED:
-        job.status = COMPLETED
-        (job.job_dir / COMPLETED).write_text(json.dumps(
-            {"device": job.device, "seconds": round(job.seconds, 3), "finished": time.time()}))
+        mark_completed(job)
         return
-    job.status = FAILED
-    job.error = verdict.get("error") or f"the job process exited with code {code} (killed, out of memory, or crashed)"
-    (job.job_dir / FAILED).write_text(f"{job.error}\ndevice: {job.device}\nexit code: {code}\n")
+    error = verdict.get("error") or f"the job process exited with code {code} (killed, out of memory, or crashed)"
+    text = None
     if not (job.job_dir / TRACEBACK).is_file():
         tail = (job.job_dir / LOG).read_text(errors="replace")[-8000:] if (job.job_dir / LOG).is_file() else ""
-        (job.job_dir / TRACEBACK).write_text(f"{job.error}\n--- last lines of {LOG} ---\n{tail}")
+        text = f"{error}\n--- last lines of {LOG} ---\n{tail}"
+    mark_failed(job, error, code, text)
 
 
-def _run_one(job: Job, pool: "queue.Queue[str]", running: _Running, cwd: str) -> Job:
+def _spawn(job: Job, device: str | None, running: _Running, cwd: str) -> int:
+    """Run the job's worker process to its end; the exit code."""
+    env = dict(os.environ)
+    if device is not None:
+        env.update(CUDA_VISIBLE_DEVICES=device, STEEREXP_SWEEP_DEVICE=device)
+    read_fd, write_fd = os.pipe()  # the worker's lifeline: EOF on read_fd = this process is gone
+    env[PARENT_FD_ENV] = str(read_fd)
+    try:
+        with open(job.job_dir / LOG, "ab") as out:
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", WORKER, str(job.spec)], cwd=cwd, env=env,
+                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, pass_fds=(read_fd,))
+            finally:
+                os.close(read_fd)
+            with running.lock:
+                running.procs.add(proc)
+            try:
+                set_running_pid(job, proc.pid)
+                return proc.wait()
+            finally:
+                with running.lock:
+                    running.procs.discard(proc)
+    finally:
+        os.close(write_fd)
+
+
+def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: str) -> Job:
     device = pool.get()
     try:
         if running.stop.is_set():
             return job  # the sweep was interrupted before this job started: it stays missing
-        _clear(job)
-        job.device = device
-        job.job_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=device, STEEREXP_SWEEP_DEVICE=device)
-        log.info(f"#{job.num} on device {device}: {' '.join(job.overrides)}")
-        job.started = time.time()
-        with open(job.job_dir / LOG, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", WORKER, str(job.spec)], cwd=cwd, env=env,
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-            with running.lock:
-                running.procs.add(proc)
-            try:
-                code = proc.wait()
-            finally:
-                with running.lock:
-                    running.procs.discard(proc)
-        job.seconds = time.time() - job.started
-        if running.stop.is_set() and code != 0:
-            job.status, job.error = None, "stopped"  # interrupted: missing, not failed
+        selected = job.status
+        busy = claim_running(job, device)
+        if busy is not None:  # another launcher runs it (e.g. the sweep itself while a rerun was asked)
+            job.status, job.running = RUNNING, busy
+            job.error = busy_reason(job)
+            log.error(f"#{job.num} not started: {job.error}")
             return job
-        _finish(job, code)
+        try:
+            if selected != COMPLETED and (job.job_dir / COMPLETED).is_file():
+                job.status = COMPLETED  # completed since it was selected (by another rerun)
+                return job
+            clear_markers(job)
+            job.device = device
+            log.info(f"#{job.num}" + (f" on device {device}" if device is not None else "") + f": {' '.join(job.overrides)}")
+            job.started = time.time()
+            code = _spawn(job, device, running, cwd)
+            job.seconds = time.time() - job.started
+            if running.stop.is_set() and code != 0:
+                job.status, job.error = None, "stopped"  # interrupted: missing, not failed
+                return job
+            _finish(job, code)
+        finally:
+            release_running(job)
         level = logging.INFO if job.status == COMPLETED else logging.ERROR
-        log.log(level, f"#{job.num} {job.status.lower()} on device {device} in {job.seconds:.1f}s"
-                       + (f": {job.error}" if job.error else ""))
+        log.log(level, f"#{job.num} {job.status.lower()}" + (f" on device {device}" if device is not None else "")
+                + f" in {job.seconds:.1f}s" + (f": {job.error}" if job.error else ""))
         return job
     finally:
         pool.put(device)
 
 
-def run_jobs(jobs: list[Job], devices, jobs_per_device: int = 1, cwd: str | None = None) -> list[Job]:
+def run_jobs(jobs: list[Job], devices, jobs_per_device: int = 1, cwd: str | None = None,
+             inherit_devices: bool = False) -> list[Job]:
     """Run `jobs` (specs already written) concurrently over the device pool; never raises for a
-    failing job: each Job comes back with status COMPLETED, FAILED, or None if interrupted."""
-    pool_slots = slots(devices, jobs_per_device)
-    pool: "queue.Queue[str]" = queue.Queue()
+    failing job: each Job comes back with status COMPLETED, FAILED, RUNNING (another process runs it:
+    not started here) or None if interrupted. inherit_devices: one job at a time, each seeing this
+    process's CUDA_VISIBLE_DEVICES (reruns of launcher=basic sweeps)."""
+    pool_slots = [None] if inherit_devices else slots(devices, jobs_per_device)
+    pool: "queue.Queue[str | None]" = queue.Queue()
     for s in pool_slots:
         pool.put(s)
     running = _Running()
@@ -256,16 +468,29 @@ def _on_sigterm_raise():
 
 
 def summary(jobs: list[Job], sweep_dir: Path) -> str:
-    """One paragraph: counts, each failure with where its traceback is, and the rerun command."""
+    """One paragraph: counts, each job not completed and why, and the rerun command."""
     done = sum(j.status == COMPLETED for j in jobs)
     failed = [j for j in jobs if j.status == FAILED]
     missing = [j for j in jobs if j.status is None]
-    lines = [f"sweep {sweep_dir}: {len(jobs)} jobs, {done} completed, {len(failed)} failed, {len(missing)} missing"]
-    for job in failed:
-        lines.append(f"  #{job.num} failed ({' '.join(job.overrides) or 'no overrides'}): {job.error}\n"
-                     f"      traceback: {job.job_dir / TRACEBACK}")
-    for job in missing:
-        lines.append(f"  #{job.num} did not run ({' '.join(job.overrides) or 'no overrides'})")
+    live = [j for j in jobs if j.status in (RUNNING, PENDING)]
+    head = f"sweep {sweep_dir}: {len(jobs)} jobs, {done} completed, {len(failed)} failed, {len(missing)} missing"
+    for state in (RUNNING, PENDING):
+        n = sum(j.status == state for j in jobs)
+        head += f", {n} {state.lower()}" if n else ""
+    lines = [head]
+    for job in jobs:
+        what = " ".join(job.overrides) or "no overrides"
+        if job.status == FAILED:
+            lines.append(f"  #{job.num} failed ({what}): {job.error}\n      traceback: {job.job_dir / TRACEBACK}")
+        elif job.status == RUNNING:
+            lines.append(f"  #{job.num} running ({what}): {describe(job.running or {})}")
+        elif job.status == PENDING:
+            lines.append(f"  #{job.num} pending ({what}): queued in the running sweep")
+        elif job.status is None and job.running:
+            lines.append(f"  #{job.num} was stopped ({what}): its process ({describe(job.running)}) is gone")
+        elif job.status is None:
+            lines.append(f"  #{job.num} did not run ({what})")
     if failed or missing:
-        lines.append(f"relaunch only the failed and missing jobs with: steerexp-sweep rerun {sweep_dir}")
+        later = " (the running and pending ones are left alone)" if live else ""
+        lines.append(f"relaunch only the failed and missing jobs with: steerexp-sweep rerun {sweep_dir}{later}")
     return "\n".join(lines)

@@ -28,6 +28,9 @@ def load_user_classifier(spec: str) -> torch.nn.Module:
     module, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"evaluator.concept.classifier {spec!r} must be 'module.path:callable' or a TorchScript file")
+    from steerexp.safety import check_callable
+
+    check_callable(f"{module}.{attr}", "evaluator.concept.classifier")  # a shared config names code: allowlisted only
     return getattr(importlib.import_module(module), attr)().eval()
 
 

@@ -2,6 +2,14 @@
 only when `logger.mode=online`, nothing with `logger.mode=disabled`. Every run, including
 each job of a multirun, starts and finishes its own W&B run.
 
+Online mode never stalls a run: before `wandb.init` it checks, without prompting, that there
+are credentials for the W&B server (WANDB_API_KEY, ~/.netrc from `wandb login`, ...) and that
+the server (WANDB_BASE_URL or the `base_url` setting; through the proxy when one is set)
+accepts a connection within PROBE_TIMEOUT_S, DNS included; `wandb.init` itself gets
+INIT_TIMEOUT_S instead of wandb's 90 s. If any of that fails, the run is logged offline under
+the same run dir instead, with one warning on the "steerexp.logging" logger that says why and
+which `wandb sync <dir>` uploads it later.
+
 In a sweep (`steerexp -m ...`): group = the sweep (its directory), name = the job's override
 dirname, job_type = train (the technique learns) or eval (training-free), and the run id is a
 hash of the sweep dir and the job number, so `steerexp-sweep rerun` of a failed job resumes its
@@ -9,13 +17,23 @@ W&B run instead of starting a duplicate (offline runs sync into the same id with
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
+import threading
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 
 MODES = ("offline", "online", "disabled")
+PROBE_TIMEOUT_S = 5.0   # the W&B server must accept a TCP connection (DNS included) within this
+INIT_TIMEOUT_S = 8.0    # wandb.init's limit in online mode (wandb's default init_timeout is 90 s)
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+log = logging.getLogger("steerexp.logging")
 
 
 def sweep_run_id(sweep_dir: str | Path, job_num: int) -> str:
@@ -37,6 +55,96 @@ def default_run_id() -> str | None:
     return sweep_run_id(hc.sweep.dir, hc.job.num)
 
 
+def server_url() -> str:
+    """The W&B server an online run talks to: WANDB_BASE_URL, else wandb's `base_url` setting
+    (settings files written by `wandb login --host`), else wandb's default."""
+    url = os.environ.get("WANDB_BASE_URL")
+    if url:
+        return url.rstrip("/")
+    try:
+        from wandb.sdk import wandb_setup
+
+        return str(wandb_setup.singleton().settings.base_url).rstrip("/")
+    except Exception:  # an older/newer wandb without this internal: its documented default
+        return DEFAULT_BASE_URL
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def missing_login(base_url: str) -> str | None:
+    """Why there are no W&B credentials for `base_url` (None when there are). Looks where
+    `wandb.init` looks (environment, this session, ~/.netrc, wandb's settings) but never prompts."""
+    how = "run `wandb login` (or set WANDB_API_KEY) to log online"
+    hostname = urlsplit(base_url).hostname or ""
+    if hostname not in ("api.wandb.ai", "api.forge.coreweave.com", "forge.coreweave.com"):
+        how = f"run `wandb login --host {base_url}` (or set WANDB_API_KEY) to log online"
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    try:
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # an older wandb: its ~/.netrc entry is all `wandb login` leaves
+        import netrc
+
+        try:
+            found = netrc.netrc(os.environ.get("NETRC")).authenticators(hostname)
+        except (OSError, netrc.NetrcParseError):
+            found = None
+        return None if found else f"no W&B login for {base_url}; {how}"
+    try:
+        if wbauth.session_credentials(host=base_url) or wbauth.read_netrc_auth(host=base_url):
+            return None
+    except Exception as e:  # a malformed key in ~/.netrc, ...
+        return f"the W&B credentials for {base_url} are invalid ({_one_line(e)}); {how}"
+    try:
+        from wandb.sdk import wandb_setup
+
+        settings = wandb_setup.singleton().settings
+        if settings.api_key and str(settings.base_url).rstrip("/") == base_url:
+            return None
+    except Exception:
+        pass
+    return f"no W&B login for {base_url}; {how}"
+
+
+def _probe_target(base_url: str) -> tuple[str, int]:
+    """host, port of the first hop to `base_url`: the proxy when the environment sets one for it."""
+    url = urlsplit(base_url)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies_environment().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass_environment(host):
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if p.hostname:
+            return p.hostname, p.port or (443 if p.scheme == "https" else 80)
+    return host, port
+
+
+def unreachable(base_url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the W&B server at `base_url` cannot be reached (None when it accepts a connection).
+    Name resolution and connect run in a daemon thread joined for at most `timeout` seconds:
+    getaddrinfo has no timeout of its own and can hang when there is no network."""
+    host, port = _probe_target(base_url)
+    if not host:
+        return f"WANDB_BASE_URL / base_url {base_url!r} has no host"
+    outcome: dict[str, object] = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as e:
+            outcome["error"] = e
+
+    probe = threading.Thread(target=connect, name="steerexp-wandb-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if outcome.get("ok"):
+        return None
+    why = _one_line(outcome["error"]) if "error" in outcome else f"no answer within {timeout:g} s"
+    return f"cannot reach the W&B server {host}:{port} ({why})"
+
+
 class RunLogger:
     def __init__(self, mode: str, run_dir: Path, name: str, group: str, tags: list[str], config: dict,
                  project: str = "steerexp", entity: str | None = None, job_type: str = "train", run_id: str | None = None):
@@ -44,22 +152,71 @@ class RunLogger:
             raise ValueError(f"logger.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.run_dir = mode, Path(run_dir)
         self.lightning = None
+        self.fallback_reason: str | None = None  # why an online run was logged offline instead
         if mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
-        from lightning.pytorch.loggers import WandbLogger
 
         # a fresh run per job: never resume the previous job's run within one process
         if wandb.run is not None:
             wandb.finish()
         run_id = run_id or default_run_id()  # Lightning's WandbLogger passes resume="allow"
-        self.lightning = WandbLogger(
-            project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type,
-            save_dir=str(self.run_dir), offline=(mode == "offline"), id=run_id, config=config,
-            settings=wandb.Settings(silent=True, console="off"),
-        )
+        init = dict(project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type,
+                    save_dir=str(self.run_dir), id=run_id, config=config)
+        if mode == "online":
+            reason = self._start_online(wandb, init)
+            if reason is None:
+                return
+            self.fallback_reason = reason
+        settings = wandb.Settings(silent=True, console="off")
+        if self.fallback_reason is not None:
+            # explicit: wandb ignores Lightning's WANDB_MODE=dryrun once its settings are loaded
+            settings.mode = "offline"
+        self.lightning = self._wandb_logger(offline=True, settings=settings, **init)
         self.run = self.lightning.experiment
+        if self.fallback_reason is not None:
+            sync_dir = Path(self.run.settings.sync_dir).absolute()
+            log.warning("W&B online logging unavailable: %s. Logged offline to %s instead; "
+                        "upload it later with `wandb sync %s`", self.fallback_reason, sync_dir, sync_dir)
+
+    @staticmethod
+    def _wandb_logger(**kwargs):
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(**kwargs)
+        # Lightning always passes anonymous=None, which wandb warns is a setting with no effect
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        return logger
+
+    def _start_online(self, wandb, init: dict) -> str | None:
+        """Start an online run; None when it started, else why not (nothing is left running)."""
+        base_url = server_url()
+        reason = missing_login(base_url) or unreachable(base_url)
+        if reason is not None:
+            return reason
+        # wandb reports a failed init to its error tracker, which takes another ~10 s without a
+        # network: not for this attempt, whose failure is expected and handled here
+        reporting = os.environ.get("WANDB_ERROR_REPORTING")
+        os.environ["WANDB_ERROR_REPORTING"] = "false"
+        try:
+            # mode is explicit: an earlier offline job in this process leaves WANDB_MODE=dryrun behind
+            settings = wandb.Settings(silent=True, console="off", mode="online", base_url=base_url,
+                                      init_timeout=INIT_TIMEOUT_S)
+            logger = self._wandb_logger(offline=False, settings=settings, **init)
+            self.run = logger.experiment
+        except Exception as e:  # wandb.Error (timeout, auth, server), pydantic validation, ...
+            if wandb.run is not None:
+                wandb.finish(exit_code=1)
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            return f"wandb.init failed against {base_url} ({first})"
+        finally:
+            if reporting is None:
+                os.environ.pop("WANDB_ERROR_REPORTING", None)
+            else:
+                os.environ["WANDB_ERROR_REPORTING"] = reporting
+        self.lightning = logger
+        return None
 
     def log_grid(self, key: str, grid: torch.Tensor) -> None:
         if self.lightning is not None:

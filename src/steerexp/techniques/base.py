@@ -9,9 +9,18 @@ and compute their deltas in `compute()`; the run flow then skips the Trainer.
 Budgets (from config) act on `budgeted()`, the tensors that measure the edit's size:
 after every optimizer step each is projected onto the ball ||delta|| <= max_norm (per row
 of the last dimension), and `l2` adds l2 * ||delta||^2 to the loss.
+
+Exact resume: the batch of optimisation step k is `train_order()[k * batch_size:(k + 1) *
+batch_size]`, chosen by the step and not by the dataloader's position (a resumed dataloader
+starts over); randomness inside a step is seeded by the step too, and the projection runs
+inside the optimizer step, before a checkpoint can be written. So a run killed at step k and
+resumed from its checkpoint ends with the same deltas, bit for bit, as one never interrupted.
+Checkpoints describe themselves (`checkpoint["steerexp"]`: technique, delta shapes and the
+`structure()` settings that fix them), so a checkpoint of another technique is a clear error.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -75,6 +84,16 @@ class Technique(L.LightningModule):
     def training_loss(self, batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def train_order(self) -> torch.Tensor:
+        """Trainable techniques: the training-sample index of every (step, slot), [steps * batch_size],
+        a pure function of the config (seeded)."""
+        raise NotImplementedError
+
+    def structure(self) -> dict:
+        """The technique settings that fix the deltas' shapes (`num_vectors`...), stored in checkpoints
+        so that loading one into a differently shaped technique names the setting."""
+        return {}
+
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
         """Images for prompt templates ('{}' marks the concept slot) with or without the edit."""
         raise NotImplementedError
@@ -87,8 +106,22 @@ class Technique(L.LightningModule):
     def deltas(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items()}
 
-    def load_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+    def load_deltas(self, deltas: dict[str, torch.Tensor], source: str = "deltas", structure: dict | None = None) -> None:
+        """Load deltas (a state dict); a mismatch is one clear error naming what differs."""
+        check_compatible(self, {k: list(v.shape) for k, v in deltas.items()}, source, structure)
         self.load_state_dict(deltas)
+
+    def identity(self) -> dict:
+        """What a checkpoint records about the technique that wrote it."""
+        return {"technique": f"{type(self).__module__}.{type(self).__qualname__}",
+                "deltas": {k: list(v.shape) for k, v in self.state_dict().items()}, "structure": self.structure()}
+
+    def safetensors_metadata(self) -> dict[str, str]:
+        ident = self.identity()
+        return {"technique": ident["technique"], "structure": json.dumps(ident["structure"])}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["steerexp"] = self.identity()
 
     def delta_norms(self) -> dict[str, float]:
         return {k: float(v.detach().norm(dim=-1).max()) for k, v in self.budgeted().items()}
@@ -112,6 +145,18 @@ class Technique(L.LightningModule):
             norm = value.norm(dim=-1, keepdim=True)
             self.project(name, value * torch.clamp(self.budget.max_norm / norm.clamp(min=1e-12), max=1.0))
 
+    def train_dataloader(self):
+        """One item per optimisation step; the items are placeholders: `training_step` takes the
+        batch of `global_step` from `train_order()` (see the module docstring: exact resume)."""
+        from torch.utils.data import DataLoader
+
+        return DataLoader(range(max(1, self.steps)), batch_size=None)
+
+    def batch_at(self, step: int):
+        if getattr(self, "_order", None) is None:
+            self._order = self.train_order()
+        return (self._order[step * self.batch_size:(step + 1) * self.batch_size],)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
@@ -122,8 +167,14 @@ class Technique(L.LightningModule):
             self.logger.log_metrics({"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}, step=0)
         self.last_good = self.deltas()
 
-    def training_step(self, batch, batch_idx):
-        loss = self.training_loss(batch)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.nan_step is None:
+            with torch.no_grad():
+                self.apply_budget()  # part of the step: a checkpoint written after it holds projected deltas
+
+    def training_step(self, _placeholder, batch_idx):
+        loss = self.training_loss(self.batch_at(int(self.global_step)))
         reg = sum((v.pow(2).sum(-1)).mean() for v in self.budgeted().values()) if self.budget.l2 > 0 else 0.0
         total = loss + self.budget.l2 * reg
         if not torch.isfinite(total):
@@ -136,8 +187,6 @@ class Technique(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.nan_step is not None:
             return
-        with torch.no_grad():
-            self.apply_budget()
         norms = self.delta_norms()
         if norms:
             self.log_dict({f"delta_norm/{k}": v for k, v in norms.items()})
@@ -146,6 +195,22 @@ class Technique(L.LightningModule):
             self.trainer.should_stop = True
             return
         self.last_good = self.deltas()
+
+
+def check_compatible(technique: Technique, shapes: dict[str, list[int]], source: str,
+                     structure: dict | None = None) -> None:
+    """Deltas of these shapes (from a checkpoint) fit this technique, or one clear error."""
+    from steerexp.errors import ConfigError
+
+    own = {k: list(v.shape) for k, v in technique.state_dict().items()}
+    if own == shapes:
+        return
+    differs = [f"technique.{k}={v} there, {technique.structure().get(k)} here"
+               for k, v in (structure or {}).items() if technique.structure().get(k) != v]
+    fix = ("set " + " and ".join(d.split(" there")[0] for d in differs) if differs
+           else "use a checkpoint written by this technique with the same settings")
+    raise ConfigError("ckpt_path", f"{source} holds deltas {shapes}, but {type(technique).__name__} has {own}"
+                      + (f" ({'; '.join(differs)})" if differs else ""), fix)
 
 
 class TrainingFree(Technique):

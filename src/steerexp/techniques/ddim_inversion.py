@@ -18,7 +18,8 @@ Editing is a prompt swap from the same x*_T: "a red circle on the left" -> "a bl
 on the left" (`edit.replace: {red: blue}`), sampled with the target prompt.
 
 Targets are image files (a folder or a list of paths; each must be RGB at the generator's
-resolution, or `targets.resize` / `targets.convert` say to fix them) with source prompts, or
+resolution, or `targets.resize` / `targets.convert` say to fix them; decoded per the `images:`
+policy of steerexp.images, so 16-bit, alpha, EXIF and size limits are handled) with source prompts, or
 K world samples (procedural images by seed, captioned from their scene). The deltas saved to
 deltas.safetensors are the inverted `latents_T` [N, C, h, w], one per image: the computed
 input that reconstruction starts from.
@@ -34,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from steerexp import images as image_policy
 from steerexp.generators import FrozenGenerator, Guidance, sampling
 from steerexp.pretrain.common import to_tensor
 from steerexp.targets import image_files_in
@@ -70,26 +71,31 @@ def image_files(files: str | list[str]) -> list[Path]:
 
 def load_image(path: Path, resolution: int, resize: bool = False, convert: bool = False) -> np.ndarray:
     """One RGB image at resolution x resolution (uint8 [R, R, 3]); refuses other sizes and modes
-    unless told to fix them, and then says what it did."""
-    try:
-        with Image.open(path) as src:
-            im = src.copy()  # loaded, and the file closed
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"technique.targets.files: cannot read image file {path}: {err}") from err
+    unless told to fix them, and then says what it did. Decoding is the shared one (steerexp.images):
+    EXIF orientation is applied first (the size checked is the displayed one), files over
+    images.max_pixels or under images.min_side are refused; with convert=true 16-bit grey is scaled
+    (/257) and transparency composited onto images.background; with resize=true non-square images
+    are fitted per images.fit (centre crop by default, pad or stretch), then resized bicubically."""
+    key = "technique.targets.files"
+    im, notes = image_policy.open_image(path, key)
     if im.mode != "RGB":
         if not convert:
-            raise ValueError(f"image {path} has mode {im.mode}; inversion needs RGB images. Convert it "
+            raise ValueError(f"{key}: image {path} has mode {im.mode}; inversion needs RGB images. Convert it "
                              f"(PIL: Image.open(p).convert('RGB')) or set technique.targets.convert=true")
         warnings.warn(f"converting {path} from mode {im.mode} to RGB (technique.targets.convert=true)")
-        im = im.convert("RGB")
+    im, more = image_policy.to_rgb(im)
+    notes += more
     if im.size != (resolution, resolution):
         if not resize:
-            raise ValueError(f"image {path} is {im.width}x{im.height} but the generator works at "
+            raise ValueError(f"{key}: image {path} is {im.width}x{im.height} but the generator works at "
                              f"{resolution}x{resolution}; resize it (PIL: im.resize(({resolution}, {resolution}), "
-                             f"Image.BICUBIC)) or set technique.targets.resize=true to resize it that way here")
+                             f"Image.BICUBIC)) or set technique.targets.resize=true to resize it here "
+                             f"(images.fit={image_policy.policy().fit} for non-square images)")
         warnings.warn(f"resizing {path} from {im.width}x{im.height} to {resolution}x{resolution} (bicubic; "
-                      "technique.targets.resize=true); the aspect ratio is not kept")
-        im = im.resize((resolution, resolution), Image.BICUBIC)
+                      f"technique.targets.resize=true; non-square images: images.fit={image_policy.policy().fit})")
+        im, more = image_policy.fit_square(im, resolution)
+        notes += more
+    image_policy.report(path, key, notes)
     return np.asarray(im)
 
 

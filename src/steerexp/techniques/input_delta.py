@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.composite import Composite, ObjectiveInputs
@@ -192,12 +191,15 @@ class InputDelta(Technique):
         """(prompt index, seed index) training pairs."""
         return [(p, s) for p in range(len(self.prompts)) for s in range(len(self.train_seeds))]
 
-    def train_dataloader(self):
+    def train_order(self) -> torch.Tensor:
         """Shuffled passes over all (prompt, seed) pairs, `batch_size` pairs per optimisation step."""
         g = torch.Generator().manual_seed(self.seed)
         n, need = len(self.pairs()), max(1, self.steps) * self.batch_size
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
-        return DataLoader(TensorDataset(order), batch_size=self.batch_size, shuffle=False)
+        return torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
+
+    def structure(self) -> dict:
+        return {"text": self.use_text, "latent": self.use_latent, "latent_mode": self.latent_mode,
+                "tokens": self.tokens, "train_seeds": self.train_seeds}
 
     # ------------------------------------------------------------------ training
     def render(self, pair_idx: list[int], with_deltas: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import save_file
 import numpy as np
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.denoising import Denoising
@@ -107,10 +106,12 @@ class TextualInversion(Technique):
                 images = torch.cat([images, images.flip(-1)])
             self.latents = gen.encode_images(images).float().cpu()  # computed once
 
-    def train_dataloader(self):
+    def train_order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
-        idx = torch.randint(len(self.latents), (self.steps * self.batch_size,), generator=g)
-        return DataLoader(TensorDataset(idx), batch_size=self.batch_size, shuffle=False)
+        return torch.randint(len(self.latents), (self.steps * self.batch_size,), generator=g)
+
+    def structure(self) -> dict:
+        return {"num_vectors": self.num_vectors}
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, template: str, edited: bool) -> str:

@@ -1,0 +1,268 @@
+"""Reading user image files (targets, inversion sources, objective images) the same way everywhere.
+
+One policy (the `images:` config node; run.py calls `configure(**cfg.images)` once per run) says
+how a file becomes an RGB uint8 array:
+
+1. Opened lazily and size-checked first: more than `images.max_pixels` pixels is refused with a
+   one-line error (the decompression-bomb guard). Pillow's own guard stays on; the setting only
+   ever *raises* Pillow's limit, for the duration of one open, when it is above Pillow's.
+2. EXIF orientation is applied (`ImageOps.exif_transpose`), so the image is the way viewers show it.
+3. Converted to RGB: 16-bit grey (`I;16*`, and `I` with values in 0..65535) is scaled by /257
+   (65535 -> 255), not clipped; float grey `F` in [0, 1] is scaled by 255 (other ranges are
+   min-max scaled); transparency (RGBA, LA, PA, premultiplied modes, P or L/RGB with a tRNS key)
+   is composited onto `images.background`; other modes go through Pillow's `convert("RGB")`.
+4. Images with a side below `images.min_side` are refused (a 1x1 file is almost always a mistake).
+5. Fitted to the model's square resolution when one is asked for: `images.fit` = crop (centre
+   square, the default), pad (onto `images.background`) or stretch (aspect ratio not kept), then
+   resized bicubically.
+
+Everything that changed the pixels (scaled bit depth, composited transparency, EXIF rotation,
+a lossy mode conversion, crop/pad/stretch, up- or downscaling) is reported in ONE warning line
+per image on the `steerexp.images` logger, naming the file. Lossless conversions (L, 1, P without
+transparency, fully opaque RGBA/LA) and an RGB image already at the target size say nothing.
+
+Errors are ValueError (FileNotFoundError for a missing file) with one line naming the config key
+the caller passed and the fix. This module imports only PIL and numpy.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("steerexp.images")
+
+FITS = ("crop", "pad", "stretch")
+PILLOW_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
+UPSCALE_WARN = 2.0  # upscaling by this factor or more adds "expect a blurry image" to the report
+EXIF_ORIENTATION = {2: "mirrored", 3: "rotated 180°", 4: "flipped", 5: "transposed",
+                    6: "rotated 90° clockwise", 7: "transversed", 8: "rotated 90° counter-clockwise"}
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How image files are read; each field is the config key `images.<field>`."""
+    fit: str = "crop"                                     # crop | pad | stretch
+    background: str | tuple[int, int, int] = "white"      # colour name/#hex, or [r, g, b] in 0-255
+    min_side: int = 8                                     # smaller images are refused
+    max_pixels: int = PILLOW_MAX_PIXELS                   # larger images are refused (bomb guard)
+
+    def __post_init__(self):
+        if self.fit not in FITS:
+            raise ValueError(f"images.fit: {self.fit!r} is not one of {list(FITS)}; use crop (centre square), "
+                             "pad (onto images.background) or stretch (aspect ratio not kept)")
+        object.__setattr__(self, "background", _colour(self.background))
+        for name, lo in (("min_side", 1), ("max_pixels", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+                raise ValueError(f"images.{name}: must be an integer >= {lo}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+    @property
+    def background_name(self) -> str:
+        return "#%02x%02x%02x" % self.background if self.background not in _NAMES else _NAMES[self.background]
+
+
+_NAMES = {(255, 255, 255): "white", (0, 0, 0): "black", (128, 128, 128): "grey"}
+
+
+def _colour(value) -> tuple[int, int, int]:
+    """A colour name/#hex string or an [r, g, b] sequence of 0-255 integers, as an RGB tuple."""
+    if isinstance(value, str):
+        try:
+            return tuple(ImageColor.getrgb(value)[:3])
+        except ValueError:
+            raise ValueError(f"images.background: unknown colour {value!r}; use a name (white, black, grey), "
+                             "'#rrggbb' or [r, g, b] in 0-255") from None
+    if isinstance(value, Sequence) or hasattr(value, "__iter__"):
+        rgb = list(value)
+        if len(rgb) == 3 and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255
+                                 for c in rgb):
+            return tuple(int(c) for c in rgb)
+    raise ValueError(f"images.background: {value!r} is not a colour; use a name (white), '#rrggbb' "
+                     "or [r, g, b] with integers in 0-255")
+
+
+_policy = ImagePolicy()
+
+
+def configure(**settings) -> ImagePolicy:
+    """Set the module's policy from the `images:` config node (unset fields take their defaults;
+    `configure()` restores all defaults). Returns the new policy."""
+    global _policy
+    known = [f.name for f in fields(ImagePolicy)]
+    for name in settings:
+        if name not in known:
+            raise ValueError(f"images.{name}: unknown setting; the images node has {known}")
+    _policy = ImagePolicy(**settings)
+    return _policy
+
+
+def policy() -> ImagePolicy:
+    """The current policy (set by `configure`)."""
+    return _policy
+
+
+# ---------------------------------------------------------------------------- decoding
+_pillow_limit_lock = threading.Lock()
+
+
+def _open(path: Path, key: str, pol: ImagePolicy) -> tuple[Image.Image, int]:
+    """Open and fully load `path` (refusing more than pol.max_pixels pixels before decoding), with
+    its EXIF orientation applied; returns the image and that orientation (1: none)."""
+    fix = (f"downscale the file, or raise images.max_pixels (now {pol.max_pixels}) above its pixel count "
+           "if you trust it")
+    try:
+        with _pillow_limit_lock:
+            saved = Image.MAX_IMAGE_PIXELS
+            if saved is not None and pol.max_pixels > saved:
+                Image.MAX_IMAGE_PIXELS = pol.max_pixels  # raised for this open only, never removed
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
+                    src = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with src:
+            w, h = src.size
+            if w * h > pol.max_pixels:
+                raise ValueError(f"{key}: image {path} is {w}x{h} = {w * h} pixels, over images.max_pixels="
+                                 f"{pol.max_pixels} (a decompression-bomb guard); {fix}")
+            src.load()
+            orientation = src.getexif().get(0x0112, 1)
+            if orientation not in EXIF_ORIENTATION:
+                return src.copy(), 1
+            im = ImageOps.exif_transpose(src)
+            return (im if im.mode == src.mode else im.convert(src.mode)), orientation
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{key}: image {path} is over Pillow's decompression-bomb limit ({err}); {fix}") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{key}: image not found: {path}; give an existing PNG/JPG file") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{key}: cannot read image file {path}: {err}; "
+                         "remove it or replace it with a valid PNG/JPG") from None
+
+
+def open_image(path: str | Path, key: str, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
+    """A loaded image in its file's mode with EXIF orientation applied, and notes of what was done.
+    Refuses missing, unreadable, too large (images.max_pixels) and too small (images.min_side) files."""
+    pol = pol or _policy
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: image not found: {path}; give an existing PNG/JPG file")
+    im, orientation = _open(path, key, pol)
+    notes = [f"applied EXIF orientation {orientation} ({EXIF_ORIENTATION[orientation]})"] if orientation != 1 else []
+    if min(im.size) < pol.min_side:
+        raise ValueError(f"{key}: image {path} is {im.width}x{im.height}, below images.min_side={pol.min_side} px; "
+                         f"use a larger image (at least {pol.min_side} px a side) or lower images.min_side")
+    return im, notes
+
+
+def _grey_to_8bit(im: Image.Image) -> tuple[Image.Image, str]:
+    a = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
+        out, note = a.astype(np.float64) / 257.0, f"scaled 16-bit grey (mode {im.mode}) to 8-bit (value/257)"
+    elif im.mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:
+        out, note = a.astype(np.float64) * 255.0, "scaled float grey in [0, 1] to 8-bit"
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        out = (a.astype(np.float64) - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
+        note = f"scaled mode {im.mode} grey from its range [{lo:g}, {hi:g}] to 0-255"
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L"), note
+
+
+def to_rgb(im: Image.Image, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
+    """`im` as an RGB image, and notes of lossy steps (bit-depth scaling, compositing, mode conversion)."""
+    pol = pol or _policy
+    notes = []
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im, notes
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im, note = _grey_to_8bit(im)
+        notes.append(note)
+    if "A" in im.mode or "a" in im.mode or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        alpha = np.asarray(rgba)[..., 3]
+        if (alpha < 255).any():
+            bg = Image.new("RGBA", rgba.size, pol.background + (255,))
+            notes.append(f"composited transparency ({(alpha < 255).mean():.0%} of pixels not opaque) onto "
+                         f"{pol.background_name} (images.background)")
+            return Image.alpha_composite(bg, rgba).convert("RGB"), notes
+        return rgba.convert("RGB"), notes
+    if im.mode not in ("L", "1", "P", "RGB"):
+        notes.append(f"converted mode {im.mode} to RGB")
+    return im.convert("RGB"), notes
+
+
+def fit_square(im: Image.Image, resolution: int, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
+    """An RGB image fitted to resolution x resolution per images.fit, and notes of what was done."""
+    pol = pol or _policy
+    w, h = im.size
+    if (w, h) == (resolution, resolution):
+        return im, []
+    notes = []
+    if w != h and pol.fit == "stretch":
+        notes.append(f"stretched {w}x{h} to {resolution}x{resolution}, aspect ratio not kept (images.fit=stretch)")
+        return im.resize((resolution, resolution), Image.BICUBIC), notes
+    if w != h and pol.fit == "crop":
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+        notes.append(f"centre-cropped {w}x{h} to {s}x{s} (images.fit=crop)")
+    elif w != h:
+        s = max(w, h)
+        canvas = Image.new("RGB", (s, s), pol.background)
+        canvas.paste(im, ((s - w) // 2, (s - h) // 2))
+        im = canvas
+        notes.append(f"padded {w}x{h} to {s}x{s} with {pol.background_name} (images.fit=pad)")
+    s = im.width
+    if s < resolution:
+        factor = resolution / s
+        notes.append(f"upscaled {s}->{resolution} px ({factor:.2g}x)" + (
+            f": expect a blurry image; give images of at least {resolution} px" if factor >= UPSCALE_WARN else ""))
+    elif s > resolution:
+        notes.append(f"downscaled {s}->{resolution} px")
+    if s != resolution:
+        im = im.resize((resolution, resolution), Image.BICUBIC)
+    return im, notes
+
+
+def report(path: str | Path, key: str, notes: list[str]) -> None:
+    """The one warning line for an image whose pixels were changed (nothing when `notes` is empty)."""
+    if notes:
+        log.warning("image %s (%s): %s", path, key, "; ".join(notes))
+
+
+def read_image(path: str | Path, key: str, resolution: int | None = None,
+               pol: ImagePolicy | None = None) -> np.ndarray:
+    """One image file as RGB uint8 [H, W, 3] (at its own size, or fitted to resolution x resolution),
+    read per the policy, with one warning line if anything was changed. `key` names the config setting."""
+    pol = pol or _policy
+    im, notes = open_image(path, key, pol)
+    im, more = to_rgb(im, pol)
+    notes += more
+    if resolution is not None:
+        im, more = fit_square(im, int(resolution), pol)
+        notes += more
+    report(path, key, notes)
+    return np.asarray(im)
+
+
+def read_images(paths: Sequence[str | Path], key: str, resolution: int,
+                pol: ImagePolicy | None = None) -> np.ndarray:
+    """Several image files fitted to resolution x resolution, as uint8 [K, R, R, 3]."""
+    return np.stack([read_image(p, key, resolution, pol) for p in paths]) if paths else \
+        np.zeros((0, resolution, resolution, 3), np.uint8)
+
+
+def settings() -> dict:
+    """The current policy as plain config values (for logging the resolved config)."""
+    d = asdict(_policy)
+    d["background"] = list(d["background"])
+    return d

@@ -1,0 +1,253 @@
+"""steerexp.images: user image files are read correctly (issue 13), and say what was done."""
+import logging
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from steerexp import images
+from steerexp.images import ImagePolicy, configure, read_image
+
+KEY = "technique.targets.folder"
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+@pytest.fixture(autouse=True)
+def default_policy():
+    configure()
+    yield
+    configure()
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "steerexp.images" and r.levelno == logging.WARNING]
+
+
+def save(arr, path):
+    Image.fromarray(np.asarray(arr)).save(path)
+    return path
+
+
+def test_plain_rgb_at_size_is_unchanged_and_silent(tmp_path, caplog):
+    arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    p = save(arr, tmp_path / "ok.png")
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        out = read_image(p, KEY, 32)
+        assert np.array_equal(read_image(p, KEY), arr)
+    assert np.array_equal(out, arr)
+    assert warnings_of(caplog) == []
+
+
+def test_16bit_grey_is_scaled_not_saturated(tmp_path, caplog):
+    p = tmp_path / "grey16.png"
+    Image.fromarray(np.full((16, 16), 32896, np.uint16)).save(p)  # mid-grey in 16 bits
+    assert Image.open(p).mode.startswith("I")
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        out = read_image(p, KEY, 16)
+    assert out.shape == (16, 16, 3) and np.all(out == 128)  # the old convert("RGB") gave 255
+    [line] = warnings_of(caplog)
+    assert "grey16.png" in line and "16-bit" in line
+
+
+def test_alpha_is_composited_onto_background(tmp_path, caplog):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, but the left half fully transparent
+    rgba[:, 8:, 3] = 255
+    p = tmp_path / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(p)
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        out = read_image(p, KEY, 16)
+    assert np.all(out[:, :8] == 255) and np.all(out[:, 8:] == RED)  # the old convert dropped alpha: all red
+    [line] = warnings_of(caplog)
+    assert "rgba.png" in line and "composited" in line and "white" in line
+    configure(background=[0, 0, 255])
+    assert np.all(read_image(p, KEY, 16)[:, :8] == BLUE)
+    # LA and a palette with a transparent index too
+    la = np.zeros((16, 16, 2), np.uint8)
+    la[..., 1] = 0
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert np.all(read_image(tmp_path / "la.png", KEY) == BLUE)
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.paste(1, (8, 0, 16, 16))
+    pal.save(tmp_path / "p.png", transparency=0)
+    out = read_image(tmp_path / "p.png", KEY)
+    assert np.all(out[:, :8] == BLUE) and np.all(out[:, 8:] == GREEN)
+
+
+def test_opaque_rgba_and_grey_are_silent(tmp_path, caplog):
+    arr = np.full((16, 16, 3), 7, np.uint8)
+    Image.fromarray(arr).convert("RGBA").save(tmp_path / "opaque.png")
+    Image.fromarray(arr[..., 0]).save(tmp_path / "grey.png")
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        assert np.array_equal(read_image(tmp_path / "opaque.png", KEY, 16), arr)
+        assert np.array_equal(read_image(tmp_path / "grey.png", KEY, 16), arr)
+    assert warnings_of(caplog) == []
+
+
+def test_exif_orientation_is_applied(tmp_path, caplog):
+    arr = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high: left half red, right half blue
+    arr[:, :20] = RED
+    arr[:, 20:] = BLUE
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    im.save(tmp_path / "rot.png", exif=exif)
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        out = read_image(tmp_path / "rot.png", KEY)
+    assert out.shape == (40, 20, 3)  # displayed upright: 20 wide, 40 high; ignoring EXIF kept 40x20
+    assert np.all(out[:20] == RED) and np.all(out[20:] == BLUE)  # the left half became the top half
+    [line] = warnings_of(caplog)
+    assert "rot.png" in line and "EXIF orientation 6" in line
+
+
+def stripes(tmp_path):
+    arr = np.zeros((32, 64, 3), np.uint8)  # 64 wide, 32 high: red | green (centre 32 columns) | blue
+    arr[:, :16], arr[:, 16:48], arr[:, 48:] = RED, GREEN, BLUE
+    return save(arr, tmp_path / "wide.png")
+
+
+def test_non_square_is_centre_cropped_not_squashed(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        out = read_image(stripes(tmp_path), KEY, 32)
+    assert out.shape == (32, 32, 3) and np.all(out == GREEN)  # a squash would keep red and blue edges
+    [line] = warnings_of(caplog)
+    assert "wide.png" in line and "centre-cropped 64x32 to 32x32" in line
+
+
+def test_pad_and_stretch(tmp_path, caplog):
+    p = stripes(tmp_path)
+    configure(fit="pad")
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        out = read_image(p, KEY, 64)
+    assert np.all(out[:16] == 255) and np.all(out[48:] == 255)  # white bands above and below
+    assert np.all(out[20:44, :12] == RED) and np.all(out[20:44, 52:] == BLUE)
+    [line] = warnings_of(caplog)
+    assert "padded 64x32 to 64x64" in line
+    configure(fit="pad", background="black")
+    assert np.all(read_image(p, KEY, 64)[:16] == 0)
+    configure(fit="stretch")
+    out = read_image(p, KEY, 32)
+    assert np.all(out[:, 0] == RED) and np.all(out[:, -1] == BLUE)  # stretch only when asked for
+
+
+def test_up_and_downscaling_are_reported(tmp_path, caplog):
+    save(np.full((8, 8, 3), 9, np.uint8), tmp_path / "small.png")
+    save(np.full((64, 64, 3), 9, np.uint8), tmp_path / "big.png")
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        assert read_image(tmp_path / "small.png", KEY, 32).shape == (32, 32, 3)
+        assert read_image(tmp_path / "big.png", KEY, 32).shape == (32, 32, 3)
+    small, big = warnings_of(caplog)
+    assert "small.png" in small and "upscaled 8->32" in small and "blurry" in small
+    assert "big.png" in big and "downscaled 64->32" in big
+
+
+def test_tiny_image_is_refused(tmp_path):
+    save(np.zeros((1, 1, 3), np.uint8), tmp_path / "dot.png")
+    with pytest.raises(ValueError, match=r"technique\.targets\.folder: .*dot\.png is 1x1.*images\.min_side=8") as e:
+        read_image(tmp_path / "dot.png", KEY, 32)
+    assert "\n" not in str(e.value)
+    configure(min_side=1)
+    assert read_image(tmp_path / "dot.png", KEY, 4).shape == (4, 4, 3)
+
+
+def bomb_png(path, side=14000):
+    """A valid 1-bit greyscale PNG of side x side pixels that compresses to a few kB."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(bytes((1 + (side + 7) // 8) * side), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path):
+    p = bomb_png(tmp_path / "huge.png")
+    assert p.stat().st_size < 100_000
+    with pytest.raises(ValueError, match=r"technique\.targets\.folder: .*huge\.png.*images\.max_pixels") as e:
+        read_image(p, KEY, 32)
+    assert not isinstance(e.value, Image.DecompressionBombError) and "\n" not in str(e.value)
+    # between Pillow's warning and error thresholds: refused by our own check, same message
+    configure(max_pixels=100)
+    save(np.zeros((16, 16, 3), np.uint8), tmp_path / "over.png")
+    with pytest.raises(ValueError, match=r"over\.png is 16x16 = 256 pixels, over images\.max_pixels=100"):
+        read_image(tmp_path / "over.png", KEY)
+
+
+def test_max_pixels_raises_pillows_limit_for_one_open_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 64x64 file is a "bomb" to Pillow now
+    p = save(np.full((64, 64, 3), 5, np.uint8), tmp_path / "img.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(p)
+    assert np.all(read_image(p, KEY, 32) == 5)  # images.max_pixels (default 89478485) is the limit
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's guard is back as it was
+    configure(max_pixels=2000)
+    with pytest.raises(ValueError, match=r"img\.png.*images\.max_pixels \(now 2000\)"):
+        read_image(p, KEY, 32)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"technique\.targets\.folder: image not found: .*nope\.png"):
+        read_image(tmp_path / "nope.png", KEY)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"technique\.targets\.folder: cannot read image file .*junk\.png.*replace"):
+        read_image(tmp_path / "junk.png", KEY)
+
+
+@pytest.mark.parametrize("settings, field", [
+    (dict(fit="squash"), "images.fit"), (dict(background="blurple"), "images.background"),
+    (dict(background=[0, 0, 256]), "images.background"), (dict(min_side=0), "images.min_side"),
+    (dict(max_pixels=-1), "images.max_pixels"), (dict(min_side=True), "images.min_side"),
+    (dict(colour="red"), "images.colour"),
+])
+def test_policy_validation_names_the_key(settings, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        configure(**settings)
+    assert images.policy() == ImagePolicy()  # a rejected configure leaves the policy alone
+
+
+def test_policy_accepts_config_values():
+    pol = configure(fit="pad", background=[10, 20, 30], min_side=4, max_pixels=1000)
+    assert pol.background == (10, 20, 30) and images.policy() is pol
+    assert configure(background="#ff0000").background == RED
+    assert images.settings()["background"] == [255, 0, 0]
+    assert configure() == ImagePolicy()
+
+
+def test_targets_loaders_use_the_policy(tmp_path, caplog):
+    from steerexp.targets import load_folder, load_image, read_rgb
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    stripes(folder)
+    Image.fromarray(np.full((16, 16), 32896, np.uint16)).save(folder / "grey16.png")
+    with caplog.at_level(logging.WARNING, "steerexp.images"):
+        batch, names = load_folder(folder, 16)
+    assert names == ["grey16.png", "wide.png"] and tuple(batch.shape) == (2, 3, 16, 16)
+    assert abs(batch[0].mean().item() - 128 / 255) < 1e-3
+    assert batch[1, 1].min().item() > 0.99 and batch[1, 0].max().item() < 0.01  # green: cropped, not squashed
+    assert len(warnings_of(caplog)) == 2
+    assert tuple(load_image(folder / "wide.png", "objective reconstruction.image").shape) == (1, 3, 32, 64)
+    assert read_rgb(folder / "grey16.png", KEY).getpixel((0, 0)) == (128, 128, 128)
+    save(np.zeros((2, 2, 3), np.uint8), folder / "dot.png")
+    with pytest.raises(ValueError, match=r"technique\.exemplars: .*dot\.png is 2x2.*images\.min_side"):
+        load_folder(folder, 16, key="technique.exemplars")
+
+
+def test_inversion_loader_uses_the_shared_decoding(tmp_path, caplog):
+    from steerexp.techniques.ddim_inversion import load_image
+    Image.fromarray(np.full((32, 32), 32896, np.uint16)).save(tmp_path / "grey16.png")
+    with pytest.raises(ValueError, match=r"technique\.targets\.files: .*mode I;16.*convert"):
+        load_image(tmp_path / "grey16.png", 32)
+    with pytest.warns(UserWarning, match="converting"):
+        assert np.all(load_image(tmp_path / "grey16.png", 32, convert=True) == 128)
+    p = stripes(tmp_path)
+    with pytest.raises(ValueError, match=r"64x32.*32x32.*resize"):
+        load_image(p, 32)
+    with caplog.at_level(logging.WARNING, "steerexp.images"), pytest.warns(UserWarning, match="resizing"):
+        assert np.all(load_image(p, 32, resize=True) == GREEN)
+    assert any("centre-cropped" in line for line in warnings_of(caplog))
+    with pytest.raises(ValueError, match="images.max_pixels"):
+        load_image(bomb_png(tmp_path / "huge.png"), 32)
