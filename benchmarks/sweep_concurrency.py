@@ -7,7 +7,7 @@ on its device, not on the CPU) three ways and prints JSON plus a markdown table:
 
 - gpus [0,1]: launcher=gpus over two devices (the concurrent sweep),
 - gpus [0]:   launcher=gpus over one device (sequential, same fresh process per job),
-- basic:      Hydra's basic launcher (sequential, in one process: no per-job process).
+- basic:      steerexp's basic launcher (sequential, in one process, with the sweep markers: no per-job process).
 
 Concurrency = N / wall(gpus [0,1]) over N / wall(gpus [0]) (target >= 1.8x). Scheduling overhead
 per job = the launcher-measured time of a job (spawn, imports, unpickling the spec, run_job, markers)

@@ -43,3 +43,14 @@ def smoke_assets(tmp_path_factory) -> Path:
         cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={out}"])
     pretrain_run(cfg)
     return out
+
+
+def pickle_payload(marker: Path):
+    """An object whose unpickling runs a shell command that creates `marker` (if a load ever ran it)."""
+    import shlex
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {shlex.quote(str(marker))}",))
+
+    return Payload()

@@ -1,7 +1,6 @@
 """Nothing lost, nothing silently wrong: exact resume after SIGKILL, evaluating a checkpoint with
 technique.steps=0, clear errors for checkpoints that do not fit, and Ctrl-C that says how to resume."""
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from steerexp.errors import ConfigError
 from steerexp.run import run
-from tests.conftest import compose_config
+from tests.conftest import compose_config, pickle_payload
 
 STEERXP = str(Path(sys.executable).parent / "steerexp")
 # a short training run whose evaluation is tiny, so the test measures training
@@ -105,12 +104,8 @@ def test_checkpoints_load_without_pickle(shipped, tmp_path):
     """A .ckpt that carries a pickled object is refused (weights_only=True), and its code never runs."""
     marker = tmp_path / "pwned"
 
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {shlex.quote(str(marker))}",))
-
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": Payload()}, evil)
+    torch.save({"state_dict": {}, "payload": pickle_payload(marker)}, evil)
     with pytest.raises(ConfigError, match="not a readable weights-only checkpoint"):
         _run_in_process(tmp_path, ["technique.steps=0", f"ckpt_path={evil}"], "evil")
     assert not marker.exists()

@@ -1,7 +1,6 @@
 """A config cannot run arbitrary code: only allowlisted `_target_`s instantiate, and each payload
 that ran before is refused before it has any effect."""
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 
 from steerexp import safety
 from steerexp.errors import ConfigError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, pickle_payload
 
 STEERXP = str(Path(sys.executable).parent / "steerexp")
 
@@ -79,12 +78,8 @@ def test_torch_load_pickle_payload_never_runs(shipped, tmp_path):
 
     marker = tmp_path / "pwned"
 
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {shlex.quote(str(marker))}",))
-
     evil = tmp_path / "evil.pt"
-    torch.save({"x": Payload()}, evil)
+    torch.save({"x": pickle_payload(marker)}, evil)
     cfg = compose_config(["+evaluator.x._target_=torch.load", f"+evaluator.x.f={evil}", "+evaluator.x.weights_only=false"])
     with pytest.raises(ConfigError, match="evaluator.x._target_"):
         build(cfg)
