@@ -57,6 +57,7 @@ def test_config_errors_are_one_line_exit_2_in_seconds(tmp_path, args, key):
     assert out.stderr.startswith(f"steerexp: error: {key}: ") and out.stderr.count("\n") == 1, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert elapsed < CONFIG_ERROR_SECONDS, elapsed
+    assert not list(tmp_path.glob("outputs/*/*")), "a refused run leaves no run directory behind"
 
 
 @pytest.mark.parametrize("how", [["verbose=true"], []])

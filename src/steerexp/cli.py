@@ -85,10 +85,25 @@ def _config_error(err: ConfigError, cfg: DictConfig | None) -> None:
     sys.exit(2)
 
 
+def _drop_unused_run_dir() -> None:
+    """A single run refused by validation leaves no run dir behind (Hydra made it: .hydra/ and a log only)."""
+    import shutil
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _main(cfg: DictConfig) -> float | None:
     try:
         # the whole config, before torch, Lightning or any model loads (seconds, not minutes)
-        for warning in validate(cfg):
+        try:
+            warnings = validate(cfg)
+        except ConfigError:
+            if not _is_multirun():
+                _drop_unused_run_dir()
+            raise
+        for warning in warnings:
             print(f"steerexp: warning: {warning}", file=sys.stderr, flush=True)
         from steerexp.run import run
 
