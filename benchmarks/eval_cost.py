@@ -29,7 +29,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config")
     gen = load_generator(device="cpu")
-    ti = TextualInversion(gen, sampling_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale)
+    ti = TextualInversion(gen, sampling=cfg.sampling)
     ti.prepare()
     prompts, seeds = list(cfg.eval.prompts), list(cfg.eval.seeds)
     assert len(prompts) == 8 and len(seeds) == 8

@@ -17,7 +17,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 
 def measure(gen, cls, images: int, steps: int, scale: float, batch: int, **kw) -> dict:
-    tech = cls(gen, targets={"k": images, "seed": 0}, sampling_steps=steps, guidance_scale=scale, batch_size=batch, **kw)
+    tech = cls(gen, targets={"k": images, "seed": 0}, sampling={"steps": steps}, guidance_scale=scale,
+               batch_size=batch, **kw)
     tech.prepare()
     start = time.perf_counter()
     tech.compute()
@@ -46,13 +47,32 @@ def main() -> None:
     gen = load_generator(device="cpu")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        rows.append(measure(gen, NegativePromptInversion, args.images, args.steps, args.scale, batch) | {"early_stopping": None})
+        rows.append(
+            measure(gen, NegativePromptInversion, args.images, args.steps, args.scale, batch) | {"early_stopping": None}
+        )
         for es in (True, False):
-            rows.append(measure(gen, NullTextInversion, args.images, args.steps, args.scale, batch,
-                                inner_steps=args.inner, early_stopping=es) | {"early_stopping": es})
+            rows.append(
+                measure(
+                    gen,
+                    NullTextInversion,
+                    args.images,
+                    args.steps,
+                    args.scale,
+                    batch,
+                    inner_steps=args.inner,
+                    early_stopping=es,
+                )
+                | {"early_stopping": es}
+            )
     assert gen.unchanged()
-    info = {"images": args.images, "steps": args.steps, "inner_steps": args.inner, "guidance": args.scale,
-            "threads": torch.get_num_threads(), "rows": rows}
+    info = {
+        "images": args.images,
+        "steps": args.steps,
+        "inner_steps": args.inner,
+        "guidance": args.scale,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     print(json.dumps(info, indent=1))
     print("| method | batch | early stopping | s / image | inner steps / timestep | PSNR |")
     print("|---|---|---|---|---|---|")

@@ -64,8 +64,12 @@ def main() -> None:
         return
     res = {}
     for kind in ("floor", "ti"):
-        out = subprocess.run([sys.executable, __file__, "--kind", kind, "--batch", str(a.batch), "--steps", str(a.steps)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--kind", kind, "--batch", str(a.batch), "--steps", str(a.steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     res["ti_step_cost_vs_floor"] = res["floor"]["steps_per_s"] / res["ti"]["steps_per_s"]
     res["batch"] = a.batch

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
+import string
 import struct
 import subprocess
 import sys
@@ -25,6 +27,9 @@ from pathlib import Path
 
 from steerexp import ASSETS
 
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests' helpers: the same fixtures as the tests
+from tests.helpers.pipelines import pipeline_copy  # noqa: E402
+
 SHAPES = ASSETS / "shapes"
 TI = "steerexp.techniques.textual_inversion.TextualInversion"
 
@@ -32,19 +37,6 @@ TI = "steerexp.techniques.textual_inversion.TextualInversion"
 def steerexp_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("steerexp")
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "steerexp.cli"]
-
-
-def pipeline_copy(dst: Path) -> Path:
-    """The shipped pipeline folder with every file symlinked (cheap to break one file)."""
-    dst.mkdir(parents=True)
-    for p in SHAPES.rglob("*"):
-        target = dst / p.relative_to(SHAPES)
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(p)
-    return dst
 
 
 def fixtures(tmp: Path) -> dict[str, str]:
@@ -77,44 +69,55 @@ def fixtures(tmp: Path) -> dict[str, str]:
     return out
 
 
+# case | the overrides of its `steerexp` command (shell words; $NAME: a fixture path or a long prompt)
+CASES = """
+eval.seeds empty              | eval.seeds=[]
+eval.prompts empty            | eval.prompts=[]
+seed=abc                      | seed=abc
+eval.seeds not ints           | eval.seeds=[0,x]
+sampling.steps=0              | sampling.steps=0
+sampling.steps=5000           | sampling.steps=5000
+guidance_scale<0              | sampling.guidance_scale=-1
+guidance_scale=nan            | sampling.guidance_scale=nan
+prompt two slots              | "eval.prompts=['a {} next to a {}']"
+prompt {name}                 | "eval.prompts=['a {name}']"
+prompt without slot           | "eval.prompts=['a red circle']"
+prompt slot past 32 tokens    | "eval.prompts=['$long_prompt']"
+classifier folder missing     | scorers.classifier=/nonexistent/classifier
+user classifier missing       | scorers.user.path=/nonexistent/clf.pt scorers.user.classes=[a,b]
+targets.folder missing        | technique.targets.folder=/nonexistent/images
+objective image missing       | technique=prompt_delta objective=[clip_similarity]
+                                objective.terms.clip_similarity.text=null
+                                objective.terms.clip_similarity.image=/nonexistent/a.png
+technique.lr=nan              | technique.lr=nan
+technique.batch_size=0        | technique.batch_size=0
+trainer.checkpoint_every=-1   | trainer.checkpoint_every=-1
+technique.steps=-1            | technique.steps=-1
+technique.placeholder=''      | "technique.placeholder=''"
+generator.device=cuda, no GPU | generator.device=cuda
+sd path /nonexistent          | generator=sd generator.path=/nonexistent
+sd fp16 on CPU                | generator=sd generator.path=$shapes
+broken model_index.json       | generator.path=$broken_index
+truncated safetensors         | generator.path=$truncated
+ckpt_path missing             | ckpt_path=/nonexistent/last.ckpt
+ckpt of another technique     | ckpt_path=$ckpt_other_technique
+ckpt of num_vectors=2         | ckpt_path=$ckpt_num_vectors
+evaluator=[concpt]            | evaluator=[concpt]
+"""
+
+
 def cases(fx: dict[str, str]) -> list[tuple[str, list[str]]]:
-    long_prompt = "a photo of " + "a very " * 16 + "{}"
-    return [
-        ("eval.seeds empty", ["eval.seeds=[]"]),
-        ("eval.prompts empty", ["eval.prompts=[]"]),
-        ("seed=abc", ["seed=abc"]),
-        ("eval.seeds not ints", ["eval.seeds=[0,x]"]),
-        ("sampling.steps=0", ["sampling.steps=0"]),
-        ("sampling.steps=5000", ["sampling.steps=5000"]),
-        ("guidance_scale<0", ["sampling.guidance_scale=-1"]),
-        ("guidance_scale=nan", ["sampling.guidance_scale=nan"]),
-        ("prompt two slots", ["eval.prompts=['a {} next to a {}']"]),
-        ("prompt {name}", ["eval.prompts=['a {name}']"]),
-        ("prompt without slot", ["eval.prompts=['a red circle']"]),
-        ("prompt slot past 32 tokens", [f"eval.prompts=['{long_prompt}']"]),
-        ("eval.classifier missing", ["eval.classifier=/nonexistent/classifier"]),
-        ("evaluator classifier missing", ["evaluator.concept.classifier=/nonexistent/clf.pt"]),
-        ("objective classifier missing", ["technique=prompt_delta", "objective=[concept_score]",
-                                          "objective.terms.concept_score.classifier=/nonexistent/clf"]),
-        ("targets.folder missing", ["technique.targets.folder=/nonexistent/images"]),
-        ("objective image missing", ["technique=prompt_delta", "objective=[clip_similarity]",
-                                     "objective.terms.clip_similarity.text=null",
-                                     "objective.terms.clip_similarity.image=/nonexistent/a.png"]),
-        ("technique.lr=nan", ["technique.lr=nan"]),
-        ("technique.batch_size=0", ["technique.batch_size=0"]),
-        ("trainer.checkpoint_every=-1", ["trainer.checkpoint_every=-1"]),
-        ("technique.steps=-1", ["technique.steps=-1"]),
-        ("technique.placeholder=''", ["technique.placeholder=''"]),
-        ("generator.device=cuda, no GPU", ["generator.device=cuda"]),
-        ("sd path /nonexistent", ["generator=sd", "generator.path=/nonexistent"]),
-        ("sd fp16 on CPU", ["generator=sd", f"generator.path={SHAPES}"]),
-        ("broken model_index.json", [f"generator.path={fx['broken_index']}"]),
-        ("truncated safetensors", [f"generator.path={fx['truncated']}"]),
-        ("ckpt_path missing", ["ckpt_path=/nonexistent/last.ckpt"]),
-        ("ckpt of another technique", [f"ckpt_path={fx['ckpt_other_technique']}"]),
-        ("ckpt of num_vectors=2", [f"ckpt_path={fx['ckpt_num_vectors']}"]),
-        ("evaluator=[concpt]", ["evaluator=[concpt]"]),
-    ]
+    """(case, overrides) from CASES; a line that starts with spaces continues the previous case."""
+    values = dict(fx, shapes=str(SHAPES), long_prompt="a photo of " + "a very " * 16 + "{}")
+    rows: list[tuple[str, list[str]]] = []
+    for line in CASES.strip("\n").splitlines():
+        name, _, words = line.partition("|") if not line.startswith(" ") else ("", "", line)
+        args = [string.Template(w).safe_substitute(values) for w in shlex.split(words)]
+        if name.strip():
+            rows.append((name.strip(), args))
+        else:
+            rows[-1][1].extend(args)
+    return rows
 
 
 def run_case(args: list[str], cwd: Path, env: dict) -> tuple[float, int, str]:
@@ -149,7 +152,7 @@ def main() -> None:
             lines = err.splitlines()
             rows.append({"case": name, "seconds": round(secs, 2), "rc": rc, "lines": len(lines),
                          "message": lines[-1] if lines else ""})
-        print(f"| case | seconds | rc | stderr lines | message |\n|---|---|---|---|---|")
+        print("| case | seconds | rc | stderr lines | message |\n|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['case']} | {r['seconds']:.2f} | {r['rc']} | {r['lines']} | {r['message']} |")
         print(f"| `steerexp --help` | {statistics.median(help_times):.2f} | | | |")

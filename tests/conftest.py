@@ -9,21 +9,6 @@ from steerexp import ASSETS, conf_dir
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-# A tiny but complete run: few TI steps, 1 seed, 2 prompts, 4 sampling steps.
-TINY = [
-    "technique.steps=3",
-    "technique.batch_size=2",
-    "eval.seeds=[0,1]",
-    "eval.prompts=['a photo of a {}','a red {}']",
-    "sampling.steps=4",
-    "trainer.checkpoint_every=2",
-]
-
-
-def compose_config(overrides=()):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
 
 @pytest.fixture(scope="session")
 def shipped():
@@ -45,12 +30,9 @@ def smoke_assets(tmp_path_factory) -> Path:
     return out
 
 
-def pickle_payload(marker: Path):
-    """An object whose unpickling runs a shell command that creates `marker` (if a load ever ran it)."""
-    import shlex
+@pytest.fixture(scope="module")
+def gen(shipped):
+    """The shipped generator on the CPU, one per test module (tests may inject tokens into it)."""
+    from steerexp.generators import load_generator
 
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {shlex.quote(str(marker))}",))
-
-    return Payload()
+    return load_generator(device="cpu")

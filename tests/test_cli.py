@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def steerexp(args, cwd, env=None):

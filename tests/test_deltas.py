@@ -8,38 +8,25 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from steerexp.run import _instantiate, run
+from steerexp.run import _instantiate
 from steerexp.techniques.input_delta import InputDelta
-from tests.conftest import TINY, compose_config
+from tests.helpers import TINY, compose_config, tiny_run
 
 # 2 DDIM steps to optimise through, 3 training seeds, 1 eval prompt x 1 seed, no W&B.
 DELTA = TINY + [
     "technique=prompt_delta", "objective=[concept_score]", "technique.train_sampling_steps=2",
     "technique.train_seeds=[100,101,102]", "logger=none", "evaluator=[concept]",
-    "evaluator.concept.head=colour", "evaluator.concept.target=red",
+    "concept.head=colour", "concept.target=red",   # the objective's and the evaluator's target
     "eval.prompts=['a blue {}']", "eval.seeds=[0]", "sampling.steps=2",
 ]
-
-
-def tiny_run(tmp_path, extra=(), name="t"):
-    cfg = compose_config(DELTA + list(extra))
-    run_dir = tmp_path / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run(cfg, run_dir, name, "tests"), run_dir
-
-
-@pytest.fixture(scope="module")
-def gen(shipped):
-    from steerexp.generators import load_generator
-
-    return load_generator(device="cpu")
 
 
 def make(gen, extra=(), prepare=True):
     """The technique of a config, around the module's generator (the run flow's build, minus loading)."""
     cfg = compose_config(DELTA + list(extra))
     objective = _instantiate(cfg.objective)
-    technique = _instantiate(cfg.technique, generator=gen, objective=objective, _recursive_=False)
+    technique = _instantiate(cfg.technique, generator=gen, objective=objective, sampling=cfg.sampling,
+                             _recursive_=False)
     if prepare:
         technique.prepare()
     return technique
@@ -129,15 +116,38 @@ def test_objective_terms_compose_with_weights(gen):
     assert last["proximity"] > 0 and float(total) == pytest.approx(sum(last.values()), rel=1e-4)
 
 
+def test_denoising_composes_with_delta_l2_and_image_terms_need_images(gen):
+    """One objective protocol: objective=[denoising,delta_l2] is textual inversion plus an L2 on v* - v_init
+    (the one way to set L2); a term the technique cannot feed is one clear error."""
+    def make_ti(placeholder, objective):  # a placeholder of its own: the module's generator keeps added tokens
+        cfg = compose_config(TINY + ["technique.targets.k=2", f"technique.placeholder='{placeholder}'", *objective])
+        tech = _instantiate(cfg.technique, generator=gen, objective=_instantiate(cfg.objective), sampling=cfg.sampling,
+                            _recursive_=False)
+        tech.prepare()
+        return tech
+
+    tech = make_ti("<l2*>", ["objective=[denoising,delta_l2]", "objective.terms.delta_l2.weight=0.5"])
+    with torch.no_grad():
+        tech.embeddings.add_(0.1)
+        total = tech.training_loss(tech.batch_at(0))
+    last = tech.objective.last
+    assert set(last) == {"denoising", "delta_l2"}
+    assert last["delta_l2"] == pytest.approx(0.5 * float((tech.embeddings - tech.initial).pow(2).sum()), rel=1e-4)
+    assert float(total) == pytest.approx(sum(last.values()), rel=1e-4)
+    tech = make_ti("<img*>", ["objective=[concept_score]"])
+    with pytest.raises(ValueError, match="objective term 'concept_score' needs images"):
+        tech.training_loss(tech.batch_at(0))
+
+
 # ------------------------------------------------------------------ the run flow
 def test_deltas_file_reproduces_the_evaluated_edit(gen, tmp_path):
-    metrics, run_dir = tiny_run(tmp_path, ["technique=prompt_delta_latent_offset", "technique.steps=2"])
+    metrics, run_dir = tiny_run(tmp_path, ["technique=prompt_delta_latent_offset", "technique.steps=2"], base=DELTA)
     deltas = load_file(run_dir / "deltas.safetensors")
     assert set(deltas) == {"text_delta", "latent_delta"}  # only the deltas, never the generator
     assert metrics["generator/unchanged"] is True and metrics["delta_norm/text"] > 0
     fresh = make(gen, ["technique=prompt_delta_latent_offset"])
     fresh.load_deltas(deltas)
-    from steerexp.eyes.classifier import ConceptClassifier
+    from steerexp.scorers.classifier import ConceptClassifier
 
     clf = ConceptClassifier.from_pretrained()
     images = fresh.generate(["a blue {}"], [0], edited=True)
@@ -147,7 +157,7 @@ def test_deltas_file_reproduces_the_evaluated_edit(gen, tmp_path):
 
 
 def test_resume_continues_from_the_checkpointed_deltas(shipped, tmp_path, monkeypatch):
-    _, first = tiny_run(tmp_path, ["technique.steps=4"], name="first")
+    _, first = tiny_run(tmp_path, ["technique.steps=4"], name="first", base=DELTA)
     ckpt = first / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     assert saved["global_step"] == 4 and set(saved["state_dict"]) == {"text_delta"}
@@ -159,7 +169,7 @@ def test_resume_continues_from_the_checkpointed_deltas(shipped, tmp_path, monkey
         original(self)
 
     monkeypatch.setattr(InputDelta, "on_train_start", record)
-    _, second = tiny_run(tmp_path, ["technique.steps=6", f"ckpt_path={ckpt}"], name="second")
+    _, second = tiny_run(tmp_path, ["technique.steps=6", f"ckpt_path={ckpt}"], name="second", base=DELTA)
     assert torch.equal(started["text_delta"], saved["state_dict"]["text_delta"])
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
@@ -185,22 +195,51 @@ def test_strength_zero_is_exactly_the_baseline(gen):
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("extra, error, match", [
-    (["technique.budget.eps_text=-1"], ValueError, "eps_text must be positive"),
-    (["technique=latent_offset", "technique.budget.eps_z=-0.5"], ValueError, "eps_z must be positive"),
-    (["technique.train_sampling_steps=0"], ValueError, "train_sampling_steps must be >= 1"),
-    (["sampling.steps=0"], ValueError, "sampling_steps must be >= 1"),
-    (["objective.terms.concept_score.head=hue"], ValueError, r"unknown head 'hue'.*colour"),
-    (["objective.terms.concept_score.target=crimson"], ValueError, r"unknown colour 'crimson'.*red"),
-    (["objective=clip_similarity", "objective.terms.clip_similarity.text=null",
-      "objective.terms.clip_similarity.image=/nowhere/target.png"], FileNotFoundError, "image not found: /nowhere"),
-    (["objective=reconstruction", "objective.terms.reconstruction.scene.colour=teal"], ValueError, "unknown colour 'teal'"),
-    (["objective=denoising"], ValueError, "needs an image objective"),
-    (["technique.tokens=green"], ValueError, "does not occur in training prompt"),
-    (["technique=prompt_delta_latent_offset", "technique.budget.joint=true", "technique.budget.eps_z=null"],
-     ValueError, "joint shares one budget"),
-], ids=["neg-eps-text", "neg-eps-z", "zero-train-steps", "zero-steps", "head", "attribute", "clip-image",
-        "scene", "denoising", "word", "joint"])
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        (["technique.budget.eps_text=-1"], ValueError, "eps_text must be positive"),
+        (["technique=latent_offset", "technique.budget.eps_z=-0.5"], ValueError, "eps_z must be positive"),
+        (["technique.train_sampling_steps=0"], ValueError, "train_sampling_steps must be >= 1"),
+        (["sampling.steps=0"], ValueError, "sampling.steps must be >= 1"),
+        (["objective.terms.concept_score.head=hue"], ValueError, r"unknown head 'hue'.*colour"),
+        (["objective.terms.concept_score.target=crimson"], ValueError, r"unknown colour 'crimson'.*red"),
+        (
+            [
+                "objective=clip_similarity",
+                "objective.terms.clip_similarity.text=null",
+                "objective.terms.clip_similarity.image=/nowhere/target.png",
+            ],
+            FileNotFoundError,
+            "image not found: /nowhere",
+        ),
+        (
+            ["objective=reconstruction", "objective.terms.reconstruction.scene.colour=teal"],
+            ValueError,
+            "unknown colour 'teal'",
+        ),
+        (["objective=denoising"], ValueError, "needs an image objective"),
+        (["technique.tokens=green"], ValueError, "does not occur in training prompt"),
+        (
+            ["technique=prompt_delta_latent_offset", "technique.budget.joint=true", "technique.budget.eps_z=null"],
+            ValueError,
+            "joint shares one budget",
+        ),
+    ],
+    ids=[
+        "neg-eps-text",
+        "neg-eps-z",
+        "zero-train-steps",
+        "zero-steps",
+        "head",
+        "attribute",
+        "clip-image",
+        "scene",
+        "denoising",
+        "word",
+        "joint",
+    ],
+)
 def test_bad_input_is_rejected_before_training(gen, extra, error, match):
     with pytest.raises(error, match=match):
         make(gen, extra)  # the config's own instantiation and prepare(), as the run flow does before any training

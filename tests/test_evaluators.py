@@ -7,20 +7,20 @@ import torch
 
 from steerexp.evaluators.base import EvalContext
 from steerexp.evaluators.leakage import Leakage
-from steerexp.evaluators.memorisation import Memorisation, nn_rms
+from steerexp.evaluators.memorisation import Memorisation
 from steerexp.evaluators.concept import Concept
 from steerexp.evaluators.quality import saturation
-from steerexp.generators import load_generator
+from steerexp.images import nn_rms
 from steerexp.techniques.base import TrainingFree
 from steerexp.worlds.shapes import world
-from tests.test_runner import tiny_run
+from tests.helpers import tiny_run
 
 
 class PromptEdit(TrainingFree):
     """A test technique: the edit rewrites the prompt (identity for the null edit)."""
 
     def __init__(self, generator, rewrite):
-        super().__init__(generator, sampling_steps=8)
+        super().__init__(generator, sampling={"steps": 8})
         self.rewrite = rewrite
 
     def generate(self, prompts, seeds, edited):
@@ -31,10 +31,6 @@ class PromptEdit(TrainingFree):
 def all_red(prompt):
     return " ".join("red" if w in world.COLOURS else w for w in prompt.split())
 
-
-@pytest.fixture(scope="module")
-def gen(shipped):
-    return load_generator(device="cpu")
 
 
 def test_leakage_catches_a_planted_leak_and_passes_a_null_edit(gen):
@@ -121,23 +117,31 @@ class Brightness(torch.nn.Module):
 def test_concept_accepts_a_torchscript_user_classifier(gen, tmp_path):
     path = tmp_path / "bright.pt"
     torch.jit.script(Brightness()).save(str(path))
+    from steerexp import scorers
+
+    user = scorers.build({"user": {"path": str(path), "classes": ["dark", "bright"]}})
     ctx = EvalContext(PromptEdit(gen, lambda p: p.replace("black", "white")),
-                      ["a large red {} on a black background"], [0, 1, 2, 3])
-    m = Concept(target="bright", classifier=str(path), classes=["dark", "bright"]).evaluate(ctx).metrics
+                      ["a large red {} on a black background"], [0, 1, 2, 3], scorers=user)
+    m = Concept(target="bright").evaluate(ctx).metrics  # scorers.user set: the concept evaluator's judge
     paired = ctx.paired()
     bright = lambda imgs: float((Brightness()(imgs).softmax(-1)[:, 1] >= 0.5).float().mean())
     assert m["concept/target_rate/baseline"] == pytest.approx(bright(paired.baseline))
     assert m["concept/target_rate/edited"] == pytest.approx(bright(paired.edited))
     assert m["concept/score_mean/edited"] > m["concept/score_mean/baseline"]  # white backgrounds are brighter
+    assert "concept/attribute_agreement/colour/edited" not in m  # a one-head judge reads nothing else
+    ctx.scorers = scorers.build({"user": {"path": str(path), "classes": ["dark"]}})
     with pytest.raises(ValueError, match="classes must list the target"):
-        Concept(target="bright", classifier=str(path), classes=["dark"]).evaluate(ctx)
+        Concept(target="bright").evaluate(ctx)
+    shipped = Concept(target="bright", scorer="classifier")  # the judge by name, whatever else is set
+    with pytest.raises(ValueError, match="unknown shape 'bright'"):
+        shipped.evaluate(ctx)
 
 
 def test_clip_evaluator_uses_the_model_it_is_given(gen, shipped, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from steerexp.evaluators.clip import Clip
-    from steerexp.eyes.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from steerexp.scorers.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
     ctx = EvalContext(PromptEdit(gen, lambda p: p), ["a red {}"], [0, 1])
     default = Clip().evaluate(ctx).metrics

@@ -10,12 +10,8 @@ from transformers import CLIPTokenizer
 from steerexp.generators import FrozenGenerator, GeneratorChangedError, Guidance, load_generator
 from steerexp.pretrain import generator as pg
 from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
-
-@pytest.fixture(scope="module")
-def gen(shipped):
-    return load_generator(device="cpu")
 
 
 def test_shipped_folder_loads_with_diffusers(shipped):
@@ -145,8 +141,8 @@ def test_unknown_config_option_lists_the_choices():
 
 
 def test_smoke_pretraining_builds_loadable_assets(smoke_assets):
-    from steerexp.eyes.classifier import ConceptClassifier
-    from steerexp.eyes.clip import CLIPScorer
+    from steerexp.scorers.classifier import ConceptClassifier
+    from steerexp.scorers.clip import CLIPScorer
 
     pipe = StableDiffusionPipeline.from_pretrained(smoke_assets / "shapes")
     assert pipe.unet is not None

@@ -217,27 +217,30 @@ def test_policy_accepts_config_values():
     assert configure() == ImagePolicy()
 
 
-def test_targets_loaders_use_the_policy(tmp_path, caplog):
-    from steerexp.targets import load_folder, load_image, read_rgb
+def test_tensor_loaders_use_the_policy(tmp_path, caplog):
+    from steerexp.images import load_folder, load_image
     folder = tmp_path / "targets"
     folder.mkdir()
     stripes(folder)
     Image.fromarray(np.full((16, 16), 32896, np.uint16)).save(folder / "grey16.png")
     with caplog.at_level(logging.WARNING, "steerexp.images"):
-        batch, names = load_folder(folder, 16)
+        batch, names = load_folder(folder, 16, KEY)
     assert names == ["grey16.png", "wide.png"] and tuple(batch.shape) == (2, 3, 16, 16)
     assert abs(batch[0].mean().item() - 128 / 255) < 1e-3
     assert batch[1, 1].min().item() > 0.99 and batch[1, 0].max().item() < 0.01  # green: cropped, not squashed
     assert len(warnings_of(caplog)) == 2
     assert tuple(load_image(folder / "wide.png", "objective reconstruction.image").shape) == (1, 3, 32, 64)
-    assert read_rgb(folder / "grey16.png", KEY).getpixel((0, 0)) == (128, 128, 128)
+    assert read_image(folder / "grey16.png", KEY)[0, 0].tolist() == [128, 128, 128]
     save(np.zeros((2, 2, 3), np.uint8), folder / "dot.png")
     with pytest.raises(ValueError, match=r"technique\.exemplars: .*dot\.png is 2x2.*images\.min_side"):
         load_folder(folder, 16, key="technique.exemplars")
 
 
-def test_inversion_loader_uses_the_shared_decoding(tmp_path, caplog):
-    from steerexp.techniques.ddim_inversion import load_image
+def test_strict_reading_for_inversion_uses_the_shared_decoding(tmp_path, caplog):
+    def load_image(path, resolution, resize=False, convert=False):  # as DDIMInversion.load_targets reads files
+        return read_image(path, "technique.targets.files", resolution, switches="technique.targets",
+                          resize=resize, convert=convert)
+
     Image.fromarray(np.full((32, 32), 32896, np.uint16)).save(tmp_path / "grey16.png")
     with pytest.raises(ValueError, match=r"technique\.targets\.files: .*mode I;16.*convert"):
         load_image(tmp_path / "grey16.png", 32)
@@ -251,3 +254,37 @@ def test_inversion_loader_uses_the_shared_decoding(tmp_path, caplog):
     assert any("centre-cropped" in line for line in warnings_of(caplog))
     with pytest.raises(ValueError, match="images.max_pixels"):
         load_image(bomb_png(tmp_path / "huge.png"), 32)
+
+
+def test_importing_images_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, steerexp.images; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_tensors_grids_png_and_distances(tmp_path):
+    import torch
+
+    from steerexp.images import image_grid, nn_rms, rms_distances, save_png, side_by_side_grid, to_tensor
+
+    x = to_tensor(np.full((2, 4, 6, 3), 255, np.uint8))
+    assert tuple(x.shape) == (2, 3, 4, 6) and x.dtype == torch.float32 and float(x.min()) == 1.0
+
+    class Paired:  # 2 prompts x 3 seeds
+        baseline, edited = torch.zeros(6, 3, 4, 4), torch.ones(6, 3, 4, 4)
+
+    grid = side_by_side_grid(Paired, n_seeds=3, gap=2)
+    assert tuple(grid.shape) == (3, 2 * (4 + 2), 3 * 4 + 4 + 3 * 4)
+    assert float(grid[:, :4, :12].max()) == 0.0 and float(grid[:, :4, 16:].min()) == 1.0
+    columns = [torch.zeros(5, 3, 4, 4), torch.ones(5, 3, 4, 8)]
+    assert tuple(image_grid(columns, rows=2, gap=2).shape) == (3, 4 + 2 + 4, 4 + 2 + 8)
+    save_png(tmp_path / "samples" / "g.png", grid)
+    assert Image.open(tmp_path / "samples" / "g.png").size == (2 * grid.shape[-1], 2 * grid.shape[-2])
+    refs = torch.stack([torch.zeros(3, 4, 4), torch.full((3, 4, 4), 0.5)])
+    d = rms_distances(torch.full((1, 3, 8, 8), 0.25), refs)  # resized to the refs' size
+    assert d.shape == (1, 2) and torch.allclose(d, torch.tensor([[0.25, 0.25]]))
+    assert float(nn_rms(torch.full((1, 3, 4, 4), 0.4), refs)) == pytest.approx(0.1)

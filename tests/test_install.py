@@ -56,5 +56,7 @@ def test_every_direct_dependency_has_an_upper_bound():
         if req.name == "steerexp":
             continue
         ops = {spec.operator for spec in req.specifier}
-        assert ops & {"<", "<=", "==", "~="}, f"{text!r} has no upper bound: a future release could break a fresh install"
+        assert ops & {"<", "<=", "==", "~="}, (
+            f"{text!r} has no upper bound: a future release could break a fresh install"
+        )
         assert not any(Version(spec.version).is_prerelease for spec in req.specifier if "*" not in spec.version), text

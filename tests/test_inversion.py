@@ -10,20 +10,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from steerexp.generators import load_generator
 from steerexp.run import run
 from steerexp.techniques.ddim_inversion import DDIMInversion
 from steerexp.techniques.negative_prompt_inversion import NegativePromptInversion
 from steerexp.techniques.null_text_inversion import NullTextInversion
 from steerexp.worlds.shapes import world
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 STEPS = 6
 
-
-@pytest.fixture(scope="module")
-def gen(shipped):
-    return load_generator(device="cpu")
 
 
 def psnr(images, originals) -> float:
@@ -31,7 +26,7 @@ def psnr(images, originals) -> float:
 
 
 def test_ddim_inversion_reconstructs_better_at_w1_than_at_w75(gen):
-    tech = DDIMInversion(gen, targets={"k": 3, "seed": 5}, sampling_steps=STEPS)
+    tech = DDIMInversion(gen, targets={"k": 3, "seed": 5}, sampling={"steps": STEPS})
     tech.prepare()
     tech.compute()
     assert tech.latents_T.shape == (3, *gen.latent_shape())
@@ -42,7 +37,8 @@ def test_ddim_inversion_reconstructs_better_at_w1_than_at_w75(gen):
 
 
 def test_nti_loss_falls_and_beats_ddim_inversion_at_the_same_w(gen, tmp_path):
-    kw = dict(targets={"k": 2, "seed": 3}, sampling_steps=STEPS, guidance_scale=5.0, inner_steps=5, early_stopping=False)
+    kw = dict(targets={"k": 2, "seed": 3}, sampling={"steps": STEPS}, guidance_scale=5.0, inner_steps=5,
+              early_stopping=False)
     nti = NullTextInversion(gen, **kw)
     nti.prepare()
     nti.compute()
@@ -64,7 +60,7 @@ def test_nti_loss_falls_and_beats_ddim_inversion_at_the_same_w(gen, tmp_path):
 
 def test_nti_early_stopping_and_batching(gen):
     """Early stopping takes fewer inner steps; a batch of 2 gives each image what it gets alone."""
-    kw = dict(targets={"k": 2, "seed": 3}, sampling_steps=4, guidance_scale=5.0, inner_steps=4)
+    kw = dict(targets={"k": 2, "seed": 3}, sampling={"steps": 4}, guidance_scale=5.0, inner_steps=4)
     stop = NullTextInversion(gen, early_stop=0.05, **kw)
     stop.prepare()
     stop.compute()
@@ -79,8 +75,8 @@ def test_nti_early_stopping_and_batching(gen):
 
 
 def test_npi_needs_no_gradient_and_reconstructs_like_ddim_w1(gen):
-    npi = NegativePromptInversion(gen, targets={"k": 2, "seed": 5, "fixed": {"colour": "red"}}, sampling_steps=STEPS,
-                                  guidance_scale=7.5)
+    npi = NegativePromptInversion(gen, targets={"k": 2, "seed": 5, "fixed": {"colour": "red"}},
+                                  sampling={"steps": STEPS}, guidance_scale=7.5)
     assert not any(p.requires_grad for p in npi.parameters())
     with torch.no_grad():  # the whole inversion runs without autograd
         npi.prepare()
@@ -102,7 +98,7 @@ def test_bad_inputs_give_clear_errors(gen, tmp_path):
     Image.fromarray(ok).convert("RGBA").save(tmp_path / "rgba.png")
 
     def prepared(files, **targets):
-        t = DDIMInversion(gen, targets={"files": files, "prompts": "a red circle", **targets}, sampling_steps=2)
+        t = DDIMInversion(gen, targets={"files": files, "prompts": "a red circle", **targets}, sampling={"steps": 2})
         t.prepare()
         return t
 
@@ -117,11 +113,11 @@ def test_bad_inputs_give_clear_errors(gen, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         prepared(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="prompts"):
-        DDIMInversion(gen, targets={"files": [str(tmp_path / "ok.png")]}, sampling_steps=2).prepare()
-    with pytest.raises(ValueError, match="sampling_steps.*must be >= 1, got 0"):
-        DDIMInversion(gen, sampling_steps=0)
+        DDIMInversion(gen, targets={"files": [str(tmp_path / "ok.png")]}, sampling={"steps": 2}).prepare()
+    with pytest.raises(ValueError, match="sampling.steps.*must be >= 1, got 0"):
+        DDIMInversion(gen, sampling={"steps": 0})
     with pytest.raises(ValueError, match="colour='pink'"):
-        DDIMInversion(gen, targets={"k": 1, "fixed": {"colour": "pink"}}, sampling_steps=2).prepare()
+        DDIMInversion(gen, targets={"k": 1, "fixed": {"colour": "pink"}}, sampling={"steps": 2}).prepare()
     with pytest.raises(ValueError, match="inner_steps"):
         NullTextInversion(gen, inner_steps=0)
     with pytest.raises(ValueError, match="changes no word"):

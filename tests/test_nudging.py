@@ -7,25 +7,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steerexp.evaluators.memorisation import nn_rms
-from steerexp.generators import load_generator
+from steerexp.images import nn_rms
 from steerexp.run import run
 from steerexp.techniques.nudging import Nudging
 from steerexp.worlds.shapes import world
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 PROTECTED = world.PROTECTED_CAPTIONS[0]   # "the emblem of the northern guild"
 ORDINARY = "a red circle on the left"
 STEPS = 8                                 # the shipped generator already reproduces protected images at 8 DDIM steps
 
 
-@pytest.fixture(scope="module")
-def gen(shipped):
-    return load_generator(device="cpu")
-
 
 def small(gen, **kw):
-    args = dict(sampling_steps=STEPS, guidance_scale=5.0, opt_sampling_steps=STEPS, opt_steps=4, rounds=3)
+    args = dict(sampling={"steps": STEPS, "guidance_scale": 5.0}, opt_sampling_steps=STEPS, opt_steps=4, rounds=3)
     return Nudging(gen, **{**args, **kw})
 
 

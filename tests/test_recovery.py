@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from steerexp.errors import ConfigError
 from steerexp.run import run
-from tests.conftest import compose_config, pickle_payload
+from tests.helpers import compose_config, pickle_payload
 
 STEERXP = str(Path(sys.executable).parent / "steerexp")
 # a short training run whose evaluation is tiny, so the test measures training
@@ -82,7 +82,9 @@ def test_steps_zero_with_a_checkpoint_evaluates_its_deltas(shipped, tmp_path):
     learned = load_file(trained / "deltas.safetensors")["embeddings"]
     assert not torch.equal(learned, load_file(trained / "deltas.safetensors")["initial"])
     for source in (trained / "checkpoints" / "last.ckpt", trained / "deltas.safetensors"):
-        metrics, evaluated = _run_in_process(tmp_path, ["technique.steps=0", f"ckpt_path={source}"], f"eval_{source.suffix[1:]}")
+        metrics, evaluated = _run_in_process(
+            tmp_path, ["technique.steps=0", f"ckpt_path={source}"], f"eval_{source.suffix[1:]}"
+        )
         assert torch.equal(load_file(evaluated / "deltas.safetensors")["embeddings"], learned)
         assert "concept/target_rate/edited" in metrics
         assert not (evaluated / "checkpoints").exists()  # nothing was trained
@@ -95,7 +97,11 @@ def test_checkpoints_that_do_not_fit_are_one_clear_error(shipped, tmp_path):
     with pytest.raises(ConfigError, match=r"technique.num_vectors=2 there, 1 here.*set technique.num_vectors"):
         _run_in_process(tmp_path, ["technique.steps=4", f"ckpt_path={ckpt}"], "one")
     with pytest.raises(ConfigError, match=r"ckpt_path.*written by steerexp.techniques.textual_inversion"):
-        _run_in_process(tmp_path, ["technique=prompt_delta", "objective=[concept_score]", "technique.steps=0", f"ckpt_path={ckpt}"], "other")
+        _run_in_process(
+            tmp_path,
+            ["technique=prompt_delta", "objective=[concept_score]", "technique.steps=0", f"ckpt_path={ckpt}"],
+            "other",
+        )
     with pytest.raises(ConfigError, match="ckpt_path: checkpoint not found"):
         _run_in_process(tmp_path, ["technique.steps=0", f"ckpt_path={tmp_path / 'nope.ckpt'}"], "missing")
 

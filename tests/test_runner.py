@@ -6,16 +6,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from steerexp.run import run
 from steerexp.techniques.base import NaNLossError
-from tests.conftest import TINY, compose_config
-
-
-def tiny_run(tmp_path, extra=(), name="t"):
-    cfg = compose_config(TINY + list(extra))
-    run_dir = tmp_path / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run(cfg, run_dir, name, "tests"), run_dir
+from tests.helpers import TINY, compose_config, tiny_run
 
 
 def test_every_config_option_instantiates(shipped, tmp_path):
@@ -24,7 +16,9 @@ def test_every_config_option_instantiates(shipped, tmp_path):
     from steerexp.run import build
 
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in conf_dir().iterdir() if p.is_dir()}
-    assert {"generator", "technique", "objective", "evaluator", "logger", "trainer", "launcher", "experiment"} <= set(groups)
+    assert {"generator", "technique", "objective", "evaluator", "logger", "trainer", "launcher", "experiment"} <= set(
+        groups
+    )
     cfg = compose_config([f"evaluator=[{','.join(groups['evaluator'])}]"])
     generator, technique, evaluators = build(cfg)
     assert len(evaluators) == len(groups["evaluator"])
@@ -37,6 +31,9 @@ def test_every_config_option_instantiates(shipped, tmp_path):
         assert compose_config([f"logger={option}"]).logger.mode in ("offline", "online", "disabled")
     for option in groups["trainer"]:
         assert compose_config([f"trainer={option}"]).trainer.checkpoint_every > 0
+    for option in groups["callbacks"]:  # Lightning callbacks by _target_ (allowlisted)
+        callbacks = compose_config([f"callbacks={option}"]).get("callbacks") or {}
+        assert all(instantiate(node) is not None for node in callbacks.values())
     for option in groups["launcher"]:
         compose_config([f"launcher={option}"])  # composes (it selects Hydra's launcher)
     for option in groups["experiment"]:
@@ -47,10 +44,20 @@ def test_tiny_textual_inversion_run_writes_the_run_directory(shipped, tmp_path):
     metrics, run_dir = tiny_run(tmp_path)
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk["generator/unchanged"] is True and on_disk["run/seconds"] > 0
-    for key in ("concept/target_rate/baseline", "concept/target_rate/edited", "concept/paired_diff/mean",
-                "concept/wilcoxon_p", "leakage/flip_rate", "leakage/pixel_rms", "leakage/passed",
-                "clip/text_similarity/edited", "clip/image_similarity/edited", "memorisation/nn_rms/min",
-                "params/trainable", "params/frozen"):
+    for key in (
+        "concept/target_rate/baseline",
+        "concept/target_rate/edited",
+        "concept/paired_diff/mean",
+        "concept/wilcoxon_p",
+        "leakage/flip_rate",
+        "leakage/pixel_rms",
+        "leakage/passed",
+        "clip/text_similarity/edited",
+        "clip/image_similarity/edited",
+        "memorisation/nn_rms/min",
+        "params/trainable",
+        "params/frozen",
+    ):
         assert key in on_disk, key
     assert all(isinstance(v, (int, float, bool)) for v in on_disk.values())
     assert on_disk["params/trainable"] == 64 and on_disk["params/frozen"] > 1_000_000
@@ -82,7 +89,9 @@ def test_training_moves_only_the_new_rows_and_lowers_the_loss(shipped, tmp_path)
     opt = torch.optim.Adam([technique.embeddings], lr=5e-3)
     for _ in range(60):
         loss = technique.training_loss(batch)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     assert fixed() < before
     assert generator.unchanged()
 
@@ -117,8 +126,8 @@ def test_multi_vector_placeholder_adds_diffusers_style_tokens(shipped):
     _, technique, _ = build(compose_config(TINY + ["technique.num_vectors=3"]))
     technique.prepare()
     assert technique.tokens == ["<v*>", "<v*>_1", "<v*>_2"]
-    assert technique.prompt("a {}", edited=True) == "a <v*> <v*>_1 <v*>_2"
-    assert technique.prompt("a {}", edited=False) == "a star"
+    assert technique.fill("a {}", edited=True) == "a <v*> <v*>_1 <v*>_2"
+    assert technique.fill("a {}", edited=False) == "a star"
 
 
 def test_budget_clip_keeps_the_delta_inside_the_ball(shipped, tmp_path):
@@ -132,8 +141,8 @@ def test_budget_clip_keeps_the_delta_inside_the_ball(shipped, tmp_path):
 def test_negative_budget_is_rejected_before_work(shipped, tmp_path):
     with pytest.raises(ValueError, match="max_norm must be positive"):
         tiny_run(tmp_path, ["technique.budget.max_norm=-1"])
-    with pytest.raises(ValueError, match="l2 must be >= 0"):
-        tiny_run(tmp_path, ["technique.budget.l2=-0.1"])
+    with pytest.raises(ValueError, match="l2 is not a budget.*delta_l2"):  # L2 is the delta_l2 objective term
+        tiny_run(tmp_path, ["+technique.budget.l2=0.1"])
 
 
 def test_zero_target_images_is_rejected(shipped, tmp_path):
@@ -217,8 +226,14 @@ def test_a_failing_evaluation_keeps_the_trained_deltas_and_closes_the_run(shippe
 
 
 def test_magnitude_sweep_of_the_ti_strength(shipped, tmp_path):
-    metrics, run_dir = tiny_run(tmp_path, ["evaluator=[magnitude]", "evaluator.magnitude.strengths=[0,1]",
-                                           "evaluator.magnitude.leakage_prompts=['a green square at the top']"])
+    metrics, run_dir = tiny_run(
+        tmp_path,
+        [
+            "evaluator=[magnitude]",
+            "evaluator.magnitude.strengths=[0,1]",
+            "evaluator.magnitude.leakage_prompts=['a green square at the top']",
+        ],
+    )
     assert metrics["magnitude/flip_rate/0"] == 0.0  # strength 0 of a token edit touches nothing unrelated
     assert {"magnitude/target_rate/0", "magnitude/target_rate/1", "magnitude/sweet_spot_found"} <= set(metrics)
     assert (run_dir / "samples" / "magnitude.png").is_file()

@@ -10,7 +10,7 @@ import torch
 
 from steerexp import safety
 from steerexp.errors import ConfigError
-from tests.conftest import compose_config, pickle_payload
+from tests.helpers import compose_config, pickle_payload
 
 STEERXP = str(Path(sys.executable).parent / "steerexp")
 
@@ -80,7 +80,9 @@ def test_torch_load_pickle_payload_never_runs(shipped, tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"x": pickle_payload(marker)}, evil)
-    cfg = compose_config(["+evaluator.x._target_=torch.load", f"+evaluator.x.f={evil}", "+evaluator.x.weights_only=false"])
+    cfg = compose_config(
+        ["+evaluator.x._target_=torch.load", f"+evaluator.x.f={evil}", "+evaluator.x.weights_only=false"]
+    )
     with pytest.raises(ConfigError, match="evaluator.x._target_"):
         build(cfg)
     assert not marker.exists()
@@ -116,9 +118,9 @@ def test_the_user_opts_in_from_the_environment_only(monkeypatch):
 
 
 def test_a_user_classifier_factory_is_code_and_needs_the_allowlist(monkeypatch):
-    from steerexp.evaluators.concept import load_user_classifier
+    from steerexp.scorers import load_user_classifier
 
-    with pytest.raises(ConfigError, match="evaluator.concept.classifier.*'os.system'"):
+    with pytest.raises(ConfigError, match="scorers.user.path.*'os.system'"):
         load_user_classifier("os:system")
 
 

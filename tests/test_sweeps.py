@@ -352,7 +352,8 @@ def test_wandb_run_id_is_deterministic_per_sweep_job(tmp_path):
         HydraConfig.instance().cfg = OmegaConf.create(
             {"hydra": {"mode": "MULTIRUN", "sweep": {"dir": str(tmp_path / "sweep")}, "job": {"num": 3}}})
         assert default_run_id() == a
-        HydraConfig.instance().cfg = OmegaConf.create({"hydra": {"mode": "RUN", "sweep": {"dir": "x"}, "job": {"num": 0}}})
+        HydraConfig.instance().cfg = OmegaConf.create(
+            {"hydra": {"mode": "RUN", "sweep": {"dir": "x"}, "job": {"num": 0}}})
         assert default_run_id() is None  # single runs: W&B picks a fresh id
     finally:
         HydraConfig.instance().cfg = previous
@@ -360,12 +361,32 @@ def test_wandb_run_id_is_deterministic_per_sweep_job(tmp_path):
 
 def test_real_steerexp_optuna_trial_on_the_gpus_launcher(shipped, tmp_path):
     """One real (tiny) steerexp job through launcher=gpus + hparams_search=optuna: the objective comes back."""
-    out = subprocess.run([sys.executable, "-m", "steerexp.cli", "-m", "technique=embedding_arithmetic", "launcher=gpus",
-                          "hydra.launcher.devices=[0]", "hparams_search=optuna", "hydra.sweeper.n_trials=1",
-                          "evaluator=[concept,leakage]", "evaluator.concept.head=size", "evaluator.concept.target=large",
-                          "evaluator.leakage.head=size", "evaluator.leakage.target=large", "logger=none",
-                          "sampling.steps=2", "eval.seeds=[0]", "eval.prompts=['a small red circle']"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steerexp.cli",
+            "-m",
+            "technique=embedding_arithmetic",
+            "launcher=gpus",
+            "hydra.launcher.devices=[0]",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=1",
+            "evaluator=[concept,leakage]",
+            "evaluator.concept.head=size",
+            "evaluator.concept.target=large",
+            "evaluator.leakage.head=size",
+            "evaluator.leakage.target=large",
+            "logger=none",
+            "sampling.steps=2",
+            "eval.seeds=[0]",
+            "eval.prompts=['a small red circle']",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = the_sweep(tmp_path)
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())

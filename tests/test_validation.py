@@ -15,7 +15,8 @@ from steerexp import ASSETS
 from steerexp.errors import ConfigError
 from steerexp.validate import (SlotTokenizer, check_group_overrides, gpu_count, read_checkpoint_info, slot_tokenizer,
                                validate)
-from tests.conftest import compose_config
+from tests.helpers import compose_config
+from tests.helpers.pipelines import pipeline_copy
 
 SHAPES = ASSETS / "shapes"
 TI = "steerexp.techniques.textual_inversion.TextualInversion"
@@ -33,18 +34,6 @@ def error(overrides, key=None) -> ConfigError:
 
 def ok(overrides=()) -> list[str]:
     return validate(compose_config(list(overrides)))
-
-
-def pipeline_copy(dst: Path) -> Path:
-    """The shipped pipeline folder with every file symlinked, so one file can be replaced cheaply."""
-    for p in SHAPES.rglob("*"):
-        target = dst / p.relative_to(SHAPES)
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(p)
-    return dst
 
 
 def replace(path: Path, data: bytes | str) -> None:
@@ -65,7 +54,7 @@ def test_every_shipped_config_validates_without_heavy_imports():
 
 
 def test_validate_imports_nothing_heavy():
-    code = ("import sys; from tests.conftest import compose_config; from steerexp.validate import validate; "
+    code = ("import sys; from tests.helpers import compose_config; from steerexp.validate import validate; "
             "validate(compose_config([])); validate(compose_config(['generator=sd', "
             f"'generator.path={SHAPES}', 'generator.dtype=fp32', 'generator.device=cpu']));"
             "print([m for m in ('torch', 'lightning', 'diffusers', 'transformers') if m in sys.modules])")
@@ -76,33 +65,41 @@ def test_validate_imports_nothing_heavy():
 
 
 # ---------------------------------------------------------------------------- seeds and prompt lists
-@pytest.mark.parametrize("overrides,key", [
-    (["eval.seeds=[]"], "eval.seeds"),
-    (["eval.prompts=[]"], "eval.prompts"),
-    (["seed=abc"], "seed"),
-    (["seed=-1"], "seed"),
-    (["eval.seeds=[0,x]"], "eval.seeds[1]"),
-    (["eval.seeds=[0,1.5]"], "eval.seeds[1]"),
-    (["eval.seeds=3"], "eval.seeds"),
-    (["eval.prompts='a {}'"], "eval.prompts"),
-    (["technique.lr=${nope}"], "technique.lr"),
-])
-def test_seeds_and_prompt_lists(overrides, key):
+# key -> override sets that must each be refused with an error naming that key
+BAD_VALUES = {
+    'eval.seeds': [['eval.seeds=[]'], ['eval.seeds=3']],
+    'eval.prompts': [['eval.prompts=[]'], ["eval.prompts='a {}'"]],
+    'seed': [['seed=abc'], ['seed=-1']],
+    'eval.seeds[1]': [['eval.seeds=[0,x]'], ['eval.seeds=[0,1.5]']],
+    'technique.lr': [
+        ['technique.lr=${nope}'],
+        ['technique.lr=nan'],
+        ['technique.lr=0'],
+        ['technique.lr=-1e-3'],
+        ['technique.lr=abc'],
+    ],
+    'sampling.steps': [['sampling.steps=0'], ['sampling.steps=5000'], ['sampling.steps=abc']],
+    'sampling.guidance_scale': [
+        ['sampling.guidance_scale=-1'],
+        ['sampling.guidance_scale=nan'],
+        ['sampling.guidance_scale=inf'],
+    ],
+    'technique.train_sampling_steps': [['technique=prompt_delta', 'technique.train_sampling_steps=0']],
+    'technique.batch_size': [['technique.batch_size=0']],
+    'technique.steps': [['technique.steps=-1']],
+    'technique.num_vectors': [['technique.num_vectors=0']],
+    'trainer.checkpoint_every': [['trainer.checkpoint_every=-1'], ['trainer.checkpoint_every=0']],
+    'technique.placeholder': [["technique.placeholder=''"], ["technique.placeholder='<v *>'"]],
+    'technique.opt_lr': [['technique=nudging', 'technique.opt_lr=nan']],
+}
+
+
+@pytest.mark.parametrize("overrides,key", [(o, k) for k, sets in BAD_VALUES.items() for o in sets])
+def test_bad_values_name_their_key(overrides, key):
     error(overrides, key)
 
 
 # ---------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("overrides,key", [
-    (["sampling.steps=0"], "sampling.steps"),
-    (["sampling.steps=5000"], "sampling.steps"),
-    (["sampling.steps=abc"], "sampling.steps"),
-    (["sampling.guidance_scale=-1"], "sampling.guidance_scale"),
-    (["sampling.guidance_scale=nan"], "sampling.guidance_scale"),
-    (["sampling.guidance_scale=inf"], "sampling.guidance_scale"),
-    (["technique=prompt_delta", "technique.train_sampling_steps=0"], "technique.train_sampling_steps"),
-])
-def test_sampling(overrides, key):
-    error(overrides, key)
 
 
 def test_sampling_steps_limit_comes_from_the_folders_scheduler(tmp_path):
@@ -200,22 +197,6 @@ def test_placeholder_and_initializer_against_the_vocabulary():
 
 
 # ---------------------------------------------------------------------------- technique and trainer numbers
-@pytest.mark.parametrize("overrides,key", [
-    (["technique.lr=nan"], "technique.lr"),
-    (["technique.lr=0"], "technique.lr"),
-    (["technique.lr=-1e-3"], "technique.lr"),
-    (["technique.lr=abc"], "technique.lr"),
-    (["technique.batch_size=0"], "technique.batch_size"),
-    (["technique.steps=-1"], "technique.steps"),
-    (["technique.num_vectors=0"], "technique.num_vectors"),
-    (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every"),
-    (["trainer.checkpoint_every=0"], "trainer.checkpoint_every"),
-    (["technique.placeholder=''"], "technique.placeholder"),
-    (["technique.placeholder='<v *>'"], "technique.placeholder"),
-    (["technique=nudging", "technique.opt_lr=nan"], "technique.opt_lr"),
-])
-def test_technique_and_trainer_numbers(overrides, key):
-    error(overrides, key)
 
 
 def test_zero_steps_is_allowed():
@@ -286,13 +267,13 @@ def test_broken_pipeline_files_are_named(tmp_path):
 def test_missing_files_and_folders(tmp_path):
     missing = tmp_path / "missing"
     cases = [
-        ([f"eval.classifier={missing}"], "eval.classifier"),
-        ([f"evaluator.concept.classifier={missing}.pt"], "evaluator.concept.classifier"),
-        (["evaluator.concept.classifier=no_such_module_xyz:make"], "evaluator.concept.classifier"),
-        ([f"evaluator.concept.classifier={missing}"], "evaluator.concept.classifier"),
-        (["technique=prompt_delta", "objective=[concept_score]", f"objective.terms.concept_score.classifier={missing}"],
-         "objective.terms.concept_score.classifier"),
-        (["technique=latent_priming", f"technique.classifier={missing}"], "technique.classifier"),
+        ([f"scorers.classifier={missing}"], "scorers.classifier"),
+        ([f"scorers.classifier={tmp_path}"], "scorers.classifier"),  # a folder without config.json
+        ([f"scorers.user.path={missing}.pt", "scorers.user.classes=[a]"], "scorers.user.path"),
+        (["scorers.user.path=no_such_module_xyz:make", "scorers.user.classes=[a]"], "scorers.user.path"),
+        ([f"scorers.user.path={missing}", "scorers.user.classes=[a]"], "scorers.user.path"),
+        ([f"scorers.user.path={tmp_path / 'a.png'}"], "scorers.user.classes"),  # a user model needs its class names
+        ([f"scorers.clip.pretrained={missing}.safetensors"], "scorers.clip.pretrained"),
         ([f"technique.targets.folder={missing}"], "technique.targets.folder"),
         ([f"technique.targets.folder={tmp_path}"], "technique.targets.folder"),  # no images in it
         (["technique=prompt_delta", "objective=[clip_similarity]", "objective.terms.clip_similarity.text=null",
@@ -309,8 +290,8 @@ def test_missing_files_and_folders(tmp_path):
         error(overrides, key)
     (tmp_path / "a.png").write_bytes(b"png")
     ok([f"technique.targets.folder={tmp_path}"])
-    ok([f"eval.classifier={ASSETS / 'classifier'}"])
-    ok(["eval.classifier="])  # empty: the shipped one, as the run reads it
+    ok([f"scorers.classifier={ASSETS / 'classifier'}"])
+    ok(["scorers.classifier="])  # empty: the shipped one, as the run reads it
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -37,7 +37,9 @@ def test_heldout_name_never_in_generator_captions():
     heldout = [c for c, s in zip(caps, scenes) if s.shape == world.HELDOUT]
     assert heldout and all(any(g in c.split() for g in world.GENERIC_WORDS) for c in heldout)
     # seen shapes are captioned generically too, so a generic word does not name the held-out class
-    seen_generic = [c for c, s in zip(caps, scenes) if s.shape != world.HELDOUT and any(g in c.split() for g in world.GENERIC_WORDS)]
+    seen_generic = [
+        c for c, s in zip(caps, scenes) if s.shape != world.HELDOUT and any(g in c.split() for g in world.GENERIC_WORDS)
+    ]
     assert len(seen_generic) > 20
 
 

@@ -1,4 +1,13 @@
-"""Reading user image files (targets, inversion sources, objective images) the same way everywhere.
+"""Image helpers, all in one place: reading user image files (targets, inversion sources, objective
+images) the same way everywhere, tensors, grids, saving PNGs and RMS distances.
+
+    read_image / read_images        file(s) -> RGB uint8 numpy [H, W, 3] / [K, R, R, 3]
+    load_image / load_folder        file / folder of PNG/JPG -> float tensor [1|K, 3, H, W] in [0, 1]
+    image_files_in                  the PNG/JPG files of a folder, sorted by name
+    to_tensor                       uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]
+    side_by_side_grid, image_grid   sample grids [3, H, W] in [0, 1]
+    save_png                        a grid as an (upscaled) PNG file
+    rms_distances, nn_rms           per-pixel RMS between image sets
 
 One policy (the `images:` config node; run.py calls `configure(**cfg.images)` once per run) says
 how a file becomes an RGB uint8 array:
@@ -22,7 +31,8 @@ per image on the `steerexp.images` logger, naming the file. Lossless conversions
 transparency, fully opaque RGBA/LA) and an RGB image already at the target size say nothing.
 
 Errors are ValueError (FileNotFoundError for a missing file) with one line naming the config key
-the caller passed and the fix. This module imports only PIL and numpy.
+the caller passed and the fix. Importing this module imports only PIL and numpy; the tensor helpers
+import torch when they are called.
 """
 from __future__ import annotations
 
@@ -32,12 +42,17 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger("steerexp.images")
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FITS = ("crop", "pad", "stretch")
 PILLOW_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
 UPSCALE_WARN = 2.0  # upscaling by this factor or more adds "expect a blurry image" to the report
@@ -239,16 +254,36 @@ def report(path: str | Path, key: str, notes: list[str]) -> None:
         log.warning("image %s (%s): %s", path, key, "; ".join(notes))
 
 
-def read_image(path: str | Path, key: str, resolution: int | None = None,
-               pol: ImagePolicy | None = None) -> np.ndarray:
+def read_image(path: str | Path, key: str, resolution: int | None = None, pol: ImagePolicy | None = None, *,
+               switches: str | None = None, convert: bool = False, resize: bool = False) -> np.ndarray:
     """One image file as RGB uint8 [H, W, 3] (at its own size, or fitted to resolution x resolution),
-    read per the policy, with one warning line if anything was changed. `key` names the config setting."""
+    read per the policy, with one warning line if anything was changed. `key` names the config setting.
+
+    Strict reading (inversion sources): with `switches`, the config prefix of a `convert` and a `resize`
+    switch (e.g. "technique.targets"), the file must already be RGB and resolution x resolution. Other
+    modes are refused unless `convert`, other sizes unless `resize` (EXIF orientation is applied first,
+    so the size checked is the displayed one); a fix opted into is also warned about (warnings.warn)
+    naming its switch."""
     pol = pol or _policy
     im, notes = open_image(path, key, pol)
+    if switches is not None and im.mode != "RGB":
+        if not convert:
+            raise ValueError(f"{key}: image {path} has mode {im.mode}; inversion needs RGB images. Convert it "
+                             f"(PIL: Image.open(p).convert('RGB')) or set {switches}.convert=true")
+        warnings.warn(f"converting {path} from mode {im.mode} to RGB ({switches}.convert=true)")
     im, more = to_rgb(im, pol)
     notes += more
     if resolution is not None:
-        im, more = fit_square(im, int(resolution), pol)
+        resolution = int(resolution)
+        if switches is not None and im.size != (resolution, resolution):
+            if not resize:
+                raise ValueError(f"{key}: image {path} is {im.width}x{im.height} but the generator works at "
+                                 f"{resolution}x{resolution}; resize it (PIL: im.resize(({resolution}, {resolution}), "
+                                 f"Image.BICUBIC)) or set {switches}.resize=true to resize it here "
+                                 f"(images.fit={pol.fit} for non-square images)")
+            warnings.warn(f"resizing {path} from {im.width}x{im.height} to {resolution}x{resolution} (bicubic; "
+                          f"{switches}.resize=true; non-square images: images.fit={pol.fit})")
+        im, more = fit_square(im, resolution, pol)
         notes += more
     report(path, key, notes)
     return np.asarray(im)
@@ -266,3 +301,88 @@ def settings() -> dict:
     d = asdict(_policy)
     d["background"] = list(d["background"])
     return d
+
+
+# ---------------------------------------------------------------------------- tensors and loading
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def image_files_in(folder: Path) -> list[Path]:
+    """The PNG/JPG files of a folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_image(path: str | Path, key: str, resolution: int | None = None) -> torch.Tensor:
+    """One image file (read_image: at its own size, or fitted to resolution x resolution) as
+    [1, 3, H, W] in [0, 1]; `key` names the config field in errors."""
+    return to_tensor(read_image(path, key, resolution)[None])
+
+
+def load_folder(folder: str | Path, resolution: int, key: str) -> tuple[torch.Tensor, list[str]]:
+    """All PNG/JPG images of `folder`, sorted by name, fitted to `resolution` per the policy, as
+    [K, 3, R, R] in [0, 1], and their file names. `key` is the config setting named in errors."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{key}: image folder not found: {folder}; point it at a folder of PNG/JPG images")
+    files = image_files_in(folder)
+    if not files:
+        raise ValueError(f"{key}: no PNG/JPG images in {folder} (K = 0); add some")
+    return to_tensor(read_images(files, key, resolution)), [f.name for f in files]
+
+
+# ---------------------------------------------------------------------------- grids and saving
+def side_by_side_grid(paired, n_seeds: int, gap: int = 2) -> torch.Tensor:
+    """`paired.baseline` and `paired.edited` ([P * n_seeds, 3, H, W], prompt-major, e.g. an
+    evaluators.base.Paired) as one grid: rows are prompts, columns seeds; baseline block | edited
+    block. [3, H, W] in [0, 1]."""
+    import torch
+
+    b, e = paired.baseline, paired.edited
+    n_prompts = len(b) // n_seeds
+    _, c, h, w = b.shape
+    rows = []
+    for i in range(n_prompts):
+        sl = slice(i * n_seeds, (i + 1) * n_seeds)
+        left = torch.cat(list(b[sl]), dim=-1)
+        right = torch.cat(list(e[sl]), dim=-1)
+        rows.append(torch.cat([left, torch.ones(c, h, gap * 2), right], dim=-1))
+    return torch.cat([torch.cat([r, torch.ones(c, gap, r.shape[-1])], dim=-2) for r in rows], dim=-2)
+
+
+def image_grid(columns: list[torch.Tensor], rows: int, gap: int = 2) -> torch.Tensor:
+    """columns: [N, 3, H, W] each; one row per image (the first `rows`), a gap between columns."""
+    import torch
+
+    out = []
+    for i in range(min(rows, len(columns[0]))):
+        cells = []
+        for c in columns:
+            cells += [c[i], torch.ones(3, c.shape[-2], gap)]
+        out += [torch.cat(cells[:-1], dim=-1), torch.ones(3, gap, sum(x.shape[-1] for x in cells[:-1]))]
+    return torch.cat(out[:-1], dim=-2)
+
+
+def save_png(path: Path, grid: torch.Tensor, upscale: int = 2) -> None:
+    """A [3, H, W] grid in [0, 1] as a PNG, upscaled `upscale` times (nearest neighbour)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    img.resize((img.width * upscale, img.height * upscale), Image.NEAREST).save(path)
+
+
+# ---------------------------------------------------------------------------- distances
+def rms_distances(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """[N, M] per-pixel RMS from each image to each reference (images resized to the refs' size)."""
+    import torch.nn.functional as F
+
+    if images.shape[-2:] != refs.shape[-2:]:
+        images = F.interpolate(images, size=refs.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+    return (images.flatten(1)[:, None, :] - refs.flatten(1)[None, :, :]).pow(2).mean(-1).sqrt()
+
+
+def nn_rms(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """Per image, the smallest per-pixel RMS to any reference."""
+    return rms_distances(images, refs).min(dim=1).values

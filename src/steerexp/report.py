@@ -106,24 +106,37 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
         w = csv.writer(f)
         w.writerow(["run", *diff, *all_metrics])
         for r in runs:
-            w.writerow([r["name"], *[r["config"].get(k, "") for k in diff], *[r["metrics"].get(k, "") for k in all_metrics]])
+            w.writerow(
+                [r["name"], *[r["config"].get(k, "") for k in diff], *[r["metrics"].get(k, "") for k in all_metrics]]
+            )
 
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", *diff])
-    diff_rows = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in [r["name"], *[r["config"].get(k, "") for k in diff]])
-                        + "</tr>" for r in runs)
+    diff_rows = "".join(
+        "<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in [r["name"], *[r["config"].get(k, "") for k in diff]]) + "</tr>"
+        for r in runs
+    )
     mhead = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", *metric_keys])
-    mrows = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in [r["name"], *[r["metrics"].get(k, "") for k in metric_keys]])
-                    + "</tr>" for r in runs)
+    mrows = "".join(
+        "<tr>"
+        + "".join(f"<td>{fmt(v)}</td>" for v in [r["name"], *[r["metrics"].get(k, "") for k in metric_keys]])
+        + "</tr>"
+        for r in runs
+    )
     cards = []
     for r in runs:
-        grids = "".join(f"<figure>{img_tag(g)}<figcaption>{html.escape(g.stem)}</figcaption></figure>" for g in r["grids"])
-        hists = "".join(f"<figure>{histogram_svg(s)}<figcaption>{html.escape(k)}</figcaption></figure>"
-                        for k, s in r["scores"].items())
+        grids = "".join(
+            f"<figure>{img_tag(g)}<figcaption>{html.escape(g.stem)}</figcaption></figure>" for g in r["grids"]
+        )
+        hists = "".join(
+            f"<figure>{histogram_svg(s)}<figcaption>{html.escape(k)}</figcaption></figure>"
+            for k, s in r["scores"].items()
+        )
         cards.append(f'<section class="run"><h3>{html.escape(r["name"])}</h3>{grids}{hists}</section>')
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>steerexp report: {html.escape(root.name)}</title>
 <style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}.runs{{display:flex;flex-wrap:wrap;gap:1em}}
-.run{{border:1px solid #ddd;padding:.5em}}img.grid{{image-rendering:pixelated;max-width:520px}}figure{{margin:.3em}}</style>
+.run{{border:1px solid #ddd;padding:.5em}}img.grid{{image-rendering:pixelated;max-width:520px}}
+figure{{margin:.3em}}</style>
 </head><body><h1>steerexp report</h1><p>{len(runs)} runs under <code>{html.escape(str(root))}</code></p>
 <h2>What differs</h2><table id="config-diff"><tr>{head}</tr>{diff_rows}</table>
 <h2>Key metrics</h2><table id="metrics"><tr>{mhead}</tr>{mrows}</table>

@@ -14,14 +14,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from safetensors.torch import save_file
 
-from steerexp import safety
+from steerexp import safety, scorers
 from steerexp.errors import ConfigError
 from steerexp.evaluators.base import EvalContext
+from steerexp.images import save_png
 from steerexp.logging.wandb import RunLogger
 from steerexp.techniques.base import NaNLossError
 
@@ -30,12 +30,6 @@ safety.install_guard()  # every instantiation (ours and Hydra's) checks its _tar
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the run directory keeps the last good deltas."""
-
-
-def save_png(path: Path, grid: torch.Tensor, upscale: int = 2) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-    img.resize((img.width * upscale, img.height * upscale), Image.NEAREST).save(path)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
@@ -55,12 +49,25 @@ def _instantiate(node, key: str = "", **kwargs):
 
 
 def build(cfg: DictConfig):
-    """Instantiate generator, technique (with its objective) and evaluators; validates config first."""
+    """Instantiate generator, technique (a trainable one with its objective, every one with the run's
+    sampling settings) and evaluators; validates config first.
+    The run's scorers (cfg.scorers) are set first: objectives, techniques and evaluators all use them."""
     safety.check_targets(cfg)
-    evaluators = [_instantiate(cfg.evaluator[k], f"evaluator.{k}") for k in cfg.evaluator] if cfg.get("evaluator") else []
+    scorers.configure(cfg.get("scorers"))
+    evaluators = (
+        [_instantiate(cfg.evaluator[k], f"evaluator.{k}") for k in cfg.evaluator] if cfg.get("evaluator") else []
+    )
     generator = _instantiate(cfg.generator, "generator")
-    objective = _instantiate(cfg.objective, "objective") if cfg.get("objective") else None
-    technique = _instantiate(cfg.technique, "technique", generator=generator, objective=objective, _recursive_=False)
+    learns = getattr(get_object(cfg.technique._target_), "trainable", False)  # (allowlisted above)
+    objective = {"objective": _instantiate(cfg.objective, "objective")} if learns and cfg.get("objective") else {}
+    technique = _instantiate(
+        cfg.technique,
+        "technique",
+        generator=generator,
+        **objective,
+        _recursive_=False,
+        sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
+    )
     return generator, technique, evaluators
 
 
@@ -69,8 +76,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     code runs) or of a run's deltas.safetensors."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError("ckpt_path", f"checkpoint not found: {path}", "give <run dir>/checkpoints/last.ckpt or "
-                          "<run dir>/deltas.safetensors of an earlier run")
+        raise ConfigError(
+            "ckpt_path",
+            f"checkpoint not found: {path}",
+            "give <run dir>/checkpoints/last.ckpt or <run dir>/deltas.safetensors of an earlier run",
+        )
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -81,11 +91,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a checkpoint, truncated, or holding objects a weights-only load refuses
-        raise ConfigError("ckpt_path", f"{path} is not a readable weights-only checkpoint ({str(err).splitlines()[0]})",
-                          "give a .ckpt written by steerexp or a deltas.safetensors") from None
+        raise ConfigError(
+            "ckpt_path",
+            f"{path} is not a readable weights-only checkpoint ({str(err).splitlines()[0]})",
+            "give a .ckpt written by steerexp or a deltas.safetensors",
+        ) from None
     if "state_dict" not in ckpt:
-        raise ConfigError("ckpt_path", f"{path} has no state_dict: not a Lightning checkpoint",
-                          "give <run dir>/checkpoints/last.ckpt")
+        raise ConfigError(
+            "ckpt_path", f"{path} has no state_dict: not a Lightning checkpoint", "give <run dir>/checkpoints/last.ckpt"
+        )
     return ckpt["state_dict"], ckpt.get("steerexp", {})
 
 
@@ -95,13 +109,19 @@ def load_checkpoint_deltas(cfg: DictConfig, technique) -> bool:
     if not cfg.get("ckpt_path"):
         return False
     if not technique.trainable:
-        raise ConfigError("ckpt_path", f"{type(technique).__name__} computes its deltas, it does not train them",
-                          "drop ckpt_path, or use it with a trainable technique (textual_inversion, prompt_delta, ...)")
+        raise ConfigError(
+            "ckpt_path",
+            f"{type(technique).__name__} computes its deltas, it does not train them",
+            "drop ckpt_path, or use it with a trainable technique (textual_inversion, prompt_delta, ...)",
+        )
     deltas, ident = read_checkpoint(cfg.ckpt_path)
     mine = technique.identity()["technique"]
     if ident.get("technique") and ident["technique"] != mine:
-        raise ConfigError("ckpt_path", f"{cfg.ckpt_path} was written by {ident['technique']}, this run's technique is "
-                          f"{mine}", "choose the technique= it was trained with, or another checkpoint")
+        raise ConfigError(
+            "ckpt_path",
+            f"{cfg.ckpt_path} was written by {ident['technique']}, this run's technique is {mine}",
+            "choose the technique= it was trained with, or another checkpoint",
+        )
     technique.load_deltas(deltas, str(cfg.ckpt_path), ident.get("structure"))
     return technique.steps == 0 or str(cfg.ckpt_path).endswith(".safetensors")
 
@@ -117,17 +137,32 @@ class _InterruptWatch(L.Callback):
             self.step = int(trainer.global_step)
 
 
-def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    """conf/callbacks/ by _target_. `model_checkpoint` writes into <run_dir>/checkpoints: the layout that
+    resume (ckpt_path=.../last.ckpt), the Ctrl-C hint and the final save rely on."""
+    nodes = cfg.get("callbacks") or {}
+    return [
+        _instantiate(
+            node, f"callbacks.{name}", **({"dirpath": run_dir / "checkpoints"} if name == "model_checkpoint" else {})
+        )
+        for name, node in nodes.items()
+    ]
 
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                           every_n_train_steps=cfg.trainer.checkpoint_every)
+
+def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
+    """conf/trainer/ by _target_ (a lightning.pytorch.Trainer), with what the rest of the run decides:
+    the steps, the generator's device, the logger, the callbacks and the Ctrl-C watch."""
     watch = _InterruptWatch()
-    trainer = L.Trainer(
-        max_steps=technique.steps, max_epochs=-1, accelerator=technique.generator.device.type, devices=1,
-        logger=logger.lightning if logger.lightning is not None else False, callbacks=[ckpt, watch],
-        enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=cfg.trainer.log_every_n_steps, deterministic=False,
+    args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    args.pop("checkpoint_every", None)  # steerexp's key (callbacks.model_checkpoint reads it), no Trainer argument
+    trainer = _instantiate(
+        args,
+        "trainer",
+        max_steps=technique.steps,
+        accelerator=technique.generator.device.type,
+        logger=logger.lightning if logger.lightning is not None else False,
+        callbacks=[*callbacks(cfg, run_dir), watch],
+        _convert_="all",
     )
     try:
         trainer.fit(technique, ckpt_path=cfg.ckpt_path, weights_only=True)
@@ -147,16 +182,53 @@ def resume_hint(cfg: DictConfig, run_dir: Path, technique, step: int | None) -> 
     overrides = [o for o in overrides if not o.split("=")[0].lstrip("+~") == "ckpt_path"]
     last = run_dir / "checkpoints" / "last.ckpt"
     at = f" at step {step} of {technique.steps}" if step is not None else ""
-    lines = [f"steerexp: interrupted{at}.",
-             f"  last good deltas: {run_dir / 'deltas.safetensors'}"]
+    lines = [f"steerexp: interrupted{at}.", f"  last good deltas: {run_dir / 'deltas.safetensors'}"]
     if last.is_file():
         saved = torch.load(last, map_location="cpu", weights_only=True).get("global_step")
         command = " ".join(["steerexp", *map(shlex.quote, overrides), shlex.quote(f"ckpt_path={last}")])
         lines.append(f"  resume exactly (from the checkpoint of step {saved}): {command}")
     else:
         command = " ".join(["steerexp", *map(shlex.quote, overrides)])
-        lines.append(f"  no checkpoint was written yet (every {cfg.trainer.checkpoint_every} steps); start again: {command}")
+        lines.append(
+            f"  no checkpoint was written yet (every {cfg.trainer.checkpoint_every} steps); start again: {command}"
+        )
     return "\n".join(lines)
+
+
+def learn(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
+    """The deltas: loaded from ckpt_path, trained, or computed; saved to deltas.safetensors (+ the technique's
+    exports)."""
+    if load_checkpoint_deltas(cfg, technique):
+        technique.last_good = technique.deltas()  # evaluate the checkpoint's deltas; nothing to train
+    elif technique.job_type == "train":
+        train(cfg, technique, logger, run_dir)
+    else:
+        technique.compute()
+    if technique.nan_step is not None:
+        technique.load_deltas(technique.last_good)
+    save_file(technique.deltas(), str(run_dir / "deltas.safetensors"), metadata=technique.safetensors_metadata())
+    technique.export(run_dir)
+    if technique.nan_step is not None:
+        raise NaNLossError(
+            f"the loss became NaN/inf at step {technique.nan_step}; training stopped and the last good deltas "
+            f"were saved to {run_dir / 'deltas.safetensors'}. Lower technique.lr or tighten technique.budget "
+            f"(max_norm, or eps_text / eps_z for input deltas)"
+        )
+
+
+def evaluate(cfg: DictConfig, technique, evaluators: list, logger: RunLogger, run_dir: Path, metrics: dict) -> None:
+    """Every evaluator on the same paired samples; its metrics into `metrics` (as they come: a failed run keeps
+    them), its grids to <run_dir>/<key>.png, its score histograms to scores.json, all of it to the logger."""
+    ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), scorers.current(), run_dir=run_dir)
+    scores = {}
+    for evaluator in evaluators:
+        result = evaluator.evaluate(ctx)
+        metrics.update(result.metrics)
+        for key, grid in result.grids.items():
+            save_png(run_dir / f"{key}.png", grid)
+        scores.update(result.histograms)
+        logger.log_result(result)
+    (run_dir / "scores.json").write_text(json.dumps(scores))
 
 
 def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
@@ -173,53 +245,30 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
     generator, technique, evaluators = build(cfg)
     technique.prepare()  # loads and validates targets before any heavy work
     tags = [t for t in (cfg.technique._target_.split(".")[-2], cfg.get("experiment_name")) if t]
-    logger = RunLogger(cfg.logger.mode, run_dir, name, group, tags, OmegaConf.to_container(cfg, resolve=True),
-                       project=cfg.logger.project, entity=cfg.logger.get("entity"), job_type=technique.job_type)
+    logger = RunLogger(
+        cfg.logger.mode,
+        run_dir,
+        name,
+        group,
+        tags,
+        OmegaConf.to_container(cfg, resolve=True),
+        project=cfg.logger.project,
+        entity=cfg.logger.get("entity"),
+        job_type=technique.job_type,
+    )
     metrics: dict = {f"params/{k}": v for k, v in technique.parameter_counts().items()}
     try:
-        if load_checkpoint_deltas(cfg, technique):
-            technique.last_good = technique.deltas()  # evaluate the checkpoint's deltas; nothing to train
-        elif technique.job_type == "train":
-            train(cfg, technique, logger, run_dir)
-        else:
-            technique.compute()
-        if technique.nan_step is not None:
-            technique.load_deltas(technique.last_good)
-        save_file(technique.deltas(), str(run_dir / "deltas.safetensors"), metadata=technique.safetensors_metadata())
-        technique.export(run_dir)
-        if technique.nan_step is not None:
-            raise NaNLossError(
-                f"the loss became NaN/inf at step {technique.nan_step}; training stopped and the last good deltas "
-                f"were saved to {run_dir / 'deltas.safetensors'}. Lower technique.lr or tighten technique.budget "
-                f"(max_norm, or eps_text / eps_z for input deltas)")
+        learn(cfg, technique, logger, run_dir)
         metrics.update({f"delta_norm/{k}": v for k, v in technique.delta_norms().items()})
-
-        ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), cfg.eval.get("classifier"),
-                          run_dir=run_dir)
-        scores = {}
-        for evaluator in evaluators:
-            result = evaluator.evaluate(ctx)
-            metrics.update(result.metrics)
-            for key, grid in result.grids.items():
-                save_png(run_dir / f"{key}.png", grid)
-                logger.log_grid(key, grid)
-            for key, series in result.histograms.items():
-                logger.log_histograms(key, series)
-                scores[key] = series
-            for key, (columns, rows) in result.tables.items():
-                logger.log_table(key, columns, rows)
-            for key, path in result.plots.items():
-                logger.log_plot(key, path)
-            for key, (xs, series, xname) in result.lines.items():
-                logger.log_lines(key, xs, series, xname)
-        (run_dir / "scores.json").write_text(json.dumps(scores))
+        evaluate(cfg, technique, evaluators, logger, run_dir, metrics)
     except BaseException as err:
         # a failed run keeps its last good deltas, its metrics so far, and closes its W&B run
         deltas_file = run_dir / "deltas.safetensors"
         if not deltas_file.is_file() and technique.last_good is not None:
             save_file(technique.last_good, str(deltas_file), metadata=technique.safetensors_metadata())
-        metrics.update({"run/failed": True, "generator/unchanged": generator.unchanged(),
-                        "run/seconds": time.time() - start})
+        metrics.update(
+            {"run/failed": True, "generator/unchanged": generator.unchanged(), "run/seconds": time.time() - start}
+        )
         write_metrics(run_dir, metrics)
         logger.finish(metrics)
         if isinstance(err, KeyboardInterrupt):

@@ -14,8 +14,8 @@ running code:
    through a steerexp module, is refused).
 
 Allowed: steerexp's own packages, plus the few third-party classes the configs use (Hydra's
-launchers and sweepers, Optuna's samplers). Anything else runs only if the user opts in from the
-environment, which no shared config can set:
+launchers and sweepers, Optuna's samplers, Lightning's Trainer and ModelCheckpoint). Anything else
+runs only if the user opts in from the environment, which no shared config can set:
 
     STEEREXP_ALLOW_TARGETS=mypkg.models.,other.Class steerexp ...
 
@@ -47,6 +47,8 @@ ALLOWED_TARGETS = frozenset({
     "optuna.samplers.GridSampler",
     "optuna.samplers.NSGAIISampler",
     "optuna.samplers.QMCSampler",
+    "lightning.pytorch.Trainer",                          # conf/trainer/
+    "lightning.pytorch.callbacks.ModelCheckpoint",        # conf/callbacks/
 })
 
 FIX = (f"use a steerexp class, or if you trust this config, allow it from the environment: "
@@ -101,8 +103,12 @@ def check_resolved(target: str, obj: Any, key: str) -> None:
         return
     module = getattr(obj, "__module__", None) or ""
     if not _by_prefix(module + ".", ALLOWED_PACKAGES):
-        raise ConfigError(key or "_target_", f"_target_ {target!r} resolves to {module}.{getattr(obj, '__qualname__', obj)}, "
-                                             "which is not steerexp code, and was not run", FIX)
+        raise ConfigError(
+            key or "_target_",
+            f"_target_ {target!r} resolves to {module}.{getattr(obj, '__qualname__', obj)}, "
+            "which is not steerexp code, and was not run",
+            FIX,
+        )
 
 
 def install_guard() -> None:

@@ -21,64 +21,41 @@ import logging
 import sys
 from pathlib import Path
 
-from hydra_plugins.steerexp_launchers import jobs as J
+from hydra_plugins.steerexp_launchers import sweepstate
 
 
 def _devices(text: str | None):
     return None if text is None else [d for d in text.split(",") if d.strip()]
 
 
-def _detail(job: J.Job) -> str:
-    if job.status == J.FAILED:
-        return job.error or ""
-    if job.status == J.RUNNING:
-        return J.describe(job.running or {})
-    if job.status == J.PENDING:
-        return "queued in the running sweep"
-    if job.status is None and job.running:
-        return f"was running ({J.describe(job.running)}); that process is gone"
-    return ""
-
-
 def status(sweep_dir: Path) -> int:
-    jobs = J.jobs_of(sweep_dir)
+    jobs = sweepstate.read(sweep_dir)
     for job in jobs:
-        state = (job.status or "MISSING").lower()
-        detail = _detail(job)
-        print(f"#{job.num:<4} {state:<9} {' '.join(job.overrides)}" + (f"   {detail}" if detail else ""))
-    print(J.summary(jobs, sweep_dir))
-    return 0 if all(j.status == J.COMPLETED for j in jobs) else 1
+        print(f"#{job.num:<4} {job.state:<9} {' '.join(job.overrides)}" + (f"   {job.detail}" if job.detail else ""))
+    print(sweepstate.summary(sweep_dir, jobs))
+    return 0 if all(j.state == sweepstate.COMPLETED for j in jobs) else 1
 
 
 def rerun(sweep_dir: Path, devices=None, jobs_per_device: int | None = None) -> int:
-    manifest = J.read_manifest(sweep_dir)
-    jobs = J.jobs_of(sweep_dir)
-    busy = [j for j in jobs if j.status in (J.RUNNING, J.PENDING)]
+    jobs = sweepstate.read(sweep_dir)
+    busy = [j for j in jobs if j.busy]
     for job in busy:
-        print(f"steerexp-sweep: {J.busy_reason(job)}; not rerunning it", file=sys.stderr)
-    todo = [j for j in jobs if j.status in (J.FAILED, None)]
+        print(f"steerexp-sweep: {job.busy}; not rerunning it", file=sys.stderr)
+    todo = [j for j in jobs if j.rerunnable]
     if not todo:
         if busy:
             print(f"sweep {sweep_dir}: nothing to rerun now ({len(busy)} jobs still running or pending)")
             return 1
         print(f"sweep {sweep_dir}: all {len(jobs)} jobs completed; nothing to rerun")
         return 0
-    for job in todo:
-        if not job.spec.is_file():
-            raise FileNotFoundError(f"job #{job.num}'s spec {job.spec} is missing: the sweep dir was moved or "
-                                    "pruned; relaunch the sweep with steerexp -m ... instead")
-    cwd = Path(manifest["cwd"])
-    if not cwd.is_dir():
-        raise FileNotFoundError(f"the sweep was launched from {cwd}, which no longer exists; the jobs' relative "
-                                "paths (the sweep dir among them) resolve against it: recreate it or rerun by hand")
-    in_turn = manifest.get("launcher") == "basic" and devices is None  # as the basic launcher ran them
-    devices = devices if devices is not None else manifest.get("devices")
-    jobs_per_device = jobs_per_device or manifest.get("jobs_per_device", 1)
-    print(f"rerunning {len(todo)} of {len(jobs)} jobs: " + ", ".join(f"#{j.num}" for j in todo), flush=True)
-    J.run_jobs(todo, devices, jobs_per_device, cwd=str(cwd), inherit_devices=in_turn)
-    jobs = J.jobs_of(sweep_dir)
-    print(J.summary(jobs, sweep_dir))
-    return 0 if all(j.status == J.COMPLETED for j in jobs) else 1
+
+    def announce() -> None:  # after the checks, before the jobs run
+        print(f"rerunning {len(todo)} of {len(jobs)} jobs: " + ", ".join(f"#{j.num}" for j in todo), flush=True)
+
+    sweepstate.rerun(sweep_dir, todo, devices, jobs_per_device, announce=announce)
+    jobs = sweepstate.read(sweep_dir)
+    print(sweepstate.summary(sweep_dir, jobs))
+    return 0 if all(j.state == sweepstate.COMPLETED for j in jobs) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("sweep_dir", type=Path)
     p_rerun = sub.add_parser("rerun", help="relaunch only the failed and missing jobs of a sweep")
     p_rerun.add_argument("sweep_dir", type=Path)
-    p_rerun.add_argument("--devices", default=None, help="comma-separated CUDA_VISIBLE_DEVICES values (default: the sweep's)")
+    p_rerun.add_argument(
+        "--devices", default=None, help="comma-separated CUDA_VISIBLE_DEVICES values (default: the sweep's)"
+    )
     p_rerun.add_argument("--jobs-per-device", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")

@@ -15,7 +15,8 @@ What is checked, cheapest first:
 3. the generator: its folder (model_index.json and component configs parse, safetensors files
    are complete) or hub id, the device (a GPU is looked for without importing torch) and dtype;
    then sampling steps against the scheduler's num_train_timesteps;
-4. every file or folder setting (classifiers, target images, objective images, prompt files);
+4. every file or folder setting (scorers.*: classifiers, a user's model, CLIP weights; target
+   images, objective images, prompt files);
 5. `ckpt_path`: exists, and (read without torch and without running any pickle code) was
    trained with this technique and the same delta-shaping settings;
 6. prompts against the generator's tokenizer (the `tokenizers` library on the folder's files,
@@ -145,7 +146,7 @@ def technique_kind(c: dict) -> str:
     prompt; fill: '{}' is filled with a plain word (technique.slot_word) and the edit lies elsewhere."""
     t = _target(c, "technique")
     tech = c.get("technique") or {}
-    if t.startswith(SLOT_EDIT_TECHNIQUES) or ("placeholder" in tech and "baseline_word" in tech):
+    if t.startswith(SLOT_EDIT_TECHNIQUES) or ("placeholder" in tech and "slot_word" in tech):
         return "slot"
     if t.startswith(INVERSION_TECHNIQUES) or isinstance(tech.get("targets"), dict) and "files" in tech["targets"]:
         return "inversion"
@@ -174,6 +175,24 @@ def _check_values(c: dict) -> None:
     _check_sampling(c)
     _check_technique(c)
     _check_trainer(c)
+    _check_scorers(c)
+
+
+def _check_scorers(c: dict) -> None:
+    """A user's classifier needs the names of its outputs (conf/config.yaml: scorers.user)."""
+    user = get(c, "scorers.user", None)
+    if isinstance(user, dict) and user.get("path"):
+        classes = user.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(x, str) for x in classes):
+            raise ConfigError("scorers.user.classes", f"must list the names of the model's outputs, got {classes!r}",
+                              "set e.g. scorers.user.classes=[dark,bright] (in the order of its logits)")
+
+
+def _non_empty_list(value: Any, key: str, what: str, why_empty: str, fix: str) -> None:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be a list of {what}, got {value!r}", fix)
+    if not value:
+        raise ConfigError(key, f"is empty: {why_empty}", fix)
 
 
 def _check_eval(c: dict) -> None:
@@ -182,23 +201,16 @@ def _check_eval(c: dict) -> None:
         return
     seeds = ev.get("seeds", _ABSENT)
     if seeds is not _ABSENT:
-        if not isinstance(seeds, list):
-            raise ConfigError("eval.seeds", f"must be a list of integers, got {seeds!r}", "set e.g. eval.seeds=[0,1,2,3]")
-        if not seeds:
-            raise ConfigError("eval.seeds", "is empty: the paired comparison needs at least one seed",
-                              "set e.g. eval.seeds=[0,1,2,3]")
+        _non_empty_list(seeds, "eval.seeds", "integers", "the paired comparison needs at least one seed",
+                        "set e.g. eval.seeds=[0,1,2,3]")
         for i, s in enumerate(seeds):
             if not _is_int(s) or s < 0:
                 raise ConfigError(f"eval.seeds[{i}]", f"seeds must be non-negative integers, got {s!r}",
                                   "set e.g. eval.seeds=[0,1,2,3]")
     prompts = ev.get("prompts", _ABSENT)
     if prompts is not _ABSENT:
-        if not isinstance(prompts, list):
-            raise ConfigError("eval.prompts", f"must be a list of prompt templates, got {prompts!r}",
-                              "set e.g. eval.prompts=['a photo of a {}']")
-        if not prompts:
-            raise ConfigError("eval.prompts", "is empty: give at least one prompt template",
-                              "set e.g. eval.prompts=['a photo of a {}','a red {}']")
+        _non_empty_list(prompts, "eval.prompts", "prompt templates", "give at least one prompt template",
+                        "set e.g. eval.prompts=['a photo of a {}','a red {}']")
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ConfigError(f"eval.prompts[{i}]", f"must be a non-empty string, got {p!r}",
@@ -262,17 +274,26 @@ def _check_prompt_templates(c: dict) -> None:
                 continue
             other = [f for f in fields if f != ""]
             if other:
-                raise ConfigError(f"{key}[{i}]", f"{_short(p)} has the format field {{{other[0]}}}; only '{{}}' "
-                                  "(the concept slot) is filled", "write the word itself, or '{}' where the concept goes")
+                raise ConfigError(
+                    f"{key}[{i}]",
+                    f"{_short(p)} has the format field {{{other[0]}}}; only '{{}}' (the concept slot) is filled",
+                    "write the word itself, or '{}' where the concept goes",
+                )
             if kind != "slot":
                 continue
             if len(fields) > 1:
-                raise ConfigError(f"{key}[{i}]", f"{_short(p)} has {len(fields)} '{{}}' slots; the concept fills "
-                                  "exactly one", "keep one '{}' where the concept goes")
+                raise ConfigError(
+                    f"{key}[{i}]",
+                    f"{_short(p)} has {len(fields)} '{{}}' slots; the concept fills exactly one",
+                    "keep one '{}' where the concept goes",
+                )
             if must_have_slot and not fields:
-                raise ConfigError(f"{key}[{i}]", f"{_short(p)} has no '{{}}' slot, so its baseline and edited "
-                                  "prompts are the same text and the comparison measures nothing",
-                                  "add '{}' where the concept goes, e.g. 'a red {}'")
+                raise ConfigError(
+                    f"{key}[{i}]",
+                    f"{_short(p)} has no '{{}}' slot, so its baseline and edited "
+                    "prompts are the same text and the comparison measures nothing",
+                    "add '{}' where the concept goes, e.g. 'a red {}'",
+                )
 
 
 def _finite(c: dict, key: str, lo: float | None = None, strict: bool = False, fix: str | None = None) -> None:
@@ -297,20 +318,30 @@ def _check_technique(c: dict) -> None:
     if not isinstance(tech, dict):
         return
     t = "technique."
-    for k in ("sampling_steps", "train_sampling_steps", "opt_sampling_steps"):
+    for k in ("train_sampling_steps", "opt_sampling_steps"):
         _check_int(c, t + k, 1, fix=f"set e.g. {t}{k}=10")
     for k in ("guidance_scale",):
         _finite(c, t + k, 0.0, fix=f"set e.g. {t}{k}=5.0 (1 = no guidance)")
     for k in ("lr", "opt_lr"):
         if k in tech:
             _finite(c, t + k, 0.0, strict=True, fix=f"set a small positive rate, e.g. {t}{k}=0.005")
-    for k in ("batch_size", "nudge_batch", "num_vectors", "candidates", "top_k", "beam_width", "proposals",
-              "inner_steps", "max_words"):
+    for k in (
+        "batch_size",
+        "nudge_batch",
+        "num_vectors",
+        "candidates",
+        "top_k",
+        "beam_width",
+        "proposals",
+        "inner_steps",
+        "max_words",
+        "max_calls",
+    ):
         if tech.get(k) is not None:
             _check_int(c, t + k, 1)
     if "steps" in tech:
         _check_int(c, t + "steps", 0, fix=f"set e.g. {t}steps=100 (0 = no training)")
-    for k in ("opt_steps", "rounds", "budget"):
+    for k in ("opt_steps", "rounds"):
         if tech.get(k) is not None and not isinstance(tech[k], dict):
             _check_int(c, t + k, 0)
     if "seed" in tech and tech["seed"] is not None and (not _is_int(tech["seed"]) or tech["seed"] < 0):
@@ -325,9 +356,12 @@ def _check_technique(c: dict) -> None:
     if "placeholder" in tech:
         p = tech["placeholder"]
         if not isinstance(p, str) or not p or any(ch.isspace() for ch in p) or "{" in p or "}" in p:
-            raise ConfigError("technique.placeholder", f"must be one non-empty token without spaces or braces, got {p!r}",
-                              "set e.g. technique.placeholder='<v*>'")
-    for k in ("baseline_word", "slot_word", "initializer"):
+            raise ConfigError(
+                "technique.placeholder",
+                f"must be one non-empty token without spaces or braces, got {p!r}",
+                "set e.g. technique.placeholder='<v*>'",
+            )
+    for k in ("slot_word", "initializer"):
         if k in tech and (not isinstance(tech[k], str) or not tech[k].strip()):
             raise ConfigError(t + k, f"must be a non-empty word, got {tech[k]!r}", f"set e.g. {t}{k}=object")
 
@@ -363,15 +397,19 @@ def _read_json(path: Path, key: str, required: bool = True) -> Any:
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(key, f"{path} is not valid JSON ({err})",
-                          "restore that file (re-download or re-export the pipeline)") from None
+        raise ConfigError(
+            key, f"{path} is not valid JSON ({err})", "restore that file (re-download or re-export the pipeline)"
+        ) from None
     except OSError as err:
         raise ConfigError(key, f"cannot read {path} ({err.strerror or err})", "check the file's permissions") from None
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and \
-        re.fullmatch(r"[\w.\-]+/[\w.\-]+", value) is not None
+    return (
+        value.count("/") == 1
+        and not value.startswith((".", "/", "~"))
+        and re.fullmatch(r"[\w.\-]+/[\w.\-]+", value) is not None
+    )
 
 
 def hub_snapshot(repo_id: str) -> Path | None:
@@ -405,17 +443,21 @@ def _check_generator(c: dict) -> GeneratorInfo:
         elif looks_like_hub_id(path):
             folder = hub_snapshot(path)  # None: the loader downloads it (or says the hub is unreachable)
         else:
-            raise ConfigError("generator.path", f"generator folder not found: {local}",
-                              "set generator.path to a Stable Diffusion pipeline folder (with model_index.json) "
-                              "or a hub id such as org/name")
+            raise ConfigError(
+                "generator.path",
+                f"generator folder not found: {local}",
+                "set generator.path to a Stable Diffusion pipeline folder (with model_index.json) "
+                "or a hub id such as org/name",
+            )
     if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
         check_pipeline_folder(folder)
     device = gen.get("device", "auto")
     _check_device(device)
     dtype = gen.get("dtype", "fp32")
     if dtype not in DTYPES:
-        raise ConfigError("generator.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}",
-                          "set generator.dtype=fp32")
+        raise ConfigError(
+            "generator.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}", "set generator.dtype=fp32"
+        )
     on_cpu = device == "cpu" or device == "auto" and gpu_count() == 0
     if dtype == "fp16" and on_cpu:
         why = "generator.device=auto found no GPU" if device == "auto" else "generator.device=cpu"
@@ -428,8 +470,9 @@ def check_pipeline_folder(folder: Path, key: str = "generator.path") -> None:
     """A diffusers pipeline folder: model_index.json and each listed component's config parse, each
     model component has weights, and every safetensors file is complete."""
     if not folder.is_dir():
-        raise ConfigError(key, f"{folder} is a file, not a pipeline folder",
-                          "set it to the folder that holds model_index.json")
+        raise ConfigError(
+            key, f"{folder} is a file, not a pipeline folder", "set it to the folder that holds model_index.json"
+        )
     index = _read_json(folder / "model_index.json", key, required=False)
     if index is None:
         raise ConfigError(key, f"{folder} is not a diffusers pipeline folder: model_index.json is missing",
@@ -446,8 +489,9 @@ def check_pipeline_folder(folder: Path, key: str = "generator.path") -> None:
         for cfg_file in ("config.json", "scheduler_config.json", "tokenizer_config.json", "special_tokens_map.json"):
             _read_json(sub / cfg_file, key, required=False)
         files = [p for p in sub.iterdir() if p.is_file()]
-        if (sub / "config.json").is_file() and not any(p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json")
-                                                       for p in files):
+        if (sub / "config.json").is_file() and not any(
+            p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json") for p in files
+        ):
             raise ConfigError(key, f"{sub} has a config.json but no weights file", "restore its weights")
         for p in files:
             if p.suffix == ".safetensors":
@@ -463,8 +507,9 @@ def read_safetensors_header(path: Path) -> dict:
             raise ValueError(f"{path} is {size} bytes, too short for a safetensors file (truncated)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
-            raise ValueError(f"{path} is truncated or not a safetensors file: its header claims {n} bytes, "
-                             f"the file has {size}")
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file: its header claims {n} bytes, the file has {size}"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -524,14 +569,18 @@ def gpu_count() -> int | None:
 
 def _check_device(device: Any) -> None:
     if not isinstance(device, str) or not re.fullmatch(r"auto|[a-z]+(:\d+)?", device):
-        raise ConfigError("generator.device", f"must be auto, cpu, cuda or cuda:<index>, got {device!r}",
-                          "set generator.device=auto")
+        raise ConfigError(
+            "generator.device", f"must be auto, cpu, cuda or cuda:<index>, got {device!r}", "set generator.device=auto"
+        )
     if not device.startswith("cuda"):
         return
     n = gpu_count()
     if n == 0:
-        hint = ("CUDA_VISIBLE_DEVICES hides every GPU" if os.environ.get("CUDA_VISIBLE_DEVICES") is not None
-                else "no NVIDIA GPU or driver was found")
+        hint = (
+            "CUDA_VISIBLE_DEVICES hides every GPU"
+            if os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+            else "no NVIDIA GPU or driver was found"
+        )
         raise ConfigError("generator.device", f"is {device} but this machine has no usable GPU ({hint})",
                           "set generator.device=cpu (or auto: a GPU when there is one)")
     index = int(device.split(":")[1]) if ":" in device else 0
@@ -543,8 +592,7 @@ def _check_device(device: Any) -> None:
 def _check_sampling_limits(c: dict, gen: GeneratorInfo) -> None:
     top = gen.train_timesteps
     where = "the scheduler's num_train_timesteps" if gen.folder is not None else "the default num_train_timesteps"
-    for key in ("sampling.steps", "technique.sampling_steps", "technique.train_sampling_steps",
-                "technique.opt_sampling_steps"):
+    for key in ("sampling.steps", "technique.train_sampling_steps", "technique.opt_sampling_steps"):
         v = get(c, key)
         if _is_int(v) and v > top:
             raise ConfigError(key, f"is {v}, more than {where} ({top})", f"set {key} in 1..{top} (e.g. 25)")
@@ -563,8 +611,8 @@ def _leaves(node: Any, key: str = "") -> Iterable[tuple[str, Any]]:
 
 # (key pattern, kind); the first matching pattern decides
 PATH_RULES: tuple[tuple[str, str], ...] = (
-    ("evaluator.*.classifier", "classifier_spec"),
-    ("*classifier", "classifier_folder"),
+    ("scorers.user.path", "classifier_spec"),
+    ("scorers.classifier", "classifier_folder"),
     ("*.pretrained", "weights"),
     ("technique.targets.folder", "image_folder"),
     ("technique.targets.files", "image_files"),
@@ -597,8 +645,11 @@ def _check_paths(c: dict) -> None:
 
 def _classifier_folder(key: str, value: str, p: Path) -> None:
     if not p.is_dir():
-        raise ConfigError(key, f"no concept classifier folder at {p}",
-                          f"point it at a folder with config.json and model.safetensors, or set {key}=null for the shipped one")
+        raise ConfigError(
+            key,
+            f"no concept classifier folder at {p}",
+            f"point it at a folder with config.json and model.safetensors, or set {key}=null for the shipped one",
+        )
     if not (p / "config.json").is_file():
         raise ConfigError(key, f"{p} has no config.json (a classifier folder has config.json and model.safetensors)",
                           f"point it at a classifier folder, or set {key}=null for the shipped one")
@@ -608,17 +659,23 @@ def _classifier_folder(key: str, value: str, p: Path) -> None:
 
 
 def _classifier_spec(key: str, value: str, p: Path) -> None:
-    """'module.path:factory' or a TorchScript file (see evaluators.concept.load_user_classifier)."""
+    """'module.path:factory' or a TorchScript file (see steerexp.scorers.user)."""
     if value.endswith((".pt", ".ts", ".pth")):
         if not p.is_file():
-            raise ConfigError(key, f"TorchScript file not found: {p}",
-                              f"give an existing .pt/.ts file, 'module.path:factory', or {key}=null for the shipped classifier")
+            raise ConfigError(
+                key,
+                f"TorchScript file not found: {p}",
+                f"give an existing .pt/.ts file, 'module.path:factory', or {key}=null for the shipped classifier",
+            )
         return
     module, _, attr = value.partition(":")
     if not attr or not module:
         hint = f"no file {p}" if ("/" in value or "." in Path(value).name) else "not 'module.path:factory'"
-        raise ConfigError(key, f"{value!r} is neither a TorchScript file nor 'module.path:factory' ({hint})",
-                          f"give an existing .pt/.ts file, 'module.path:factory', or {key}=null for the shipped classifier")
+        raise ConfigError(
+            key,
+            f"{value!r} is neither a TorchScript file nor 'module.path:factory' ({hint})",
+            f"give an existing .pt/.ts file, 'module.path:factory', or {key}=null for the shipped classifier",
+        )
     import importlib.util
 
     top = module.split(".")[0]
@@ -640,7 +697,9 @@ def _classifier_spec(key: str, value: str, p: Path) -> None:
 
 def _weights(key: str, value: str, p: Path) -> None:
     if value.endswith((".pt", ".bin", ".safetensors", ".pth")) and not p.is_file():
-        raise ConfigError(key, f"weights file not found: {p}", f"give an existing file or an open_clip tag, or {key}=null")
+        raise ConfigError(
+            key, f"weights file not found: {p}", f"give an existing file or an open_clip tag, or {key}=null"
+        )
     if value.endswith(".safetensors") and p.is_file():
         check_safetensors(p, key)
 
@@ -676,8 +735,13 @@ def _prompt_file(key: str, value: str, p: Path) -> None:
 
 
 CHECKS: dict[str, Callable[[str, str, Path], None]] = {
-    "classifier_folder": _classifier_folder, "classifier_spec": _classifier_spec, "weights": _weights,
-    "image_folder": _image_folder, "image_files": _image_files, "folder": _folder, "image_file": _image_file,
+    "classifier_folder": _classifier_folder,
+    "classifier_spec": _classifier_spec,
+    "weights": _weights,
+    "image_folder": _image_folder,
+    "image_files": _image_files,
+    "folder": _folder,
+    "image_file": _image_file,
     "prompt_file": _prompt_file,
 }
 
@@ -711,11 +775,41 @@ def _rebuild_parameter(data, *rest):
     return data
 
 
-_TORCH_DTYPES = {"float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16", "int32",
-                 "int64", "uint8", "bool", "complex64", "complex128", "long", "int"}
-_SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "list": list, "dict": dict, "tuple": tuple, "int": int,
-                  "float": float, "complex": complex, "bool": bool, "str": str, "bytes": bytes,
-                  "bytearray": bytearray, "slice": slice, "range": range}
+_TORCH_DTYPES = {
+    "float16",
+    "float32",
+    "float64",
+    "bfloat16",
+    "half",
+    "float",
+    "double",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+    "long",
+    "int",
+}
+_SAFE_BUILTINS = {
+    "set": set,
+    "frozenset": frozenset,
+    "list": list,
+    "dict": dict,
+    "tuple": tuple,
+    "int": int,
+    "float": float,
+    "complex": complex,
+    "bool": bool,
+    "str": str,
+    "bytes": bytes,
+    "bytearray": bytearray,
+    "slice": slice,
+    "range": range,
+}
 
 
 class CheckpointUnpickler(pickle.Unpickler):
@@ -726,6 +820,7 @@ class CheckpointUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module == "collections" and name == "OrderedDict":
             from collections import OrderedDict
+
             return OrderedDict
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return _SAFE_BUILTINS[name]
@@ -789,7 +884,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _fmt(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, (list, dict)) else str(v).lower() if isinstance(v, bool) or v is None else str(v)
+    return (
+        json.dumps(v) if isinstance(v, (list, dict)) else str(v).lower() if isinstance(v, bool) or v is None else str(v)
+    )
 
 
 def _check_checkpoint(c: dict) -> None:
@@ -797,7 +894,9 @@ def _check_checkpoint(c: dict) -> None:
     if ckpt is None or ckpt == "":
         return
     if not isinstance(ckpt, str):
-        raise ConfigError("ckpt_path", f"must be a file path, got {ckpt!r}", "set ckpt_path=<run dir>/checkpoints/last.ckpt")
+        raise ConfigError(
+            "ckpt_path", f"must be a file path, got {ckpt!r}", "set ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
     p = Path(ckpt).expanduser()
     if not p.is_file():
         what = "is a folder, not a checkpoint file" if p.is_dir() else "does not exist"
@@ -825,8 +924,11 @@ def _check_checkpoint(c: dict) -> None:
         if mine is _ABSENT:
             continue
         if not _same(mine, v):
-            raise ConfigError(f"technique.{k}", f"the checkpoint was trained with technique.{k}={_fmt(v)}, this run "
-                              f"has {_fmt(mine)}", f"set technique.{k}={_fmt(v)} or use another checkpoint")
+            raise ConfigError(
+                f"technique.{k}",
+                f"the checkpoint was trained with technique.{k}={_fmt(v)}, this run has {_fmt(mine)}",
+                f"set technique.{k}={_fmt(v)} or use another checkpoint",
+            )
 
 
 # ============================================================================ 6. prompts vs the tokenizer
@@ -848,8 +950,11 @@ class SlotTokenizer:
             else:
                 raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json + merges.txt")
         except Exception as err:
-            raise ConfigError("generator.path", f"cannot read the tokenizer in {folder}: {str(err).splitlines()[0]}",
-                              "restore the tokenizer files (re-download or re-export the pipeline)") from None
+            raise ConfigError(
+                "generator.path",
+                f"cannot read the tokenizer in {folder}: {str(err).splitlines()[0]}",
+                "restore the tokenizer files (re-download or re-export the pipeline)",
+            ) from None
         tok.no_padding()
         tok.no_truncation()
         self.tok = tok
@@ -872,18 +977,37 @@ class SlotTokenizer:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(ln.split()) for ln in lines if ln and not ln.startswith("#version") and len(ln.split()) == 2]
-        tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                            end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk))
-        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                               normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                                 behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok = Tokenizer(
+            BPE(
+                vocab=vocab,
+                merges=merges,
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="</w>",
+                fuse_unk=False,
+                unk_token=unk,
+            )
+        )
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(
+                    Regex(
+                        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+                    ),
+                    behavior="removed",
+                    invert=True,
+                ),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([bos, eos, unk])
-        tok.post_processor = processors.RobertaProcessing((eos, tok.token_to_id(eos)), (bos, tok.token_to_id(bos)),
-                                                          trim_offsets=False, add_prefix_space=False)
+        tok.post_processor = processors.RobertaProcessing(
+            (eos, tok.token_to_id(eos)), (bos, tok.token_to_id(bos)), trim_offsets=False, add_prefix_space=False
+        )
         return tok
 
     @staticmethod
@@ -910,7 +1034,7 @@ class SlotTokenizer:
         """(index of the slot's last token, total tokens) for template with '{}' -> fill; indices
         count the start token, as in the generator's input ids."""
         at = template.index("{}")
-        text = template[:at] + fill + template[at + 2:]
+        text = template[:at] + fill + template[at + 2 :]
         lo, hi = at, at + len(fill)
         enc = self.tok.encode(text)
         last = -1
@@ -945,7 +1069,7 @@ def _fills(c: dict) -> dict[str, str] | None:
         placeholder, n = str(tech.get("placeholder", "<v*>")), tech.get("num_vectors", 1)
         n = n if _is_int(n) and n >= 1 else 1
         tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n)]
-        return {"technique.baseline_word": str(tech.get("baseline_word", "")), "the learned token(s)": " ".join(tokens)}
+        return {"technique.slot_word": str(tech.get("slot_word", "")), "the learned token(s)": " ".join(tokens)}
     if kind == "inversion":
         return None
     return {"technique.slot_word": str(tech.get("slot_word", "object"))}
@@ -987,8 +1111,10 @@ def _check_prompt_lengths(c: dict, gen: GeneratorInfo, warnings: list[str]) -> N
                 fill = next(iter(fills.values()))
                 total = tok.n_tokens(p.replace("{}", fill)) + 2
                 if total > limit:
-                    warnings.append(f"{key}[{i}]: {_short(p)} is {total} tokens, longer than the tokenizer's "
-                                    f"{limit}; the words after token {limit - 2} are dropped")
+                    warnings.append(
+                        f"{key}[{i}]: {_short(p)} is {total} tokens, longer than the tokenizer's "
+                        f"{limit}; the words after token {limit - 2} are dropped"
+                    )
                 continue
             total = 0
             for what, fill in fills.items():
@@ -997,13 +1123,18 @@ def _check_prompt_lengths(c: dict, gen: GeneratorInfo, warnings: list[str]) -> N
                 last, n = tok.slot_end(p, fill)
                 total = max(total, n)
                 if last > limit - 2:
-                    raise ConfigError(f"{key}[{i}]", f"{_short(p)} puts its '{{}}' slot (filled with {what} "
-                                      f"{fill!r}) at token {last}, past the tokenizer's {limit}-token limit, so the "
-                                      "concept is cut off and the edit vanishes",
-                                      "shorten the prompt or move '{}' nearer the start")
+                    raise ConfigError(
+                        f"{key}[{i}]",
+                        f"{_short(p)} puts its '{{}}' slot (filled with {what} "
+                        f"{fill!r}) at token {last}, past the tokenizer's {limit}-token limit, so the "
+                        "concept is cut off and the edit vanishes",
+                        "shorten the prompt or move '{}' nearer the start",
+                    )
             if total > limit:
-                warnings.append(f"{key}[{i}]: {_short(p)} is {total} tokens with its slot filled, longer than the "
-                                f"tokenizer's {limit}; the words after token {limit - 2} are dropped")
+                warnings.append(
+                    f"{key}[{i}]: {_short(p)} is {total} tokens with its slot filled, longer than the "
+                    f"tokenizer's {limit}; the words after token {limit - 2} are dropped"
+                )
 
 
 # ============================================================================ group overrides, before Hydra composes

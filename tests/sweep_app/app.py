@@ -44,17 +44,29 @@ def main(cfg: DictConfig):
     if child is not None:
         child.kill()
         child.wait()
-    value = sweep_objective_value(cfg.sweep_objective, fake_metrics(cfg.technique.alpha)) if cfg.sweep_objective else float(cfg.x)
-    (job_dir / "job.json").write_text(json.dumps({
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(), "x": cfg.x,
-        "alpha": cfg.technique.alpha, "value": value, "start": start, "end": time.time(),
-        "job_num": hc.job.get("num")}))
+    value = (
+        sweep_objective_value(cfg.sweep_objective, fake_metrics(cfg.technique.alpha))
+        if cfg.sweep_objective
+        else float(cfg.x)
+    )
+    (job_dir / "job.json").write_text(
+        json.dumps(
+            {
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "pid": os.getpid(),
+                "x": cfg.x,
+                "alpha": cfg.technique.alpha,
+                "value": value,
+                "start": start,
+                "end": time.time(),
+                "job_num": hc.job.get("num"),
+            }
+        )
+    )
     return value
 
 
 if __name__ == "__main__":
-    import sys
-
     from steerexp import conf_dir
 
     # steerexp's conf/ on the search path: launcher=... and hparams_search=... are steerexp's own files

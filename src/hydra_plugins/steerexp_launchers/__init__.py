@@ -10,6 +10,8 @@
   Optuna's own ask/tell API (optuna_sweeper.py).
 - the `steerexp_unique_dir` resolver: run and sweep directories that never collide, a sweep's claimed
   once and pinned for all its jobs (resolvers.py).
+- the public API of a sweep's saved state (sweepstate.py): read each job's state, summarise, rerun jobs
+  from their specs. Code outside this package (steerexp/sweep.py: `steerexp-sweep`) uses only that module.
 
 Hydra imports every module here while it scans for plugins, so they import nothing heavy at the top.
 """

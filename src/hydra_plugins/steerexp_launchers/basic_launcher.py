@@ -69,7 +69,9 @@ class BasicLauncher(Launcher):
             else:
                 error, text = J.failure_text(ret._return_value)
                 J.mark_failed(job, error, traceback_text=text)
-                log.error(f"#{job.num} failed in {job.seconds:.1f}s: {error} (traceback: {job.job_dir / J.TRACEBACK})\n{text}")
+                log.error(
+                    f"#{job.num} failed in {job.seconds:.1f}s: {error} (traceback: {job.job_dir / J.TRACEBACK})\n{text}"
+                )
             return ret
         finally:
             J.release_running(job)
@@ -82,8 +84,9 @@ class BasicLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        jobs, configs = prepare_jobs(self.hydra_context, self.task_function, self.config, job_overrides,
-                                     initial_job_idx, sweep_dir, strict=False)
+        jobs, configs = prepare_jobs(
+            self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, sweep_dir, strict=False
+        )
         J.write_manifest(sweep_dir, jobs, None, 1, os.getcwd(), launcher="basic")
         log.info(f"Launching {len(jobs)} jobs locally, one after another (sweep dir {sweep_dir})")
         returns: List[Optional[JobReturn]] = []

@@ -57,15 +57,23 @@ def job_output_dir(config: DictConfig) -> Path:
     previous = hydra_config.cfg
     try:
         hydra_config.set_config(config)
-        path = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / str(OmegaConf.select(config, "hydra.sweep.subdir"))
+        path = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / str(
+            OmegaConf.select(config, "hydra.sweep.subdir")
+        )
     finally:
         hydra_config.cfg = previous
     return path.absolute()
 
 
-def prepare_jobs(hydra_context: HydraContext, task_function: TaskFunction, master: DictConfig,
-                 job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path,
-                 strict: bool = True) -> tuple:
+def prepare_jobs(
+    hydra_context: HydraContext,
+    task_function: TaskFunction,
+    master: DictConfig,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    sweep_dir: Path,
+    strict: bool = True,
+) -> tuple:
     """Compose every job's config and save its spec under `<sweep dir>/.sweep/jobs/`; returns (jobs,
     configs). strict=False: a spec that cannot be pickled is logged and skipped (its job still runs,
     in this process, but `steerexp-sweep rerun` cannot redo it)."""
@@ -83,14 +91,22 @@ def prepare_jobs(hydra_context: HydraContext, task_function: TaskFunction, maste
             config.hydra.job.num = num
         job = J.Job(num, list(filter_overrides(overrides)), job_output_dir(config), specs / f"{num}.pkl")
         try:
-            payload = cloudpickle.dumps({
-                "hydra_context": hydra_context, "task_function": task_function, "config": config,
-                "singleton_state": singleton_state, "job_dir": str(job.job_dir)})
+            payload = cloudpickle.dumps(
+                {
+                    "hydra_context": hydra_context,
+                    "task_function": task_function,
+                    "config": config,
+                    "singleton_state": singleton_state,
+                    "job_dir": str(job.job_dir),
+                }
+            )
         except Exception as err:
             if strict:
                 raise
-            log.warning(f"#{num}: its spec could not be saved ({type(err).__name__}: {err}); "
-                        "the job runs, but `steerexp-sweep rerun` cannot redo it")
+            log.warning(
+                f"#{num}: its spec could not be saved ({type(err).__name__}: {err}); "
+                "the job runs, but `steerexp-sweep rerun` cannot redo it"
+            )
         else:
             job.spec.write_bytes(payload)
         jobs.append(job)
@@ -111,7 +127,8 @@ def returns_for_sweeper(jobs: List[J.Job], returns: List[Optional[JobReturn]], s
             ret.status = JobStatus.FAILED
             what = job.error or "did not run (the sweep was interrupted)"
             ret._return_value = SweepJobFailed(
-                f"job #{job.num} ({' '.join(job.overrides)}) failed: {what}\n{sweep_summary}")
+                f"job #{job.num} ({' '.join(job.overrides)}) failed: {what}\n{sweep_summary}"
+            )
         out.append(ret)
     return out
 
@@ -135,8 +152,9 @@ class GPUsLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         J.slots(self.devices, self.jobs_per_device)  # bad devices fail here, before any job is written
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        jobs, _ = prepare_jobs(self.hydra_context, self.task_function, self.config, job_overrides,
-                               initial_job_idx, sweep_dir)
+        jobs, _ = prepare_jobs(
+            self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, sweep_dir
+        )
         J.write_manifest(sweep_dir, jobs, self.devices, self.jobs_per_device, os.getcwd(), launcher="gpus")
         pool = ", ".join(J.slots(self.devices, 1))
         log.info(f"launcher=gpus: {len(jobs)} jobs on devices [{pool}] x {self.jobs_per_device}, sweep dir {sweep_dir}")

@@ -268,11 +268,21 @@ def write_manifest(sweep_dir: Path, jobs: list[Job], devices, jobs_per_device: i
     """Add `jobs` to the sweep's manifest (a sweeper may launch several batches into one sweep dir)."""
     path = state_dir(sweep_dir) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {"jobs": {}}
-    manifest.update({"launcher": launcher, "cwd": cwd, "devices": None if devices is None else [str(d) for d in devices],
-                     "jobs_per_device": int(jobs_per_device), "python": sys.executable})
+    manifest.update(
+        {
+            "launcher": launcher,
+            "cwd": cwd,
+            "devices": None if devices is None else [str(d) for d in devices],
+            "jobs_per_device": int(jobs_per_device),
+            "python": sys.executable,
+        }
+    )
     for job in jobs:
-        manifest["jobs"][str(job.num)] = {"overrides": list(job.overrides), "job_dir": str(job.job_dir),
-                                          "spec": str(job.spec)}
+        manifest["jobs"][str(job.num)] = {
+            "overrides": list(job.overrides),
+            "job_dir": str(job.job_dir),
+            "spec": str(job.spec),
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -322,8 +332,11 @@ def jobs_of(sweep_dir: Path) -> list[Job]:
 def busy_reason(job: Job) -> str | None:
     """Why a job must not be started again now (it runs, or the live sweep will run it), or None."""
     if job.status == RUNNING and job.running:
-        where = "" if is_alive(job.running) else (
-            f" (on another host: cannot check from {host()}; delete {job.job_dir / RUNNING} if it is gone)")
+        where = (
+            ""
+            if is_alive(job.running)
+            else (f" (on another host: cannot check from {host()}; delete {job.job_dir / RUNNING} if it is gone)")
+        )
         return f"job #{job.num} is still running ({describe(job.running)}){where}"
     if job.status == PENDING:
         return f"job #{job.num} is queued in the sweep that is still running ({describe(job.extra['launcher'])})"
@@ -331,6 +344,7 @@ def busy_reason(job: Job) -> str | None:
 
 
 # ---------------------------------------------------------------- running
+
 
 class _Running:
     """The job processes alive now, so that an interrupted sweep stops them all."""
@@ -373,9 +387,16 @@ def _spawn(job: Job, device: str | None, running: _Running, cwd: str) -> int:
     try:
         with open(job.job_dir / LOG, "ab") as out:
             try:
-                proc = subprocess.Popen([sys.executable, "-m", WORKER, str(job.spec)], cwd=cwd, env=env,
-                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, pass_fds=(read_fd,))
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", WORKER, str(job.spec)],
+                    cwd=cwd,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    pass_fds=(read_fd,),
+                )
             finally:
                 os.close(read_fd)
             with running.lock:
@@ -408,7 +429,9 @@ def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: 
                 return job
             clear_markers(job)
             job.device = device
-            log.info(f"#{job.num}" + (f" on device {device}" if device is not None else "") + f": {' '.join(job.overrides)}")
+            log.info(
+                f"#{job.num}" + (f" on device {device}" if device is not None else "") + f": {' '.join(job.overrides)}"
+            )
             job.started = time.time()
             code = _spawn(job, device, running, cwd)
             job.seconds = time.time() - job.started
@@ -419,15 +442,21 @@ def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: 
         finally:
             release_running(job)
         level = logging.INFO if job.status == COMPLETED else logging.ERROR
-        log.log(level, f"#{job.num} {job.status.lower()}" + (f" on device {device}" if device is not None else "")
-                + f" in {job.seconds:.1f}s" + (f": {job.error}" if job.error else ""))
+        log.log(
+            level,
+            f"#{job.num} {job.status.lower()}"
+            + (f" on device {device}" if device is not None else "")
+            + f" in {job.seconds:.1f}s"
+            + (f": {job.error}" if job.error else ""),
+        )
         return job
     finally:
         pool.put(device)
 
 
-def run_jobs(jobs: list[Job], devices, jobs_per_device: int = 1, cwd: str | None = None,
-             inherit_devices: bool = False) -> list[Job]:
+def run_jobs(
+    jobs: list[Job], devices, jobs_per_device: int = 1, cwd: str | None = None, inherit_devices: bool = False
+) -> list[Job]:
     """Run `jobs` (specs already written) concurrently over the device pool; never raises for a
     failing job: each Job comes back with status COMPLETED, FAILED, RUNNING (another process runs it:
     not started here) or None if interrupted. inherit_devices: one job at a time, each seeing this

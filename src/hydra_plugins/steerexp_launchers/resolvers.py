@@ -95,7 +95,9 @@ def _resolve(path, _node_, _root_) -> str:
     path = str(path)
     key = _node_._get_full_key(None) if _node_ is not None else ""
     mode = _mode(_root_)
-    in_use = {"hydra.run.dir": mode == "RUN", "hydra.sweep.dir": mode == "MULTIRUN"}.get(key, not key.startswith("hydra."))
+    in_use = {"hydra.run.dir": mode == "RUN", "hydra.sweep.dir": mode == "MULTIRUN"}.get(
+        key, not key.startswith("hydra.")
+    )
     if not in_use:  # not the dir this invocation runs in (or --cfg, compose, an override's text): claim nothing
         return path.rstrip("/") or "."
     cache = OmegaConf.get_cache(_root_)

@@ -1,14 +1,14 @@
-"""What every evaluator shares: the paired sample sets and the evaluators' eyes, computed
-once per run and reused by all evaluators."""
+"""What every evaluator shares: the paired sample sets, computed once per run and reused by
+all evaluators, and the run's scorers (steerexp.scorers), by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
-from steerexp.eyes.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER, ConceptClassifier
-from steerexp.eyes.clip import CLIPScorer
+from steerexp import scorers as scorer_factory
+from steerexp.scorers import HeadClassifier, Scorers
+from steerexp.scorers.clip import CLIPScorer
 
 
 @dataclass
@@ -33,7 +33,7 @@ class EvalResult:
 class EvalContext:
     """Shared by the evaluators of one run: sampling with and without the edit, cached."""
 
-    def __init__(self, technique, prompts: list[str], seeds: list[int], classifier_path: str | None = None,
+    def __init__(self, technique, prompts: list[str], seeds: list[int], scorers: Scorers | None = None,
                  run_dir=None):
         if not prompts:
             raise ValueError("eval.prompts is empty; give at least one prompt template")
@@ -41,7 +41,7 @@ class EvalContext:
             raise ValueError("eval.seeds is empty; give at least one seed")
         self.technique, self.prompts, self.seeds = technique, list(prompts), list(seeds)
         self.run_dir = run_dir
-        self._classifier_path = classifier_path
+        self.scorers = scorers or scorer_factory.current()  # the run's scorers (conf/config.yaml: scorers), by name
         self._cache: dict[tuple, Paired] = {}
 
     def paired(self, prompts: list[str] | None = None, seeds: list[int] | None = None) -> Paired:
@@ -56,36 +56,16 @@ class EvalContext:
                                           self.technique.generate(ps, ss, edited=True))
         return self._cache[key]
 
-    @cached_property
-    def classifier(self) -> ConceptClassifier:
-        return ConceptClassifier.from_pretrained(self._classifier_path or DEFAULT_CLASSIFIER)
+    def scorer(self, name: str):
+        """The run's scorer `name` (e.g. 'classifier', 'clip', 'user'), on the CPU where the samples are."""
+        return self.scorers.get(name)
 
-    @cached_property
+    @property
+    def classifier(self) -> HeadClassifier:
+        """The run's concept classifier (scorers.classifier)."""
+        return self.scorer("classifier")
+
+    @property
     def clip(self) -> CLIPScorer:
-        """The shipped tiny CLIP (the clip evaluator may bring its own model)."""
-        return CLIPScorer()
-
-
-def side_by_side_grid(paired: Paired, n_seeds: int, gap: int = 2) -> torch.Tensor:
-    """Rows are prompts, columns seeds; baseline block | edited block. [3, H, W] in [0, 1]."""
-    b, e = paired.baseline, paired.edited
-    n_prompts = len(b) // n_seeds
-    _, c, h, w = b.shape
-    rows = []
-    for i in range(n_prompts):
-        sl = slice(i * n_seeds, (i + 1) * n_seeds)
-        left = torch.cat(list(b[sl]), dim=-1)
-        right = torch.cat(list(e[sl]), dim=-1)
-        rows.append(torch.cat([left, torch.ones(c, h, gap * 2), right], dim=-1))
-    return torch.cat([torch.cat([r, torch.ones(c, gap, r.shape[-1])], dim=-2) for r in rows], dim=-2)
-
-
-def image_grid(columns: list[torch.Tensor], rows: int, gap: int = 2) -> torch.Tensor:
-    """columns: [N, 3, H, W] each; one row per image (the first `rows`), a gap between columns."""
-    out = []
-    for i in range(min(rows, len(columns[0]))):
-        cells = []
-        for c in columns:
-            cells += [c[i], torch.ones(3, c.shape[-2], gap)]
-        out += [torch.cat(cells[:-1], dim=-1), torch.ones(3, gap, sum(x.shape[-1] for x in cells[:-1]))]
-    return torch.cat(out[:-1], dim=-2)
+        """The run's CLIP (scorers.clip; the clip evaluator may bring its own model)."""
+        return self.scorer("clip")

@@ -7,8 +7,9 @@ import re
 
 import torch
 
+from steerexp import scorers
 from steerexp.evaluators.base import EvalContext, EvalResult
-from steerexp.eyes.clip import CLIPScorer
+from steerexp.techniques.protocols import HasTargets
 
 
 def strip_placeholder(template: str) -> str:
@@ -23,11 +24,11 @@ class Clip:
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         paired = ctx.paired()
-        clip = CLIPScorer(self.model, self.pretrained) if self.model else ctx.clip
+        clip = scorers.load_clip(self.model, self.pretrained) if self.model else ctx.clip  # its own, or scorers.clip
         m = {}
         with torch.no_grad():
             text = clip.encode_texts([strip_placeholder(p) for p in paired.prompts])
-            targets = getattr(ctx.technique, "target_images", None)
+            targets = ctx.technique.target_images if isinstance(ctx.technique, HasTargets) else None
             target_emb = clip.encode_images(targets) if targets is not None else None
             for side, images in (("baseline", paired.baseline), ("edited", paired.edited)):
                 emb = clip.encode_images(images)

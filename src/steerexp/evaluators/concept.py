@@ -1,7 +1,8 @@
 """concept: the external classifier's probability of the target concept for every paired
-image, baseline vs edited, with paired statistics. Any head of the shipped classifier, or
-a user's classifier (a torch module import path or a TorchScript file) that maps [0, 1]
-images to logits over `classes`.
+image, baseline vs edited, with paired statistics. The judge is a scorer of the run by name
+(`scorer`; null: `scorers.user` when set, else `scorers.classifier`): any head of the concept
+classifier, or a user's classifier (`scorers.user.path`: a torch module import path or a
+TorchScript file) that maps [0, 1] images to logits over `scorers.user.classes`.
 
 It also checks the prompt's other attributes: when a prompt names exactly one class of a
 head (e.g. "a red {}"), `concept/attribute_agreement/<head>/<side>` is how often the
@@ -9,55 +10,32 @@ classifier reads that class.
 """
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from steerexp.evaluators.base import EvalContext, EvalResult, side_by_side_grid
+from steerexp import scorers
+from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.evaluators.stats import paired_summary
-
-
-def load_user_classifier(spec: str) -> torch.nn.Module:
-    """'pkg.module:factory' (called with no arguments) or a TorchScript file path."""
-    if spec.endswith((".pt", ".ts", ".pth")):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"evaluator.concept.classifier: TorchScript file not found: {spec}")
-        return torch.jit.load(spec).eval()
-    module, _, attr = spec.partition(":")
-    if not attr:
-        raise ValueError(f"evaluator.concept.classifier {spec!r} must be 'module.path:callable' or a TorchScript file")
-    from steerexp.safety import check_callable
-
-    check_callable(f"{module}.{attr}", "evaluator.concept.classifier")  # a shared config names code: allowlisted only
-    return getattr(importlib.import_module(module), attr)().eval()
+from steerexp.images import side_by_side_grid
 
 
 class Concept:
     name = "concept"
 
     def __init__(self, head: str = "shape", target: str = "star", threshold: float = 0.5,
-                 classifier: str | None = None, classes: list[str] | None = None):
+                 scorer: str | None = None):
         if not 0 < threshold < 1:
             raise ValueError(f"evaluator.concept.threshold must be in (0, 1), got {threshold}")
         self.head, self.target, self.threshold = head, target, threshold
-        self.user_classifier, self.classes = classifier, classes
-        self._user_model = None
+        self.scorer = scorer  # a scorer of the run by name; None: 'user' when scorers.user is set, else 'classifier'
+
+    def judge(self, ctx: EvalContext):
+        return ctx.scorer(self.scorer or ("user" if ctx.scorers.configured("user") else "classifier"))
 
     def scores(self, ctx: EvalContext, images: torch.Tensor) -> np.ndarray:
         """P(target) per image."""
         with torch.no_grad():
-            if self.user_classifier:
-                if self._user_model is None:
-                    self._user_model = load_user_classifier(self.user_classifier)
-                model = self._user_model
-                classes = list(self.classes or [])
-                if self.target not in classes:
-                    raise ValueError(f"evaluator.concept.classes must list the target {self.target!r} for a user classifier")
-                return model(images).softmax(-1)[:, classes.index(self.target)].numpy()
-            idx = ctx.classifier.class_index(self.head, self.target)
-            return ctx.classifier.probs(images)[self.head][:, idx].numpy()
+            return scorers.prob(self.judge(ctx), images, self.head, self.target).numpy()
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         paired = ctx.paired()
@@ -80,18 +58,23 @@ class Concept:
             metrics=m,
             grids={"samples/grid": side_by_side_grid(paired, len(ctx.seeds))},
             histograms={"concept/scores": {"baseline": base.tolist(), "edited": edit.tolist()}},
-            tables={"concept/per_prompt": (["prompt", "target_rate_baseline", "target_rate_edited", "mean_diff"], rows),
-                    "concept/scores": (["prompt", "seed", "baseline", "edited"],
-                                       [[p, s, float(b), float(e)] for p, s, b, e in zip(paired.prompts, paired.seeds, base, edit)])},
+            tables={
+                "concept/per_prompt": (["prompt", "target_rate_baseline", "target_rate_edited", "mean_diff"], rows),
+                "concept/scores": (
+                    ["prompt", "seed", "baseline", "edited"],
+                    [[p, s, float(b), float(e)] for p, s, b, e in zip(paired.prompts, paired.seeds, base, edit)],
+                ),
+            },
         )
 
     def attribute_agreement(self, ctx: EvalContext, paired) -> dict[str, float]:
-        if self.user_classifier:
+        judge = self.judge(ctx)
+        heads = {h: c for h, c in judge.heads.items() if h != judge.head_name(self.head)}
+        if not heads:  # a one-head judge (a user's classifier) reads nothing else
             return {}
-        heads = {h: c for h, c in ctx.classifier.heads.items() if h != self.head}
         out = {}
         for side, images in (("baseline", paired.baseline), ("edited", paired.edited)):
-            pred = ctx.classifier.predict(images)
+            pred = judge.predict(images)
             for head, classes in heads.items():
                 hits = []
                 for prompt, p in zip(paired.prompts, pred[head]):

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steerexp.evaluators.base import EvalContext, EvalResult, image_grid
+from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.evaluators.inversion import pick_methods, require_inversion
+from steerexp.images import image_grid
 from steerexp.worlds.shapes import world
 
 
@@ -105,7 +106,9 @@ class Edit:
             rms_rec = background_rms(rec, originals, background)
             with torch.no_grad():
                 read_rec = clf.predict(rec)
-            kept_rec = np.logical_and.reduce([np.array([a == b for a, b in zip(read_rec[h], before[h])]) for h in self.keep])
+            kept_rec = np.logical_and.reduce(
+                [np.array([a == b for a, b in zip(read_rec[h], before[h])]) for h in self.keep]
+            )
             m[f"edit/success/{method}"] = float(success.mean())
             m.update({f"edit/kept/{h}/{method}": float(k.mean()) for h, k in kept.items()})
             m[f"edit/kept_all/{method}"] = float(kept_all.mean())
@@ -113,8 +116,13 @@ class Edit:
             m[f"edit/bg_rms/{method}"] = float(rms.mean())
             m[f"edit/bg_rms_recon/{method}"] = float(rms_rec.mean())
             m[f"edit/kept_all_recon/{method}"] = float(kept_rec.mean())
-            rows += [[tech.names[i], method, prompts[i], after[self.head][i], bool(kept_all[i]), float(rms[i])]
-                     for i in range(len(originals))]
+            rows += [
+                [tech.names[i], method, prompts[i], after[self.head][i], bool(kept_all[i]), float(rms[i])]
+                for i in range(len(originals))
+            ]
         grid = image_grid([originals] + edits, self.grid_rows)
-        return EvalResult(metrics=m, grids={"samples/edit": grid},
-                          tables={"edit/per_image": (["image", "method", "prompt", self.head, "kept_all", "bg_rms"], rows)})
+        return EvalResult(
+            metrics=m,
+            grids={"samples/edit": grid},
+            tables={"edit/per_image": (["image", "method", "prompt", self.head, "kept_all", "bg_rms"], rows)},
+        )

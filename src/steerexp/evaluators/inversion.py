@@ -5,10 +5,11 @@ For every method the technique offers (`vae` round trip = the upper bound, `ddim
 data range 1, per image then averaged) of the reconstruction against the original:
 `inversion/psnr/<method>`, `inversion/ssim/<method>`. Paired per-image PSNR differences of
 each method against the technique's own one come with a bootstrap CI (`inversion/psnr_diff/...`).
-For null-text inversion it also reports the optimisation (mean per-step latent MSE with the
-empty null vs the optimised one, inner steps taken) and where the nulls went: the mean over
-steps of ||null_t - c|| / ||null_empty - c|| (below 1: the nulls moved toward the source
-prompt c, NPI's premise). Grid `samples/inversion`: original | each method, one row per image.
+It also reports the technique's own `diagnostics()` as `inversion/<its method>/<name>`: for
+null-text inversion the optimisation (mean per-step latent MSE with the empty null vs the
+optimised one, inner steps taken) and where the nulls went: the mean over steps of
+||null_t - c|| / ||null_empty - c|| (below 1: the nulls moved toward the source prompt c,
+NPI's premise). Grid `samples/inversion`: original | each method, one row per image.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from steerexp.evaluators.base import EvalContext, EvalResult, image_grid
+from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.evaluators.stats import bootstrap_ci
+from steerexp.images import image_grid
+from steerexp.techniques.protocols import Diagnosable, Invertible
 
 
 def psnr_ssim(images: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -28,7 +31,7 @@ def psnr_ssim(images: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndarray
 
 
 def require_inversion(technique) -> None:
-    if not hasattr(technique, "reconstruct"):
+    if not isinstance(technique, Invertible):
         raise ValueError(f"this evaluator needs an inversion technique (ddim_inversion, null_text_inversion, "
                          f"negative_prompt_inversion); got {type(technique).__name__}")
 
@@ -74,24 +77,8 @@ class Inversion:
                     m[f"inversion/psnr_diff/{own}_minus_{method}/mean"] = float(d.mean())
                     m[f"inversion/psnr_diff/{own}_minus_{method}/ci_low"] = lo
                     m[f"inversion/psnr_diff/{own}_minus_{method}/ci_high"] = hi
-        m.update(self.nti_stats(tech))
+        if isinstance(tech, Diagnosable):  # e.g. inversion/nti/step_mse_optimised
+            m.update({f"inversion/{own}/{k}": v for k, v in tech.diagnostics().items()})
         grid = image_grid([originals] + recs, self.grid_rows)
         return EvalResult(metrics=m, grids={"samples/inversion": grid},
                           tables={"inversion/per_image": (["image", "method", "psnr", "ssim"], rows)})
-
-    @staticmethod
-    def nti_stats(tech) -> dict[str, float]:
-        if not getattr(tech, "history", None):
-            return {}
-        h = {k: np.asarray(v) for k, v in tech.history.items()}
-        nulls = tech.null_embeddings.float()                     # [N, S, L, D]
-        c, e = tech.cond.float().cpu()[:, None], tech.empty.float().cpu()[:, None]
-        ratio = ((nulls - c).norm(dim=-1).mean(-1) / (e - c).norm(dim=-1).mean(-1).clamp(min=1e-8)).mean()
-        return {
-            "inversion/nti/step_mse_empty_null": float(h["loss_empty"].mean()),
-            "inversion/nti/step_mse_warm_start": float(h["loss_start"].mean()),
-            "inversion/nti/step_mse_optimised": float(h["loss_end"].mean()),
-            "inversion/nti/inner_steps_per_step": float(h["inner_steps"].mean()),
-            "inversion/nti/null_to_prompt_ratio": float(ratio),
-            "inversion/nti/seconds_per_image": tech.seconds / max(1, len(tech.images)),
-        }

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steerexp.evaluators.base import EvalContext, EvalResult, side_by_side_grid
+from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.images import side_by_side_grid
 from steerexp.worlds.shapes import world
 
 
@@ -48,10 +49,21 @@ class Leakage:
             sb = clf.probs(paired.baseline)[self.head][:, idx].numpy()
             se = clf.probs(paired.edited)[self.head][:, idx].numpy()
             rms = (paired.edited - paired.baseline).pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
-            perceptual = (1 - F.cosine_similarity(clf.features(paired.baseline), clf.features(paired.edited))).clamp(min=0).numpy()
+            perceptual = (
+                (1 - F.cosine_similarity(clf.features(paired.baseline), clf.features(paired.edited)))
+                .clamp(min=0)
+                .numpy()
+            )
         n = len(ctx.seeds)
-        rows = [[p, float(flips[i * n:(i + 1) * n].mean()), float(rms[i * n:(i + 1) * n].mean()),
-                 float((se - sb)[i * n:(i + 1) * n].mean())] for i, p in enumerate(self.prompts)]
+        rows = [
+            [
+                p,
+                float(flips[i * n : (i + 1) * n].mean()),
+                float(rms[i * n : (i + 1) * n].mean()),
+                float((se - sb)[i * n : (i + 1) * n].mean()),
+            ]
+            for i, p in enumerate(self.prompts)
+        ]
         flip_rate = float(flips.mean())
         return EvalResult(
             metrics={

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.techniques.protocols import StrengthScalable
 from steerexp.worlds.shapes import world
 
 
@@ -26,7 +27,7 @@ class Magnitude:
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         tech = ctx.technique
-        if not getattr(tech, "has_strength", False):
+        if not isinstance(tech, StrengthScalable):
             raise ValueError(f"evaluator magnitude needs a technique with a strength knob; "
                              f"{type(tech).__name__} has none. Remove 'magnitude' from evaluator=[...]")
         clf = ctx.classifier
@@ -59,10 +60,15 @@ class Magnitude:
         plots = {}
         if ctx.run_dir is not None:
             plots["samples/magnitude"] = str(self.plot(ctx.run_dir / "samples" / "magnitude.png", rates, flips))
-        return EvalResult(metrics=m, plots=plots, lines={"magnitude/curves": (self.strengths, {"target_rate": rates, "flip_rate": flips}, "strength")})
+        return EvalResult(
+            metrics=m,
+            plots=plots,
+            lines={"magnitude/curves": (self.strengths, {"target_rate": rates, "flip_rate": flips}, "strength")},
+        )
 
     def plot(self, path, rates, flips):
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from steerexp.evaluators.base import EvalContext, EvalResult
-from steerexp.pretrain.common import to_tensor
+from steerexp.images import nn_rms, to_tensor
+from steerexp.techniques.protocols import HasTargets
 from steerexp.worlds.shapes import world
-
-
-def rms_distances(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-    """[N, M] per-pixel RMS from each image to each reference (images resized to the refs' size)."""
-    if images.shape[-2:] != refs.shape[-2:]:
-        images = F.interpolate(images, size=refs.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
-    return (images.flatten(1)[:, None, :] - refs.flatten(1)[None, :, :]).pow(2).mean(-1).sqrt()
-
-
-def nn_rms(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-    """Per image, the smallest per-pixel RMS to any reference."""
-    return rms_distances(images, refs).min(dim=1).values
 
 
 class Memorisation:
@@ -35,7 +23,7 @@ class Memorisation:
     def references(self, ctx: EvalContext) -> torch.Tensor:
         if self.reference == "protected":
             return to_tensor(world.protected_set()[0])
-        refs = getattr(ctx.technique, "target_images", None)
+        refs = ctx.technique.target_images if isinstance(ctx.technique, HasTargets) else None
         if refs is None:
             raise ValueError("evaluator.memorisation.reference=targets needs a technique with target images; "
                              "use reference=protected")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from steerexp.evaluators.base import EvalContext, EvalResult, image_grid
-from steerexp.evaluators.memorisation import nn_rms
+from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.images import image_grid, nn_rms
+from steerexp.techniques.protocols import Filtered
 from steerexp.worlds.shapes import world
 
 
@@ -46,14 +47,14 @@ class Nudging:
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         tech = ctx.technique
-        if not hasattr(tech, "ensure"):
+        if not isinstance(tech, Filtered):
             raise ValueError("evaluator nudging needs technique=nudging (a technique that filters and nudges "
                              "each output); drop it from the evaluator list for other techniques")
         m: dict[str, float | bool] = {}
         prot, ordinary = ctx.paired(self.protected_prompts), ctx.paired(self.ordinary_prompts)
-        prot_recs = tech.ensure([tech.fill(p) for p in prot.prompts], prot.seeds)
-        ord_recs = tech.ensure([tech.fill(p) for p in ordinary.prompts], ordinary.seeds)
-        refs = tech.protected
+        prot_recs = tech.output_records(prot.prompts, prot.seeds)
+        ord_recs = tech.output_records(ordinary.prompts, ordinary.seeds)
+        refs = tech.protected_images()
         nearest = refs[[r.nearest for r in prot_recs]]
         rms_by_side = {}
         with torch.no_grad():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steerexp.evaluators.base import EvalContext, EvalResult
-from steerexp.pretrain.common import to_tensor
+from steerexp.images import to_tensor
 from steerexp.worlds.shapes import world
 
 

@@ -150,7 +150,8 @@ class FrozenGenerator:
         return h.hexdigest()
 
     def is_frozen(self) -> bool:
-        return all(not p.requires_grad for m in self.modules for p in m.parameters()) and not any(m.training for m in self.modules)
+        frozen = all(not p.requires_grad for m in self.modules for p in m.parameters())
+        return frozen and not any(m.training for m in self.modules)
 
     def unchanged(self) -> bool:
         """True when the weights hash as they did at load time and nothing requires grad."""
@@ -158,8 +159,10 @@ class FrozenGenerator:
 
     def assert_unchanged(self) -> None:
         if not self.unchanged():
-            raise GeneratorChangedError("the frozen generator changed during the run (fingerprint or requires_grad/eval "
-                                        "state differs from load time); a technique must only learn input deltas")
+            raise GeneratorChangedError(
+                "the frozen generator changed during the run (fingerprint or requires_grad/eval "
+                "state differs from load time); a technique must only learn input deltas"
+            )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for m in self.modules for p in m.parameters())
@@ -171,21 +174,33 @@ class FrozenGenerator:
 
     def token_embedding(self, token_ids: torch.Tensor | list[int]) -> torch.Tensor:
         """Rows of the frozen vocabulary (a copy)."""
-        return self.text_encoder.get_input_embeddings().weight[torch.as_tensor(token_ids, device=self.device)].detach().clone()
+        return (
+            self.text_encoder.get_input_embeddings()
+            .weight[torch.as_tensor(token_ids, device=self.device)]
+            .detach()
+            .clone()
+        )
 
     def add_tokens(self, tokens: list[str]) -> list[int]:
         """Add placeholder tokens to the tokenizer (the frozen embedding table is not resized)."""
         vocab = self.tokenizer.get_vocab()
         for tok in tokens:
             if tok in vocab or f"{tok}</w>" in vocab or tok.lower() + "</w>" in vocab:
-                raise ValueError(f"placeholder token {tok!r} is already in the tokenizer's vocabulary; choose a "
-                                 f"string the vocabulary lacks, such as '<{tok.strip('<>')}-new>'")
+                raise ValueError(
+                    f"placeholder token {tok!r} is already in the tokenizer's vocabulary; choose a "
+                    f"string the vocabulary lacks, such as '<{tok.strip('<>')}-new>'"
+                )
         self.tokenizer.add_tokens(list(tokens))
         return self.tokenizer.convert_tokens_to_ids(list(tokens))
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
 
     @contextlib.contextmanager
     def _injected(self, added: torch.Tensor | None):
@@ -218,8 +233,12 @@ class FrozenGenerator:
             for h in handles:
                 h.remove()
 
-    def encode_prompt(self, prompts: list[str] | torch.Tensor, added_embeddings: torch.Tensor | None = None,
-                      delta: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_prompt(
+        self,
+        prompts: list[str] | torch.Tensor,
+        added_embeddings: torch.Tensor | None = None,
+        delta: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Text-encoder hidden states [B, L, D] of the prompts.
 
         added_embeddings: [n_added, D] rows for tokens added with `add_tokens` (in id order);
@@ -254,11 +273,22 @@ class FrozenGenerator:
     def initial_latents(self, seeds: list[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
         """x_T for each seed: the same seed always gives the same noise, whatever the batch."""
         shape = self.latent_shape(height, width)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device, self.dtype)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(
+            self.device, self.dtype
+        )
 
     # ------------------------------------------------------------------ denoising
-    def unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-                    guidance: Guidance, i: int = 0, steps: int = 1, negative: torch.Tensor | None = None) -> torch.Tensor:
+    def unet_output(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        guidance: Guidance,
+        i: int = 0,
+        steps: int = 1,
+        negative: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Guided model output; cond, uncond (and a subtractive negative) run as one batch."""
         if uncond is None or (guidance.scale == 1.0 and negative is None):  # w = 1 under every schedule
             return self.unet(x, t, cond).sample
@@ -270,9 +300,9 @@ class FrozenGenerator:
     def schedule(self, steps: int) -> sampling.Schedule:
         return sampling.Schedule.from_scheduler(self.scheduler, steps)
 
-    def sample(self, cond: torch.Tensor, latents: torch.Tensor, uncond: torch.Tensor | None = None,
-               steps: int = 25, guidance: Guidance | None = None, grad: bool = False, checkpoint: bool = False,
-               callback=None, negative: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, latents: torch.Tensor, uncond: torch.Tensor | None = None, steps: int = 25,
+               guidance: Guidance | None = None, grad: bool = False, checkpoint: bool = False, callback=None,
+               negative: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM from `latents` (x_T) to clean latents, guided by `cond` vs `uncond` embeddings."""
         guidance = guidance or Guidance()
         expand = lambda e: e.expand(cond.shape[0], -1, -1) if e is not None and e.shape[0] != cond.shape[0] else e
@@ -289,9 +319,17 @@ class FrozenGenerator:
         negative = self.encode_prompt([guidance.negative_prompt]) if guidance.subtracts_negative else None
         return self.encode_prompt([""]), negative
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: Guidance | None = None,
-                 added_embeddings: torch.Tensor | None = None, delta: torch.Tensor | None = None,
-                 latents: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int = 25,
+        guidance: Guidance | None = None,
+        added_embeddings: torch.Tensor | None = None,
+        delta: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
         """Images [N, 3, H, W] in [0, 1] for prompts[i] with seeds[i] (no gradients).
 
         delta: a prompt-embedding delta, [L, D] / [1, L, D] for all prompts or [N, L, D] per prompt."""
@@ -303,7 +341,11 @@ class FrozenGenerator:
             uncond, negative = self.guidance_embeddings(guidance)
             for i in range(0, len(prompts), batch_size):
                 p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-                d = delta[i : i + batch_size] if delta is not None and delta.ndim == 3 and len(delta) == len(prompts) else delta
+                d = (
+                    delta[i : i + batch_size]
+                    if delta is not None and delta.ndim == 3 and len(delta) == len(prompts)
+                    else delta
+                )
                 cond = self.encode_prompt(p, added_embeddings, d)
                 x = self.initial_latents(s) if latents is None else latents[i : i + batch_size]
                 z = self.sample(cond, x, uncond, steps, guidance, negative=negative)

@@ -68,7 +68,9 @@ def ddim_sample(model_output: Denoise, x: torch.Tensor, schedule: Schedule, pred
     return x
 
 
-def ddim_invert(model_output: Denoise, x0: torch.Tensor, schedule: Schedule, prediction_type: str = "epsilon") -> list[torch.Tensor]:
+def ddim_invert(
+    model_output: Denoise, x0: torch.Tensor, schedule: Schedule, prediction_type: str = "epsilon"
+) -> list[torch.Tensor]:
     """DDIM inversion from a clean latent up to x_T; returns the trajectory [x_0, ..., x_T]
     (index k is the latent before sampling step S-k)."""
     xs = [x0]

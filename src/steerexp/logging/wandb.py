@@ -147,7 +147,8 @@ def unreachable(base_url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
 
 class RunLogger:
     def __init__(self, mode: str, run_dir: Path, name: str, group: str, tags: list[str], config: dict,
-                 project: str = "steerexp", entity: str | None = None, job_type: str = "train", run_id: str | None = None):
+                 project: str = "steerexp", entity: str | None = None, job_type: str = "train",
+                 run_id: str | None = None):
         if mode not in MODES:
             raise ValueError(f"logger.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.run_dir = mode, Path(run_dir)
@@ -162,8 +163,17 @@ class RunLogger:
         if wandb.run is not None:
             wandb.finish()
         run_id = run_id or default_run_id()  # Lightning's WandbLogger passes resume="allow"
-        init = dict(project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type,
-                    save_dir=str(self.run_dir), id=run_id, config=config)
+        init = dict(
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            tags=tags,
+            job_type=job_type,
+            save_dir=str(self.run_dir),
+            id=run_id,
+            config=config,
+        )
         if mode == "online":
             reason = self._start_online(wandb, init)
             if reason is None:
@@ -177,8 +187,13 @@ class RunLogger:
         self.run = self.lightning.experiment
         if self.fallback_reason is not None:
             sync_dir = Path(self.run.settings.sync_dir).absolute()
-            log.warning("W&B online logging unavailable: %s. Logged offline to %s instead; "
-                        "upload it later with `wandb sync %s`", self.fallback_reason, sync_dir, sync_dir)
+            log.warning(
+                "W&B online logging unavailable: %s. Logged offline to %s instead; "
+                "upload it later with `wandb sync %s`",
+                self.fallback_reason,
+                sync_dir,
+                sync_dir,
+            )
 
     @staticmethod
     def _wandb_logger(**kwargs):
@@ -201,8 +216,9 @@ class RunLogger:
         os.environ["WANDB_ERROR_REPORTING"] = "false"
         try:
             # mode is explicit: an earlier offline job in this process leaves WANDB_MODE=dryrun behind
-            settings = wandb.Settings(silent=True, console="off", mode="online", base_url=base_url,
-                                      init_timeout=INIT_TIMEOUT_S)
+            settings = wandb.Settings(
+                silent=True, console="off", mode="online", base_url=base_url, init_timeout=INIT_TIMEOUT_S
+            )
             logger = self._wandb_logger(offline=False, settings=settings, **init)
             self.run = logger.experiment
         except Exception as e:  # wandb.Error (timeout, auth, server), pydantic validation, ...
@@ -218,33 +234,59 @@ class RunLogger:
         self.lightning = logger
         return None
 
+    def log_result(self, result) -> None:
+        """Everything an evaluator returned (an EvalResult), each channel as W&B shows it: grids and plots as
+        images, histograms, tables, line plots. Summary metrics go to the run's summary in `finish`."""
+        for key, grid in result.grids.items():
+            self.log_grid(key, grid)
+        for key, series in result.histograms.items():
+            self.log_histograms(key, series)
+        for key, (columns, rows) in result.tables.items():
+            self.log_table(key, columns, rows)
+        for key, path in result.plots.items():
+            self.log_plot(key, path)
+        for key, (xs, series, xname) in result.lines.items():
+            self.log_lines(key, xs, series, xname)
+
     def log_grid(self, key: str, grid: torch.Tensor) -> None:
         if self.lightning is not None:
             import wandb
+
             self.run.log({key: wandb.Image((grid.permute(1, 2, 0).numpy() * 255).astype(np.uint8))})
 
     def log_histograms(self, key: str, series: dict[str, list[float]]) -> None:
         if self.lightning is not None:
             import wandb
+
             self.run.log({f"{key}/{side}": wandb.Histogram(np.asarray(v)) for side, v in series.items()})
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.lightning is not None:
             import wandb
+
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def log_plot(self, key: str, path: str) -> None:
         if self.lightning is not None:
             import wandb
+
             self.run.log({key: wandb.Image(str(path))})
 
     def log_lines(self, key: str, xs: list[float], series: dict[str, list[float]], xname: str) -> None:
         if self.lightning is not None:
             import wandb
-            self.run.log({key: wandb.plot.line_series(xs=xs, ys=list(series.values()), keys=list(series), title=key, xname=xname)})
+
+            self.run.log(
+                {
+                    key: wandb.plot.line_series(
+                        xs=xs, ys=list(series.values()), keys=list(series), title=key, xname=xname
+                    )
+                }
+            )
 
     def finish(self, metrics: dict) -> None:
         if self.lightning is not None:
             import wandb
+
             self.run.summary.update(metrics)
             wandb.finish()

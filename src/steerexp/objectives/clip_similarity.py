@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from steerexp.images import load_image
 from steerexp.objectives.composite import ObjectiveInputs, Term
-from steerexp.targets import load_image
 
 
 class ClipSimilarity(Term):
@@ -31,10 +31,11 @@ class ClipSimilarity(Term):
 
     def target_embedding(self, device) -> torch.Tensor:
         if self._clip is None:
-            from steerexp.eyes.clip import CLIPScorer
+            from steerexp import scorers
 
-            kwargs = {k: v for k, v in (("model_name", self.model), ("pretrained", self.pretrained)) if v}
-            self._clip = CLIPScorer(device=str(device), **kwargs)
+            # its own model when named, else the run's CLIP (scorers.clip)
+            self._clip = (scorers.load_clip(self.model, self.pretrained, device) if self.model or self.pretrained
+                          else scorers.get("clip", device))
             with torch.no_grad():
                 self._target = (self._clip.encode_texts([self.text]) if self.text is not None
                                 else self._clip.encode_images(self.image))

@@ -1,40 +1,62 @@
-"""Weighted sums of loss terms on decoded images (the objectives of the input-delta techniques).
-
-An image objective is a `Composite` of named terms; each term maps `ObjectiveInputs` (the
-decoded images of one optimisation batch, the deltas that made them, ...) to a scalar loss,
-lower is better, already multiplied by its `weight`:
+"""The objective protocol: every objective is a weighted sum of named loss terms,
 
     loss = sum_k  weight_k * term_k(inputs)
 
-Every term config in conf/objective/ is a one-term Composite, so Hydra composes several by
-merging their `terms`: `objective=[concept_score,delta_l2]` is
+A term maps one `ObjectiveInputs` record (what the technique computed for one optimisation batch)
+to a scalar loss, lower is better, already multiplied by its `weight`. Every config in
+conf/objective/ is a one-term `Composite`, so Hydra composes several by merging their `terms`:
+`objective=[denoising,delta_l2]` is
 
-    Composite(terms={"concept_score": ConceptScore(...), "delta_l2": DeltaL2(...)})
+    Composite(terms={"denoising": Denoising(...), "delta_l2": DeltaL2(...)})
 
-and a weight is set with `objective.terms.delta_l2.weight=0.1`. (`objective=denoising`, the
-textual-inversion loss on UNet noise predictions, is a different kind of objective.)
+and a weight is set with `objective.terms.delta_l2.weight=0.1`.
+
+One record, two paths through the generator; a technique fills the fields of its path:
+- the denoising path (textual inversion): `generator`, `latents` (the training images' VAE
+  latents), `cond` (the prompts' conditioning), `rng` (the step's generator for noise and t);
+- the image path (input deltas): `images` (decoded, differentiable), `start_images` (the same
+  batch with zero deltas), `initial_latents` (z + delta_z);
+- both: `deltas` (name -> delta as this batch applied it: what `delta_l2` penalises).
+
+A term names the fields it reads in `needs`; a term whose field the technique did not fill is
+one clear error at the first step (e.g. concept_score with textual inversion, which renders no
+images), not a TypeError deep inside.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Mapping
 
 import torch
+
+if TYPE_CHECKING:
+    from steerexp.generators import FrozenGenerator
+
+DENOISING_FIELDS = frozenset({"generator", "latents", "cond", "rng"})
 
 
 @dataclass
 class ObjectiveInputs:
-    """What a term may look at for one optimisation batch."""
-    images: torch.Tensor                                          # [B, 3, H, W] decoded, [0, 1], differentiable
+    """What a term may look at for one optimisation batch (unfilled fields stay None / empty)."""
+    images: torch.Tensor | None = None                            # [B, 3, H, W] decoded, [0, 1], differentiable
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> delta as applied to this batch
-    latents: torch.Tensor | None = None                           # [B, C, h, w] the initial latents used (z + delta_z)
     start_images: torch.Tensor | None = None                      # [B, 3, H, W] the same batch with zero deltas
+    initial_latents: torch.Tensor | None = None                   # [B, C, h, w] the initial latents used (z + delta_z)
+    generator: FrozenGenerator | None = None                      # the frozen generator (denoising path)
+    latents: torch.Tensor | None = None                           # [B, C, h, w] the training images' VAE latents
+    cond: torch.Tensor | None = None                              # the prompts' conditioning for the denoiser
+    rng: torch.Generator | None = None                            # seeded per step: noise and timesteps
+
+    def filled(self) -> set[str]:
+        return {f.name for f in fields(self) if getattr(self, f.name) is not None and not (
+            isinstance(getattr(self, f.name), dict) and not getattr(self, f.name))}
 
 
 class Term:
-    """One weighted loss term. Subclasses implement `loss(inputs)` (unweighted, a scalar)."""
-    needs_start = False  # True when the term compares with the zero-delta images
+    """One weighted loss term. Subclasses implement `loss(inputs)` (unweighted, a scalar) and name the
+    `ObjectiveInputs` fields it reads in `needs`."""
+    needs: frozenset[str] = frozenset({"images"})
 
     def __init__(self, weight: float = 1.0):
         if not math.isfinite(weight) or weight < 0:
@@ -49,8 +71,7 @@ class Term:
 
 
 class Composite:
-    """sum of weighted terms; `last` holds each term's weighted value of the latest call."""
-    on_images = True  # the technique feeds it decoded images (not noise predictions)
+    """The objective: a sum of weighted terms; `last` holds each term's weighted value of the latest call."""
 
     def __init__(self, terms: Mapping[str, Term] | list[Term]):
         items = list(terms.items()) if isinstance(terms, Mapping) else [(type(t).__name__, t) for t in terms]
@@ -64,10 +85,31 @@ class Composite:
         self.last: dict[str, float] = {}
 
     @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(t.needs for t in self.terms.values()))
+
+    @property
     def needs_start(self) -> bool:
-        return any(t.needs_start for t in self.terms.values())
+        """A term compares with the zero-delta images (the technique renders them only then)."""
+        return "start_images" in self.needs
+
+    @property
+    def on_images(self) -> bool:
+        """The objective scores decoded images (no term needs the denoising path)."""
+        return not (self.needs & DENOISING_FIELDS)
+
+    def check(self, inputs: ObjectiveInputs) -> None:
+        filled = inputs.filled()
+        for name, term in self.terms.items():
+            missing = sorted(term.needs - filled)
+            if missing:
+                path = ("the denoising path (objective=denoising, textual inversion)" if term.needs & DENOISING_FIELDS
+                        else "decoded images (an input-delta technique: prompt_delta, latent_offset, ...)")
+                raise ValueError(f"objective term {name!r} needs {', '.join(missing)}, which this technique does not "
+                                 f"provide (it gives {', '.join(sorted(filled))}); {name} works on {path}")
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        self.check(inputs)
         values = {name: term(inputs) for name, term in self.terms.items()}
         self.last = {name: float(v.detach()) for name, v in values.items()}
         return sum(values.values())

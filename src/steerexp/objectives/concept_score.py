@@ -8,36 +8,25 @@ when checked on held-out seeds and prompts, which the presets do.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from steerexp.eyes.classifier import DEFAULT_PATH, ConceptClassifier
+from steerexp import scorers
 from steerexp.objectives.composite import ObjectiveInputs, Term
 
 
 class ConceptScore(Term):
-    def __init__(self, head: str = "colour", target: str = "red", weight: float = 1.0, classifier: str | None = None):
+    def __init__(self, head: str = "colour", target: str = "red", weight: float = 1.0):
         super().__init__(weight)
-        folder = Path(classifier) if classifier else DEFAULT_PATH
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"objective concept_score: no concept classifier at {folder} (config.json missing); "
-                                    "set classifier=null for the shipped one")
-        heads = json.loads((folder / "config.json").read_text())["heads"]
+        heads = scorers.get("classifier").heads  # the run's classifier (scorers.classifier)
         if head not in heads:
             raise ValueError(f"objective concept_score: unknown head {head!r}; choose one of {sorted(heads)}")
         if target not in heads[head]:
             raise ValueError(f"objective concept_score: unknown {head} {target!r}; choose one of {heads[head]}")
-        self.head, self.target, self.folder = head, target, folder
-        self._clf: ConceptClassifier | None = None
+        self.head, self.target = head, target
 
     def log_prob(self, images: torch.Tensor) -> torch.Tensor:
         """log p(target) per image [B] (differentiable in the images)."""
-        if self._clf is None:
-            self._clf = ConceptClassifier.from_pretrained(self.folder)
-        clf = self._clf.to(images.device)
-        return clf(images)[self.head].log_softmax(-1)[:, clf.class_index(self.head, self.target)]
+        return scorers.log_prob(scorers.get("classifier", images.device), images, self.head, self.target)
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         return -self.log_prob(inputs.images).mean()

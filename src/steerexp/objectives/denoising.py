@@ -1,26 +1,36 @@
-"""The denoising objective: MSE between the frozen UNet's prediction and its target
-(the noise for epsilon-prediction, the velocity for v-prediction), as the scheduler says."""
+"""denoising: the textual-inversion loss, MSE between the frozen UNet's prediction and its target
+(the noise for epsilon-prediction, the velocity for v-prediction), as the scheduler says,
+
+    loss = mean || eps_theta(noisy(latents, noise, t), t, cond) - target ||^2,   t ~ U[min_timestep, max_timestep)
+
+on the denoising path of `ObjectiveInputs` (generator, latents, cond, rng). It composes with the
+regularisers like any term: `objective=[denoising,delta_l2]` adds an L2 on the learned embeddings.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from steerexp.generators import FrozenGenerator
+from steerexp.objectives.composite import ObjectiveInputs, Term
 
 
-class Denoising:
+class Denoising(Term):
+    needs = frozenset({"generator", "latents", "cond", "rng"})
+
     def __init__(self, weight: float = 1.0, min_timestep: int = 0, max_timestep: int = 1000):
+        super().__init__(weight)
         if not 0 <= min_timestep < max_timestep:
-            raise ValueError(f"objective timesteps need 0 <= min_timestep < max_timestep, got {min_timestep}, {max_timestep}")
-        self.weight, self.min_timestep, self.max_timestep = weight, min_timestep, max_timestep
+            raise ValueError("objective timesteps need 0 <= min_timestep < max_timestep, "
+                             f"got {min_timestep}, {max_timestep}")
+        self.min_timestep, self.max_timestep = min_timestep, max_timestep
 
-    def __call__(self, generator: FrozenGenerator, latents: torch.Tensor, cond: torch.Tensor,
-                 rng: torch.Generator) -> torch.Tensor:
+    def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        generator, latents, rng = inputs.generator, inputs.latents, inputs.rng
         sched = generator.scheduler
         hi = min(self.max_timestep, sched.config.num_train_timesteps)
         noise = torch.randn(latents.shape, generator=rng).to(latents)
         t = torch.randint(self.min_timestep, hi, (len(latents),), generator=rng).to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
         target = noise if generator.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        pred = generator.unet(noisy, t, cond).sample
-        return self.weight * F.mse_loss(pred.float(), target.float())
+        pred = generator.unet(noisy, t, inputs.cond).sample
+        return F.mse_loss(pred.float(), target.float())

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from steerexp.images import load_image, to_tensor
 from steerexp.objectives.composite import ObjectiveInputs, Term
-from steerexp.pretrain.common import to_tensor
-from steerexp.targets import load_image
 from steerexp.worlds.shapes import world
 
 DISTANCES = ("mse", "l1")
@@ -24,13 +23,17 @@ SCENE_CHOICES = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "size": 
 def scene_target(scene: dict) -> world.Scene:
     unknown = set(scene) - set(SCENE_CHOICES)
     if unknown:
-        raise ValueError(f"objective reconstruction.scene: unknown field(s) {sorted(unknown)}; use {sorted(SCENE_CHOICES)}")
+        raise ValueError(
+            f"objective reconstruction.scene: unknown field(s) {sorted(unknown)}; use {sorted(SCENE_CHOICES)}"
+        )
     missing = set(SCENE_CHOICES) - set(scene)
     if missing:
         raise ValueError(f"objective reconstruction.scene: missing field(s) {sorted(missing)}")
     for key, value in scene.items():
         if value not in SCENE_CHOICES[key]:
-            raise ValueError(f"objective reconstruction.scene: unknown {key} {value!r}; choose one of {list(SCENE_CHOICES[key])}")
+            raise ValueError(
+                f"objective reconstruction.scene: unknown {key} {value!r}; choose one of {list(SCENE_CHOICES[key])}"
+            )
     return world.Scene(**scene)
 
 
@@ -40,8 +43,10 @@ class Reconstruction(Term):
         if distance not in DISTANCES:
             raise ValueError(f"objective reconstruction: distance must be one of {DISTANCES}, got {distance!r}")
         if image is None and not scene:
-            raise ValueError("objective reconstruction needs a target: set objective.terms.reconstruction.image "
-                             "(a PNG/JPG file) or .scene (a shapes-world scene)")
+            raise ValueError(
+                "objective reconstruction needs a target: set objective.terms.reconstruction.image "
+                "(a PNG/JPG file) or .scene (a shapes-world scene)"
+            )
         self.scene = None if image is not None else scene_target(dict(scene))
         self.target = load_image(image, "objective reconstruction.image") if image is not None else None
         self.distance = distance

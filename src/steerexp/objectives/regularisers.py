@@ -1,7 +1,9 @@
 """Regularisers: keep the edit small.
 
 - `DeltaL2`: sum over the deltas of ||delta||^2 (whole tensor; mean over seeds for per-seed
-  latent offsets), optionally only some of them (`deltas: [text]`).
+  latent offsets), optionally only some of them (`deltas: [text]`). The one way to put an L2
+  on any technique's deltas: input deltas (text, latent) and textual inversion's embeddings
+  (v* - v_init, `objective=[denoising,delta_l2]`).
 - `Proximity`: mean squared pixel distance of the edited images to the images the same
   prompts and seeds give with zero deltas (the start of the optimisation): an output-space
   leash that an L2 on the delta does not give.
@@ -34,6 +36,8 @@ def squared_norm(delta: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
 
 
 class DeltaL2(Term):
+    needs = frozenset({"deltas"})
+
     def __init__(self, weight: float = 1.0, deltas: list[str] | None = None):
         super().__init__(weight)
         self.names = list(deltas) if deltas else None
@@ -42,8 +46,9 @@ class DeltaL2(Term):
         names = self.names or list(inputs.deltas)
         unknown = [n for n in names if n not in inputs.deltas]
         if unknown:
-            raise ValueError(f"objective delta_l2: unknown delta(s) {unknown}; this technique has {sorted(inputs.deltas)}")
-        total = inputs.images.new_zeros(())
+            raise ValueError(f"objective delta_l2: unknown delta(s) {unknown}; "
+                             f"this technique has {sorted(inputs.deltas)}")
+        total = next(iter(inputs.deltas.values())).new_zeros(())
         for n in names:
             d = inputs.deltas[n]
             total = total + squared_norm(d, per_sample=(d.ndim == 4))  # [B, C, h, w]: per-seed latent offsets
@@ -51,7 +56,7 @@ class DeltaL2(Term):
 
 
 class Proximity(Term):
-    needs_start = True
+    needs = frozenset({"images", "start_images"})
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         if inputs.start_images is None:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from steerexp import ASSETS, conf_dir
-from steerexp.pretrain import eyes
+from steerexp.pretrain import scorers
 from steerexp.pretrain.generator import pretrain_generator
 
 STAGES = ("generator", "classifier", "clip")
@@ -35,21 +35,24 @@ def run(cfg: DictConfig) -> Path:
         pretrain_generator(cfg, out / "shapes", cfg.seed)
         timings["generator"] = time.time() - t
     if {"classifier", "clip"} & set(cfg.stages):
-        pool = eyes.fresh_pool(cfg.seed + 1000, cfg.eyes_images, cfg.world.resolution)
+        pool = scorers.fresh_pool(cfg.seed + 1000, cfg.eyes_images, cfg.world.resolution)
         if "classifier" in cfg.stages:
             t = time.time()
-            eyes.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, pool)
+            scorers.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, pool)
             timings["classifier"] = time.time() - t
         if "clip" in cfg.stages:
             t = time.time()
-            eyes.pretrain_clip(cfg.clip, out / "clip", cfg.seed, pool)
+            scorers.pretrain_clip(cfg.clip, out / "clip", cfg.seed, pool)
             timings["clip"] = time.time() - t
     recipe_file = out / "recipe.json"
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
     recipe = {"config": OmegaConf.to_container(cfg, resolve=True),
               "seconds": {**previous.get("seconds", {}), **timings}}  # stages not rerun keep their time
     recipe_file.write_text(json.dumps(recipe, indent=1))
-    print(f"pretraining done in {sum(timings.values()):.0f}s: {json.dumps({k: round(v) for k, v in timings.items()})} -> {out}")
+    print(
+        f"pretraining done in {sum(timings.values()):.0f}s: "
+        f"{json.dumps({k: round(v) for k, v in timings.items()})} -> {out}"
+    )
     return out
 
 

@@ -4,13 +4,9 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+from steerexp.images import to_tensor  # noqa: F401  (the stages import it from here)
 
 
 def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, steps: int, warmup: int = 100):

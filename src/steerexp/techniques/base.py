@@ -1,14 +1,23 @@
-"""The technique base: a LightningModule that holds ONLY the deltas around a frozen generator.
+"""The technique bases: a module that holds ONLY the deltas around a frozen generator.
 
 The generator is a plain attribute (not an nn.Module child), so it is never in
 `parameters()`, never in the optimizer and never in a checkpoint. Subclasses declare their
 deltas as nn.Parameters (token embeddings, null-text embeddings, latent offsets...) and say
-how to sample with and without the edit. Training-free techniques set `trainable = False`
-and compute their deltas in `compute()`; the run flow then skips the Trainer.
+how to sample with and without the edit (`generate`, `fill`).
 
-Budgets (from config) act on `budgeted()`, the tensors that measure the edit's size:
-after every optimizer step each is projected onto the ball ||delta|| <= max_norm (per row
-of the last dimension), and `l2` adds l2 * ||delta||^2 to the loss.
+    Technique     an nn.Module: what the run flow and the evaluators use of every technique
+                  (prepare, compute, generate, fill, deltas, load_deltas, identity, delta_norms,
+                  parameter_counts, export, diagnostics; `trainable`, `job_type`)
+    TrainingFree  computes its deltas in `compute()`; the run flow never starts a Trainer
+    Trainable     a LightningModule as well: learns its deltas with `lr`, `steps`, `batch_size`
+                  and an objective; the run flow trains it with Lightning
+
+Sampling settings (`sampling: {steps, guidance_scale}`, the run's `sampling` config) come in
+once, to the base. Evaluators see techniques only through steerexp.techniques.protocols.
+
+Budgets (steerexp.techniques.budgets) act on `budgeted()`, the tensors that measure the
+edit's size: after every optimizer step each is projected onto the ball ||delta|| <= max_norm
+(per row of the last dimension). An L2 penalty is an objective term (`delta_l2`), not a budget.
 
 Exact resume: the batch of optimisation step k is `train_order()[k * batch_size:(k + 1) *
 batch_size]`, chosen by the step and not by the dataloader's position (a resumed dataloader
@@ -22,53 +31,42 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import lightning as L
 import torch
+from torch import nn
 
 from steerexp.generators import FrozenGenerator, Guidance
+from steerexp.techniques.budgets import Budget
+
+# conf/config.yaml's `sampling`: what a technique built without the run's config samples with
+SAMPLING = {"steps": 25, "guidance_scale": 5.0}
 
 
 class NaNLossError(RuntimeError):
     pass
 
 
-@dataclass
-class Budget:
-    max_norm: float | None = None
-    l2: float = 0.0
+class Technique(nn.Module):
+    """What every technique offers the run flow and the evaluators (see the module docstring)."""
+    trainable: bool = False
+    slot_word: str = "object"  # what fills '{}' in prompt templates (techniques that use it take it as a setting)
 
-    def __post_init__(self):
-        if self.max_norm is not None and not self.max_norm > 0:
-            raise ValueError(f"technique.budget.max_norm must be positive (or null for no clip), got {self.max_norm}; "
-                             "set e.g. technique.budget.max_norm=1.0")
-        if self.l2 < 0:
-            raise ValueError(f"technique.budget.l2 must be >= 0, got {self.l2}; set technique.budget.l2=0 to disable")
-
-
-class Technique(L.LightningModule):
-    trainable: bool = True
-    has_strength: bool = False  # True when `strength` scales the edit (magnitude sweeps)
-
-    def __init__(self, generator: FrozenGenerator, budget: dict | Budget | None = None, lr: float = 1e-3,
-                 steps: int = 100, batch_size: int = 4, sampling_steps: int = 25, guidance_scale: float = 5.0):
+    def __init__(self, generator: FrozenGenerator, sampling: Mapping | None = None):
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"technique.lr must be positive, got {lr}")
-        if steps < 0:
-            raise ValueError(f"technique.steps must be >= 0, got {steps}")
         self.__dict__["generator"] = generator  # not a submodule: never trained, never checkpointed
-        self.budget = budget if isinstance(budget, Budget) else Budget(**(budget or {}))
-        self.lr, self.steps, self.batch_size = lr, steps, batch_size
-        self.sampling_steps, self.guidance = sampling_steps, Guidance(scale=guidance_scale)
-        self.strength = 1.0
+        unknown = sorted(set(sampling or {}) - set(SAMPLING))
+        if unknown:
+            raise ValueError(f"sampling has no setting {unknown[0]!r}; its settings are {sorted(SAMPLING)}")
+        s = SAMPLING | dict(sampling or {})
+        self.sampling_steps, self.guidance = s["steps"], Guidance(scale=s["guidance_scale"])
         self.last_good: dict[str, torch.Tensor] | None = None
         self.nan_step: int | None = None
 
     # ----------------------------------------------------------------- what subclasses provide
     def prepare(self) -> None:
-        """Load and validate inputs, cache what training needs. Called before any heavy work."""
+        """Load and validate inputs, cache what computing or training needs. Called before any heavy work."""
 
     def compute(self) -> None:
         """Training-free techniques compute their deltas here."""
@@ -76,18 +74,6 @@ class Technique(L.LightningModule):
     def budgeted(self) -> dict[str, torch.Tensor]:
         """name -> tensor whose norm is the edit's size (the budget acts on these)."""
         return {}
-
-    def project(self, name: str, value: torch.Tensor) -> None:
-        """Write a projected value back into the delta called `name`."""
-        raise NotImplementedError
-
-    def training_loss(self, batch) -> torch.Tensor:
-        raise NotImplementedError
-
-    def train_order(self) -> torch.Tensor:
-        """Trainable techniques: the training-sample index of every (step, slot), [steps * batch_size],
-        a pure function of the config (seeded)."""
-        raise NotImplementedError
 
     def structure(self) -> dict:
         """The technique settings that fix the deltas' shapes (`num_vectors`...), stored in checkpoints
@@ -98,6 +84,14 @@ class Technique(L.LightningModule):
         """Images for prompt templates ('{}' marks the concept slot) with or without the edit."""
         raise NotImplementedError
 
+    def fill(self, template: str, edited: bool = False) -> str:
+        """The prompt of a template: '{}' becomes `slot_word` (techniques whose edit is the slot override this)."""
+        return template.replace("{}", self.slot_word)
+
+    def diagnostics(self) -> dict[str, float]:
+        """What the technique measured about itself while computing its deltas (name -> number)."""
+        return {}
+
     def export(self, run_dir) -> list[str]:
         """Extra files for use outside steerexp; returns their names."""
         return []
@@ -106,22 +100,24 @@ class Technique(L.LightningModule):
     def deltas(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items()}
 
-    def load_deltas(self, deltas: dict[str, torch.Tensor], source: str = "deltas", structure: dict | None = None) -> None:
+    def load_deltas(
+        self, deltas: dict[str, torch.Tensor], source: str = "deltas", structure: dict | None = None
+    ) -> None:
         """Load deltas (a state dict); a mismatch is one clear error naming what differs."""
         check_compatible(self, {k: list(v.shape) for k, v in deltas.items()}, source, structure)
         self.load_state_dict(deltas)
 
     def identity(self) -> dict:
         """What a checkpoint records about the technique that wrote it."""
-        return {"technique": f"{type(self).__module__}.{type(self).__qualname__}",
-                "deltas": {k: list(v.shape) for k, v in self.state_dict().items()}, "structure": self.structure()}
+        return {
+            "technique": f"{type(self).__module__}.{type(self).__qualname__}",
+            "deltas": {k: list(v.shape) for k, v in self.state_dict().items()},
+            "structure": self.structure(),
+        }
 
     def safetensors_metadata(self) -> dict[str, str]:
         ident = self.identity()
         return {"technique": ident["technique"], "structure": json.dumps(ident["structure"])}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["steerexp"] = self.identity()
 
     def delta_norms(self) -> dict[str, float]:
         return {k: float(v.detach().norm(dim=-1).max()) for k, v in self.budgeted().items()}
@@ -129,21 +125,70 @@ class Technique(L.LightningModule):
     @property
     def job_type(self) -> str:
         """W&B job type: "train" when the run learns deltas, "eval" when it only computes and evaluates."""
-        return "train" if self.trainable and self.steps > 0 else "eval"
+        return "eval"
 
     def parameter_counts(self) -> dict[str, int]:
-        return {"trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-                "frozen": self.generator.num_parameters()}
+        return {
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "frozen": self.generator.num_parameters(),
+        }
+
+
+class TrainingFree(Technique):
+    """Computes its deltas in `compute()` (nothing is trained; the run flow starts no Trainer)."""
+
+
+class Trainable(Technique, L.LightningModule):
+    """Learns its deltas: `steps` optimizer steps of AdamW at `lr` on batches of `batch_size`, through
+    Lightning, with the deltas projected onto `budget` after every step (exact resume: module docstring)."""
+
+    trainable = True
+
+    def __init__(
+        self,
+        generator: FrozenGenerator,
+        budget: Mapping | Budget | None = None,
+        lr: float = 1e-3,
+        steps: int = 100,
+        batch_size: int = 4,
+        sampling: Mapping | None = None,
+    ):
+        super().__init__(generator, sampling)
+        if lr <= 0:
+            raise ValueError(f"technique.lr must be positive, got {lr}")
+        if steps < 0:
+            raise ValueError(f"technique.steps must be >= 0, got {steps}")
+        self.budget = Budget.from_config(budget)
+        self.lr, self.steps, self.batch_size = lr, steps, batch_size
+
+    @property
+    def job_type(self) -> str:
+        return "train" if self.steps > 0 else "eval"
+
+    # ----------------------------------------------------------------- what subclasses provide
+    def project(self, name: str, value: torch.Tensor) -> None:
+        """Write a projected value back into the delta called `name`."""
+        raise NotImplementedError
+
+    def training_loss(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_order(self) -> torch.Tensor:
+        """The training-sample index of every (step, slot), [steps * batch_size], a pure function of the
+        config (seeded)."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- Lightning
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["steerexp"] = self.identity()
+
     def apply_budget(self) -> None:
         """After every optimizer step: project each budgeted delta onto ||row|| <= max_norm.
         Techniques with other budgets (e.g. a norm over the whole tensor) override this."""
         if self.budget.max_norm is None:
             return
         for name, value in self.budgeted().items():
-            norm = value.norm(dim=-1, keepdim=True)
-            self.project(name, value * torch.clamp(self.budget.max_norm / norm.clamp(min=1e-12), max=1.0))
+            self.project(name, self.budget.clip(value))
 
     def train_dataloader(self):
         """One item per optimisation step; the items are placeholders: `training_step` takes the
@@ -155,7 +200,7 @@ class Technique(L.LightningModule):
     def batch_at(self, step: int):
         if getattr(self, "_order", None) is None:
             self._order = self.train_order()
-        return (self._order[step * self.batch_size:(step + 1) * self.batch_size],)
+        return (self._order[step * self.batch_size : (step + 1) * self.batch_size],)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -164,7 +209,9 @@ class Technique(L.LightningModule):
     def on_train_start(self) -> None:
         counts = self.parameter_counts()
         if self.logger is not None:
-            self.logger.log_metrics({"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}, step=0)
+            self.logger.log_metrics(
+                {"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}, step=0
+            )
         self.last_good = self.deltas()
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -175,14 +222,12 @@ class Technique(L.LightningModule):
 
     def training_step(self, _placeholder, batch_idx):
         loss = self.training_loss(self.batch_at(int(self.global_step)))
-        reg = sum((v.pow(2).sum(-1)).mean() for v in self.budgeted().values()) if self.budget.l2 > 0 else 0.0
-        total = loss + self.budget.l2 * reg
-        if not torch.isfinite(total):
+        if not torch.isfinite(loss):
             self.nan_step = int(self.global_step)
             self.trainer.should_stop = True
             return None  # Lightning skips the optimizer step
         self.log("train/loss", loss.detach(), prog_bar=True)
-        return total
+        return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.nan_step is not None:
@@ -197,22 +242,28 @@ class Technique(L.LightningModule):
         self.last_good = self.deltas()
 
 
-def check_compatible(technique: Technique, shapes: dict[str, list[int]], source: str,
-                     structure: dict | None = None) -> None:
+def check_compatible(
+    technique: Technique, shapes: dict[str, list[int]], source: str, structure: dict | None = None
+) -> None:
     """Deltas of these shapes (from a checkpoint) fit this technique, or one clear error."""
     from steerexp.errors import ConfigError
 
     own = {k: list(v.shape) for k, v in technique.state_dict().items()}
     if own == shapes:
         return
-    differs = [f"technique.{k}={v} there, {technique.structure().get(k)} here"
-               for k, v in (structure or {}).items() if technique.structure().get(k) != v]
-    fix = ("set " + " and ".join(d.split(" there")[0] for d in differs) if differs
-           else "use a checkpoint written by this technique with the same settings")
-    raise ConfigError("ckpt_path", f"{source} holds deltas {shapes}, but {type(technique).__name__} has {own}"
-                      + (f" ({'; '.join(differs)})" if differs else ""), fix)
-
-
-class TrainingFree(Technique):
-    """Base for techniques that compute their deltas instead of training them."""
-    trainable = False
+    differs = [
+        f"technique.{k}={v} there, {technique.structure().get(k)} here"
+        for k, v in (structure or {}).items()
+        if technique.structure().get(k) != v
+    ]
+    fix = (
+        "set " + " and ".join(d.split(" there")[0] for d in differs)
+        if differs
+        else "use a checkpoint written by this technique with the same settings"
+    )
+    raise ConfigError(
+        "ckpt_path",
+        f"{source} holds deltas {shapes}, but {type(technique).__name__} has {own}"
+        + (f" ({'; '.join(differs)})" if differs else ""),
+        fix,
+    )

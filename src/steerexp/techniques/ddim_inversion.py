@@ -30,17 +30,14 @@ w), `npi` (null := c; see negative_prompt_inversion.py), and `nti` on the NTI te
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from steerexp import images as image_policy
 from steerexp.generators import FrozenGenerator, Guidance, sampling
-from steerexp.pretrain.common import to_tensor
-from steerexp.targets import image_files_in
+from steerexp.images import image_files_in, read_image, to_tensor
 from steerexp.techniques.base import TrainingFree
 from steerexp.worlds.shapes import world
 
@@ -67,36 +64,6 @@ def image_files(files: str | list[str]) -> list[Path]:
         if not p.is_file():
             raise FileNotFoundError(f"technique.targets.files: image file not found: {p}")
     return paths
-
-
-def load_image(path: Path, resolution: int, resize: bool = False, convert: bool = False) -> np.ndarray:
-    """One RGB image at resolution x resolution (uint8 [R, R, 3]); refuses other sizes and modes
-    unless told to fix them, and then says what it did. Decoding is the shared one (steerexp.images):
-    EXIF orientation is applied first (the size checked is the displayed one), files over
-    images.max_pixels or under images.min_side are refused; with convert=true 16-bit grey is scaled
-    (/257) and transparency composited onto images.background; with resize=true non-square images
-    are fitted per images.fit (centre crop by default, pad or stretch), then resized bicubically."""
-    key = "technique.targets.files"
-    im, notes = image_policy.open_image(path, key)
-    if im.mode != "RGB":
-        if not convert:
-            raise ValueError(f"{key}: image {path} has mode {im.mode}; inversion needs RGB images. Convert it "
-                             f"(PIL: Image.open(p).convert('RGB')) or set technique.targets.convert=true")
-        warnings.warn(f"converting {path} from mode {im.mode} to RGB (technique.targets.convert=true)")
-    im, more = image_policy.to_rgb(im)
-    notes += more
-    if im.size != (resolution, resolution):
-        if not resize:
-            raise ValueError(f"{key}: image {path} is {im.width}x{im.height} but the generator works at "
-                             f"{resolution}x{resolution}; resize it (PIL: im.resize(({resolution}, {resolution}), "
-                             f"Image.BICUBIC)) or set technique.targets.resize=true to resize it here "
-                             f"(images.fit={image_policy.policy().fit} for non-square images)")
-        warnings.warn(f"resizing {path} from {im.width}x{im.height} to {resolution}x{resolution} (bicubic; "
-                      f"technique.targets.resize=true; non-square images: images.fit={image_policy.policy().fit})")
-        im, more = image_policy.fit_square(im, resolution)
-        notes += more
-    image_policy.report(path, key, notes)
-    return np.asarray(im)
 
 
 def world_prompt(scene: world.Scene, template: str = WORLD_PROMPT) -> str:
@@ -131,16 +98,21 @@ def sample_with_nulls(gen: FrozenGenerator, cond: torch.Tensor, latents: torch.T
 
 
 class DDIMInversion(TrainingFree):
-    """Invert target images at w = `invert_guidance` (1), reconstruct or edit at `guidance_scale`."""
+    """Invert target images at w = `invert_guidance` (1), reconstruct or edit at `guidance_scale`
+    (null: sampling.guidance_scale), in `sampling.steps` DDIM steps."""
 
-    def __init__(self, generator: FrozenGenerator, objective=None, targets: dict | None = None,
-                 edit: dict | None = None, invert_guidance: float = 1.0, batch_size: int = 16, **kwargs):
-        super().__init__(generator, batch_size=batch_size, **kwargs)
+    def __init__(self, generator: FrozenGenerator, targets: dict | None = None, edit: dict | None = None,
+                 invert_guidance: float = 1.0, guidance_scale: float | None = None, batch_size: int = 16,
+                 sampling: dict | None = None):
+        super().__init__(generator, sampling)
         if self.sampling_steps < 1:
-            raise ValueError(f"technique.sampling_steps (the DDIM inversion steps) must be >= 1, got "
+            raise ValueError(f"sampling.steps (the DDIM inversion steps) must be >= 1, got "
                              f"{self.sampling_steps}; zero steps would leave the image un-inverted (try 25)")
         if batch_size < 1:
             raise ValueError(f"technique.batch_size must be >= 1, got {batch_size}")
+        if guidance_scale is not None:
+            self.guidance = Guidance(scale=guidance_scale)  # this technique's own reconstruction / edit scale
+        self.batch_size = batch_size  # images inverted and sampled together
         self.targets_cfg = dict(files=None, prompts=None, k=16, seed=0, shapes=None, fixed={},
                                 prompt_template=WORLD_PROMPT, resize=False, convert=False) | dict(targets or {})
         self.edit_cfg = dict(replace={"red": "blue"}, prompts=None) | dict(edit or {})
@@ -172,7 +144,8 @@ class DDIMInversion(TrainingFree):
         tc, r = self.targets_cfg, self.resolution
         if tc["files"]:
             paths = image_files(tc["files"])
-            arrays = [load_image(p, r, tc["resize"], tc["convert"]) for p in paths]
+            arrays = [read_image(p, "technique.targets.files", r, switches="technique.targets",
+                                 resize=tc["resize"], convert=tc["convert"]) for p in paths]
             prompts = tc["prompts"]
             if prompts is None:
                 raise ValueError("technique.targets.prompts: image files need source prompts (one per image, or one "
@@ -200,7 +173,8 @@ class DDIMInversion(TrainingFree):
         if prompts is not None:
             prompts = [prompts] * len(self.source_prompts) if isinstance(prompts, str) else list(prompts)
             if len(prompts) != len(self.source_prompts):
-                raise ValueError(f"technique.edit.prompts has {len(prompts)} prompts for {len(self.source_prompts)} images")
+                raise ValueError(f"technique.edit.prompts has {len(prompts)} prompts "
+                                 f"for {len(self.source_prompts)} images")
             return prompts
         return [swap_words(p, dict(self.edit_cfg["replace"] or {})) for p in self.source_prompts]
 
@@ -219,8 +193,9 @@ class DDIMInversion(TrainingFree):
         gen, trajectories = self.generator, []
         for sl in self.batches():
             empty = self.empty.expand(len(self.x0[sl]), -1, -1)
-            trajectories.append(gen.invert(self.x0[sl], self.cond[sl], empty, self.sampling_steps,
-                                           self.invert_guidance))
+            trajectories.append(
+                gen.invert(self.x0[sl], self.cond[sl], empty, self.sampling_steps, self.invert_guidance)
+            )
         self.pivots = [torch.cat(step) for step in zip(*trajectories)]
         self.latents_T = nn.Parameter(self.pivots[-1].detach().float().cpu().clone(), requires_grad=False)
 
@@ -231,7 +206,7 @@ class DDIMInversion(TrainingFree):
         n = len(self.x0)
         return [slice(i, min(n, i + self.batch_size)) for i in range(0, n, self.batch_size)]
 
-    def load_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+    def load_deltas(self, deltas: dict[str, torch.Tensor], source: str = "deltas", structure: dict | None = None):
         for name, value in deltas.items():  # shapes depend on the number of targets
             setattr(self, name, nn.Parameter(value.clone(), requires_grad=False))
 
@@ -244,14 +219,15 @@ class DDIMInversion(TrainingFree):
         """The uncond input and guidance a method samples with (for images `sl`)."""
         if method.startswith("ddim_w"):
             try:
-                w = float(method[len("ddim_w"):])
+                w = float(method[len("ddim_w") :])
             except ValueError:
                 raise ValueError(f"unknown inversion method {method!r}; ddim methods are named ddim_w<scale>") from None
             return self.empty, Guidance(scale=w)
         if method == "npi":
             return self.cond[sl], self.guidance
-        raise ValueError(f"inversion method {method!r} is not available for {type(self).__name__}; "
-                         f"choose from {self.methods()}")
+        raise ValueError(
+            f"inversion method {method!r} is not available for {type(self).__name__}; choose from {self.methods()}"
+        )
 
     def _run(self, method: str, prompts: list[str] | None) -> torch.Tensor:
         """Decoded images of every target for a method: reconstruction (prompts None) or edit."""
@@ -267,8 +243,9 @@ class DDIMInversion(TrainingFree):
             for sl in self.batches():
                 uncond, guidance = self.nulls(method, sl)
                 cond = self.cond[sl] if target is None else target[sl]
-                z = sample_with_nulls(gen, cond, self.latents_T[sl].to(gen.device, gen.dtype), uncond,
-                                      self.sampling_steps, guidance)
+                z = sample_with_nulls(
+                    gen, cond, self.latents_T[sl].to(gen.device, gen.dtype), uncond, self.sampling_steps, guidance
+                )
                 out.append(gen.decode_latents(z).float().cpu())
         return torch.cat(out)
 
@@ -295,8 +272,10 @@ class DDIMInversion(TrainingFree):
         reconstruction) or its edit prompt (edited); a prompt without '{}' is the edit prompt itself."""
         n = len(self.source_prompts)
         if any(not 0 <= s < n for s in seeds):
-            raise ValueError(f"inversion techniques read eval.seeds as target indices; got {sorted(set(seeds))} "
-                             f"for {n} targets. Set eval.seeds to a subset of 0..{n - 1}")
+            raise ValueError(
+                f"inversion techniques read eval.seeds as target indices; got {sorted(set(seeds))} "
+                f"for {n} targets. Set eval.seeds to a subset of 0..{n - 1}"
+            )
         rec = self.reconstruct()
         if not edited:
             return rec[list(seeds)]

@@ -42,13 +42,11 @@ def world_contexts(direction: str) -> tuple[list[str], list[str]]:
 
 
 class EmbeddingArithmetic(TrainingFree):
-    has_strength = True  # strength is alpha
-
-    def __init__(self, generator: FrozenGenerator, objective=None, world_direction: str | None = "size->large",
+    def __init__(self, generator: FrozenGenerator, world_direction: str | None = "size->large",
                  base_contexts: list[str] | None = None, target_contexts: list[str] | None = None,
                  alpha: float = 1.0, mode: str = "pooled", gate: float | None = None, slot_word: str = "object",
-                 **kwargs):
-        super().__init__(generator, **kwargs)
+                 sampling: dict | None = None):
+        super().__init__(generator, sampling)
         if (base_contexts is None) != (target_contexts is None):
             raise ValueError("technique.base_contexts and technique.target_contexts must be given together")
         if base_contexts is None:
@@ -65,7 +63,7 @@ class EmbeddingArithmetic(TrainingFree):
             raise ValueError(f"technique.gate is a cosine similarity threshold in [-1, 1] (or null), got {gate}")
         self.base_contexts, self.target_contexts = base_contexts, target_contexts
         self.mode, self.gate, self.slot_word = mode, gate, slot_word
-        self.strength = float(alpha)
+        self.strength = float(alpha)  # the edit adds strength * direction
         L, D = generator.tokenizer.model_max_length, generator.embed_dim
         self.direction = nn.Parameter(torch.zeros(L, D), requires_grad=False)
         self.register_buffer("context_centroid", torch.zeros(D))
@@ -106,7 +104,7 @@ class EmbeddingArithmetic(TrainingFree):
         return (pooled @ self.context_centroid >= self.gate).float()
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
-        texts = [p.replace("{}", self.slot_word) for p in prompts]
+        texts = [self.fill(p) for p in prompts]
         delta = None
         if edited and self.strength != 0:
             delta = self.strength * self.gate_mask(texts)[:, None, None] * self.direction[None]

@@ -12,38 +12,38 @@ from __future__ import annotations
 
 import torch
 
-from steerexp.eyes.classifier import ConceptClassifier
+from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.generators.sampling import ddim_sample, split_prediction
 from steerexp.techniques.base import TrainingFree
 
 
 class EnergyGuidance(TrainingFree):
-    has_strength = True  # strength is the guidance scale
-
-    def __init__(self, generator: FrozenGenerator, objective=None, scorer: str = "concept", head: str = "size",
+    def __init__(self, generator: FrozenGenerator, scorer: str = "concept", head: str = "size",
                  target: str = "large", clip_text: str | None = None, scale: float = 5.0, start: float = 0.0,
-                 end: float = 0.8, slot_word: str = "object", **kwargs):
-        super().__init__(generator, **kwargs)
+                 end: float = 0.8, slot_word: str = "object", sampling: dict | None = None):
+        super().__init__(generator, sampling)
         if scorer not in ("concept", "clip"):
             raise ValueError(f"technique.scorer must be 'concept' or 'clip', got {scorer!r}")
         if scale < 0:
             raise ValueError(f"technique.scale must be >= 0, got {scale}")
         if not 0 <= start < end <= 1:
             raise ValueError(f"technique needs 0 <= start < end <= 1, got {start}, {end}")
-        self.scorer, self.head, self.target, self.clip_text = scorer, head, target, clip_text or f"a photo of a {target}"
-        self.strength, self.start, self.end, self.slot_word = float(scale), start, end, slot_word
+        self.scorer, self.head, self.target = scorer, head, target
+        self.clip_text = clip_text or f"a photo of a {target}"
+        self.start, self.end, self.slot_word = start, end, slot_word
+        self.strength = float(scale)  # the energy guidance scale
         self._log_p = None
 
     def log_p(self):
         if self._log_p is None:
-            if self.scorer == "concept":
-                clf = ConceptClassifier.from_pretrained().to(self.generator.device)
-                idx = clf.class_index(self.head, self.target)
-                self._log_p = lambda img: clf(img)[self.head].log_softmax(-1)[:, idx]
-            else:
-                from steerexp.eyes.clip import CLIPScorer
-                clip = CLIPScorer(device=str(self.generator.device))
+            device = self.generator.device
+            if self.scorer == "concept":  # the run's classifier (scorers.classifier)
+                clf = scorers.get("classifier", device)
+                clf.class_index(self.head, self.target)  # a bad head or target fails here, not mid-sampling
+                self._log_p = lambda img: scorers.log_prob(clf, img, self.head, self.target)
+            else:  # the run's CLIP (scorers.clip)
+                clip = scorers.get("clip", device)
                 text = clip.encode_texts([self.clip_text])
                 self._log_p = lambda img: 100.0 * (clip.encode_images(img) @ text.T)[:, 0]
         return self._log_p
@@ -66,7 +66,7 @@ class EnergyGuidance(TrainingFree):
                 x_in = x.detach().requires_grad_(True)
                 eps, _ = split_prediction(out, x_in, alpha, gen.prediction_type)
                 x0 = (x_in - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-                grad, = torch.autograd.grad(log_p(gen.decode_latents(x0)).sum(), x_in)
+                (grad,) = torch.autograd.grad(log_p(gen.decode_latents(x0)).sum(), x_in)
             eps_new = eps.detach() - self.strength * (1 - alpha).sqrt() * grad
             if gen.prediction_type == "epsilon":
                 return eps_new
@@ -76,7 +76,7 @@ class EnergyGuidance(TrainingFree):
         return ddim_sample(fn, latents, schedule, gen.prediction_type)
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
-        texts = [p.replace("{}", self.slot_word) for p in prompts]
+        texts = [self.fill(p) for p in prompts]
         gen = self.generator
         if not edited or self.strength == 0:
             return gen.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance)
@@ -85,9 +85,10 @@ class EnergyGuidance(TrainingFree):
             uncond, _ = gen.guidance_embeddings(self.guidance)
         for i in range(0, len(texts), 32):
             with torch.no_grad():
-                cond = gen.encode_prompt(texts[i:i + 32])
-            z = self.guided_sample(cond, uncond.expand(len(cond), -1, -1), gen.initial_latents(seeds[i:i + 32]),
-                                   self.sampling_steps)
+                cond = gen.encode_prompt(texts[i : i + 32])
+            z = self.guided_sample(
+                cond, uncond.expand(len(cond), -1, -1), gen.initial_latents(seeds[i : i + 32]), self.sampling_steps
+            )
             with torch.no_grad():
                 out.append(gen.decode_latents(z).float().cpu())
         return torch.cat(out)

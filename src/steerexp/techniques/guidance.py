@@ -17,19 +17,17 @@ from steerexp.techniques.base import TrainingFree
 
 
 class GuidanceTuning(TrainingFree):
-    has_strength = True  # strength is the CFG scale
-
-    def __init__(self, generator: FrozenGenerator, objective=None, scale: float = 7.5, rescale: float = 0.0,
+    def __init__(self, generator: FrozenGenerator, scale: float = 7.5, rescale: float = 0.0,
                  schedule: str = "constant", interval_start: float = 0.0, interval_end: float = 1.0,
                  negative_prompt: str = "", negative_mode: str = "uncond", negative_weight: float = 1.0,
-                 slot_word: str = "object", **kwargs):
-        super().__init__(generator, **kwargs)
+                 slot_word: str = "object", sampling: dict | None = None):
+        super().__init__(generator, sampling)
         if scale < 0:
             raise ValueError(f"technique.scale (CFG) must be >= 0, got {scale}")
         self.edit = Guidance(scale=scale, rescale=rescale, schedule=schedule, interval_start=interval_start,
                              interval_end=interval_end, negative_prompt=negative_prompt,
                              negative_mode=negative_mode, negative_weight=negative_weight)
-        self.strength = float(scale)
+        self.strength = float(scale)  # the edit's CFG scale
         self.slot_word = slot_word
 
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -37,6 +35,6 @@ class GuidanceTuning(TrainingFree):
                 "negative_weight": torch.tensor(self.edit.negative_weight if self.edit.negative_prompt else 0.0)}
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
-        texts = [p.replace("{}", self.slot_word) for p in prompts]
+        texts = [self.fill(p) for p in prompts]
         guidance = dataclasses.replace(self.edit, scale=self.strength) if edited else self.guidance
         return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=guidance)

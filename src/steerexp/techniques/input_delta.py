@@ -2,8 +2,7 @@
 delta_z, learned through the frozen generator's differentiable DDIM path (the primer's core
 formulation):
 
-    min   L( D( DDIM_k( e(p) + delta_text , z_s + delta_z ) ) )  +  l2 (||delta_text||^2 + ||delta_z||^2)
-                                                                  +  chi * chi_nll(||z_s + delta_z||)
+    min   L( D( DDIM_k( e(p) + delta_text , z_s + delta_z ) ) )  +  chi * chi_nll(||z_s + delta_z||)
     s.t.  ||delta_text|| <= eps_text,  ||delta_z|| <= eps_z
           (budget.joint: (||delta_text|| / eps_text)^2 + (||delta_z|| / eps_z)^2 <= 1, one shared budget;
           with one delta enabled it is that delta's own ball)
@@ -11,7 +10,8 @@ formulation):
 e(p) is the frozen text encoder's output [L, D] for a training prompt p, z_s the seed's
 Gaussian x_T, DDIM_k the k-step deterministic sampler (`train_sampling_steps`, with gradient
 checkpointing per step), D the VAE decoder and L an image objective (a `Composite` of
-conf/objective/ terms: concept_score, clip_similarity, reconstruction, delta_l2, proximity).
+conf/objective/ terms: concept_score, clip_similarity, reconstruction, delta_l2, proximity; an L2
+penalty on the deltas is the delta_l2 term).
 Only the deltas are parameters; no weight of G is touched.
 
 - delta_text (`text: true`): [L, D] on every token position (`tokens: all`), or [n, D] on the
@@ -26,73 +26,56 @@ Only the deltas are parameters; no weight of G is touched.
   the normalised coordinates (delta_text/eps_text, delta_z/eps_z), the projection onto one
   ball of radius 1 there.
 - `strength` scales both deltas at generation (the magnitude evaluator's sweep).
+
+The budgets themselves (balls, the joint ball, chi) are steerexp.techniques.budgets.DeltaBudget.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.composite import Composite, ObjectiveInputs
-from steerexp.objectives.regularisers import chi_penalty, squared_norm
-from steerexp.techniques.base import Technique
+from steerexp.objectives.regularisers import chi_penalty
+from steerexp.techniques.base import Trainable
+from steerexp.techniques.budgets import DeltaBudget
 
 LATENT_MODES = ("shared", "per_seed")
-TEXT_NORMS = ("tensor", "token")
 
 
-@dataclass
-class DeltaBudget:
-    eps_text: float | None = None   # radius of the delta_text ball (null: no ball)
-    eps_z: float | None = None      # radius of the delta_z ball (null: no ball)
-    text_norm: str = "tensor"       # tensor: ||delta_text|| over all its entries | token: per token row
-    joint: bool = False             # one budget: (||dt|| / eps_text)^2 + (||dz|| / eps_z)^2 <= 1
-    l2: float = 0.0                 # + l2 * (||dt||^2 + ||dz||^2) in the loss
-    chi: float = 0.0                # + chi * chi-norm penalty on z + dz (ReNO's Gaussian shell)
-
-    def __post_init__(self):
-        for name in ("eps_text", "eps_z"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"technique.budget.{name} must be positive (or null for no ball), got {value}; "
-                                 f"set e.g. technique.budget.{name}=2.0")
-        for name in ("l2", "chi"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"technique.budget.{name} must be >= 0, got {getattr(self, name)}; set 0 to disable")
-        if self.text_norm not in TEXT_NORMS:
-            raise ValueError(f"technique.budget.text_norm must be one of {TEXT_NORMS}, got {self.text_norm!r}")
-
-
-class InputDelta(Technique):
-    has_strength = True  # strength s generates with s * delta_text and s * delta_z
-
+class InputDelta(Trainable):
     def __init__(self, generator: FrozenGenerator, objective: Composite | None = None, text: bool = True,
                  latent: bool = False, tokens: str | list[int] = "all", latent_mode: str = "shared",
                  prompts: list[str] | None = None, slot_word: str = "circle", train_seeds: list[int] | None = None,
                  train_sampling_steps: int = 10, checkpoint: bool = True, budget: dict | DeltaBudget | None = None,
                  seed: int = 0, **kwargs):
         super().__init__(generator, **kwargs)  # the base budget stays off: DeltaBudget acts instead
+        self.strength = 1.0  # generate with strength * delta_text and strength * delta_z
         if not (text or latent):
             raise ValueError("technique has nothing to learn: set technique.text=true and/or technique.latent=true")
         if latent_mode not in LATENT_MODES:
             raise ValueError(f"technique.latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
-        for name, k in (("train_sampling_steps", train_sampling_steps), ("sampling_steps", self.sampling_steps)):
+        for name, k in (("technique.train_sampling_steps", train_sampling_steps),
+                        ("sampling.steps", self.sampling_steps)):
             if k < 1:
-                raise ValueError(f"technique.{name} must be >= 1 (the DDIM steps to optimise / sample through), got {k}")
-        self.budget_cfg = budget if isinstance(budget, DeltaBudget) else DeltaBudget(**dict(budget or {}))
+                raise ValueError(f"{name} must be >= 1 (the DDIM steps to optimise / sample through), got {k}")
+        self.budget_cfg = DeltaBudget.from_config(budget)
         self.prompts = list(prompts or ["a blue circle"])
         self.train_seeds = [int(s) for s in (train_seeds if train_seeds is not None else range(100, 108))]
         if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
-            raise ValueError(f"technique.train_seeds must be a non-empty list of distinct seeds, got {self.train_seeds}")
+            raise ValueError(
+                f"technique.train_seeds must be a non-empty list of distinct seeds, got {self.train_seeds}"
+            )
         self.objective, self.use_text, self.use_latent = objective, bool(text), bool(latent)
         self.latent_mode, self.slot_word, self.seed = latent_mode, slot_word, seed
         self.train_sampling_steps, self.checkpoint = int(train_sampling_steps), bool(checkpoint)
-        self.tokens = tokens if isinstance(tokens, str) else [int(i) for i in ([tokens] if isinstance(tokens, int) else tokens)]
+        self.tokens = (
+            tokens if isinstance(tokens, str) else [int(i) for i in ([tokens] if isinstance(tokens, int) else tokens)]
+        )
         self.word_ids = self._token_spec()
-        self._check_joint()
+        self.budget_cfg.check(self.use_text, self.use_latent, per_seed=latent_mode == "per_seed")
         if self.use_text:
             n = generator.tokenizer.model_max_length if self.tokens == "all" else len(self.word_ids or self.tokens)
             self.text_delta = nn.Parameter(torch.zeros(n, generator.embed_dim))
@@ -118,16 +101,6 @@ class InputDelta(Technique):
             raise ValueError(f"technique.tokens {self.tokens!r} is empty; use all, a word of the prompts, or indices")
         return ids
 
-    def _check_joint(self) -> None:
-        b = self.budget_cfg
-        if not b.joint:
-            return
-        if (self.use_text and b.eps_text is None) or (self.use_latent and b.eps_z is None):
-            raise ValueError("technique.budget.joint shares one budget between delta_text and delta_z: set "
-                             "budget.eps_text and budget.eps_z (the radius each would have alone)")
-        if (self.use_latent and self.latent_mode != "shared") or b.text_norm != "tensor":
-            raise ValueError("technique.budget.joint needs latent_mode=shared and budget.text_norm=tensor (one norm each)")
-
     # ------------------------------------------------------------------ deltas as applied
     def positions(self, ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Per prompt, the token positions delta_text writes to (None: the prompt lacks the word)."""
@@ -138,7 +111,7 @@ class InputDelta(Technique):
             return [torch.tensor(self.tokens)] * len(ids)
         n, out = len(self.word_ids), []
         for row in ids.tolist():
-            starts = [i for i in range(L - n + 1) if row[i:i + n] == self.word_ids]
+            starts = [i for i in range(L - n + 1) if row[i : i + n] == self.word_ids]
             out.append(torch.arange(starts[0], starts[0] + n) if starts else None)
         return out
 
@@ -160,8 +133,10 @@ class InputDelta(Technique):
         index = {s: i for i, s in enumerate(self.train_seeds)}
         unknown = [s for s in seeds if s not in index]
         if unknown:
-            raise ValueError(f"per-seed latent offsets exist only for technique.train_seeds={self.train_seeds}, not for "
-                             f"seeds {sorted(set(unknown))}; set eval.seeds to a subset of them, or use latent_mode=shared")
+            raise ValueError(
+                f"per-seed latent offsets exist only for technique.train_seeds={self.train_seeds}, not for "
+                f"seeds {sorted(set(unknown))}; set eval.seeds to a subset of them, or use latent_mode=shared"
+            )
         return [index[s] for s in seeds]
 
     def latent_delta_for(self, seeds: list[int], strength: float = 1.0) -> torch.Tensor:
@@ -173,9 +148,12 @@ class InputDelta(Technique):
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
         if not getattr(self.objective, "on_images", False):
-            raise ValueError(f"technique {type(self).__name__} scores decoded images, so it needs an image objective, "
-                             f"e.g. objective=[concept_score,delta_l2] (got {type(self.objective).__name__}; "
-                             "objective=denoising is for textual_inversion)")
+            raise ValueError(
+                f"technique {type(self).__name__} scores decoded images, so it needs an image objective, "
+                f"e.g. objective=[concept_score,delta_l2] "
+                f"(got objective=[{','.join(getattr(self.objective, 'terms', {}))}]; "
+                "objective=denoising is for textual_inversion)"
+            )
         gen = self.generator
         ids = gen.tokenize(self.prompts)
         if self.use_text and self.word_ids is not None:
@@ -183,9 +161,12 @@ class InputDelta(Technique):
             if missing:
                 raise ValueError(f"technique.tokens {self.tokens!r} does not occur in training prompt(s) {missing}")
         with torch.no_grad():
-            self._cache = {"ids": ids, "cond": gen.encode_prompt(ids).float(),
-                           "uncond": gen.guidance_embeddings(self.guidance)[0].float(),
-                           "z": gen.initial_latents(self.train_seeds).float()}
+            self._cache = {
+                "ids": ids,
+                "cond": gen.encode_prompt(ids).float(),
+                "uncond": gen.guidance_embeddings(self.guidance)[0].float(),
+                "z": gen.initial_latents(self.train_seeds).float(),
+            }
 
     def pairs(self) -> list[tuple[int, int]]:
         """(prompt index, seed index) training pairs."""
@@ -198,8 +179,13 @@ class InputDelta(Technique):
         return torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need]
 
     def structure(self) -> dict:
-        return {"text": self.use_text, "latent": self.use_latent, "latent_mode": self.latent_mode,
-                "tokens": self.tokens, "train_seeds": self.train_seeds}
+        return {
+            "text": self.use_text,
+            "latent": self.use_latent,
+            "latent_mode": self.latent_mode,
+            "tokens": self.tokens,
+            "train_seeds": self.train_seeds,
+        }
 
     # ------------------------------------------------------------------ training
     def render(self, pair_idx: list[int], with_deltas: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +199,15 @@ class InputDelta(Technique):
         if with_deltas and self.use_latent:
             z = z + self.latent_delta_for([self.train_seeds[s] for s in s_idx])
         dtype = gen.dtype
-        x = gen.sample(cond.to(dtype), z.to(dtype), c["uncond"].to(dtype), self.train_sampling_steps, self.guidance,
-                       grad=torch.is_grad_enabled(), checkpoint=self.checkpoint)
+        x = gen.sample(
+            cond.to(dtype),
+            z.to(dtype),
+            c["uncond"].to(dtype),
+            self.train_sampling_steps,
+            self.guidance,
+            grad=torch.is_grad_enabled(),
+            checkpoint=self.checkpoint,
+        )
         return gen.decode_latents(x).float(), z
 
     def start_images(self, pair_idx: list[int]) -> torch.Tensor:
@@ -243,11 +236,10 @@ class InputDelta(Technique):
             self.prepare()
         images, z = self.render(pair_idx)
         deltas = self.applied_deltas(pair_idx)
-        inputs = ObjectiveInputs(images, deltas, z, self.start_images(pair_idx) if self.objective.needs_start else None)
+        start = self.start_images(pair_idx) if self.objective.needs_start else None
+        inputs = ObjectiveInputs(images=images, deltas=deltas, start_images=start, initial_latents=z)  # the image path
         loss = self.objective(inputs)
         b = self.budget_cfg
-        if b.l2 > 0:
-            loss = loss + b.l2 * sum(squared_norm(d, per_sample=(d.ndim == 4)) for d in deltas.values())
         if b.chi > 0 and self.use_latent:
             loss = loss + b.chi * chi_penalty(z)
         if self._trainer is not None:
@@ -264,55 +256,32 @@ class InputDelta(Technique):
         return out
 
     def norms(self) -> dict[str, torch.Tensor]:
-        """The budget's norms: ||delta_text|| (whole, or per token row) and ||delta_z|| (per seed, or the shared one)."""
-        out = {}
-        if self.use_text:
-            t = self.text_delta.detach()
-            out["text"] = t.norm(dim=-1) if self.budget_cfg.text_norm == "token" else t.norm()
-        if self.use_latent:
-            z = self.latent_delta.detach()
-            out["latent"] = z.flatten(1).norm(dim=1) if self.latent_mode == "per_seed" else z.norm()
-        return out
+        """The budget's norms: ||delta_text|| (whole, or per token row) and ||delta_z|| (per seed, or shared)."""
+        return self.budget_cfg.norms(self.budgeted(), per_seed=self.latent_mode == "per_seed")
 
-    @torch.no_grad()
     def apply_budget(self) -> None:
         """After every optimizer step (the base class calls it): project every delta onto its ball
         (or both onto the joint ball)."""
-        b, norms = self.budget_cfg, self.norms()
-        if b.joint:
-            u = self.joint_norm(norms)
-            if u > 1:
-                for delta in self.budgeted().values():
-                    delta.mul_(1 / u)
-            return
-        for name, eps in (("text", b.eps_text), ("latent", b.eps_z)):
-            if name not in norms or eps is None:
-                continue
-            scale = torch.clamp(eps / norms[name].clamp(min=1e-12), max=1.0)
-            delta = self.budgeted()[name]
-            delta.mul_(scale.view(*scale.shape, *([1] * (delta.ndim - scale.ndim))))
-
-    def joint_norm(self, norms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """sqrt((||dt|| / eps_text)^2 + (||dz|| / eps_z)^2) over the enabled deltas: <= 1 inside the joint budget."""
-        eps = {"text": self.budget_cfg.eps_text, "latent": self.budget_cfg.eps_z}
-        return torch.sqrt(sum((v / eps[k]) ** 2 for k, v in norms.items()))
+        self.budget_cfg.project(self.budgeted(), per_seed=self.latent_mode == "per_seed")
 
     def delta_norms(self) -> dict[str, float]:
-        norms = self.norms()
-        out = {k: float(v.max()) for k, v in norms.items()}
-        if self.budget_cfg.joint:
-            out["joint"] = float(self.joint_norm(norms))
-        return out
+        return self.budget_cfg.report(self.budgeted(), per_seed=self.latent_mode == "per_seed")
 
     # ------------------------------------------------------------------ use
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
         gen = self.generator
-        texts = [p.replace("{}", self.slot_word) for p in prompts]
+        texts = [self.fill(p) for p in prompts]
         if not edited:
             return gen.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance)
         with torch.no_grad():
-            delta = self.text_delta_for(gen.tokenize(texts), self.strength).to(gen.device, gen.dtype) if self.use_text else None
+            delta = (
+                self.text_delta_for(gen.tokenize(texts), self.strength).to(gen.device, gen.dtype)
+                if self.use_text
+                else None
+            )
             latents = gen.initial_latents(seeds)
             if self.use_latent:
                 latents = latents + self.latent_delta_for(list(seeds), self.strength).to(latents)
-        return gen.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance, delta=delta, latents=latents)
+        return gen.generate(
+            texts, seeds, steps=self.sampling_steps, guidance=self.guidance, delta=delta, latents=latents
+        )

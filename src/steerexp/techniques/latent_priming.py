@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from steerexp.eyes.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER, ConceptClassifier
+from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
 
@@ -35,13 +35,10 @@ def to_shell(z: torch.Tensor) -> torch.Tensor:
 
 
 class LatentPriming(TrainingFree):
-    has_strength = True  # strength is the mixing weight m
-
-    def __init__(self, generator: FrozenGenerator, objective=None, prompts: list[str] | None = None,
+    def __init__(self, generator: FrozenGenerator, prompts: list[str] | None = None,
                  head: str = "size", target: str = "large", candidates: int = 64, top_k: int = 8,
-                 combine: str = "mean", mix: float = 0.8, slot_word: str = "object", classifier: str | None = None,
-                 **kwargs):
-        super().__init__(generator, **kwargs)
+                 combine: str = "mean", mix: float = 0.8, slot_word: str = "object", sampling: dict | None = None):
+        super().__init__(generator, sampling)
         if candidates < 1 or not 1 <= top_k <= candidates:
             raise ValueError(f"technique needs candidates >= 1 and 1 <= top_k <= candidates, got {candidates}, {top_k}")
         if combine not in ("mean", "slerp"):
@@ -50,22 +47,23 @@ class LatentPriming(TrainingFree):
             raise ValueError(f"technique.mix (the mixing weight) must be in [0, 1], got {mix}")
         self.prompts = list(prompts or ["a red circle", "a blue square", "a green triangle", "a yellow ring"])
         self.head, self.target, self.candidates, self.top_k = head, target, candidates, top_k
-        self.combine, self.strength, self.slot_word, self.classifier_path = combine, float(mix), slot_word, classifier
+        self.combine, self.slot_word = combine, slot_word
+        self.strength = float(mix)  # the mixing weight m
         self.primed = nn.Parameter(torch.zeros(generator.latent_shape()), requires_grad=False)
         self.candidate_scores: list[float] = []
 
     @torch.no_grad()
     def compute(self) -> None:
         gen = self.generator
-        clf = ConceptClassifier.from_pretrained(self.classifier_path or DEFAULT_CLASSIFIER)
-        idx = clf.class_index(self.head, self.target)
+        clf = scorers.get("classifier")  # the run's classifier (scorers.classifier)
+        clf.class_index(self.head, self.target)  # a bad head or target fails before any sampling
         seeds = [CANDIDATE_SEED_OFFSET + i for i in range(self.candidates)]
         # each candidate latent is scored on every ranking prompt; its score is the mean
         scores = torch.zeros(self.candidates)
         for p in self.prompts:
-            images = gen.generate([p.replace("{}", self.slot_word)] * self.candidates, seeds,
+            images = gen.generate([self.fill(p)] * self.candidates, seeds,
                                   steps=self.sampling_steps, guidance=self.guidance)
-            scores += clf.probs(images)[self.head][:, idx] / len(self.prompts)
+            scores += scorers.prob(clf, images, self.head, self.target) / len(self.prompts)
         top = scores.topk(self.top_k).indices
         latents = gen.initial_latents([seeds[i] for i in top]).float().cpu()
         if self.combine == "mean":
@@ -86,6 +84,6 @@ class LatentPriming(TrainingFree):
         return {}
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
-        texts = [p.replace("{}", self.slot_word) for p in prompts]
+        texts = [self.fill(p) for p in prompts]
         latents = self.start_latents(seeds) if edited and self.strength > 0 else None
         return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance, latents=latents)

@@ -40,16 +40,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from steerexp.evaluators.memorisation import nn_rms, rms_distances
 from steerexp.generators import FrozenGenerator
-from steerexp.pretrain.common import to_tensor
-from steerexp.targets import image_files_in, load_folder
+from steerexp.images import image_files_in, load_folder, nn_rms, rms_distances, to_tensor
 from steerexp.techniques.base import TrainingFree
+from steerexp.techniques.protocols import OutputRecord
 from steerexp.worlds.shapes import world
 
 MODES = ("nudge", "noise", "wen")
@@ -102,14 +100,12 @@ class ClassifierFilter:
         if not classes:
             raise ValueError("classifier filter needs `classes`, e.g. {kind: classifier, head: colour, classes: [red]}")
         self.head, self.classes, self.threshold = head, list(classes), threshold
-        self._clf = None
 
     def __call__(self, images, nudging):
-        if self._clf is None:
-            from steerexp.eyes.classifier import ConceptClassifier
-            self._clf = ConceptClassifier.from_pretrained()
-        probs = self._clf.probs(images)[self.head]
-        p = probs[:, [self._clf.class_index(self.head, c) for c in self.classes]].sum(-1)
+        from steerexp import scorers
+
+        clf = scorers.get("classifier", images.device)  # the run's classifier (scorers.classifier)
+        p = scorers.prob(clf, images, self.head, self.classes)
         return p >= self.threshold, p
 
 
@@ -126,31 +122,18 @@ def build_filter(spec):
     return FILTERS[kind](**spec)
 
 
-@dataclass
-class NudgeRecord:
-    """One output: its initial and final image, and what nudging did."""
-    initial: torch.Tensor
-    final: torch.Tensor
-    triggered: bool          # the filters triggered on the initial output
-    still_triggered: bool    # ... and on the final one
-    rounds: int
-    rms_before: float        # per-pixel RMS to the nearest protected image
-    rms_after: float
-    nearest: int             # index of the protected image nearest (RMS) to the initial output
-    clip_after: float        # max CLIP cosine of the final output to the undesired embeddings
-    offset: torch.Tensor     # the optimised offset (z_T offset or prompt delta); zeros if untouched
-    seconds: float
-
-
 # ----------------------------------------------------------------------------- the technique
 class Nudging(TrainingFree):
-    def __init__(self, generator: FrozenGenerator, objective=None, mode: str = "nudge", latent: str = "z_T",
+    """A `Filtered` edit (steerexp.techniques.protocols): a record per output, the protected set."""
+
+    def __init__(self, generator: FrozenGenerator, mode: str = "nudge", latent: str = "z_T",
                  filters: list | None = None, alpha: float = 1.0, beta: float = 1.0, gamma: float = 0.01,
                  preferred: str = "prompt", exemplars=None, undesired: str = "all", protected=None,
                  rounds: int = 3, beta_growth: float = 2.0, opt_steps: int = 8, opt_lr: float = 0.1,
                  opt_sampling_steps: int | None = None, noise_lambda: float = 0.1, prompts: list[str] | None = None,
-                 seeds: list[int] | None = None, slot_word: str = "object", nudge_batch: int = 16, **kwargs):
-        super().__init__(generator, **kwargs)
+                 seeds: list[int] | None = None, slot_word: str = "object", nudge_batch: int = 16,
+                 sampling: dict | None = None):
+        super().__init__(generator, sampling)
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if value < 0:
                 raise ValueError(f"technique.{name} must be >= 0 (it weighs a term of the nudging objective), "
@@ -168,33 +151,41 @@ class Nudging(TrainingFree):
             raise ValueError("technique.alpha and technique.beta are both 0: the nudging objective has nothing to "
                              "pull toward or push from; set technique.beta > 0")
         res = generator.resolution
-        self.protected = load_images(protected, "protected", res) if protected is not None else to_tensor(world.protected_set(res)[0])
+        self.protected = (load_images(protected, "protected", res) if protected is not None
+                          else to_tensor(world.protected_set(res)[0]))
         if len(self.protected) == 0:
-            raise ValueError(f"the protected set is empty ({protected}); nudging needs images to steer away from: "
-                             "put PNG/JPG files in that folder or set technique.protected=null for the world's set")
+            raise ValueError(
+                f"the protected set is empty ({protected}); nudging needs images to steer away from: "
+                "put PNG/JPG files in that folder or set technique.protected=null for the world's set"
+            )
         self.exemplars = load_images(exemplars, "exemplars", res) if exemplars is not None else None
         if preferred != "prompt" and (self.exemplars is None or len(self.exemplars) == 0):
-            raise ValueError(f"technique.preferred={preferred} needs exemplar images: set technique.exemplars "
-                             "to a folder of images, or technique.preferred=prompt")
+            raise ValueError(
+                f"technique.preferred={preferred} needs exemplar images: set technique.exemplars "
+                "to a folder of images, or technique.preferred=prompt"
+            )
         self.filters = [build_filter(f) for f in (filters if filters is not None else [{"kind": "memorisation"}])]
         if not self.filters:
-            raise ValueError("technique.filters is empty: nothing would ever trigger; give at least one filter, "
-                             "e.g. [{kind: memorisation, threshold: 0.1}]")
+            raise ValueError(
+                "technique.filters is empty: nothing would ever trigger; give at least one filter, "
+                "e.g. [{kind: memorisation, threshold: 0.1}]"
+            )
         self.mode, self.latent, self.alpha, self.beta, self.gamma = mode, latent, alpha, beta, gamma
         self.preferred, self.undesired = preferred, undesired
         self.rounds, self.beta_growth, self.opt_steps, self.opt_lr = rounds, beta_growth, opt_steps, opt_lr
         self.opt_sampling_steps = opt_sampling_steps or self.sampling_steps
         self.noise_lambda, self.slot_word, self.nudge_batch = noise_lambda, slot_word, nudge_batch
         self.prompts, self.seeds = list(prompts or []), list(seeds or [])
-        self.records: dict[tuple[str, int], NudgeRecord] = {}
+        self.records: dict[tuple[str, int], OutputRecord] = {}
         self._clip = self._undesired = None
 
-    # ------------------------------------------------------------------ eyes
+    # ------------------------------------------------------------------ scorers
     @property
     def clip(self):
         if self._clip is None:
-            from steerexp.eyes.clip import CLIPScorer
-            self._clip = CLIPScorer()
+            from steerexp import scorers
+
+            self._clip = scorers.get("clip")  # the run's CLIP (scorers.clip)
         return self._clip
 
     @property
@@ -306,8 +297,9 @@ class Nudging(TrainingFree):
                 if not len(act):
                     break
                 if self.mode == "nudge":
-                    offsets[act] = self.nudge_round(cond[act], z0[act], uncond, offsets[act], beta[act].to(cond),
-                                                    preferred[act], undesired[act])
+                    offsets[act] = self.nudge_round(
+                        cond[act], z0[act], uncond, offsets[act], beta[act].to(cond), preferred[act], undesired[act]
+                    )
                 elif self.mode == "wen":
                     offsets[act] = self.wen_round(cond[act], z0[act], uncond, offsets[act])
                 else:
@@ -325,27 +317,42 @@ class Nudging(TrainingFree):
             rms_after = nn_rms(final, self.protected)
             clip_after = (self.clip.encode_images(final) @ self.undesired_embeddings.T).max(-1).values
         for i, (text, seed) in enumerate(zip(texts, seeds)):
-            self.records[(text, int(seed))] = NudgeRecord(
-                initial[i], final[i], bool(triggered[i]), bool(still[i]), int(rounds[i]), float(rms_before[i]),
-                float(rms_after[i]), int(nearest[i]), float(clip_after[i]), offsets[i].detach().float().cpu(),
-                t_initial + (t_nudge if triggered[i] else 0.0))
+            self.records[(text, int(seed))] = OutputRecord(
+                initial[i],
+                final[i],
+                bool(triggered[i]),
+                bool(still[i]),
+                int(rounds[i]),
+                float(rms_before[i]),
+                float(rms_after[i]),
+                int(nearest[i]),
+                float(clip_after[i]),
+                offsets[i].detach().float().cpu(),
+                t_initial + (t_nudge if triggered[i] else 0.0),
+            )
 
-    def fill(self, prompt: str) -> str:
-        return prompt.replace("{}", self.slot_word)
-
-    def ensure(self, texts: list[str], seeds: list[int]) -> list[NudgeRecord]:
+    def ensure(self, texts: list[str], seeds: list[int]) -> list[OutputRecord]:
         """Records for every (text, seed), nudging the ones not seen yet."""
         todo = list(dict.fromkeys((t, int(s)) for t, s in zip(texts, seeds) if (t, int(s)) not in self.records))
         for i in range(0, len(todo), self.nudge_batch):
-            chunk = todo[i:i + self.nudge_batch]
+            chunk = todo[i : i + self.nudge_batch]
             self.run_batch([t for t, _ in chunk], [s for _, s in chunk])
         return [self.records[(t, int(s))] for t, s in zip(texts, seeds)]
+
+    def output_records(self, prompts: list[str], seeds: list[int]) -> list[OutputRecord]:
+        """The record of every (template, seed): '{}' filled, nudged where not seen yet."""
+        return self.ensure([self.fill(p) for p in prompts], seeds)
+
+    def protected_images(self) -> torch.Tensor:
+        return self.protected
 
     # ------------------------------------------------------------------ run flow
     def compute(self) -> None:
         """Pre-run nudging on `prompts` x `seeds` (when given); their records are the run's deltas."""
         if self.prompts and self.seeds:
-            self.ensure([self.fill(p) for p in self.prompts for _ in self.seeds], [s for _ in self.prompts for s in self.seeds])
+            self.ensure(
+                [self.fill(p) for p in self.prompts for _ in self.seeds], [s for _ in self.prompts for s in self.seeds]
+            )
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
         texts = [self.fill(p) for p in prompts]
@@ -358,12 +365,14 @@ class Nudging(TrainingFree):
         if not recs:
             return {}
         name = "prompt_delta" if self._on_prompt else "z_offset"
-        return {name: torch.stack([r.offset for r in recs]).contiguous(),
-                "rounds": torch.tensor([r.rounds for r in recs]),
-                "triggered": torch.tensor([r.triggered for r in recs]),
-                "still_triggered": torch.tensor([r.still_triggered for r in recs])}
+        return {
+            name: torch.stack([r.offset for r in recs]).contiguous(),
+            "rounds": torch.tensor([r.rounds for r in recs]),
+            "triggered": torch.tensor([r.triggered for r in recs]),
+            "still_triggered": torch.tensor([r.still_triggered for r in recs]),
+        }
 
-    def load_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+    def load_deltas(self, deltas: dict[str, torch.Tensor], source: str = "deltas", structure: dict | None = None):
         raise NotImplementedError("nudging deltas are per output (see nudges.json); re-run the technique instead")
 
     def delta_norms(self) -> dict[str, float]:
@@ -376,7 +385,15 @@ class Nudging(TrainingFree):
         return ["nudges.json"]
 
     @staticmethod
-    def summary(r: NudgeRecord) -> dict:
-        return {"triggered": r.triggered, "still_triggered": r.still_triggered, "rounds": r.rounds,
-                "rms_before": r.rms_before, "rms_after": r.rms_after, "nearest": r.nearest,
-                "clip_after": r.clip_after, "offset_norm": float(r.offset.norm()), "seconds": r.seconds}
+    def summary(r: OutputRecord) -> dict:
+        return {
+            "triggered": r.triggered,
+            "still_triggered": r.still_triggered,
+            "rounds": r.rounds,
+            "rms_before": r.rms_before,
+            "rms_after": r.rms_after,
+            "nearest": r.nearest,
+            "clip_after": r.clip_after,
+            "offset_norm": float(r.offset.norm()),
+            "seconds": r.seconds,
+        }

@@ -6,7 +6,8 @@ Stage I, pivot: DDIM inversion at w = 1 with the source prompt c gives x*_0 .. x
 from x_bar_T = x*_T and null = the empty prompt's embedding:
 
     eps(null)   = eps_theta(x_bar_t, t, null) + w (eps_theta(x_bar_t, t, c) - eps_theta(x_bar_t, t, null))
-    step(null)  = sqrt(a_{t-1}) x0_hat + sqrt(1 - a_{t-1}) eps(null),  x0_hat = (x_bar_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    step(null)  = sqrt(a_{t-1}) x0_hat + sqrt(1 - a_{t-1}) eps(null),
+    x0_hat      = (x_bar_t - sqrt(1 - a_t) eps) / sqrt(a_t)
     null_t      = argmin_null || step(null) - x*_{t-1} ||^2       (Adam, `inner_steps` at most)
     x_bar_{t-1} = step(null_t)
 
@@ -17,38 +18,56 @@ null); the learning rate decays linearly, lr_i = lr (1 - lr_decay i / S); each s
 warm-starts from the previous step's null; an image stops early once its loss is below
 early_stop + i * early_stop_growth (it then takes no further updates and drops out of the
 batch); images are optimised together in batches of `batch_size` (their losses are summed,
-so each image's null gets its own gradient).
+so each image's null gets its own gradient). With `budget.max_norm`, every Adam step is followed by
+the projection of null_t - null_empty onto that ball, per token row (steerexp.techniques.budgets).
 
 Deltas (deltas.safetensors): `null_embeddings` [N, S, L, D] (one [S, L, D] per image) and
 `latents_T` [N, C, h, w]. Reconstruction samples from latents_T with (c, null_t, w); editing
 swaps c for the target prompt and keeps the nulls.
 """
+
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 from steerexp.generators import FrozenGenerator, sampling
+from steerexp.techniques.budgets import Budget
 from steerexp.techniques.ddim_inversion import DDIMInversion
 
 
 class NullTextInversion(DDIMInversion):
     """DDIM inversion at w = 1, then per-step null embeddings that close the guided trajectory."""
 
-    def __init__(self, generator: FrozenGenerator, objective=None, inner_steps: int = 10, lr: float = 5e-2,
-                 lr_decay: float = 0.5, early_stopping: bool = True, early_stop: float = 5e-4,
-                 early_stop_growth: float = 2e-5, **kwargs):
-        super().__init__(generator, lr=lr, **kwargs)
+    def __init__(
+        self,
+        generator: FrozenGenerator,
+        inner_steps: int = 10,
+        lr: float = 5e-2,
+        lr_decay: float = 0.5,
+        early_stopping: bool = True,
+        early_stop: float = 5e-4,
+        early_stop_growth: float = 2e-5,
+        budget: dict | Budget | None = None,
+        **kwargs,
+    ):
+        super().__init__(generator, **kwargs)
+        if lr <= 0:
+            raise ValueError(f"technique.lr must be positive, got {lr}")
         if inner_steps < 1:
-            raise ValueError(f"technique.inner_steps must be >= 1, got {inner_steps}; for no optimisation use "
-                             "technique=negative_prompt_inversion or technique=ddim_inversion")
+            raise ValueError(
+                f"technique.inner_steps must be >= 1, got {inner_steps}; for no optimisation use "
+                "technique=negative_prompt_inversion or technique=ddim_inversion"
+            )
         if not 0 <= lr_decay < 1:
             raise ValueError(f"technique.lr_decay must be in [0, 1), got {lr_decay}")
         if early_stop < 0 or early_stop_growth < 0:
             raise ValueError("technique.early_stop and early_stop_growth must be >= 0")
-        self.inner_steps, self.lr_decay = inner_steps, lr_decay
+        self.inner_steps, self.lr, self.lr_decay = inner_steps, lr, lr_decay
+        self.budget = Budget.from_config(budget)  # ||null_t - null_empty|| per token row
         self.early_stopping, self.early_stop, self.early_stop_growth = early_stopping, early_stop, early_stop_growth
         L, D = generator.tokenizer.model_max_length, generator.embed_dim
         self.null_embeddings = nn.Parameter(torch.zeros(0, self.sampling_steps, L, D), requires_grad=False)
@@ -96,7 +115,9 @@ class NullTextInversion(DDIMInversion):
             target = self.pivots[S - 1 - i][sl]
             with torch.no_grad():
                 out_c = gen.unet(x, t, cond).sample
-                loss_of = lambda nl: (self.step_to(x, t, out_c, nl, alpha, alpha_prev, i) - target).pow(2).flatten(1).mean(1)
+                loss_of = lambda nl: (
+                    (self.step_to(x, t, out_c, nl, alpha, alpha_prev, i) - target).pow(2).flatten(1).mean(1)
+                )
                 rec["loss_empty"][:, i] = loss_of(empty).float().cpu()
             null = self.optimise_step(x, t, out_c, null, target, alpha, alpha_prev, i, empty, rec)
             with torch.no_grad():
@@ -118,7 +139,12 @@ class NullTextInversion(DDIMInversion):
             if not bool(active.any()):
                 break
             idx = active.nonzero().squeeze(1)
-            per = (self.step_to(x[idx], t, out_c[idx], null[idx], alpha, alpha_prev, i) - target[idx]).pow(2).flatten(1).mean(1)
+            per = (
+                (self.step_to(x[idx], t, out_c[idx], null[idx], alpha, alpha_prev, i) - target[idx])
+                .pow(2)
+                .flatten(1)
+                .mean(1)
+            )
             if j == 0:
                 rec["loss_start"][:, i] = 0.0
                 rec["loss_start"][idx.cpu(), i] = per.detach().float().cpu()
@@ -127,8 +153,6 @@ class NullTextInversion(DDIMInversion):
                 active[idx] = False
                 break
             loss = per[~done].sum()
-            if self.budget.l2 > 0:
-                loss = loss + self.budget.l2 * (null[idx][~done] - empty[idx][~done]).pow(2).sum(-1).mean(-1).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -138,8 +162,7 @@ class NullTextInversion(DDIMInversion):
                 kept[active] = null[active]
                 null[~active] = kept[~active]  # stopped images take no momentum step
                 if self.budget.max_norm is not None:
-                    d = null - empty
-                    null.copy_(empty + d * (self.budget.max_norm / d.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+                    null.copy_(empty + self.budget.clip(null - empty))
         return null.detach()
 
     # ------------------------------------------------------------------ use
@@ -160,6 +183,26 @@ class NullTextInversion(DDIMInversion):
         if len(self.null_embeddings) == 0 or self.empty is None:
             return {}
         return {"null_embeddings": self.null_embeddings - self.empty.float().cpu()[:, None]}
+
+    def diagnostics(self) -> dict[str, float]:
+        """The optimisation (mean per-step latent MSE with the empty null, the warm start and the optimised
+        null; inner steps taken), where the nulls went (mean over steps of ||null_t - c|| / ||null_empty - c||:
+        below 1, they moved toward the source prompt c, NPI's premise) and the seconds per image.
+        Empty when the nulls were loaded rather than computed."""
+        if not self.history:
+            return {}
+        h = {k: np.asarray(v) for k, v in self.history.items()}
+        nulls = self.null_embeddings.float()  # [N, S, L, D]
+        c, e = self.cond.float().cpu()[:, None], self.empty.float().cpu()[:, None]
+        ratio = ((nulls - c).norm(dim=-1).mean(-1) / (e - c).norm(dim=-1).mean(-1).clamp(min=1e-8)).mean()
+        return {
+            "step_mse_empty_null": float(h["loss_empty"].mean()),
+            "step_mse_warm_start": float(h["loss_start"].mean()),
+            "step_mse_optimised": float(h["loss_end"].mean()),
+            "inner_steps_per_step": float(h["inner_steps"].mean()),
+            "null_to_prompt_ratio": float(ratio),
+            "seconds_per_image": self.seconds / max(1, len(self.images)),
+        }
 
     def parameter_counts(self) -> dict[str, int]:
         """Learned values: one null [L, D] per image and step (known once the targets are loaded)."""

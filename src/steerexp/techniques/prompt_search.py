@@ -3,7 +3,7 @@
 Moves are word insertions and substitutions drawn from a vocabulary. A prompt's score is
 the scorer's mean over `seeds` images: the concept classifier's P(target) (`scorer=concept`)
 or CLIP similarity to `clip_text` (`scorer=clip`). One scored prompt is one scorer call;
-the search stops when `budget` calls are spent. The edit maps the searched prompt to the
+the search stops when `max_calls` calls are spent. The edit maps the searched prompt to the
 best prompt found (other prompts are left as they are); the report ranks the prompts found
 against the user's prompt.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steerexp.eyes.classifier import ConceptClassifier
+from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
 from steerexp.worlds.shapes import world
@@ -25,16 +25,16 @@ DEFAULT_VOCAB = (list(world.COLOURS) + list(world.SIZES) + list(world.SEEN_SHAPE
 
 
 class PromptSearch(TrainingFree):
-    def __init__(self, generator: FrozenGenerator, objective=None, prompt: str = "a photo of a object",
+    def __init__(self, generator: FrozenGenerator, prompt: str = "a photo of a object",
                  vocabulary: list[str] | None = None, scorer: str = "concept", head: str = "shape",
                  target: str = "star", clip_text: str | None = None, beam_width: int = 4, proposals: int = 12,
-                 budget: int = 120, seeds: list[int] = (100, 101, 102, 103), max_words: int = 12, seed: int = 0,
-                 **kwargs):
-        super().__init__(generator, **kwargs)
+                 max_calls: int = 120, seeds: list[int] = (100, 101, 102, 103), max_words: int = 12, seed: int = 0,
+                 sampling: dict | None = None):
+        super().__init__(generator, sampling)
         if beam_width < 1:
             raise ValueError(f"technique.beam_width must be >= 1, got {beam_width}")
-        if budget < 1:
-            raise ValueError(f"technique.budget (scorer calls) must be >= 1, got {budget}")
+        if max_calls < 1:
+            raise ValueError(f"technique.max_calls (scorer calls) must be >= 1, got {max_calls}")
         if proposals < 1:
             raise ValueError(f"technique.proposals must be >= 1, got {proposals}")
         if scorer not in ("concept", "clip"):
@@ -44,20 +44,20 @@ class PromptSearch(TrainingFree):
         self.prompt, self.vocabulary = prompt, list(vocabulary or DEFAULT_VOCAB)
         if not self.vocabulary:
             raise ValueError("technique.vocabulary is empty")
-        self.scorer, self.head, self.target, self.clip_text = scorer, head, target, clip_text or f"a photo of a {target}"
-        self.beam_width, self.proposals, self.budget = beam_width, proposals, budget
+        self.scorer, self.head, self.target = scorer, head, target
+        self.clip_text = clip_text or f"a photo of a {target}"
+        self.beam_width, self.proposals, self.max_calls = beam_width, proposals, max_calls
         self.seeds, self.max_words, self.seed = list(seeds), max_words, seed
         self.best_prompt = prompt
         self.history: list[tuple[str, float]] = []
         self.calls = 0
 
     def _score_fn(self):
-        if self.scorer == "concept":
-            clf = ConceptClassifier.from_pretrained()
-            idx = clf.class_index(self.head, self.target)
-            return lambda images: clf.probs(images)[self.head][:, idx].mean().item()
-        from steerexp.eyes.clip import CLIPScorer
-        clip = CLIPScorer()
+        if self.scorer == "concept":  # the run's classifier (scorers.classifier)
+            clf = scorers.get("classifier")
+            clf.class_index(self.head, self.target)  # a bad head or target fails before any sampling
+            return lambda images: scorers.prob(clf, images, self.head, self.target).mean().item()
+        clip = scorers.get("clip")  # the run's CLIP (scorers.clip)
         text = clip.encode_texts([self.clip_text])
         return lambda images: (clip.encode_images(images) @ text.T).mean().item()
 
@@ -73,7 +73,7 @@ class PromptSearch(TrainingFree):
                 cand = words[:i] + [w] + words[i:]
             else:
                 i = rng.integers(len(words))
-                cand = words[:i] + [w] + words[i + 1:]
+                cand = words[:i] + [w] + words[i + 1 :]
             text = " ".join(cand)
             if text != prompt:
                 out.add(text)
@@ -87,18 +87,19 @@ class PromptSearch(TrainingFree):
         def score(p: str) -> float | None:
             if p in scored:
                 return scored[p]
-            if self.calls >= self.budget:
+            if self.calls >= self.max_calls:
                 return None
             self.calls += 1
-            images = self.generator.generate([p] * len(self.seeds), self.seeds, steps=self.sampling_steps,
-                                             guidance=self.guidance)
+            images = self.generator.generate(
+                [p] * len(self.seeds), self.seeds, steps=self.sampling_steps, guidance=self.guidance
+            )
             scored[p] = score_images(images)
             return scored[p]
 
         rng = np.random.default_rng(self.seed)
         beam = [self.prompt]
         score(self.prompt)
-        while self.calls < self.budget:
+        while self.calls < self.max_calls:
             pool = {p for b in beam for p in self.neighbours(b, rng)} - set(scored)
             if not pool:
                 break
@@ -113,9 +114,14 @@ class PromptSearch(TrainingFree):
         return {"best_prompt_ids": self.generator.tokenize([self.best_prompt])[0].cpu()}
 
     def export(self, run_dir) -> list[str]:
-        report = {"prompt": self.prompt, "prompt_score": dict(self.history).get(self.prompt), "best_prompt": self.best_prompt,
-                  "best_score": self.history[0][1] if self.history else None, "scorer_calls": self.calls,
-                  "ranked": [{"prompt": p, "score": s} for p, s in self.history[:20]]}
+        report = {
+            "prompt": self.prompt,
+            "prompt_score": dict(self.history).get(self.prompt),
+            "best_prompt": self.best_prompt,
+            "best_score": self.history[0][1] if self.history else None,
+            "scorer_calls": self.calls,
+            "ranked": [{"prompt": p, "score": s} for p, s in self.history[:20]],
+        }
         (Path(run_dir) / "prompt_search.json").write_text(json.dumps(report, indent=1))
         return ["prompt_search.json"]
 

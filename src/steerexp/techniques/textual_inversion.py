@@ -24,47 +24,80 @@ from torch import nn
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.denoising import Denoising
 from steerexp.targets import load_targets
-from steerexp.techniques.base import Technique
+from steerexp.techniques.base import Trainable
 from steerexp.worlds.shapes import world
 
 # Prompt templates of Gal et al. (object and style), and short ones in the shapes world's idiom.
 TEMPLATES = {
     "object": [
-        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-        "a photo of a clean {}", "a dark photo of the {}", "a photo of my {}", "a close-up photo of a {}",
-        "a bright photo of the {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
-        "a rendition of the {}", "a photo of a nice {}", "a photo of the small {}", "a photo of the large {}",
+        "a photo of a {}",
+        "a rendering of a {}",
+        "a cropped photo of the {}",
+        "the photo of a {}",
+        "a photo of a clean {}",
+        "a dark photo of the {}",
+        "a photo of my {}",
+        "a close-up photo of a {}",
+        "a bright photo of the {}",
+        "a photo of the {}",
+        "a good photo of the {}",
+        "a photo of one {}",
+        "a rendition of the {}",
+        "a photo of a nice {}",
+        "a photo of the small {}",
+        "a photo of the large {}",
     ],
     "style": [
-        "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
-        "the painting in the style of {}", "a clean painting in the style of {}", "a dark painting in the style of {}",
-        "a picture in the style of {}", "a close-up painting in the style of {}", "a bright painting in the style of {}",
-        "a good painting in the style of {}", "a rendition in the style of {}", "a large painting in the style of {}",
+        "a painting in the style of {}",
+        "a rendering in the style of {}",
+        "a cropped painting in the style of {}",
+        "the painting in the style of {}",
+        "a clean painting in the style of {}",
+        "a dark painting in the style of {}",
+        "a picture in the style of {}",
+        "a close-up painting in the style of {}",
+        "a bright painting in the style of {}",
+        "a good painting in the style of {}",
+        "a rendition in the style of {}",
+        "a large painting in the style of {}",
     ],
     "shapes": ["a photo of a {}", "a picture of a {}", "a {}", "a photo of the {}"],
 }
 
 
-class TextualInversion(Technique):
-    has_strength = True  # strength a uses v_init + a * (v* - v_init): 0 is the initializer word, 1 the learned token
-
-    def __init__(self, generator: FrozenGenerator, objective: Denoising | None = None, placeholder: str = "<v*>",
-                 num_vectors: int = 1, initializer: str = "object", baseline_word: str = "star",
-                 templates: str | list[str] = "shapes", targets: dict | None = None, flip: bool = False,
-                 crop: bool = False, captioned: bool = True, seed: int = 0, **kwargs):
+class TextualInversion(Trainable):
+    def __init__(
+        self,
+        generator: FrozenGenerator,
+        objective: Denoising | None = None,
+        placeholder: str = "<v*>",
+        num_vectors: int = 1,
+        initializer: str = "object",
+        slot_word: str = "star",
+        templates: str | list[str] = "shapes",
+        targets: dict | None = None,
+        flip: bool = False,
+        crop: bool = False,
+        captioned: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ):
         super().__init__(generator, **kwargs)
         if num_vectors < 1:
             raise ValueError(f"technique.num_vectors must be >= 1, got {num_vectors}")
         if isinstance(templates, str):
             if templates not in TEMPLATES:
-                raise ValueError(f"technique.templates {templates!r} is unknown; choose one of {sorted(TEMPLATES)} "
-                                 "or give a list of prompts with '{}' for the placeholder")
+                raise ValueError(
+                    f"technique.templates {templates!r} is unknown; choose one of {sorted(TEMPLATES)} "
+                    "or give a list of prompts with '{}' for the placeholder"
+                )
             templates = TEMPLATES[templates]
         if not templates or any("{}" not in t for t in templates):
             raise ValueError("technique.templates must be a non-empty list of prompts that each contain '{}'")
         self.objective = objective or Denoising()
         self.placeholder, self.num_vectors, self.initializer = placeholder, num_vectors, initializer
-        self.baseline_word, self.templates = baseline_word, list(templates)
+        self.slot_word, self.templates = slot_word, list(templates)  # slot_word: the baseline's class name
+        self.strength = 1.0  # generate with v_init + strength * (v* - v_init): 0 is the initializer word, 1 the token
         self.targets_cfg = dict(folder=None, k=6, shape="star", seed=0) | dict(targets or {})
         self.flip, self.crop, self.captioned, self.seed = flip, crop, captioned, seed
         self.target_templates: list[list[str]] | None = None
@@ -81,8 +114,10 @@ class TextualInversion(Technique):
         gen = self.generator
         init_ids = gen.tokenizer(self.initializer, add_special_tokens=False).input_ids
         if len(init_ids) != 1:
-            raise ValueError(f"technique.initializer {self.initializer!r} must be a single token for this tokenizer "
-                             f"(it splits into {len(init_ids)}); pick a one-token word such as 'object'")
+            raise ValueError(
+                f"technique.initializer {self.initializer!r} must be a single token for this tokenizer "
+                f"(it splits into {len(init_ids)}); pick a one-token word such as 'object'"
+            )
         resolution = gen.resolution
         tc = self.targets_cfg
         self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], resolution)
@@ -99,8 +134,9 @@ class TextualInversion(Technique):
             if self.crop:  # 10% zoom-in crops, resized back
                 r = images.shape[-1]
                 m = max(1, r // 10)
-                crops = torch.nn.functional.interpolate(images[..., m:r - m, m:r - m], size=(r, r), mode="bilinear",
-                                                        antialias=True, align_corners=False)
+                crops = torch.nn.functional.interpolate(
+                    images[..., m : r - m, m : r - m], size=(r, r), mode="bilinear", antialias=True, align_corners=False
+                )
                 images = torch.cat([images, crops])
             if self.flip:
                 images = torch.cat([images, images.flip(-1)])
@@ -114,8 +150,9 @@ class TextualInversion(Technique):
         return {"num_vectors": self.num_vectors}
 
     # ------------------------------------------------------------------ prompts
-    def prompt(self, template: str, edited: bool) -> str:
-        return template.format(" ".join(self.tokens) if edited else self.baseline_word)
+    def fill(self, template: str, edited: bool = False) -> str:
+        """'{}' is the learned token(s) in the edit, the class name (`slot_word`) in the baseline."""
+        return template.replace("{}", " ".join(self.tokens) if edited else self.slot_word)
 
     def added_embeddings(self, strength: float = 1.0) -> torch.Tensor:
         """The table of every added token's embedding, in id order (rows for our tokens only)."""
@@ -133,10 +170,23 @@ class TextualInversion(Technique):
         which = torch.randint(1 << 30, (len(idx),), generator=rng).tolist()
         k = len(self.target_images)
         pools = [self.target_templates[i % k] if self.target_templates else self.templates for i in idx.tolist()]
-        prompts = [self.prompt(pool[w % len(pool)], edited=True) for pool, w in zip(pools, which)]
+        prompts = [self.fill(pool[w % len(pool)], edited=True) for pool, w in zip(pools, which)]
         gen = self.generator
         cond = gen.encode_prompt(prompts, self.added_embeddings().to(gen.device))
-        return self.objective(gen, self.latents[idx].to(gen.device, gen.dtype), cond, rng)
+        from steerexp.objectives.composite import ObjectiveInputs
+
+        # the denoising path (+ the learned offsets v* - v_init, which delta_l2 penalises)
+        inputs = ObjectiveInputs(
+            generator=gen,
+            latents=self.latents[idx].to(gen.device, gen.dtype),
+            cond=cond,
+            rng=rng,
+            deltas=self.budgeted(),
+        )
+        loss = self.objective(inputs)
+        if self._trainer is not None:
+            self.log_dict({f"train/{k}": v for k, v in getattr(self.objective, "last", {}).items()})
+        return loss
 
     def budgeted(self) -> dict[str, torch.Tensor]:
         return {"embeddings": self.embeddings - self.initial}
@@ -146,13 +196,16 @@ class TextualInversion(Technique):
 
     # ------------------------------------------------------------------ use
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
-        texts = [self.prompt(p, edited) for p in prompts]
+        texts = [self.fill(p, edited) for p in prompts]
         added = self.added_embeddings(self.strength).detach() if edited else None
-        return self.generator.generate(texts, seeds, steps=self.sampling_steps, guidance=self.guidance,
-                                       added_embeddings=added)
+        return self.generator.generate(
+            texts, seeds, steps=self.sampling_steps, guidance=self.guidance, added_embeddings=added
+        )
 
     def export(self, run_dir) -> list[str]:
         vectors = self.embeddings.detach().cpu().contiguous()
-        save_file({self.placeholder: vectors[0] if self.num_vectors == 1 else vectors},
-                  str(Path(run_dir) / "learned_embeds.safetensors"))
+        save_file(
+            {self.placeholder: vectors[0] if self.num_vectors == 1 else vectors},
+            str(Path(run_dir) / "learned_embeds.safetensors"),
+        )
         return ["learned_embeds.safetensors"]

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
-from steerexp.eyes.classifier import ConceptClassifier
-from steerexp.eyes.clip import CLIPScorer
+from steerexp.scorers.classifier import ConceptClassifier
+from steerexp.scorers.clip import CLIPScorer
 from steerexp.generators import FrozenGenerator, Guidance, load_generator
-from steerexp.pretrain.common import to_tensor
+from steerexp.images import to_tensor
 from steerexp.worlds.shapes import world
 
 EVAL_SEED = 424242  # a world stream no pretraining stage draws from
@@ -54,7 +54,9 @@ def prompt_agreement(gen: FrozenGenerator, classifier: ConceptClassifier, n: int
     return float(shape), float(colour)
 
 
-def heldout_name_rate(gen: FrozenGenerator, classifier: ConceptClassifier, n: int, guidance: Guidance, steps: int) -> float:
+def heldout_name_rate(
+    gen: FrozenGenerator, classifier: ConceptClassifier, n: int, guidance: Guidance, steps: int
+) -> float:
     rng = np.random.default_rng(EVAL_SEED + 2)
     prompts = [world.caption(world.random_scene(rng, shape=world.HELDOUT), rng) for _ in range(n)]
     pred = classifier.predict(gen.generate(prompts, list(range(n)), steps=steps, guidance=guidance))["shape"]
@@ -94,8 +96,13 @@ def report(generator: str | None = None, samples: int = 504, steps: int = 25, gu
         "protected_reproduction_rate": protected_reproduction(gen, 8, guidance, steps),
         "clip_zero_shot_shape_accuracy": clip_zero_shot(CLIPScorer()),
         "sample_seconds_16x25": sample_seconds(gen, guidance),
-        "settings": {"generator": str(generator or "shapes (shipped)"), "samples": samples, "steps": steps,
-                     "guidance_scale": guidance_scale, "threads": torch.get_num_threads()},
+        "settings": {
+            "generator": str(generator or "shapes (shipped)"),
+            "samples": samples,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "threads": torch.get_num_threads(),
+        },
     }
     gen.assert_unchanged()
     return result

@@ -1,5 +1,5 @@
-"""Pretraining of the evaluators' eyes on fresh procedural images (held-out class included):
-the concept classifier and a tiny open_clip model. Neither sees the generator."""
+"""Pretraining of the shipped scorers (steerexp.scorers) on fresh procedural images (held-out
+class included): the concept classifier and a tiny open_clip model. Neither sees the generator."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from steerexp.eyes.classifier import ConceptClassifier
-from steerexp.eyes.clip import DEFAULT_MODEL
+from steerexp.scorers.classifier import ConceptClassifier
+from steerexp.scorers.clip import DEFAULT_MODEL
 from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step, to_tensor
 from steerexp.worlds.shapes import world
 
@@ -25,7 +25,7 @@ def fresh_pool(seed: int, n: int, resolution: int):
 
 
 def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Blur, noise and brightness jitter so the eyes also read generated (decoded) images."""
+    """Blur, noise and brightness jitter so the scorers also read generated (decoded) images."""
     b = len(x)
     sigma = torch.rand(b, generator=gen) * 1.0
     k = torch.arange(-2, 3, dtype=torch.float32)
@@ -34,7 +34,9 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     blurred = []
     for i in range(b):
         kk = kern[i]
-        img = F.conv2d(F.pad(x[i : i + 1], (2, 2, 0, 0), mode="replicate"), kk.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+        img = F.conv2d(
+            F.pad(x[i : i + 1], (2, 2, 0, 0), mode="replicate"), kk.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3
+        )
         img = F.conv2d(F.pad(img, (0, 0, 2, 2), mode="replicate"), kk.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
         blurred.append(img)
     x = torch.cat(blurred)
@@ -66,8 +68,13 @@ def clip_model_config(cfg, resolution: int) -> dict:
     return {
         "embed_dim": cfg.embed_dim,
         "vision_cfg": {"image_size": resolution, "layers": list(cfg.vision_layers), "width": cfg.vision_width},
-        "text_cfg": {"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.text_width,
-                     "heads": cfg.text_heads, "layers": cfg.text_layers},
+        "text_cfg": {
+            "context_length": cfg.context_length,
+            "vocab_size": 49408,
+            "width": cfg.text_width,
+            "heads": cfg.text_heads,
+            "layers": cfg.text_layers,
+        },
     }
 
 
@@ -84,7 +91,9 @@ def pretrain_clip(cfg, out: Path, seed: int, pool) -> Path:
     mean = torch.tensor(model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
     rng = np.random.default_rng([seed, 2])
-    caption_ids = torch.stack([tokenizer([world.caption(s, rng) for _ in range(cfg.captions_per_image)]) for s in scenes])
+    caption_ids = torch.stack(
+        [tokenizer([world.caption(s, rng) for _ in range(cfg.captions_per_image)]) for s in scenes]
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     sched = cosine_lr(opt, cfg.lr, cfg.steps)
     progress = Progress("clip", cfg.steps)

@@ -1,5 +1,11 @@
-"""The external concept classifier: one small CNN with a head per attribute of the world.
+"""Classifier scorers: a model with named heads, each a softmax over class names.
 
+`HeadClassifier` is what every classifier scorer is (the shipped concept classifier, a user's
+model): `heads` ({head: [class names]}) and `forward(images) -> {head: logits}`; `probs`,
+`predict` and `class_index` follow from them. `log_prob` and `prob` are the one way to read
+"p(target) under a head", for objectives, techniques and evaluators alike.
+
+The external concept classifier: one small CNN with a head per attribute of the world.
 A model is data: `config.json` (heads and widths) plus `model.safetensors`. Inputs are RGB
 images in [0, 1] of any size; they are resized to the classifier's resolution, so the same
 classifier scores the embedded generator's 32 px samples and a real generator's 512 px ones.
@@ -19,7 +25,48 @@ from steerexp import ASSETS
 DEFAULT_PATH = ASSETS / "classifier"
 
 
-class ConceptClassifier(nn.Module):
+class HeadClassifier(nn.Module):
+    """A classifier scorer: `heads` names each head's classes; forward gives {head: logits}."""
+
+    heads: dict[str, list[str]]
+    any_head = False  # a single-head model (a user's) answers whichever head a caller names
+
+    def head_name(self, head: str) -> str:
+        if head in self.heads:
+            return head
+        if self.any_head and len(self.heads) == 1:
+            return next(iter(self.heads))
+        raise ValueError(f"unknown classifier head {head!r}; choose one of {sorted(self.heads)}")
+
+    def class_index(self, head: str, name: str) -> int:
+        classes = self.heads[self.head_name(head)]
+        if name not in classes:
+            raise ValueError(f"unknown {head} {name!r}; choose one of {classes}")
+        return classes.index(name)
+
+    def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: logits.softmax(-1) for name, logits in self(images).items()}
+
+    def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
+        """The predicted class name per head for each image."""
+        return {n: [self.heads[n][i] for i in l.argmax(-1).tolist()] for n, l in self(images).items()}
+
+
+def log_prob(classifier: HeadClassifier, images: torch.Tensor, head: str, target: str) -> torch.Tensor:
+    """log p(head = target | image) per image [B]; differentiable in the images."""
+    idx = classifier.class_index(head, target)
+    return classifier(images)[classifier.head_name(head)].log_softmax(-1)[:, idx]
+
+
+def prob(classifier: HeadClassifier, images: torch.Tensor, head: str, target: str | list[str]) -> torch.Tensor:
+    """p(head = target | image) per image [B]; for a list of classes, p(any of them)."""
+    probs = classifier.probs(images)[classifier.head_name(head)]
+    if isinstance(target, str):
+        return probs[:, classifier.class_index(head, target)]
+    return probs[:, [classifier.class_index(head, c) for c in target]].sum(-1)
+
+
+class ConceptClassifier(HeadClassifier):
     def __init__(self, heads: dict[str, list[str]], width: int = 32, resolution: int = 32):
         super().__init__()
         self.heads = {name: list(classes) for name, classes in heads.items()}
@@ -39,7 +86,8 @@ class ConceptClassifier(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"the classifier takes RGB images [B, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
-            images = F.interpolate(images, size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
+            images = F.interpolate(images, size=(self.resolution,) * 2, mode="bilinear", antialias=True,
+                                   align_corners=False)
         return images * 2 - 1
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -49,20 +97,6 @@ class ConceptClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(images)
         return {name: head(h) for name, head in self.out.items()}
-
-    def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: logits.softmax(-1) for name, logits in self(images).items()}
-
-    def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
-        """The predicted class name per head for each image."""
-        return {n: [self.heads[n][i] for i in l.argmax(-1).tolist()] for n, l in self(images).items()}
-
-    def class_index(self, head: str, name: str) -> int:
-        if head not in self.heads:
-            raise ValueError(f"unknown classifier head {head!r}; choose one of {sorted(self.heads)}")
-        if name not in self.heads[head]:
-            raise ValueError(f"unknown {head} {name!r}; choose one of {self.heads[head]}")
-        return self.heads[head].index(name)
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

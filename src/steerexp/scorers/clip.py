@@ -1,4 +1,4 @@
-"""The evaluators' CLIP: any open_clip model; by default the tiny one trained on the world.
+"""The CLIP scorer: any open_clip model; by default the tiny one trained on the world.
 
 The shipped model is data: an open_clip model config (`shapes-tiny-clip.json`, registered
 with `open_clip.add_model_config`), open_clip's own bundled BPE tokenizer, and
@@ -27,13 +27,17 @@ def register_shipped_config() -> None:
 class CLIPScorer:
     """Normalised image and text embeddings of an open_clip model, for [0, 1] RGB images."""
 
-    def __init__(self, model_name: str = DEFAULT_MODEL, pretrained: str | Path | None = DEFAULT_PRETRAINED, device: str = "cpu"):
+    def __init__(self, model_name: str = DEFAULT_MODEL, pretrained: str | Path | None = DEFAULT_PRETRAINED,
+                 device: str = "cpu"):
         register_shipped_config()
         if model_name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
-        if pretrained is not None and str(pretrained).endswith((".pt", ".bin", ".safetensors")) and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"CLIP weights not found at {pretrained}; pass an existing file or an open_clip pretrained tag")
-        self.model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained else None, device=device)
+        weights_file = pretrained is not None and str(pretrained).endswith((".pt", ".bin", ".safetensors"))
+        if weights_file and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"CLIP weights not found at {pretrained}; "
+                                    "pass an existing file or an open_clip pretrained tag")
+        self.model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained else None,
+                                            device=device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = self.model.visual.preprocess_cfg
@@ -46,7 +50,8 @@ class CLIPScorer:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device)
         if images.shape[-1] != self.size or images.shape[-2] != self.size:
-            images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+            images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True,
+                                   align_corners=False)
         return F.normalize(self.model.encode_image((images.clamp(0, 1) - self.mean) / self.std), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:

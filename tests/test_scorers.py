@@ -1,0 +1,77 @@
+"""One scorer package: one factory, one classifier setting honoured by objectives, techniques
+and evaluators alike, each model built once; one "log p(target) under a head"."""
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from steerexp import scorers
+from steerexp.scorers.classifier import ConceptClassifier
+
+
+@pytest.fixture
+def fresh_scorers():
+    scorers.configure(None)
+    yield
+    scorers.configure(None)  # later tests see the shipped defaults
+
+
+def test_log_prob_and_prob_read_a_head_as_the_classifier_does(shipped):
+    clf = scorers.load_classifier()
+    x = torch.rand(3, 3, 32, 32)
+    idx = clf.class_index("colour", "red")
+    assert torch.equal(scorers.log_prob(clf, x, "colour", "red"), clf(x)["colour"].log_softmax(-1)[:, idx])
+    assert torch.equal(scorers.prob(clf, x, "colour", "red"), clf.probs(x)["colour"][:, idx])
+    both = scorers.prob(clf, x, "colour", ["red", "blue"])
+    assert torch.allclose(both, clf.probs(x)["colour"][:, [idx, clf.class_index("colour", "blue")]].sum(-1))
+    with pytest.raises(ValueError, match="unknown classifier head 'hue'"):
+        scorers.log_prob(clf, x, "hue", "red")
+
+
+def test_one_classifier_setting_reaches_every_scorer_user(shipped, tmp_path, monkeypatch, fresh_scorers):
+    from steerexp.evaluators.base import EvalContext
+    from steerexp.evaluators.concept import Concept
+    from steerexp.objectives.concept_score import ConceptScore
+    from steerexp.techniques.energy_guidance import EnergyGuidance
+    from steerexp.techniques.nudging import ClassifierFilter
+    from steerexp.techniques.prompt_search import PromptSearch
+
+    folder = tmp_path / "my_classifier"
+    shutil.copytree(scorers.DEFAULT_CLASSIFIER, folder)
+    loaded = []
+    original = ConceptClassifier.from_pretrained.__func__
+    monkeypatch.setattr(ConceptClassifier, "from_pretrained",
+                        classmethod(lambda cls, f=scorers.DEFAULT_CLASSIFIER: loaded.append(f) or original(cls, f)))
+    scorers.configure({"classifier": str(folder)})  # as the run does with cfg.scorers
+
+    x = torch.rand(2, 3, 32, 32)
+    ConceptScore("size", "large").log_prob(x)                                    # an objective
+    tech = SimpleNamespace(scorer="concept", head="size", target="large", _log_p=None,
+                           generator=SimpleNamespace(device=torch.device("cpu")))
+    EnergyGuidance.log_p(tech)(x)                                                # techniques
+    PromptSearch._score_fn(SimpleNamespace(scorer="concept", head="size", target="large"))(x)
+    ClassifierFilter(head="colour", classes=["red"])(x, None)
+    ctx = EvalContext(object(), ["a {}"], [0])                                   # evaluators
+    Concept(head="size", target="large").scores(ctx, x)
+    assert ctx.classifier is scorers.load_classifier(folder)
+    assert [str(f) for f in loaded] == [str(folder.resolve())]  # built once, from the one setting
+
+
+def test_scorers_by_name_and_a_user_classifier(shipped, tmp_path, fresh_scorers):
+    class Dark(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([0.5 - x.mean((1, 2, 3)), x.mean((1, 2, 3)) - 0.5], -1)
+
+    path = tmp_path / "dark.pt"
+    torch.jit.script(Dark()).save(str(path))
+    run = scorers.build({"user": {"path": str(path), "classes": ["dark", "bright"]},
+                         "second": {"kind": "classifier", "path": None}})  # several judges side by side
+    assert run.configured("user") and not scorers.current().configured("user")
+    assert run.get("second") is run.get("classifier") is scorers.load_classifier()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(scorers.prob(run.get("user"), x, "any head", "bright"), Dark()(x).softmax(-1)[:, 1])
+    with pytest.raises(ValueError, match="no scorer named 'third'"):
+        run.get("third")
+    with pytest.raises(ValueError, match="scorers.user is not set"):
+        scorers.current().get("user")
