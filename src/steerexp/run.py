@@ -18,7 +18,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from steerexp import safety, scorers
+from steerexp import images, safety, scorers
 from steerexp.errors import ConfigError
 from steerexp.evaluators.base import EvalContext
 from steerexp.images import save_png
@@ -36,10 +36,9 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
 
 
-def _instantiate(node, key: str = "", **kwargs):
-    """hydra's instantiate of an allowlisted node, re-raising our own clear errors (bad values, missing
-    files) unwrapped."""
-    safety.check_targets(node, key)
+def _instantiate(node, **kwargs):
+    """hydra's instantiate (the guard checks every _target_), re-raising our own clear errors (bad values,
+    missing files) unwrapped."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -51,23 +50,19 @@ def _instantiate(node, key: str = "", **kwargs):
 def build(cfg: DictConfig):
     """Instantiate generator, technique (a trainable one with its objective, every one with the run's
     sampling settings) and evaluators; validates config first.
-    The run's scorers (cfg.scorers) are set first: objectives, techniques and evaluators all use them."""
+    The run's scorers (cfg.scorers) and image policy (cfg.images) are set first: objectives, techniques and
+    evaluators all use them."""
     safety.check_targets(cfg)
     scorers.configure(cfg.get("scorers"))
+    images.configure(**(cfg.get("images") or {}))  # how user image files are read (conf/config.yaml: images)
     evaluators = (
-        [_instantiate(cfg.evaluator[k], f"evaluator.{k}") for k in cfg.evaluator] if cfg.get("evaluator") else []
+        [_instantiate(cfg.evaluator[k]) for k in cfg.evaluator] if cfg.get("evaluator") else []
     )
-    generator = _instantiate(cfg.generator, "generator")
+    generator = _instantiate(cfg.generator)
     learns = getattr(get_object(cfg.technique._target_), "trainable", False)  # (allowlisted above)
-    objective = {"objective": _instantiate(cfg.objective, "objective")} if learns and cfg.get("objective") else {}
-    technique = _instantiate(
-        cfg.technique,
-        "technique",
-        generator=generator,
-        **objective,
-        _recursive_=False,
-        sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
-    )
+    objective = {"objective": _instantiate(cfg.objective)} if learns and cfg.get("objective") else {}
+    technique = _instantiate(cfg.technique, generator=generator, **objective, _recursive_=False,
+                             sampling=OmegaConf.to_container(cfg.sampling, resolve=True))
     return generator, technique, evaluators
 
 
@@ -142,9 +137,7 @@ def callbacks(cfg: DictConfig, run_dir: Path) -> list:
     resume (ckpt_path=.../last.ckpt), the Ctrl-C hint and the final save rely on."""
     nodes = cfg.get("callbacks") or {}
     return [
-        _instantiate(
-            node, f"callbacks.{name}", **({"dirpath": run_dir / "checkpoints"} if name == "model_checkpoint" else {})
-        )
+        _instantiate(node, **({"dirpath": run_dir / "checkpoints"} if name == "model_checkpoint" else {}))
         for name, node in nodes.items()
     ]
 
@@ -157,7 +150,6 @@ def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
     args.pop("checkpoint_every", None)  # steerexp's key (callbacks.model_checkpoint reads it), no Trainer argument
     trainer = _instantiate(
         args,
-        "trainer",
         max_steps=technique.steps,
         accelerator=technique.generator.device.type,
         logger=logger.lightning if logger.lightning is not None else False,
@@ -239,23 +231,11 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
         config_file.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, config_file)
     L.seed_everything(cfg.seed, verbose=False)
-    from steerexp import images
-
-    images.configure(**(cfg.get("images") or {}))  # how user image files are read (conf/config.yaml: images)
     generator, technique, evaluators = build(cfg)
     technique.prepare()  # loads and validates targets before any heavy work
     tags = [t for t in (cfg.technique._target_.split(".")[-2], cfg.get("experiment_name")) if t]
-    logger = RunLogger(
-        cfg.logger.mode,
-        run_dir,
-        name,
-        group,
-        tags,
-        OmegaConf.to_container(cfg, resolve=True),
-        project=cfg.logger.project,
-        entity=cfg.logger.get("entity"),
-        job_type=technique.job_type,
-    )
+    logger = RunLogger(cfg.logger.mode, run_dir, name, group, tags, OmegaConf.to_container(cfg, resolve=True),
+                       project=cfg.logger.project, entity=cfg.logger.get("entity"), job_type=technique.job_type)
     metrics: dict = {f"params/{k}": v for k, v in technique.parameter_counts().items()}
     try:
         learn(cfg, technique, logger, run_dir)
