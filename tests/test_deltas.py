@@ -33,11 +33,10 @@ def make(gen, extra=(), prepare=True):
 
 
 def fit(technique, steps):
-    import lightning as L
+    from steerexp.trainer import Trainer
 
     technique.steps = steps
-    L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(technique)
+    Trainer(max_steps=steps).fit(technique)
 
 
 # ------------------------------------------------------------------ budgets
@@ -141,7 +140,8 @@ def test_denoising_composes_with_delta_l2_and_image_terms_need_images(gen):
 
 # ------------------------------------------------------------------ the run flow
 def test_deltas_file_reproduces_the_evaluated_edit(gen, tmp_path):
-    metrics, run_dir = tiny_run(tmp_path, ["technique=prompt_delta_latent_offset", "technique.steps=2"], base=DELTA)
+    metrics, run_dir = tiny_run(tmp_path, ["technique=prompt_delta_latent_offset", "technique.steps=2",
+                                           "evaluator.concept.judge=classifier"], base=DELTA)
     deltas = load_file(run_dir / "deltas.safetensors")
     assert set(deltas) == {"text_delta", "latent_delta"}  # only the deltas, never the generator
     assert metrics["generator/unchanged"] is True and metrics["delta_norm/text"] > 0

@@ -122,7 +122,10 @@ def test_concept_accepts_a_torchscript_user_classifier(gen, tmp_path):
     user = scorers.build({"user": {"path": str(path), "classes": ["dark", "bright"]}})
     ctx = EvalContext(PromptEdit(gen, lambda p: p.replace("black", "white")),
                       ["a large red {} on a black background"], [0, 1, 2, 3], scorers=user)
-    m = Concept(target="bright").evaluate(ctx).metrics  # scorers.user set: the concept evaluator's judge
+    with pytest.raises(ValueError, match="analytic judge knows no shape 'bright'.*judge=user"):
+        Concept(target="bright").evaluate(ctx)  # on the shapes world the default judge is the analytic one
+    m = Concept(target="bright", judge="user").evaluate(ctx).metrics  # the user's classifier, named
+    assert m["concept/judged_by/user"] is True
     paired = ctx.paired()
     bright = lambda imgs: float((Brightness()(imgs).softmax(-1)[:, 1] >= 0.5).float().mean())
     assert m["concept/target_rate/baseline"] == pytest.approx(bright(paired.baseline))
@@ -131,8 +134,8 @@ def test_concept_accepts_a_torchscript_user_classifier(gen, tmp_path):
     assert "concept/attribute_agreement/colour/edited" not in m  # a one-head judge reads nothing else
     ctx.scorers = scorers.build({"user": {"path": str(path), "classes": ["dark"]}})
     with pytest.raises(ValueError, match="classes must list the target"):
-        Concept(target="bright").evaluate(ctx)
-    shipped = Concept(target="bright", scorer="classifier")  # the judge by name, whatever else is set
+        Concept(target="bright", judge="user").evaluate(ctx)
+    shipped = Concept(target="bright", judge="classifier")  # the judge by name, whatever else is set
     with pytest.raises(ValueError, match="unknown shape 'bright'"):
         shipped.evaluate(ctx)
 

@@ -31,7 +31,7 @@ def test_every_config_option_instantiates(shipped, tmp_path):
         assert compose_config([f"logger={option}"]).logger.mode in ("offline", "online", "disabled")
     for option in groups["trainer"]:
         assert compose_config([f"trainer={option}"]).trainer.checkpoint_every > 0
-    for option in groups["callbacks"]:  # Lightning callbacks by _target_ (allowlisted)
+    for option in groups["callbacks"]:  # training-loop callbacks by _target_ (steerexp.trainer)
         callbacks = compose_config([f"callbacks={option}"]).get("callbacks") or {}
         assert all(instantiate(node) is not None for node in callbacks.values())
     for option in groups["launcher"]:

@@ -52,8 +52,8 @@ def test_one_classifier_setting_reaches_every_scorer_user(shipped, tmp_path, mon
     EnergyGuidance.log_p(tech)(x)                                                # techniques
     PromptSearch._score_fn(SimpleNamespace(scorer="concept", head="size", target="large"))(x)
     ClassifierFilter(head="colour", classes=["red"])(x, None)
-    ctx = EvalContext(object(), ["a {}"], [0])                                   # evaluators
-    Concept(head="size", target="large").scores(ctx, x)
+    ctx = EvalContext(object(), ["a {}"], [0])  # evaluators (off the shapes world: the classifier judges)
+    Concept(head="size", target="large").scores(ctx.judging("concept", None, "size", "large").scorer, x)
     assert ctx.classifier is scorers.load_classifier(folder)
     assert [str(f) for f in loaded] == [str(folder.resolve())]  # built once, from the one setting
 

@@ -49,19 +49,28 @@ def sweep_objective_value(objective, metrics: dict) -> float:
     return float(sum(float(w) * float(metrics[k]) for k, w in terms.items()))
 
 
-def _quiet() -> None:
+def _library_logs(verbose: bool) -> None:
+    """verbose=true: the libraries' own logs at INFO (diffusers, transformers, W&B's console). By default the
+    console holds progress, metrics and the run directory only: what used to print before the metrics is fixed
+    where it came from (weights load in their dtype, accelerate installed, no loading bars, no obsolete W&B
+    setting, Hydra's version_base given); W&B stays silent unless verbose."""
+    if not verbose:
+        return
     import logging
-    import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "root"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for handler in logging.getLogger().handlers:  # Hydra's console handler (conf/config.yaml: hydra.job_logging)
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.INFO)
+    os.environ["WANDB_SILENT"] = "false"
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_info()
+    transformers_logging.set_verbosity_info()
 
 
 def _verbose(cfg: DictConfig | None = None) -> bool:
-    """Full tracebacks for config errors: HYDRA_FULL_ERROR=1 or verbose=true."""
+    """Full tracebacks for config errors and the libraries' logs: HYDRA_FULL_ERROR=1 or verbose=true."""
     if os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0"):
         return True
     try:
@@ -105,9 +114,11 @@ def _main(cfg: DictConfig) -> float | None:
             raise
         for warning in warnings:
             print(f"steerexp: warning: {warning}", file=sys.stderr, flush=True)
-        from steerexp.run import run
+        from steerexp import progress
 
-        _quiet()
+        progress.configure(cfg.get("progress", "auto"))
+        _library_logs(_verbose(cfg))
+        from steerexp.run import run
 
         run_dir, name, group = run_identity(cfg)
         metrics = run(cfg, run_dir, name, group)
@@ -123,15 +134,65 @@ def _main(cfg: DictConfig) -> float | None:
     return sweep_objective_value(objective, metrics) if objective else None
 
 
+def config_groups(root: Path) -> list[tuple[str, list[str]]]:
+    """(group, options) of every config group under `root`: its folders (nested ones as a/b), their yaml files."""
+    return [(d.relative_to(root).as_posix(), sorted(f.stem for f in d.glob("*.yaml")))
+            for d in sorted(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith((".", "__")))]
+
+
+def print_help(overrides: list[str]) -> None:
+    """`steerexp [overrides] --help`: the text of Hydra's help (conf/config.yaml: hydra.help), from one compose
+    and a listing of conf/. Hydra's own help composes the config again for each of its ~100 config groups
+    (1.1 s here); this takes a fraction of that."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="steerexp"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    template = cfg.hydra.help.template
+    groups = "".join(f"{group}: {', '.join(options)}\n" for group, options in config_groups(conf_dir()) if options)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    print(template.replace("$APP_CONFIG_GROUPS", groups).replace("$CONFIG", OmegaConf.to_yaml(cfg)))
+
+
 def main() -> None:
+    args = sys.argv[1:]
     try:  # group=option overrides name existing files: one line listing the options, before Hydra composes
-        check_group_overrides(sys.argv[1:])
+        check_group_overrides(args)
     except ConfigError as err:
         _config_error(err, None)
+    rest = [a for a in args if a not in ("--help", "-h")]
+    if len(rest) < len(args) and not any(a.startswith("-") for a in rest):  # other flags: Hydra's own help
+        try:
+            check_group_overrides(rest)
+            print_help(rest)
+        except ConfigError as err:
+            _config_error(err, None)
+        except Exception as err:  # an override Hydra cannot apply: its message, one line
+            print(f"steerexp: error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        return
     from steerexp.safety import install_guard
 
     install_guard()  # Hydra's own instantiations (callbacks, launcher, sweeper) are allowlisted too
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_main)()
+    exit_now(0)
+
+
+def exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown, which spent ~1.7 s of CPU after every run freeing
+    torch's, diffusers' and transformers' module state (measured: benchmarks/startup.py, phase `exit`).
+    Everything a run leaves is written and closed by then; the exit handlers still run (W&B's among them),
+    and the logs and both streams are flushed first."""
+    import atexit
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ images) the same way everywhere, tensors, grids, saving PNGs and RMS distances.
     image_files_in                  the PNG/JPG files of a folder, sorted by name
     to_tensor                       uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]
     side_by_side_grid, image_grid   sample grids [3, H, W] in [0, 1]
-    save_png                        a grid as an (upscaled) PNG file
+    side_by_side_labels, image_grid_labels   what a grid's rows and columns show (GridLabels)
+    labelled_image, save_png        a grid as an (upscaled) image / PNG file, with its labels drawn around it
     rms_distances, nn_rms           per-pixel RMS between image sets
 
 One policy (the `images:` config node; run.py calls `configure(**cfg.images)` once per run) says
@@ -37,10 +38,11 @@ import torch when they are called.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -366,11 +368,121 @@ def image_grid(columns: list[torch.Tensor], rows: int, gap: int = 2) -> torch.Te
     return torch.cat(out[:-1], dim=-2)
 
 
-def save_png(path: Path, grid: torch.Tensor, upscale: int = 2) -> None:
-    """A [3, H, W] grid in [0, 1] as a PNG, upscaled `upscale` times (nearest neighbour)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+@dataclass
+class GridLabels:
+    """What a grid shows, for a reader: a title per row (drawn on the left) and per image column (on
+    top), titles over spans of columns (`groups`, e.g. baseline | edited), where rows and columns sit
+    in the unscaled grid (pixels), and `what`: one line saying what rows and columns are."""
+    rows: list[str]
+    columns: list[str]
+    row_tops: list[int]
+    column_lefts: list[int]
+    cell: tuple[int, int]                                       # (height, width) of one image
+    groups: list[tuple[str, int, int]] = field(default_factory=list)   # (title, left, right) pixels
+    what: str = ""
+
+    def caption(self) -> str:
+        """One line for W&B and the report: what the grid shows and its rows."""
+        rows = "; ".join(f"{i + 1}: {r}" for i, r in enumerate(self.rows))
+        return f"{self.what}. Rows {rows}" if self.what else f"Rows {rows}"
+
+    def as_dict(self) -> dict:
+        return {"what": self.what, "rows": list(self.rows), "columns": list(self.columns),
+                "groups": [g[0] for g in self.groups], "caption": self.caption()}
+
+
+def side_by_side_labels(paired, n_seeds: int, gap: int = 2) -> GridLabels:
+    """The labels of `side_by_side_grid(paired, n_seeds, gap)`: a row per prompt, a column per seed in
+    each block, the blocks titled baseline and edited."""
+    h, w = paired.baseline.shape[-2:]
+    n_rows = len(paired.baseline) // n_seeds
+    block = n_seeds * w + 2 * gap  # one block and the gap after it
+    seeds = [f"seed {s}" for s in paired.seeds[:n_seeds]]
+    return GridLabels(
+        rows=[paired.prompts[i * n_seeds] for i in range(n_rows)],
+        columns=seeds + seeds,
+        row_tops=[i * (h + gap) for i in range(n_rows)],
+        column_lefts=[b * block + j * w for b in (0, 1) for j in range(n_seeds)],
+        cell=(h, w),
+        groups=[("baseline", 0, n_seeds * w), ("edited", block, block + n_seeds * w)],
+        what="rows: prompts ({} = the concept slot); columns: seeds; left block baseline, right block edited",
+    )
+
+
+def image_grid_labels(columns: list[torch.Tensor], rows: int, row_names: list[str], column_names: list[str],
+                      what: str = "", gap: int = 2) -> GridLabels:
+    """The labels of `image_grid(columns, rows, gap)`: `row_names` for its rows (the first ones shown),
+    `column_names` for its columns."""
+    h, w = columns[0].shape[-2:]
+    n_rows = min(rows, len(columns[0]))
+    return GridLabels(rows=[str(r) for r in row_names[:n_rows]], columns=[str(c) for c in column_names],
+                      row_tops=[i * (h + gap) for i in range(n_rows)],
+                      column_lefts=[j * (w + gap) for j in range(len(columns))], cell=(h, w), what=what)
+
+
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib, a dependency) at `size` px; Pillow's own font otherwise."""
+    from importlib.util import find_spec
+
+    from PIL import ImageFont
+
+    spec = find_spec("matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size)
+
+
+def _fit_text(draw, text: str, font, width: int) -> str:
+    """`text`, shortened with an ellipsis to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def labelled_image(grid: torch.Tensor, labels: GridLabels | None = None, upscale: int = 2,
+                   font_size: int = 12, max_label: int = 320) -> Image.Image:
+    """A [3, H, W] grid in [0, 1] as an RGB image upscaled `upscale` times (nearest neighbour), with
+    `labels` drawn around it: row titles on the left (at most `max_label` px), group and column
+    titles on top."""
+    from PIL import ImageDraw
+
     img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-    img.resize((img.width * upscale, img.height * upscale), Image.NEAREST).save(path)
+    img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    if labels is None:
+        return img
+    font = _font(font_size)
+    probe = ImageDraw.Draw(img)
+    line = font_size + 6
+    left = min(max_label, 10 + math.ceil(max((probe.textlength(r, font=font) for r in labels.rows), default=0)))
+    top = line * (2 if labels.groups else 1)
+    canvas = Image.new("RGB", (img.width + left + 4, img.height + top), "white")
+    canvas.paste(img, (left + 4, top))
+    draw = ImageDraw.Draw(canvas)
+    h, w = labels.cell[0] * upscale, labels.cell[1] * upscale
+    for title, x0, x1 in labels.groups:
+        a, b = left + 4 + x0 * upscale, left + 4 + x1 * upscale
+        draw.text(((a + b) / 2, line / 2), _fit_text(draw, title, font, b - a), font=font, fill="black", anchor="mm")
+        draw.line([(a + 2, line - 2), (b - 2, line - 2)], fill="#888888")
+    small = _font(font_size - 2)  # a column title wider than its image gets a smaller font, then an ellipsis
+    for title, x in zip(labels.columns, labels.column_lefts):
+        cx = left + 4 + x * upscale + w / 2
+        f = font if draw.textlength(title, font=font) <= w - 2 else small
+        draw.text((cx, top - line / 2), _fit_text(draw, title, f, w - 2), font=f, fill="#333333", anchor="mm")
+    for title, y in zip(labels.rows, labels.row_tops):
+        draw.text((4, top + y * upscale + h / 2), _fit_text(draw, title, font, left - 8), font=font,
+                  fill="black", anchor="lm")
+    return canvas
+
+
+def save_png(path: Path, grid: torch.Tensor, upscale: int = 2, labels: GridLabels | None = None) -> None:
+    """A [3, H, W] grid in [0, 1] as a PNG, upscaled `upscale` times (nearest neighbour), with its
+    labels drawn around it when given (labelled_image)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labelled_image(grid, labels, upscale).save(path)
 
 
 # ---------------------------------------------------------------------------- distances

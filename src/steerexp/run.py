@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
@@ -67,7 +66,7 @@ def build(cfg: DictConfig):
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(deltas, identity) of a Lightning checkpoint (.ckpt, loaded with weights_only=True: no pickle
+    """(deltas, identity) of a training checkpoint (.ckpt, loaded with weights_only=True: no pickle
     code runs) or of a run's deltas.safetensors."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -93,7 +92,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         ) from None
     if "state_dict" not in ckpt:
         raise ConfigError(
-            "ckpt_path", f"{path} has no state_dict: not a Lightning checkpoint", "give <run dir>/checkpoints/last.ckpt"
+            "ckpt_path", f"{path} has no state_dict: not a training checkpoint", "give <run dir>/checkpoints/last.ckpt"
         )
     return ckpt["state_dict"], ckpt.get("steerexp", {})
 
@@ -121,20 +120,36 @@ def load_checkpoint_deltas(cfg: DictConfig, technique) -> bool:
     return technique.steps == 0 or str(cfg.ckpt_path).endswith(".safetensors")
 
 
-class _InterruptWatch(L.Callback):
-    """Lightning turns Ctrl-C into sys.exit(1) after its own shutdown; remember the step it came at."""
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators (the run's own randomness is seeded where it is used)."""
+    import random
 
-    def __init__(self):
-        self.step: int | None = None
+    import numpy as np
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self.step = int(trainer.global_step)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+SMALL_GENERATOR = 100_000_000  # parameters: below this, `threads: auto` runs a CPU generator on one thread
+
+
+def set_threads(threads, generator) -> None:
+    """The config's `threads`: a number, or auto = one thread for a small generator on the CPU (the shapes
+    generator: its ops are too small to gain from splitting, and threads that wait on each other stall
+    whenever another process has the cores: 40 TI steps took 55-120 s on 2 threads against 2.6-3.5 s on
+    one on the shared 2-core machine), torch's default otherwise."""
+    if threads == "auto":
+        if generator.device.type == "cpu" and generator.num_parameters() < SMALL_GENERATOR:
+            torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(int(threads))
 
 
 def callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """conf/callbacks/ by _target_. `model_checkpoint` writes into <run_dir>/checkpoints: the layout that
-    resume (ckpt_path=.../last.ckpt), the Ctrl-C hint and the final save rely on."""
+    """conf/callbacks/ by _target_ (steerexp.trainer callbacks). `model_checkpoint` writes into
+    <run_dir>/checkpoints: the layout that resume (ckpt_path=.../last.ckpt), the Ctrl-C hint and the final
+    save rely on."""
     nodes = cfg.get("callbacks") or {}
     return [
         _instantiate(node, **({"dirpath": run_dir / "checkpoints"} if name == "model_checkpoint" else {}))
@@ -143,27 +158,23 @@ def callbacks(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
-    """conf/trainer/ by _target_ (a lightning.pytorch.Trainer), with what the rest of the run decides:
-    the steps, the generator's device, the logger, the callbacks and the Ctrl-C watch."""
-    watch = _InterruptWatch()
-    args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    args.pop("checkpoint_every", None)  # steerexp's key (callbacks.model_checkpoint reads it), no Trainer argument
+    """conf/trainer/ by _target_ (a steerexp.trainer.Trainer), with what the rest of the run decides:
+    the steps, the generator's device, the logger and the callbacks."""
+    from steerexp.trainer import TrainingInterrupted
+
     trainer = _instantiate(
-        args,
+        OmegaConf.to_container(cfg.trainer, resolve=True),
         max_steps=technique.steps,
-        accelerator=technique.generator.device.type,
-        logger=logger.lightning if logger.lightning is not None else False,
-        callbacks=[*callbacks(cfg, run_dir), watch],
-        _convert_="all",
+        device=technique.generator.device,
+        logger=logger if logger.active else None,
+        callbacks=callbacks(cfg, run_dir),
     )
     try:
-        trainer.fit(technique, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SystemExit:
-        if watch.step is not None:
-            raise Interrupted(watch.step) from None
-        raise
+        trainer.fit(technique, ckpt_path=cfg.ckpt_path)
+    except TrainingInterrupted as stop:
+        raise Interrupted(stop.args[0]) from None
     if technique.nan_step is None:  # last.ckpt holds the final deltas, whatever the checkpoint interval
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", technique)
 
 
 def resume_hint(cfg: DictConfig, run_dir: Path, technique, step: int | None) -> str:
@@ -210,17 +221,27 @@ def learn(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
 
 def evaluate(cfg: DictConfig, technique, evaluators: list, logger: RunLogger, run_dir: Path, metrics: dict) -> None:
     """Every evaluator on the same paired samples; its metrics into `metrics` (as they come: a failed run keeps
-    them), its grids to <run_dir>/<key>.png, its score histograms to scores.json, all of it to the logger."""
-    ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), scorers.current(), run_dir=run_dir)
-    scores = {}
+    them), its grids to <run_dir>/<key>.png (labelled; their labels in grids.json), its score histograms to
+    scores.json, its tables to tables.json ({key: {columns, rows}}), all of it to the logger; who judged each
+    evaluator (and what the edit was optimised against) to judges.json."""
+    # the scorers the edit was optimised against: a judge among them gets an independent one beside it
+    ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), scorers.current(), run_dir=run_dir,
+                      optimised_against=technique.optimised_against())
+    scores, tables, grids = {}, {}, {}
     for evaluator in evaluators:
         result = evaluator.evaluate(ctx)
         metrics.update(result.metrics)
         for key, grid in result.grids.items():
-            save_png(run_dir / f"{key}.png", grid)
+            labels = result.grid_labels.get(key)
+            save_png(run_dir / f"{key}.png", grid, labels=labels)
+            grids[f"{key}.png"] = labels.as_dict() if labels else {}
         scores.update(result.histograms)
+        tables.update({key: {"columns": columns, "rows": rows} for key, (columns, rows) in result.tables.items()})
         logger.log_result(result)
     (run_dir / "scores.json").write_text(json.dumps(scores))
+    (run_dir / "tables.json").write_text(json.dumps(tables, default=float))
+    (run_dir / "grids.json").write_text(json.dumps(grids, indent=1))
+    (run_dir / "judges.json").write_text(json.dumps(ctx.judges, indent=1))  # who judged each evaluator
 
 
 def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
@@ -230,8 +251,9 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
     if not config_file.is_file():  # Hydra's CLI writes it; runs started from Python get the same file
         config_file.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, config_file)
-    L.seed_everything(cfg.seed, verbose=False)
+    seed_everything(cfg.seed)
     generator, technique, evaluators = build(cfg)
+    set_threads(cfg.get("threads", "auto"), generator)
     technique.prepare()  # loads and validates targets before any heavy work
     tags = [t for t in (cfg.technique._target_.split(".")[-2], cfg.get("experiment_name")) if t]
     logger = RunLogger(cfg.logger.mode, run_dir, name, group, tags, OmegaConf.to_container(cfg, resolve=True),
@@ -241,6 +263,9 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
         learn(cfg, technique, logger, run_dir)
         metrics.update({f"delta_norm/{k}": v for k, v in technique.delta_norms().items()})
         evaluate(cfg, technique, evaluators, logger, run_dir, metrics)
+        # what the technique measured about itself (Diagnosable), read after the evaluators: per-output
+        # techniques (reno, noise_search) optimise while the evaluators ask for samples
+        metrics.update({f"technique/{k}": v for k, v in technique.diagnostics().items() if isinstance(v, (int, float))})
     except BaseException as err:
         # a failed run keeps its last good deltas, its metrics so far, and closes its W&B run
         deltas_file = run_dir / "deltas.safetensors"

@@ -14,7 +14,7 @@ running code:
    through a steerexp module, is refused).
 
 Allowed: steerexp's own packages, plus the few third-party classes the configs use (Hydra's
-launchers and sweepers, Optuna's samplers, Lightning's Trainer and ModelCheckpoint). Anything else
+launchers and sweepers, Optuna's samplers). Anything else
 runs only if the user opts in from the environment, which no shared config can set:
 
     STEEREXP_ALLOW_TARGETS=mypkg.models.,other.Class steerexp ...
@@ -47,8 +47,6 @@ ALLOWED_TARGETS = frozenset({
     "optuna.samplers.GridSampler",
     "optuna.samplers.NSGAIISampler",
     "optuna.samplers.QMCSampler",
-    "lightning.pytorch.Trainer",                          # conf/trainer/
-    "lightning.pytorch.callbacks.ModelCheckpoint",        # conf/callbacks/
 })
 
 FIX = (f"use a steerexp class, or if you trust this config, allow it from the environment: "

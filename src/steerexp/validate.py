@@ -58,7 +58,7 @@ _ABSENT = object()
 SLOT_EDIT_TECHNIQUES = ("steerexp.techniques.textual_inversion.",)
 # techniques whose '{}' is each target image's source prompt (inversion / editing of real images)
 INVERSION_TECHNIQUES = ("steerexp.techniques.ddim_inversion.", "steerexp.techniques.null_text_inversion.",
-                        "steerexp.techniques.negative_prompt_inversion.")
+                        "steerexp.techniques.negative_prompt_inversion.", "steerexp.techniques.direct_inversion.")
 
 
 # ============================================================================ entry points
@@ -174,6 +174,8 @@ def _check_values(c: dict) -> None:
     _check_eval(c)
     _check_sampling(c)
     _check_technique(c)
+    _check_edit(c)
+    _check_edit_bench(c)
     _check_trainer(c)
     _check_scorers(c)
 
@@ -186,6 +188,174 @@ def _check_scorers(c: dict) -> None:
         if not isinstance(classes, list) or not classes or not all(isinstance(x, str) for x in classes):
             raise ConfigError("scorers.user.classes", f"must list the names of the model's outputs, got {classes!r}",
                               "set e.g. scorers.user.classes=[dark,bright] (in the order of its logits)")
+    _check_model_folders(c)
+    _check_guidance_scorer(c)
+    _check_noise_optimisation(c)
+    _check_judges(c)
+
+
+JUDGES = ("analytic", "classifier", "clip", "user")  # the judges every run has (conf/config.yaml: scorers)
+
+
+def _check_judges(c: dict) -> None:
+    """evaluator.<name>.judge names a scorer of the run that reads attributes; objective.terms.concept_score.scorer
+    one with gradients (steerexp/evaluators/base.py: judges kept apart from objectives)."""
+    table = get(c, "scorers", None) or {}
+    names = sorted(set(JUDGES) | set(table))
+
+    def known(name) -> bool:
+        if isinstance(name, str) and name in names:
+            return True
+        from steerexp.scorers.factory import DEFAULTS  # scorers every run has without a config entry (rare path)
+
+        return isinstance(name, str) and name in DEFAULTS
+
+    for ev_name, ev in (c.get("evaluator") or {}).items():
+        if not isinstance(ev, dict):
+            continue
+        if "scorer" in ev and ev_name == "concept":
+            raise ConfigError(f"evaluator.{ev_name}.scorer", "was renamed: the judge is now one key, judge",
+                              f"set evaluator.{ev_name}.judge={ev['scorer']} instead")
+        judge = ev.get("judge")
+        if judge is None:
+            continue
+        key = f"evaluator.{ev_name}.judge"
+        if not known(judge):
+            raise ConfigError(key, f"names no scorer of the run: {judge!r}",
+                              f"choose one of {names} (or null: analytic on the shapes world)")
+        if _scorer_kind(judge, table.get(judge)) == "noisy":
+            raise ConfigError(key, f"scorers.{judge} reads noisy latents, not images", f"choose one of {JUDGES}")
+        if judge == "user" and not (get(c, "scorers.user.path", None)):
+            raise ConfigError(key, "is user, but scorers.user.path is not set",
+                              "set scorers.user.path (and scorers.user.classes), or choose another judge")
+    score = get(c, "objective.terms.concept_score.scorer", None)
+    if score is not None:
+        key = "objective.terms.concept_score.scorer"
+        if not known(score):
+            raise ConfigError(key, f"names no scorer of the run: {score!r}", "choose e.g. classifier or robust")
+        if _scorer_kind(score, table.get(score)) in ("analytic", "clip", "noisy"):
+            raise ConfigError(key, f"scorers.{score} is no image classifier to optimise (analytic has no gradients)",
+                              "choose a classifier, e.g. classifier or robust")
+
+
+FOLDER_KINDS = {"classifier": "an image classifier", "noisy": "a timestep-aware classifier (noisy latents)"}
+GUIDING_KINDS = ("classifier", "user", "noisy", "clip")  # = techniques.energy_guidance.GUIDING_KINDS
+
+
+def _scorer_kind(name: str, spec: Any) -> str:
+    return str(spec["kind"]) if isinstance(spec, dict) and spec.get("kind") else name
+
+
+def _check_model_folders(c: dict) -> None:
+    """A classifier or noisy scorer is a folder: `path`, or `asset` (a folder shipped in steerexp/assets)."""
+    for name, spec in (get(c, "scorers", None) or {}).items():
+        kind, key = _scorer_kind(name, spec), f"scorers.{name}"
+        if kind not in FOLDER_KINDS or not isinstance(spec, dict):
+            continue
+        if spec.get("path") and spec.get("asset"):
+            raise ConfigError(key, "gives both path and asset", f"keep one: {key}.path=<folder> or {key}.asset=<name>")
+        if spec.get("asset"):
+            folder = ASSETS / str(spec["asset"])
+            shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"{key}.asset", f"no shipped model {spec['asset']!r}",
+                                  f"choose one of {shipped}, or give {key}.path=<folder>")
+        elif spec.get("path"):
+            folder = Path(str(spec["path"])).expanduser()
+            _classifier_folder(f"{key}.path", str(spec["path"]), folder)
+        else:
+            continue
+        found = _read_json(folder / "config.json", key)
+        found = found.get("kind", "classifier") if isinstance(found, dict) else "classifier"
+        if found != kind and found in FOLDER_KINDS:
+            raise ConfigError(key, f"is kind {kind} but {folder.name} holds {FOLDER_KINDS[found]}",
+                              f"set {key}.kind={found}, or point it at {FOLDER_KINDS[kind]}")
+
+
+def _check_guidance_scorer(c: dict) -> None:
+    """energy_guidance: technique.scorer names a scorer of the run that has gradients."""
+    if not _target(c, "technique").endswith("energy_guidance.EnergyGuidance"):
+        return
+    name, table = get(c, "technique.scorer", None), get(c, "scorers", None)
+    if not isinstance(table, dict) or name is None:
+        return
+    name = "classifier" if name == "concept" else name  # the option's old name
+    usable = sorted(n for n, s in table.items() if _scorer_kind(n, s) in GUIDING_KINDS
+                    and (_scorer_kind(n, s) != "user" or isinstance(s, dict) and s.get("path")))
+    fix = f"set technique.scorer to one of {usable}"
+    if not isinstance(name, str) or name not in table:
+        raise ConfigError("technique.scorer", f"no scorer named {name!r} in scorers (conf/config.yaml)", fix)
+    kind = _scorer_kind(name, table[name])
+    if kind not in GUIDING_KINDS:
+        raise ConfigError("technique.scorer", f"scorers.{name} is of kind {kind!r}, which gives no gradient to guide "
+                          "with", fix)
+    if kind == "user" and not (isinstance(table[name], dict) and table[name].get("path")):
+        raise ConfigError("technique.scorer", f"names scorers.{name}, which has no path",
+                          f"set scorers.{name}.path (and .classes), or {fix}")
+
+
+NOISE_TECHNIQUES = ("steerexp.techniques.reno.", "steerexp.techniques.noise_search.")
+
+
+def _check_noise_optimisation(c: dict) -> None:
+    """reno / noise_search (steerexp/techniques/noise.py): rewards name scorers of the run with weights >= 0 (reno's
+    with gradients), the settings are in range, and max_calls pays for at least one step of the method."""
+    t = _target(c, "technique")
+    if not t.startswith(NOISE_TECHNIQUES):
+        return
+    tech, table = c.get("technique") or {}, get(c, "scorers", None) or {}
+    reno = t.startswith(NOISE_TECHNIQUES[0])
+    rewards = tech.get("rewards")
+    if not isinstance(rewards, dict) or not rewards:
+        raise ConfigError("technique.rewards", f"must map scorer names to weights, got {rewards!r}",
+                          "set e.g. technique.rewards={classifier:1.0}")
+    names = sorted(set(JUDGES) | set(table))
+    if any(n not in names for n in rewards):  # e.g. robust: scorers every run has without a config entry (rare path)
+        from steerexp.scorers.factory import DEFAULTS
+
+        names = sorted(set(names) | set(DEFAULTS))
+    for name, w in rewards.items():
+        key = f"technique.rewards.{name}"
+        if not _is_number(w) or not math.isfinite(w) or w < 0:
+            raise ConfigError(key, f"must be a finite weight >= 0, got {w!r}", f"set e.g. {key}=1.0 (0 leaves it out)")
+        if w == 0:
+            continue
+        if name not in names:
+            raise ConfigError(key, f"names no scorer of the run: {name!r}", f"choose from {names}")
+        kind = _scorer_kind(name, table.get(name))
+        if kind == "noisy" or (reno and kind == "analytic"):
+            why = "reads noisy latents, not images" if kind == "noisy" else "has no gradients to follow"
+            raise ConfigError(key, f"scorers.{name} {why}", "use a classifier (classifier, robust) or clip"
+                              + ("; or technique=noise_search, which needs no gradient" if kind == "analytic" else ""))
+    if not any(_is_number(w) and w > 0 for w in rewards.values()):
+        raise ConfigError("technique.rewards", "has no positive weight: nothing to optimise",
+                          "set e.g. technique.rewards.classifier=1.0")
+    _finite(c, "technique.grad_clip", 0.0, strict=True, fix="set e.g. technique.grad_clip=1.0 (null: no clipping)")
+    _finite(c, "technique.norm_weight", 0.0, fix="set e.g. technique.norm_weight=0.01 (0: no chi-norm term)")
+    for k in ("iterations", "neighbours", "max_calls"):
+        if tech.get(k) is not None:
+            _check_int(c, f"technique.{k}", 1)
+    m = tech.get("momentum")
+    if m is not None and not (_is_number(m) and 0 <= m < 1):
+        raise ConfigError("technique.momentum", f"must be in [0, 1), got {m!r}", "set e.g. technique.momentum=0.9")
+    r = tech.get("radius")
+    if r is not None and not (_is_number(r) and 0 < r <= 1):
+        raise ConfigError("technique.radius", f"must be in (0, 1] (the share of fresh noise in a neighbour), got {r!r}",
+                          "set e.g. technique.radius=0.5")
+    if "keep" in tech and tech["keep"] not in ("best", "last"):
+        raise ConfigError("technique.keep", f"must be best or last, got {tech['keep']!r}", "set technique.keep=best")
+    steps, calls = get(c, "sampling.steps", 25), tech.get("max_calls")
+    if not (_is_int(steps) and _is_int(calls)):
+        return
+    if reno:
+        k = tech.get("opt_sampling_steps") or steps
+        need = k + (3 + bool(tech.get("checkpoint"))) * k + (steps if k != steps else 0)
+        what = f"one gradient step through {k} DDIM steps (+ the final sample at sampling.steps={steps})"
+    else:
+        need, what = tech.get("candidates", 1) * steps, f"best-of-{tech.get('candidates', 1)} at sampling.steps={steps}"
+    if _is_int(need) and calls < need:
+        raise ConfigError("technique.max_calls", f"is {calls} generator calls per output, but {what} needs {need}",
+                          f"set technique.max_calls={need} or more")
 
 
 def _non_empty_list(value: Any, key: str, what: str, why_empty: str, fix: str) -> None:
@@ -319,7 +489,8 @@ def _check_technique(c: dict) -> None:
         return
     t = "technique."
     for k in ("train_sampling_steps", "opt_sampling_steps"):
-        _check_int(c, t + k, 1, fix=f"set e.g. {t}{k}=10")
+        if k == "train_sampling_steps" or tech.get(k) is not None:  # opt_sampling_steps: null = sampling.steps
+            _check_int(c, t + k, 1, fix=f"set e.g. {t}{k}=10")
     for k in ("guidance_scale",):
         _finite(c, t + k, 0.0, fix=f"set e.g. {t}{k}=5.0 (1 = no guidance)")
     for k in ("lr", "opt_lr"):
@@ -366,9 +537,135 @@ def _check_technique(c: dict) -> None:
             raise ConfigError(t + k, f"must be a non-empty word, got {tech[k]!r}", f"set e.g. {t}{k}=object")
 
 
+# technique.edit of the inversion techniques (techniques/ddim_inversion.py; P2P: generators/attention.py)
+EDIT_KEYS = ("replace", "prompts", "control", "blend", "cross_steps", "self_steps", "mode", "reweight", "blend_words",
+             "blend_threshold", "blend_start", "blend_dilate", "control_uncond", "self_full_res")
+EDIT_TYPES = ("colour", "shape", "size", "background", "position")  # evaluators/edit_bench.py
+
+
+def _edit_method(m: Any) -> bool:
+    """An edit method name: <inversion>[+p2p[+blend]] or sdedit_s<strength> (evaluators, edit_bench)."""
+    return isinstance(m, str) and re.fullmatch(
+        r"(vae|npi|nti|di|ddim_w\d+(\.\d+)?)(\+p2p(\+blend)?)?|sdedit_s(0?\.\d+|1(\.0*)?)", m) is not None
+
+
+def _check_edit(c: dict) -> None:
+    """technique.edit of an inversion technique: the prompt swap and its Prompt-to-Prompt control."""
+    edit = get(c, "technique.edit", None)
+    if technique_kind(c) != "inversion" or not isinstance(edit, dict):
+        return
+    k = "technique.edit."
+    unknown = sorted(set(edit) - set(EDIT_KEYS))
+    if unknown:
+        raise ConfigError(k + unknown[0], "is not a setting of technique.edit",
+                          f"use one of {', '.join(EDIT_KEYS)} (see conf/technique/ddim_inversion.yaml)")
+    if edit.get("control") not in (None, "p2p"):
+        raise ConfigError(k + "control", f"must be null (a bare prompt swap) or p2p, got {edit['control']!r}",
+                          f"set {k}control=p2p (Prompt-to-Prompt attention control) or {k}control=null")
+    for flag in ("blend", "control_uncond", "self_full_res"):
+        if flag in edit and not isinstance(edit[flag], bool):
+            raise ConfigError(k + flag, f"must be true or false, got {edit[flag]!r}", f"set {k}{flag}=true")
+    if edit.get("blend") and edit.get("control") != "p2p":
+        raise ConfigError(k + "blend", "is true but technique.edit.control is not p2p: the blend mask comes from "
+                          "P2P's attention maps", f"set {k}control=p2p, or {k}blend=false")
+    for w in ("cross_steps", "self_steps"):
+        v = edit.get(w)
+        ok = (_is_number(v) and 0 <= v <= 1) or (
+            isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and 0 <= v[0] <= v[1] <= 1)
+        if w in edit and not ok:
+            raise ConfigError(k + w, f"must be a fraction of the steps in [0, 1] or [start, end] within it, got {v!r}",
+                              f"set e.g. {k}{w}=0.8 or {k}{w}=[0.1,0.8]")
+    if "mode" in edit and edit["mode"] not in ("auto", "replace", "refine"):
+        raise ConfigError(k + "mode", f"must be auto, replace or refine, got {edit['mode']!r}", f"set {k}mode=auto")
+    reweight = edit.get("reweight")
+    if reweight is not None and not isinstance(reweight, dict):
+        raise ConfigError(k + "reweight", f"must map words to attention scales, got {reweight!r}",
+                          f"set e.g. {k}reweight={{blue:2.0}}")
+    for word, scale in (reweight or {}).items():
+        if not _is_number(scale) or scale < 0 or not math.isfinite(scale):
+            raise ConfigError(f"{k}reweight.{word}", f"must be a number >= 0 (the word's attention scale), got "
+                              f"{scale!r}", f"set e.g. {k}reweight.{word}=2.0")
+    if edit.get("blend_threshold") is not None:
+        v = edit["blend_threshold"]
+        if not _is_number(v) or not 0 < v < 1:
+            raise ConfigError(k + "blend_threshold", f"must be in (0, 1), got {v!r}",
+                              f"set e.g. {k}blend_threshold=0.3")
+    if edit.get("blend_start") is not None:
+        v = edit["blend_start"]
+        if not _is_number(v) or not 0 <= v <= 1:
+            raise ConfigError(k + "blend_start", f"must be a fraction of the steps in [0, 1], got {v!r}",
+                              f"set e.g. {k}blend_start=0.2")
+    if edit.get("blend_dilate") is not None:
+        _check_int(c, k + "blend_dilate", 0, fix=f"set e.g. {k}blend_dilate=1 (latent cells)")
+    words = edit.get("blend_words")
+    lists = list(words.values()) if isinstance(words, dict) else [words]
+    if words is not None and (not all(isinstance(x, list) and all(isinstance(w, str) for w in x) for x in lists)
+                              or isinstance(words, dict) and set(words) - {"source", "target"}):
+        raise ConfigError(k + "blend_words", f"must be null, a list of words or {{source: [...], target: [...]}}, "
+                          f"got {words!r}", f"set e.g. {k}blend_words=[circle] (null: the words the edit changes)")
+
+
+def _check_edit_bench(c: dict) -> None:
+    bench = get(c, "evaluator.edit_bench", None)
+    if not isinstance(bench, dict):
+        return
+    k = "evaluator.edit_bench."
+    types = bench.get("types")
+    if types is not None:
+        bad = [t for t in types if t not in EDIT_TYPES] if isinstance(types, list) else [types]
+        if bad or not types:
+            raise ConfigError(k + "types", f"must be a non-empty list of edit types, got {types!r}",
+                              f"choose from {list(EDIT_TYPES)}, e.g. {k}types=[colour,shape]")
+        template = bench.get("prompt_template")
+        fields = _fields(template) if isinstance(template, str) else []
+        missing = [t for t in types if t not in (fields or [])]
+        if missing:
+            raise ConfigError(k + "prompt_template", f"{_short(str(template))} has no {{{missing[0]}}}, so a "
+                              f"{missing[0]} edit would not change the prompt",
+                              f"add {{{missing[0]}}} to it (and to technique.targets.prompt_template), "
+                              "or drop the type")
+    methods = bench.get("methods")
+    if methods is not None:
+        if not isinstance(methods, list) or not methods:
+            raise ConfigError(k + "methods", f"must be a non-empty list of edit methods, got {methods!r}",
+                              f"set e.g. {k}methods=[ddim_w7.5,di+p2p] (null: every inversion method)")
+        for i, m in enumerate(methods):
+            if not _edit_method(m):
+                raise ConfigError(f"{k}methods[{i}]", f"{m!r} is not an edit method",
+                                  "use <inversion>[+p2p[+blend]] (inversion: ddim_w<w>, npi, nti, di) or "
+                                  "sdedit_s<strength in (0, 1]>, e.g. nti+p2p+blend")
+    att = bench.get("attention_maps")
+    if att is not None and not isinstance(att, bool) and not (_edit_method(att) and "+p2p" in str(att)):
+        raise ConfigError(k + "attention_maps", f"must be a +p2p method (or true: the first one), got {att!r}",
+                          f"set e.g. {k}attention_maps=di+p2p, or null")
+
+
+TRAINER_KEYS = ("_target_", "log_every_n_steps", "gradient_clip_val", "checkpoint_every")  # steerexp.trainer.Trainer
+
+
 def _check_trainer(c: dict) -> None:
     for k in ("checkpoint_every", "log_every_n_steps"):
         _check_int(c, f"trainer.{k}", 1, fix=f"set e.g. trainer.{k}=100 (steps)")
+    trainer = get(c, "trainer", None)
+    if isinstance(trainer, dict) and trainer.get("_target_") == "steerexp.trainer.Trainer":
+        unknown = sorted(set(trainer) - set(TRAINER_KEYS))
+        if unknown:
+            fix = ("progress bars follow the top-level setting: set progress=true|false|auto"
+                   if "progress" in unknown[0] else f"drop it; the trainer's settings are {list(TRAINER_KEYS[1:])}")
+            raise ConfigError(f"trainer.{unknown[0]}", "is not a setting of steerexp's trainer (steerexp/trainer.py)",
+                              fix)
+    clip = get(c, "trainer.gradient_clip_val")
+    if clip is not _ABSENT and clip is not None and not (_is_number(clip) and clip > 0):
+        raise ConfigError("trainer.gradient_clip_val", f"must be a positive number or null, got {clip!r}",
+                          "set e.g. trainer.gradient_clip_val=1.0, or null for no clipping")
+    threads = get(c, "threads")
+    if threads is not _ABSENT and threads != "auto" and not (_is_int(threads) and threads >= 1):
+        raise ConfigError("threads", f"must be auto or a positive integer, got {threads!r}",
+                          "set threads=auto (1 for a small CPU generator) or e.g. threads=4")
+    bars = get(c, "progress")
+    if bars is not _ABSENT and str(bars).lower() not in ("auto", "true", "false"):
+        raise ConfigError("progress", f"must be auto, true or false, got {bars!r}",
+                          "set progress=auto (bars on a terminal), progress=true or progress=false")
 
 
 # ============================================================================ 3. generator
@@ -616,6 +913,7 @@ PATH_RULES: tuple[tuple[str, str], ...] = (
     ("*.pretrained", "weights"),
     ("technique.targets.folder", "image_folder"),
     ("technique.targets.files", "image_files"),
+    ("technique.targets.manifest", "manifest_file"),
     ("technique.protected", "image_folder"),
     ("technique.exemplars", "folder"),
     ("objective*.image", "image_file"),
@@ -728,6 +1026,13 @@ def _image_file(key: str, value: str, p: Path) -> None:
         raise ConfigError(key, f"image not found: {p}", "give an existing PNG/JPG file")
 
 
+def _manifest_file(key: str, value: str, p: Path) -> None:
+    if not p.is_file():
+        raise ConfigError(key, f"edit manifest not found: {p}",
+                          "give a CSV (header: image,source,target[,mask]) or a JSON list of such rows, or "
+                          f"{key}=null")
+
+
 def _prompt_file(key: str, value: str, p: Path) -> None:
     if not p.is_file():
         raise ConfigError(key, f"prompt file not found: {p}",
@@ -743,6 +1048,7 @@ CHECKS: dict[str, Callable[[str, str, Path], None]] = {
     "folder": _folder,
     "image_file": _image_file,
     "prompt_file": _prompt_file,
+    "manifest_file": _manifest_file,
 }
 
 

@@ -3,8 +3,10 @@
 The technique edits each inverted target with its edit prompt ("a red circle on the left" ->
 "a blue circle on the left"). For every method (`ddim_w1`, `ddim_w<w>`, `npi`, `nti`):
 
-  edit/success/<m>        the classifier reads the new attribute (`head` = `target`)
-  edit/kept/<h>/<m>       the classifier's reading of head h (shape, size, position) equals
+  edit/success/<m>        the judge reads the new attribute (`head` = `target`); the judge is a
+                          scorer of the run by name (`judge`; null: the analytic judge on the
+                          shapes world, see evaluators/base.py)
+  edit/kept/<h>/<m>       the judge's reading of head h (shape, size, position) equals
                           its reading of the original image
   edit/kept_all/<m>       all kept heads unchanged; edit/success_and_kept/<m> both at once
   edit/bg_rms/<m>         per-pixel RMS between edit and original outside the object
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.evaluators.inversion import pick_methods, require_inversion
-from steerexp.images import image_grid
+from steerexp.images import image_grid, image_grid_labels
 from steerexp.worlds.shapes import world
 
 
@@ -60,8 +62,10 @@ class Edit:
     name = "edit"
 
     def __init__(self, methods: list[str] | None = None, head: str = "colour", target: str = "blue",
-                 keep: list[str] | None = None, dilate: int = 1, bg_tolerance: float = 0.1, grid_rows: int = 8):
+                 keep: list[str] | None = None, dilate: int = 1, bg_tolerance: float = 0.1, grid_rows: int = 8,
+                 judge: str | None = None):
         self.methods, self.head, self.target = methods, head, target
+        self.judge = judge  # who reads the attributes, a scorer of the run by name (null: see evaluators/base.py)
         self.keep = list(keep or ["shape", "size", "position"])
         if head in self.keep:
             raise ValueError(f"evaluator.edit.keep lists the edited head {head!r}; it cannot also be preserved")
@@ -78,7 +82,8 @@ class Edit:
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         tech = ctx.technique
         require_inversion(tech)
-        clf = ctx.classifier
+        judging = ctx.judging(self.name, self.judge, self.head, self.target)
+        clf = judging.scorer  # the judge (the analytic one on the shapes world by default)
         clf.class_index(self.head, self.target)  # a clear error for an unknown head or class
         for h in self.keep:
             if h not in clf.heads:
@@ -88,7 +93,7 @@ class Edit:
             before = clf.predict(originals)
         background = self.background(tech)
         methods = pick_methods(tech, self.methods, exclude=("vae",))
-        m: dict[str, float] = {"edit/images": len(originals),
+        m: dict[str, float] = {**judging.metrics(), "edit/images": len(originals),
                                "edit/background_fraction": float(background.float().mean()),
                                "edit/success/original": float(np.mean([p == self.target for p in before[self.head]]))}
         rows, edits = [], []
@@ -124,5 +129,9 @@ class Edit:
         return EvalResult(
             metrics=m,
             grids={"samples/edit": grid},
+            grid_labels={"samples/edit": image_grid_labels(
+                [originals] + edits, self.grid_rows, [f"{n}: {p}" for n, p in zip(tech.names, prompts)],
+                ["original", *methods], what="rows: target images and their edit prompts; columns: the original, "
+                "then each method's edit")},
             tables={"edit/per_image": (["image", "method", "prompt", self.head, "kept_all", "bg_rms"], rows)},
         )

@@ -19,7 +19,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.evaluators.stats import bootstrap_ci
-from steerexp.images import image_grid
+from steerexp.images import image_grid, image_grid_labels
 from steerexp.techniques.protocols import Diagnosable, Invertible
 
 
@@ -39,8 +39,9 @@ def require_inversion(technique) -> None:
 def pick_methods(technique, methods: list[str] | None, exclude: tuple[str, ...] = ()) -> list[str]:
     available = technique.methods()
     chosen = [m for m in (list(methods) if methods else available) if m not in exclude]
-    for m in chosen:
-        if m not in available and not m.startswith("ddim_w"):
+    for m in chosen:  # an edit method may add +p2p[+blend]; ddim_w<w> and sdedit_s<s> take any value
+        base = m.split("+")[0]
+        if base not in available and not base.startswith(("ddim_w", "sdedit_s")):
             raise ValueError(f"evaluator method {m!r} is not offered by {type(technique).__name__}; it offers "
                              f"{available} (nti needs technique=null_text_inversion)")
     return chosen
@@ -80,5 +81,7 @@ class Inversion:
         if isinstance(tech, Diagnosable):  # e.g. inversion/nti/step_mse_optimised
             m.update({f"inversion/{own}/{k}": v for k, v in tech.diagnostics().items()})
         grid = image_grid([originals] + recs, self.grid_rows)
-        return EvalResult(metrics=m, grids={"samples/inversion": grid},
+        labels = image_grid_labels([originals] + recs, self.grid_rows, tech.names, ["original", *methods],
+                                   what="rows: target images; columns: the original, then each method's reconstruction")
+        return EvalResult(metrics=m, grids={"samples/inversion": grid}, grid_labels={"samples/inversion": labels},
                           tables={"inversion/per_image": (["image", "method", "psnr", "ssim"], rows)})

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from steerexp import progress
 from steerexp.generators import sampling
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,6 +91,23 @@ class Guidance:
 _DTYPE_KWARG = "dtype" if 'pop("dtype"' in inspect.getsource(StableDiffusionPipeline.from_pretrained) else "torch_dtype"
 
 
+@contextlib.contextmanager
+def _no_loading_bars():
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars off while a pipeline
+    loads (the run draws its own progress: steerexp.progress); each library's setting is restored after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    restore = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in restore:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in restore:
+            lib.enable_progress_bar()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +121,10 @@ class FrozenGenerator:
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
         self.device, self.dtype = torch.device(device), dtype
         for m in self.modules:
-            m.to(self.device, dtype).eval().requires_grad_(False)
+            # loaded in `dtype` already (from_pretrained): only components handed over in another dtype are cast
+            if any(p.dtype != dtype for p in m.parameters()):
+                m.to(dtype=dtype)
+            m.to(self.device).eval().requires_grad_(False)
         self.base_vocab_size = self.text_encoder.get_input_embeddings().num_embeddings
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.prediction_type = self.scheduler.config.prediction_type
@@ -127,9 +148,10 @@ class FrozenGenerator:
         if local.exists() and not (local / "model_index.json").is_file():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline folder: model_index.json is missing")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(local) if local.exists() else path_str, **{_DTYPE_KWARG: DTYPES[dtype]},
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            with _no_loading_bars():
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(local) if local.exists() else path_str, **{_DTYPE_KWARG: DTYPES[dtype]},
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         except OSError as err:
             raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
                                     f"is unreachable or has no such model): {err}") from err
@@ -194,13 +216,18 @@ class FrozenGenerator:
         return self.tokenizer.convert_tokens_to_ids(list(tokens))
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        """Token ids [B, max length], cached per prompt (and per vocabulary size: added tokens start afresh):
+        training asks for the same few prompts at every step, and tokenizing them again cost ~15% of a
+        textual-inversion step on the shapes generator."""
+        size = len(self.tokenizer)
+        if getattr(self, "_ids_vocab", None) != size or len(self._ids) > 10_000:
+            self._ids, self._ids_vocab = {}, size
+        new = [p for p in dict.fromkeys(prompts) if p not in self._ids]
+        if new:
+            ids = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True).input_ids
+            self._ids.update(zip(new, ids))
+        return torch.tensor([self._ids[p] for p in prompts], dtype=torch.long, device=self.device)
 
     @contextlib.contextmanager
     def _injected(self, added: torch.Tensor | None):
@@ -348,7 +375,8 @@ class FrozenGenerator:
                 )
                 cond = self.encode_prompt(p, added_embeddings, d)
                 x = self.initial_latents(s) if latents is None else latents[i : i + batch_size]
-                z = self.sample(cond, x, uncond, steps, guidance, negative=negative)
+                tick = lambda *_, n=len(p): progress.advance(n / steps)  # the open phase's bar, per denoising step
+                z = self.sample(cond, x, uncond, steps, guidance, negative=negative, callback=tick)
                 out.append(self.decode_latents(z).float().cpu())
         return torch.cat(out)
 

@@ -1,4 +1,4 @@
-"""W&B through Lightning's WandbLogger: offline by default under <run_dir>/wandb, online
+"""W&B through `wandb.init` (no Lightning): offline by default under <run_dir>/wandb, online
 only when `logger.mode=online`, nothing with `logger.mode=disabled`. Every run, including
 each job of a multirun, starts and finishes its own W&B run.
 
@@ -34,6 +34,18 @@ INIT_TIMEOUT_S = 8.0    # wandb.init's limit in online mode (wandb's default ini
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 log = logging.getLogger("steerexp.logging")
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested config as flat dotted keys ({"technique": {"alpha": 1}} -> {"technique.alpha": 1}); lists stay
+    lists. W&B gets this, so a dashboard filters and groups runs by `technique.alpha` like any other column."""
+    out = {}
+    for key, value in (config or {}).items():
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def sweep_run_id(sweep_dir: str | Path, job_num: int) -> str:
@@ -152,7 +164,7 @@ class RunLogger:
         if mode not in MODES:
             raise ValueError(f"logger.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.run_dir = mode, Path(run_dir)
-        self.lightning = None
+        self.run = None  # the wandb run; None when W&B is off (logger.mode=disabled)
         self.fallback_reason: str | None = None  # why an online run was logged offline instead
         if mode == "disabled":
             return
@@ -162,7 +174,7 @@ class RunLogger:
         # a fresh run per job: never resume the previous job's run within one process
         if wandb.run is not None:
             wandb.finish()
-        run_id = run_id or default_run_id()  # Lightning's WandbLogger passes resume="allow"
+        run_id = run_id or default_run_id()  # started with resume="allow" (_init)
         init = dict(
             project=project,
             entity=entity,
@@ -172,7 +184,7 @@ class RunLogger:
             job_type=job_type,
             save_dir=str(self.run_dir),
             id=run_id,
-            config=config,
+            config=flat_config(config),  # technique.alpha, ...: dashboards filter and group by any override
         )
         if mode == "online":
             reason = self._start_online(wandb, init)
@@ -180,11 +192,7 @@ class RunLogger:
                 return
             self.fallback_reason = reason
         settings = wandb.Settings(silent=True, console="off")
-        if self.fallback_reason is not None:
-            # explicit: wandb ignores Lightning's WANDB_MODE=dryrun once its settings are loaded
-            settings.mode = "offline"
-        self.lightning = self._wandb_logger(offline=True, settings=settings, **init)
-        self.run = self.lightning.experiment
+        self.run = self._init(wandb, offline=True, settings=settings, **init)
         if self.fallback_reason is not None:
             sync_dir = Path(self.run.settings.sync_dir).absolute()
             log.warning(
@@ -196,13 +204,22 @@ class RunLogger:
             )
 
     @staticmethod
-    def _wandb_logger(**kwargs):
-        from lightning.pytorch.loggers import WandbLogger
+    def _init(wandb, offline: bool, settings, save_dir: str, **init):
+        """wandb.init under <save_dir>/wandb; resume="allow": a rerun sweep job continues its run. The mode is
+        explicit in the settings: an earlier job of this process must not decide it through the environment."""
+        settings.mode = "offline" if offline else "online"
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        return wandb.init(dir=save_dir, resume="allow", settings=settings, **init)
 
-        logger = WandbLogger(**kwargs)
-        # Lightning always passes anonymous=None, which wandb warns is a setting with no effect
-        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
-        return logger
+    @property
+    def active(self) -> bool:
+        """Whether a W&B run is logging (offline or online)."""
+        return self.run is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Scalars of training step `step` (the trainer's train/loss, delta_norm/*, ...)."""
+        if self.active:
+            self.run.log(dict(metrics), step=step)
 
     def _start_online(self, wandb, init: dict) -> str | None:
         """Start an online run; None when it started, else why not (nothing is left running)."""
@@ -215,12 +232,8 @@ class RunLogger:
         reporting = os.environ.get("WANDB_ERROR_REPORTING")
         os.environ["WANDB_ERROR_REPORTING"] = "false"
         try:
-            # mode is explicit: an earlier offline job in this process leaves WANDB_MODE=dryrun behind
-            settings = wandb.Settings(
-                silent=True, console="off", mode="online", base_url=base_url, init_timeout=INIT_TIMEOUT_S
-            )
-            logger = self._wandb_logger(offline=False, settings=settings, **init)
-            self.run = logger.experiment
+            settings = wandb.Settings(silent=True, console="off", base_url=base_url, init_timeout=INIT_TIMEOUT_S)
+            self.run = self._init(wandb, offline=False, settings=settings, **init)
         except Exception as e:  # wandb.Error (timeout, auth, server), pydantic validation, ...
             if wandb.run is not None:
                 wandb.finish(exit_code=1)
@@ -231,14 +244,13 @@ class RunLogger:
                 os.environ.pop("WANDB_ERROR_REPORTING", None)
             else:
                 os.environ["WANDB_ERROR_REPORTING"] = reporting
-        self.lightning = logger
         return None
 
     def log_result(self, result) -> None:
         """Everything an evaluator returned (an EvalResult), each channel as W&B shows it: grids and plots as
         images, histograms, tables, line plots. Summary metrics go to the run's summary in `finish`."""
         for key, grid in result.grids.items():
-            self.log_grid(key, grid)
+            self.log_grid(key, grid, result.grid_labels.get(key))
         for key, series in result.histograms.items():
             self.log_histograms(key, series)
         for key, (columns, rows) in result.tables.items():
@@ -248,32 +260,37 @@ class RunLogger:
         for key, (xs, series, xname) in result.lines.items():
             self.log_lines(key, xs, series, xname)
 
-    def log_grid(self, key: str, grid: torch.Tensor) -> None:
-        if self.lightning is not None:
+    def log_grid(self, key: str, grid: torch.Tensor, labels=None) -> None:
+        """The grid as the PNG on disk shows it (labels drawn around it), captioned with what its rows and
+        columns are (`labels`: an images.GridLabels)."""
+        if self.active:
             import wandb
 
-            self.run.log({key: wandb.Image((grid.permute(1, 2, 0).numpy() * 255).astype(np.uint8))})
+            from steerexp.images import labelled_image
+
+            caption = labels.caption() if labels is not None else key
+            self.run.log({key: wandb.Image(labelled_image(grid, labels), caption=caption)})
 
     def log_histograms(self, key: str, series: dict[str, list[float]]) -> None:
-        if self.lightning is not None:
+        if self.active:
             import wandb
 
             self.run.log({f"{key}/{side}": wandb.Histogram(np.asarray(v)) for side, v in series.items()})
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
-        if self.lightning is not None:
+        if self.active:
             import wandb
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def log_plot(self, key: str, path: str) -> None:
-        if self.lightning is not None:
+        if self.active:
             import wandb
 
             self.run.log({key: wandb.Image(str(path))})
 
     def log_lines(self, key: str, xs: list[float], series: dict[str, list[float]], xname: str) -> None:
-        if self.lightning is not None:
+        if self.active:
             import wandb
 
             self.run.log(
@@ -285,7 +302,7 @@ class RunLogger:
             )
 
     def finish(self, metrics: dict) -> None:
-        if self.lightning is not None:
+        if self.active:
             import wandb
 
             self.run.summary.update(metrics)

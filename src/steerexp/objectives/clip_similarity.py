@@ -41,6 +41,9 @@ class ClipSimilarity(Term):
                                 else self._clip.encode_images(self.image))
         return self._target
 
+    def optimised_against(self) -> set[str]:
+        return {"clip"}  # the run's CLIP, or another CLIP model: a CLIP judge would not be independent either
+
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         target = self.target_embedding(inputs.images.device)
         return -(self._clip.encode_images(inputs.images) @ target.T)[:, 0].mean()

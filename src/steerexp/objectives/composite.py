@@ -66,6 +66,10 @@ class Term:
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def optimised_against(self) -> set[str]:
+        """The run's scorers (by name, conf/config.yaml: scorers) this term optimises; none by default."""
+        return set()
+
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         return self.weight * self.loss(inputs)
 
@@ -97,6 +101,11 @@ class Composite:
     def on_images(self) -> bool:
         """The objective scores decoded images (no term needs the denoising path)."""
         return not (self.needs & DENOISING_FIELDS)
+
+    def optimised_against(self) -> set[str]:
+        """The run's scorers the objective optimises (its terms' with a positive weight): a run judged by one
+        of them reports an independent judge next to it."""
+        return set().union(*(t.optimised_against() for t in self.terms.values() if t.weight > 0))
 
     def check(self, inputs: ObjectiveInputs) -> None:
         filled = inputs.filled()

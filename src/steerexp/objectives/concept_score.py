@@ -1,10 +1,12 @@
-"""concept_score: the concept classifier's log-probability of a target attribute,
+"""concept_score: a classifier's log-probability of a target attribute,
 
     loss = - mean_i log p(head = target | image_i)
 
-maximised through the decoded images. The classifier is the evaluators' external one (a
-different network from anything inside the generator), so optimising it is honest only
-when checked on held-out seeds and prompts, which the presets do.
+maximised through the decoded images. The classifier is a scorer of the run by name (`scorer`:
+the shipped `classifier` by default, or `robust`, a user's, any classifier in conf/config.yaml
+`scorers:`), a different network from anything inside the generator. Optimising it is honest only
+when an independent judge checks the result on held-out seeds: the run records the scorer
+(`optimised_against()`), and an evaluator judging with it reports another judge next to it.
 """
 from __future__ import annotations
 
@@ -15,18 +17,26 @@ from steerexp.objectives.composite import ObjectiveInputs, Term
 
 
 class ConceptScore(Term):
-    def __init__(self, head: str = "colour", target: str = "red", weight: float = 1.0):
+    def __init__(self, head: str = "colour", target: str = "red", weight: float = 1.0, scorer: str = "classifier"):
         super().__init__(weight)
-        heads = scorers.get("classifier").heads  # the run's classifier (scorers.classifier)
-        if head not in heads:
+        if scorers.current().kind(scorer) == "analytic":
+            raise ValueError(f"objective concept_score.scorer={scorer}: the analytic judge has no gradients, it only "
+                             "judges; name a classifier (e.g. classifier or robust)")
+        clf = scorers.get(scorer)  # the run's scorer by name (conf/config.yaml: scorers)
+        heads = {} if getattr(clf, "any_head", False) else clf.heads  # a user's one-head model answers any head
+        if heads and head not in heads:
             raise ValueError(f"objective concept_score: unknown head {head!r}; choose one of {sorted(heads)}")
-        if target not in heads[head]:
+        if heads and target not in heads[head]:
             raise ValueError(f"objective concept_score: unknown {head} {target!r}; choose one of {heads[head]}")
-        self.head, self.target = head, target
+        clf.class_index(head, target)
+        self.head, self.target, self.scorer = head, target, scorer
+
+    def optimised_against(self) -> set[str]:
+        return {self.scorer}
 
     def log_prob(self, images: torch.Tensor) -> torch.Tensor:
         """log p(target) per image [B] (differentiable in the images)."""
-        return scorers.log_prob(scorers.get("classifier", images.device), images, self.head, self.target)
+        return scorers.log_prob(scorers.get(self.scorer, images.device), images, self.head, self.target)
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         return -self.log_prob(inputs.images).mean()

@@ -3,6 +3,7 @@
     steerexp-pretrain                      # full recipe into src/steerexp/assets/ (<= 60 min, 2 cores)
     steerexp-pretrain smoke=true out=/tmp/a    # a few steps per stage, for tests
     steerexp-pretrain stages=[classifier]  # one stage only
+    steerexp-pretrain stages=[classifier_robust,classifier_noisy] threads=1   # the robust scorers only
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from steerexp import ASSETS, conf_dir
-from steerexp.pretrain import scorers
+from steerexp.pretrain import noisy, robust, scorers
 from steerexp.pretrain.generator import pretrain_generator
 
-STAGES = ("generator", "classifier", "clip")
+STAGES = ("generator", "classifier", "clip", "classifier_robust", "classifier_noisy")
+POOL_STAGES = {"classifier", "clip", "classifier_robust", "classifier_noisy"}  # stages that read the fresh pool
 
 
 def run(cfg: DictConfig) -> Path:
@@ -34,7 +36,7 @@ def run(cfg: DictConfig) -> Path:
         t = time.time()
         pretrain_generator(cfg, out / "shapes", cfg.seed)
         timings["generator"] = time.time() - t
-    if {"classifier", "clip"} & set(cfg.stages):
+    if POOL_STAGES & set(cfg.stages):
         pool = scorers.fresh_pool(cfg.seed + 1000, cfg.eyes_images, cfg.world.resolution)
         if "classifier" in cfg.stages:
             t = time.time()
@@ -44,6 +46,15 @@ def run(cfg: DictConfig) -> Path:
             t = time.time()
             scorers.pretrain_clip(cfg.clip, out / "clip", cfg.seed, pool)
             timings["clip"] = time.time() - t
+        if "classifier_robust" in cfg.stages:
+            t = time.time()
+            robust.pretrain_robust_classifier(cfg.classifier_robust, out / "classifier_robust", cfg.seed, pool)
+            timings["classifier_robust"] = time.time() - t
+        if "classifier_noisy" in cfg.stages:
+            t = time.time()
+            noisy.pretrain_noisy_classifier(cfg.classifier_noisy, out / "classifier_noisy", cfg.seed, pool,
+                                            noisy.generator_folder(out))
+            timings["classifier_noisy"] = time.time() - t
     recipe_file = out / "recipe.json"
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
     recipe = {"config": OmegaConf.to_container(cfg, resolve=True),

@@ -2,7 +2,9 @@
 
 - the concept classifier (`classifier.ConceptClassifier`, shipped in assets/classifier),
 - a tiny open_clip model (`clip.CLIPScorer`, shipped in assets/clip),
-- a user's classifier by path (`user.load_user_classifier`: 'module:factory' or TorchScript).
+- a user's classifier by path (`user.load_user_classifier`: 'module:factory' or TorchScript),
+- the robust concept classifier (same class, shipped in assets/classifier_robust) and the
+  timestep-aware one that reads noisy latents (`noisy.NoisyClassifier`, assets/classifier_noisy).
 
 One factory builds them (`factory`: `configure(cfg.scorers)` / `get(name, device)`, cached
 `load_classifier` / `load_clip`), and one pair of functions reads "p(target) under a head"
@@ -10,10 +12,10 @@ One factory builds them (`factory`: `configure(cfg.scorers)` / `get(name, device
 """
 from steerexp.scorers.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER
 from steerexp.scorers.classifier import ConceptClassifier, HeadClassifier, log_prob, prob
-from steerexp.scorers.factory import Scorers, build, configure, current, get, load_classifier, load_clip
+from steerexp.scorers.factory import Scorers, build, configure, current, get, load_classifier, load_clip, load_noisy
 from steerexp.scorers.user import load_user_classifier
 
 __all__ = [
     "DEFAULT_CLASSIFIER", "ConceptClassifier", "HeadClassifier", "Scorers", "build", "configure", "current", "get",
-    "load_classifier", "load_clip", "load_user_classifier", "log_prob", "prob",
+    "load_classifier", "load_clip", "load_noisy", "load_user_classifier", "log_prob", "prob",
 ]

@@ -101,7 +101,7 @@ class ConceptClassifier(HeadClassifier):
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        cfg = {"heads": self.heads, "width": self.width, "resolution": self.resolution}
+        cfg = {"kind": "classifier", "heads": self.heads, "width": self.width, "resolution": self.resolution}
         (folder / "config.json").write_text(json.dumps(cfg, indent=1))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
 
@@ -113,6 +113,10 @@ class ConceptClassifier(HeadClassifier):
                 f"no concept classifier at {folder} (expected config.json and model.safetensors); "
                 "run `steerexp-pretrain` to build the shipped one or pass a folder that has them"
             )
-        model = cls(**json.loads((folder / "config.json").read_text()))
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.pop("kind", "classifier") != "classifier":
+            raise ValueError(f"{folder} holds a timestep-aware classifier (it reads noisy latents, not images); "
+                             "load it as kind: noisy")
+        model = cls(**cfg)
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval().requires_grad_(False)

@@ -5,9 +5,15 @@ with them, evaluators judge through them.
       classifier: null             # null: the shipped concept classifier; a folder (config.json + model.safetensors)
       clip: {model: null, pretrained: null}   # an open_clip model name and weights; null: the shipped tiny CLIP
       user: {path: null, classes: null}   # a user's classifier: 'module:factory' or a TorchScript file, its class names
+      robust: {kind: classifier, asset: classifier_robust}   # the adversarially trained classifier
+      noisy: {kind: noisy, asset: classifier_noisy}          # timestep-aware: reads noisy latents z_t and t
+      analytic: null               # the shapes world's analytic judge: no weights, no gradients (scorers/analytic.py)
+
+A classifier or noisy scorer is a folder: `path` (any folder) or `asset` (the name of a folder
+shipped in steerexp/assets, e.g. classifier_robust); neither: the shipped default of its kind.
 
 A run's scorers are addressed by name (`Scorers.get(name, device)`): the names above, plus any
-further entry `<name>: {kind: classifier | clip | user, ...}`, so several judges can sit side by
+further entry `<name>: {kind: classifier | noisy | clip | user, ...}`, so several judges can sit side by
 side. `configure(cfg.scorers)` sets the run's scorers (as `images.configure` does for image
 files); `get(name)` reads them. Loading is cached by what is loaded (folder or file, and its
 modification time) and by device: a model is built once per run however many parts use it.
@@ -21,10 +27,14 @@ from typing import Any, Callable
 
 import torch
 
+from steerexp import ASSETS
 from steerexp.scorers.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER, ConceptClassifier, HeadClassifier
 
 DEFAULTS: dict[str, Any] = {"classifier": None, "clip": {"model": None, "pretrained": None},
-                            "user": {"path": None, "classes": None}}
+                            "user": {"path": None, "classes": None},
+                            "robust": {"kind": "classifier", "asset": "classifier_robust"},
+                            "noisy": {"kind": "noisy", "asset": "classifier_noisy"},
+                            "analytic": None}
 
 
 def _device(device) -> str:
@@ -69,10 +79,50 @@ def load_clip(model: str | None = None, pretrained: str | Path | None = None, de
     return _clip(model, pretrained, _device(device), stamp)
 
 
+@lru_cache(maxsize=8)
+def _noisy(folder: str, device: str, stamp: tuple):
+    from steerexp.scorers.noisy import NoisyClassifier
+
+    return NoisyClassifier.from_pretrained(folder).to(device)
+
+
+def load_noisy(path: str | Path | None = None, device="cpu"):
+    """The timestep-aware classifier in `path` (None or '': the shipped one), frozen, on `device`."""
+    from steerexp.scorers.noisy import DEFAULT_PATH
+
+    folder = Path(path).expanduser() if path else DEFAULT_PATH
+    return _noisy(str(folder.resolve()), _device(device), _stamp(folder / "config.json", folder / "model.safetensors"))
+
+
+def asset_folder(spec, key: str) -> str | None:
+    """The folder of a classifier-like spec: its `path`, or `asset` (a folder shipped in
+    steerexp/assets) resolved; None: the kind's shipped default."""
+    if not isinstance(spec, dict):
+        return spec
+    if spec.get("path") and spec.get("asset"):
+        raise ValueError(f"{key}: give either path (a folder) or asset (a shipped one), not both")
+    if spec.get("asset"):
+        folder = ASSETS / str(spec["asset"])
+        if not (folder / "config.json").is_file():
+            shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+            raise FileNotFoundError(f"{key}.asset: no shipped model {spec['asset']!r}; choose one of {shipped}")
+        return str(folder)
+    return spec.get("path")
+
+
 # ----------------------------------------------------------------------------- builders by kind
 def _build_classifier(spec, device: str, key: str) -> HeadClassifier:
-    path = spec.get("path") if isinstance(spec, dict) else spec
-    return load_classifier(path, device)
+    return load_classifier(asset_folder(spec, key), device)
+
+
+def _build_noisy(spec, device: str, key: str):
+    return load_noisy(asset_folder(spec, key), device)
+
+
+def _build_analytic(spec, device: str, key: str):
+    from steerexp.scorers.analytic import build as build_analytic  # the shapes world's judge (no weights)
+
+    return build_analytic(spec, device, key)
 
 
 def _build_clip(spec, device: str, key: str):
@@ -91,7 +141,8 @@ def _build_user(spec, device: str, key: str) -> HeadClassifier:
 
 
 KINDS: dict[str, Callable[[Any, str, str], Any]] = {
-    "classifier": _build_classifier, "clip": _build_clip, "user": _build_user,
+    "classifier": _build_classifier, "clip": _build_clip, "user": _build_user, "noisy": _build_noisy,
+    "analytic": _build_analytic,
 }
 
 

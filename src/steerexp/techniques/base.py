@@ -9,8 +9,8 @@ how to sample with and without the edit (`generate`, `fill`).
                   (prepare, compute, generate, fill, deltas, load_deltas, identity, delta_norms,
                   parameter_counts, export, diagnostics; `trainable`, `job_type`)
     TrainingFree  computes its deltas in `compute()`; the run flow never starts a Trainer
-    Trainable     a LightningModule as well: learns its deltas with `lr`, `steps`, `batch_size`
-                  and an objective; the run flow trains it with Lightning
+    Trainable     learns its deltas with `lr`, `steps`, `batch_size` and an objective; the run
+                  flow trains it with steerexp.trainer.Trainer (a plain PyTorch loop: no Lightning)
 
 Sampling settings (`sampling: {steps, guidance_scale}`, the run's `sampling` config) come in
 once, to the base. Evaluators see techniques only through steerexp.techniques.protocols.
@@ -20,9 +20,9 @@ edit's size: after every optimizer step each is projected onto the ball ||delta|
 (per row of the last dimension). An L2 penalty is an objective term (`delta_l2`), not a budget.
 
 Exact resume: the batch of optimisation step k is `train_order()[k * batch_size:(k + 1) *
-batch_size]`, chosen by the step and not by the dataloader's position (a resumed dataloader
-starts over); randomness inside a step is seeded by the step too, and the projection runs
-inside the optimizer step, before a checkpoint can be written. So a run killed at step k and
+batch_size]`, chosen by the step and by nothing else (no data iterator whose position a
+checkpoint would have to hold); randomness inside a step is seeded by the step too, and the
+projection is part of the optimizer step, before a checkpoint can be written. So a run killed at step k and
 resumed from its checkpoint ends with the same deltas, bit for bit, as one never interrupted.
 Checkpoints describe themselves (`checkpoint["steerexp"]`: technique, delta shapes and the
 `structure()` settings that fix them), so a checkpoint of another technique is a clear error.
@@ -33,7 +33,6 @@ import json
 import math
 from collections.abc import Mapping
 
-import lightning as L
 import torch
 from torch import nn
 
@@ -92,6 +91,12 @@ class Technique(nn.Module):
         """What the technique measured about itself while computing its deltas (name -> number)."""
         return {}
 
+    def optimised_against(self) -> set[str]:
+        """The run's scorers (by name) the deltas were optimised, ranked or guided against: by default those of
+        the objective (`objective.optimised_against()`); techniques that use a scorer themselves say which."""
+        objective = getattr(self, "objective", None)
+        return set(objective.optimised_against()) if hasattr(objective, "optimised_against") else set()
+
     def export(self, run_dir) -> list[str]:
         """Extra files for use outside steerexp; returns their names."""
         return []
@@ -138,9 +143,11 @@ class TrainingFree(Technique):
     """Computes its deltas in `compute()` (nothing is trained; the run flow starts no Trainer)."""
 
 
-class Trainable(Technique, L.LightningModule):
+class Trainable(Technique):
     """Learns its deltas: `steps` optimizer steps of AdamW at `lr` on batches of `batch_size`, through
-    Lightning, with the deltas projected onto `budget` after every step (exact resume: module docstring)."""
+    steerexp.trainer.Trainer, with the deltas projected onto `budget` after every step (exact resume:
+    module docstring). While training, `global_step` is the number of optimizer steps done and `_trainer`
+    the trainer (None otherwise); `log_dict` hands metrics of the step to the trainer's logger."""
 
     trainable = True
 
@@ -178,7 +185,10 @@ class Trainable(Technique, L.LightningModule):
         config (seeded)."""
         raise NotImplementedError
 
-    # ----------------------------------------------------------------- Lightning
+    # ----------------------------------------------------------------- the training loop's hooks
+    global_step: int = 0   # optimizer steps done (the trainer sets it before each step)
+    _trainer = None        # the steerexp.trainer.Trainer while training
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["steerexp"] = self.identity()
 
@@ -190,14 +200,8 @@ class Trainable(Technique, L.LightningModule):
         for name, value in self.budgeted().items():
             self.project(name, self.budget.clip(value))
 
-    def train_dataloader(self):
-        """One item per optimisation step; the items are placeholders: `training_step` takes the
-        batch of `global_step` from `train_order()` (see the module docstring: exact resume)."""
-        from torch.utils.data import DataLoader
-
-        return DataLoader(range(max(1, self.steps)), batch_size=None)
-
     def batch_at(self, step: int):
+        """The batch of optimizer step `step` (see the module docstring: exact resume)."""
         if getattr(self, "_order", None) is None:
             self._order = self.train_order()
         return (self._order[step * self.batch_size : (step + 1) * self.batch_size],)
@@ -206,40 +210,39 @@ class Trainable(Technique, L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
 
+    def log_dict(self, metrics: dict) -> None:
+        """Metrics of the current training step, to the run's logger (nothing outside training)."""
+        if self._trainer is not None:
+            self._trainer.record(metrics)
+
     def on_train_start(self) -> None:
         counts = self.parameter_counts()
-        if self.logger is not None:
-            self.logger.log_metrics(
-                {"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}, step=0
-            )
+        logger = self._trainer.logger if self._trainer is not None else None
+        if logger is not None:
+            logger.log_metrics({"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}, step=0)
         self.last_good = self.deltas()
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.nan_step is None:
-            with torch.no_grad():
-                self.apply_budget()  # part of the step: a checkpoint written after it holds projected deltas
-
-    def training_step(self, _placeholder, batch_idx):
-        loss = self.training_loss(self.batch_at(int(self.global_step)))
+    def training_step(self, step: int) -> torch.Tensor | None:
+        """The loss of optimizer step `step`; None (and training stops) when it is NaN/inf."""
+        loss = self.training_loss(self.batch_at(step))
         if not torch.isfinite(loss):
-            self.nan_step = int(self.global_step)
-            self.trainer.should_stop = True
-            return None  # Lightning skips the optimizer step
-        self.log("train/loss", loss.detach(), prog_bar=True)
+            self.nan_step = step
+            if self._trainer is not None:
+                self._trainer.should_stop = True
+            return None  # no optimizer step: the last good deltas stay
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.nan_step is not None:
-            return
+    def on_train_batch_end(self) -> dict[str, float]:
+        """After the step and its projection: the delta norms; a NaN/inf one stops training, else the
+        deltas become the last good ones."""
         norms = self.delta_norms()
-        if norms:
-            self.log_dict({f"delta_norm/{k}": v for k, v in norms.items()})
         if any(not math.isfinite(v) for v in norms.values()):
             self.nan_step = int(self.global_step)
-            self.trainer.should_stop = True
-            return
+            if self._trainer is not None:
+                self._trainer.should_stop = True
+            return norms
         self.last_good = self.deltas()
+        return norms
 
 
 def check_compatible(

@@ -15,33 +15,51 @@ and the reconstruction drifts, which is what null-text inversion (null_text_inve
 and negative-prompt inversion (negative_prompt_inversion.py) repair.
 
 Editing is a prompt swap from the same x*_T: "a red circle on the left" -> "a blue circle
-on the left" (`edit.replace: {red: blue}`), sampled with the target prompt.
+on the left" (`edit.replace: {red: blue}`), sampled with the target prompt. With
+`edit.control: p2p` the swap runs under Prompt-to-Prompt attention control
+(steerexp/generators/attention.py): the source branch (source prompt) and the target branch
+sample side by side from x*_T, and the target's cross- and self-attention maps are injected
+from the source's inside their step windows (`edit.cross_steps`, `edit.self_steps`), with
+optional reweighting (`edit.reweight`) and local blending (`edit.blend`, mask from the
+attention maps of `edit.blend_words`; null: the words the edit changes).
 
 Targets are image files (a folder or a list of paths; each must be RGB at the generator's
 resolution, or `targets.resize` / `targets.convert` say to fix them; decoded per the `images:`
-policy of steerexp.images, so 16-bit, alpha, EXIF and size limits are handled) with source prompts, or
-K world samples (procedural images by seed, captioned from their scene). The deltas saved to
+policy of steerexp.images, so 16-bit, alpha, EXIF and size limits are handled) with source prompts,
+a manifest (`targets.manifest`: a CSV with the columns image, source, target[, mask] or a JSON
+list of such objects; paths relative to the manifest; a mask is white where the edit may change
+the image), or K world samples (procedural images by seed, captioned from their scene). The deltas saved to
 deltas.safetensors are the inverted `latents_T` [N, C, h, w], one per image: the computed
 input that reconstruction starts from.
 
 Methods every inversion technique can report (`reconstruct(method)`, `edit(method)`):
 `vae` (the VAE round trip D(E(I)), the upper bound), `ddim_w<w>` (x*_T, empty null, guidance
-w), `npi` (null := c; see negative_prompt_inversion.py), and `nti` on the NTI technique.
+w), `npi` (null := c; see negative_prompt_inversion.py), `di` (Direct Inversion: the source
+branch follows x*_t; see direct_inversion.py), and `nti` on the NTI technique. An edit method
+may add `+p2p` (attention control) and `+p2p+blend` (and local blend): `nti+p2p+blend`. The
+SDEdit baseline `sdedit_s<strength>` (Meng et al. 2022) needs no inversion: the VAE latent is
+noised to the step `strength` of the way up (seeded by the image index) and denoised with the
+prompt at the edit guidance.
 """
 from __future__ import annotations
 
+import csv
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from steerexp.generators import FrozenGenerator, Guidance, sampling
+from steerexp.generators import FrozenGenerator, Guidance, attention, sampling
 from steerexp.images import image_files_in, read_image, to_tensor
 from steerexp.techniques.base import TrainingFree
 from steerexp.worlds.shapes import world
 
 WORLD_PROMPT = "a {colour} {shape} {position}"
+CONTROLS = (None, "p2p")
+MANIFEST_COLUMNS = ("image", "source", "target")
 
 
 # ---------------------------------------------------------------------------- targets
@@ -64,6 +82,50 @@ def image_files(files: str | list[str]) -> list[Path]:
         if not p.is_file():
             raise FileNotFoundError(f"technique.targets.files: image file not found: {p}")
     return paths
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """The rows of an edit manifest (CSV with a header, or a JSON list of objects): image, source,
+    target and an optional mask; image and mask paths are made absolute (relative to the manifest)."""
+    path = Path(path).expanduser()
+    key = "technique.targets.manifest"
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no such file: {path}; give a CSV or JSON file with the columns "
+                                f"{', '.join(MANIFEST_COLUMNS)}[, mask]")
+    if path.suffix.lower() == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{key}: {path} must hold a JSON list of objects with the keys "
+                             f"{', '.join(MANIFEST_COLUMNS)}[, mask]")
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{key}: {path} lists no edits; add one row per image ({', '.join(MANIFEST_COLUMNS)})")
+    out = []
+    for i, row in enumerate(rows):
+        missing = [c for c in MANIFEST_COLUMNS if not str(row.get(c) or "").strip()]
+        if missing:
+            raise ValueError(f"{key}: row {i + 1} of {path} has no {missing[0]!r}; every row needs "
+                             f"{', '.join(MANIFEST_COLUMNS)} (mask is optional)")
+        mask = str(row.get("mask") or "").strip()
+        out.append({"image": path.parent / str(row["image"]).strip(), "source": str(row["source"]).strip(),
+                    "target": str(row["target"]).strip(), "mask": path.parent / mask if mask else None})
+    for r in out:
+        for k in ("image", "mask"):
+            if r[k] is not None and not r[k].is_file():
+                raise FileNotFoundError(f"{key}: {k} file not found: {r[k]} (paths are relative to {path.parent})")
+    return out
+
+
+def parse_method(method: str) -> tuple[str, bool, bool]:
+    """'nti+p2p+blend' -> ('nti', p2p, blend)."""
+    base, *flags = method.split("+")
+    unknown = [f for f in flags if f not in ("p2p", "blend")]
+    if unknown or (("blend" in flags) and "p2p" not in flags):
+        raise ValueError(f"unknown edit method {method!r}: a method is <inversion>[+p2p[+blend]] "
+                         f"(e.g. nti+p2p+blend; the blend mask comes from P2P's attention maps)")
+    return base, "p2p" in flags, "blend" in flags
 
 
 def world_prompt(scene: world.Scene, template: str = WORLD_PROMPT) -> str:
@@ -113,22 +175,39 @@ class DDIMInversion(TrainingFree):
         if guidance_scale is not None:
             self.guidance = Guidance(scale=guidance_scale)  # this technique's own reconstruction / edit scale
         self.batch_size = batch_size  # images inverted and sampled together
-        self.targets_cfg = dict(files=None, prompts=None, k=16, seed=0, shapes=None, fixed={},
+        self.targets_cfg = dict(files=None, prompts=None, manifest=None, k=16, seed=0, shapes=None, fixed={},
                                 prompt_template=WORLD_PROMPT, resize=False, convert=False) | dict(targets or {})
-        self.edit_cfg = dict(replace={"red": "blue"}, prompts=None) | dict(edit or {})
+        self.edit_cfg = dict(replace={"red": "blue"}, prompts=None, control=None, blend=False) | dict(edit or {})
+        unknown = sorted(set(self.edit_cfg) - {"replace", "prompts", "control", "blend", *attention.EditControl.KEYS})
+        if unknown:
+            raise ValueError(f"technique.edit has no setting {unknown[0]!r}; its settings are replace, prompts, "
+                             f"control, blend and {', '.join(attention.EditControl.KEYS)}")
         if self.targets_cfg["files"] is None and int(self.targets_cfg["k"]) < 1:
             raise ValueError(f"technique.targets.k must be >= 1 world images, got {self.targets_cfg['k']}")
+        if self.edit_cfg["control"] not in CONTROLS:
+            raise ValueError(f"technique.edit.control must be null (a bare prompt swap) or p2p (Prompt-to-Prompt "
+                             f"attention control), got {self.edit_cfg['control']!r}")
+        if self.edit_cfg["blend"] and self.edit_cfg["control"] != "p2p":
+            raise ValueError("technique.edit.blend=true needs technique.edit.control=p2p: the local blend's mask "
+                             "comes from the attention maps")
+        self.control = attention.EditControl.from_config(self.edit_cfg)
         self.invert_guidance = Guidance(scale=invert_guidance)
         self.latents_T = nn.Parameter(torch.zeros(0, *generator.latent_shape()), requires_grad=False)
         self.images: torch.Tensor | None = None          # [N, 3, R, R] in [0, 1], the originals
         self.names: list[str] = []
         self.scenes: list[world.Scene] | None = None      # world targets only
+        self.masks: torch.Tensor | None = None            # [N, R, R] bool: where the edit may change (manifest)
         self.source_prompts: list[str] = []
+        self.manifest_targets: list[str] | None = None    # the manifest's edit prompts
         self.x0: torch.Tensor | None = None               # [N, C, h, w] VAE latents
         self.cond: torch.Tensor | None = None             # [N, L, D] source-prompt embeddings
         self.empty: torch.Tensor | None = None            # [1, L, D] the empty prompt's embedding
         self.pivots: list[torch.Tensor] | None = None     # [x*_0 .. x*_T], each [N, C, h, w]
+        # CPU seconds (time.process_time: this process only, so other jobs on a shared machine do not inflate
+        # them; with one torch thread they are the wall time of an idle machine) of each stage, all images
+        self.seconds: dict[str, float] = {}
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._maps: dict[tuple, torch.Tensor] = {}           # (method, prompts) -> P2P cross-attention maps
 
     # ------------------------------------------------------------------ targets
     @property
@@ -140,12 +219,27 @@ class DDIMInversion(TrainingFree):
     def resolution(self) -> int:
         return self.generator.resolution
 
+    def read(self, path: Path, key: str) -> np.ndarray:
+        tc = self.targets_cfg
+        return read_image(path, key, self.resolution, switches="technique.targets", resize=tc["resize"],
+                          convert=tc["convert"])
+
     def load_targets(self) -> None:
         tc, r = self.targets_cfg, self.resolution
-        if tc["files"]:
+        if tc["manifest"]:
+            rows = read_manifest(tc["manifest"])
+            key = "technique.targets.manifest"
+            self.images = to_tensor(np.stack([self.read(row["image"], key) for row in rows]))
+            self.names, self.scenes = [row["image"].name for row in rows], None
+            self.source_prompts = [row["source"] for row in rows]
+            self.manifest_targets = [row["target"] for row in rows]
+            if any(row["mask"] is not None for row in rows):
+                masks = [self.read(row["mask"], key).mean(-1) > 127 if row["mask"] is not None
+                         else np.ones((r, r), bool) for row in rows]
+                self.masks = torch.from_numpy(np.stack(masks))
+        elif tc["files"]:
             paths = image_files(tc["files"])
-            arrays = [read_image(p, "technique.targets.files", r, switches="technique.targets",
-                                 resize=tc["resize"], convert=tc["convert"]) for p in paths]
+            arrays = [self.read(p, "technique.targets.files") for p in paths]
             prompts = tc["prompts"]
             if prompts is None:
                 raise ValueError("technique.targets.prompts: image files need source prompts (one per image, or one "
@@ -176,6 +270,8 @@ class DDIMInversion(TrainingFree):
                 raise ValueError(f"technique.edit.prompts has {len(prompts)} prompts "
                                  f"for {len(self.source_prompts)} images")
             return prompts
+        if self.manifest_targets is not None:
+            return list(self.manifest_targets)
         return [swap_words(p, dict(self.edit_cfg["replace"] or {})) for p in self.source_prompts]
 
     def prepare(self) -> None:
@@ -191,6 +287,7 @@ class DDIMInversion(TrainingFree):
     def invert(self) -> None:
         """The pivot trajectories x*_0 .. x*_T of every target (guidance `invert_guidance`, empty null)."""
         gen, trajectories = self.generator, []
+        start = time.process_time()
         for sl in self.batches():
             empty = self.empty.expand(len(self.x0[sl]), -1, -1)
             trajectories.append(
@@ -198,6 +295,7 @@ class DDIMInversion(TrainingFree):
             )
         self.pivots = [torch.cat(step) for step in zip(*trajectories)]
         self.latents_T = nn.Parameter(self.pivots[-1].detach().float().cpu().clone(), requires_grad=False)
+        self.seconds["invert"] = time.process_time() - start
 
     def compute(self) -> None:
         self.invert()
@@ -213,58 +311,142 @@ class DDIMInversion(TrainingFree):
     # ------------------------------------------------------------------ reconstruction and editing
     def methods(self) -> list[str]:
         w = self.guidance.scale
-        return ["vae", "ddim_w1"] + ([f"ddim_w{w:g}"] if w != 1 else []) + ["npi"]
+        return ["vae", "ddim_w1"] + ([f"ddim_w{w:g}"] if w != 1 else []) + ["npi", "di"]
 
     def nulls(self, method: str, sl: slice) -> tuple[torch.Tensor, Guidance]:
         """The uncond input and guidance a method samples with (for images `sl`)."""
-        if method.startswith("ddim_w"):
+        if method.startswith(("ddim_w", "sdedit_s")):
+            prefix = "ddim_w" if method.startswith("ddim_w") else "sdedit_s"
             try:
-                w = float(method[len("ddim_w") :])
+                value = float(method[len(prefix) :])
             except ValueError:
-                raise ValueError(f"unknown inversion method {method!r}; ddim methods are named ddim_w<scale>") from None
-            return self.empty, Guidance(scale=w)
+                raise ValueError(f"unknown inversion method {method!r}; ddim methods are named ddim_w<scale>, "
+                                 "SDEdit ones sdedit_s<strength>") from None
+            return self.empty, (Guidance(scale=value) if prefix == "ddim_w" else self.guidance)
         if method == "npi":
             return self.cond[sl], self.guidance
+        if method == "di":
+            return self.empty, self.guidance
         raise ValueError(
             f"inversion method {method!r} is not available for {type(self).__name__}; choose from {self.methods()}"
         )
+
+    def inversion_seconds(self, method: str) -> float:
+        """CPU seconds per image that the inversion behind a method took (0 for the VAE round trip and SDEdit)."""
+        base, _, _ = parse_method(method)
+        if base == "vae" or base.startswith("sdedit_s"):
+            return 0.0
+        n = max(1, len(self.images) if self.images is not None else 1)
+        return (self.seconds.get("invert", 0.0) + (self.seconds.get("nti", 0.0) if base == "nti" else 0.0)) / n
+
+    def sdedit(self, strength: float, cond: torch.Tensor, uncond: torch.Tensor, guidance: Guidance,
+               sl: slice) -> torch.Tensor:
+        """SDEdit: x0 noised to the step `strength` of the way up the schedule, then DDIM down with `cond`."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"SDEdit strength must be in (0, 1], got {strength} (method sdedit_s<strength>)")
+        gen, S = self.generator, self.sampling_steps
+        schedule = gen.schedule(S)
+        k = S - max(1, round(strength * S))  # the first sampling step run
+        x0 = self.x0[sl]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(i))
+                             for i in range(sl.start, sl.stop)]).to(x0)
+        a = schedule.alphas[k].to(x0)
+        x = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        part = sampling.Schedule(schedule.timesteps[k:], schedule.alphas[k:], schedule.alphas_prev[k:])
+        u = uncond.expand(len(x0), -1, -1)
+        fn = lambda z, t, i: gen.unet_output(z, t.to(gen.device), cond, u, guidance, i, S)
+        return sampling.ddim_sample(fn, x, part, gen.prediction_type)
 
     def _run(self, method: str, prompts: list[str] | None) -> torch.Tensor:
         """Decoded images of every target for a method: reconstruction (prompts None) or edit."""
         if self.pivots is None and len(self.latents_T) == 0:
             raise RuntimeError("the targets are not inverted yet: call prepare() and compute() first")
+        base, p2p, blend = parse_method(method)
         gen, out = self.generator, []
         with torch.no_grad():
-            if method == "vae":
-                if prompts is not None:
+            if base == "vae" or (base == "di" and prompts is None):
+                if base == "vae" and prompts is not None:
                     raise ValueError("the VAE round trip has no prompt, so it cannot edit")
+                # Direct Inversion's source branch is the inversion trajectory: it ends at x*_0 = E(I)
                 return torch.cat([gen.decode_latents(self.x0[sl]).float().cpu() for sl in self.batches()])
+            if base == "di" and self.pivots is None:
+                self.invert()  # loaded deltas hold x*_T only; Direct Inversion follows the whole trajectory
             target = None if prompts is None else gen.encode_prompt(prompts)
             for sl in self.batches():
-                uncond, guidance = self.nulls(method, sl)
+                uncond, guidance = self.nulls(base, sl)
                 cond = self.cond[sl] if target is None else target[sl]
-                z = sample_with_nulls(
-                    gen, cond, self.latents_T[sl].to(gen.device, gen.dtype), uncond, self.sampling_steps, guidance
-                )
+                latents = self.latents_T[sl].to(gen.device, gen.dtype)
+                if base.startswith("sdedit_s"):
+                    if p2p:
+                        raise ValueError(f"{method}: SDEdit has no source branch to take attention maps from")
+                    z = self.sdedit(float(base[len("sdedit_s"):]), cond, uncond, guidance, sl)
+                elif p2p and prompts is not None:
+                    controller = self.controller(self.source_prompts[sl], prompts[sl])
+                    trajectory = [x[sl] for x in self.pivots] if base == "di" else None
+                    _, z = attention.sample_pair(gen, latents, self.cond[sl], cond, uncond, self.sampling_steps,
+                                                 guidance, controller, trajectory, blend)
+                    self._keep_maps(method, prompts, sl, controller)
+                else:  # a bare prompt swap (Direct Inversion without P2P has no source branch to correct)
+                    z = sample_with_nulls(gen, cond, latents, uncond, self.sampling_steps, guidance)
                 out.append(gen.decode_latents(z).float().cpu())
         return torch.cat(out)
 
+    def controller(self, sources: list[str], targets: list[str]) -> attention.Controller:
+        gen = self.generator
+        return attention.Controller(self.control, gen.tokenizer, list(sources), list(targets), self.sampling_steps,
+                                    gen.latent_shape()[1:], gen.device)
+
+    def _keep_maps(self, method: str, prompts: list[str], sl: slice, controller: attention.Controller) -> None:
+        """Keep the cross-attention maps of a P2P edit (batch by batch, in image order)."""
+        key, new = (method, tuple(prompts)), controller.maps().float().cpu()
+        self._maps[key] = new if sl.start == 0 else torch.cat([self._maps[key], new], 1)
+
+    def attention_maps(self, method: str | None = None, prompts: list[str] | None = None
+                       ) -> tuple[torch.Tensor, list[list[str]], list[list[str]]]:
+        """The cross-attention maps of a P2P edit, averaged over steps, layers and heads: maps
+        [2, N, L, h, w] (source branch, target branch; token 0 is the start token) and the words of
+        each source and target prompt. Runs the edit if it has not run yet."""
+        method, prompts = method or self.edit_method(), list(prompts or self.target_prompts())
+        if not parse_method(method)[1]:
+            raise ValueError(f"attention maps come from P2P attention control; {method!r} has none (add +p2p)")
+        self.edit(method, prompts)
+        if (method, tuple(prompts)) not in self._maps:  # the images were cached before the maps were kept
+            self._cache.pop(("edit", method, tuple(prompts)), None)
+            self.edit(method, prompts)
+        maps = self._maps[(method, tuple(prompts))]
+        tok = self.generator.tokenizer
+        return (maps, [attention.token_strings(tok, p) for p in self.source_prompts],
+                [attention.token_strings(tok, p) for p in prompts])
+
     def reconstruct(self, method: str | None = None) -> torch.Tensor:
-        method = method or self.own_method()
+        method = parse_method(method or self.own_method())[0]  # the source branch: P2P does not change it
         key = ("rec", method)
         if key not in self._cache:
             self._cache[key] = self._run(method, None)
         return self._cache[key]
 
     def edit(self, method: str | None = None, prompts: list[str] | None = None) -> torch.Tensor:
-        method, prompts = method or self.own_method(), prompts or self.target_prompts()
+        method, prompts = method or self.edit_method(), prompts or self.target_prompts()
         key = ("edit", method, tuple(prompts))
         if key not in self._cache:
-            self._cache[key] = self._run(method, prompts)
+            start = time.process_time()
+            self._cache[key] = self._run(method, list(prompts))
+            self.seconds[f"edit/{method}"] = time.process_time() - start
         return self._cache[key]
+
+    def edit_seconds(self, method: str) -> float:
+        """CPU seconds per image of the last edit with `method` (inversion not included)."""
+        if f"edit/{method}" not in self.seconds:
+            raise ValueError(f"no edit with {method!r} has run yet")
+        return self.seconds[f"edit/{method}"] / max(1, len(self.images))
 
     def own_method(self) -> str:
         return f"ddim_w{self.guidance.scale:g}"
+
+    def edit_method(self) -> str:
+        """The method `edit()` uses by default: the own method, with P2P (and local blend) as configured."""
+        suffix = ("+p2p" if self.edit_cfg["control"] == "p2p" else "") + ("+blend" if self.edit_cfg["blend"] else "")
+        return self.own_method() + suffix
 
     # ------------------------------------------------------------------ the run flow's paired samples
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:

@@ -1,12 +1,18 @@
 """Energy (classifier / CLIP) guidance: at each DDIM step, the gradient of a frozen scorer
-on the decoded x0-estimate is mapped back to x_t and pushes the noise prediction,
+pushes the noise prediction,
 
-    eps' = eps - scale(t) * sqrt(1 - alpha_t) * d log p(target | D(x0_hat(x_t))) / d x_t
+    eps' = eps - scale(t) * sqrt(1 - alpha_t) * d log p(target | x_t) / d x_t
 
-with a schedule over the steps (constant, or only within [start, end) of them). The
-scorer is the concept classifier's log-probability (`scorer=concept`) or CLIP similarity
-to a text (`scorer=clip`). Training-free; `strength` is the scale. Nothing is learned, so
-the run's delta is just the scale.
+with a schedule over the steps (constant, or only within [start, end) of them). `scorer`
+names a scorer of the run (conf/config.yaml: scorers) and its kind decides what it reads:
+
+- an image classifier (`classifier`, the old name `concept`; `robust`; a user's model): its
+  log-probability on the VAE-decoded x0-estimate D(x0_hat(x_t)), mapped back to x_t;
+- a timestep-aware classifier (`noisy`): log p(target | x_t, t) read directly from the noisy
+  latent, classifier guidance as in Dhariwal & Nichol (no decode in the loop);
+- a CLIP model (`clip`): 100 x cosine similarity of the decoded x0-estimate to a text.
+
+Training-free; `strength` is the scale. Nothing is learned, so the run's delta is just the scale.
 """
 from __future__ import annotations
 
@@ -17,14 +23,18 @@ from steerexp.generators import FrozenGenerator
 from steerexp.generators.sampling import ddim_sample, split_prediction
 from steerexp.techniques.base import TrainingFree
 
+NAMES = {"concept": "classifier"}  # the option's old name
+GUIDING_KINDS = {"classifier", "user", "noisy", "clip"}  # scorer kinds with a gradient to guide with
+
 
 class EnergyGuidance(TrainingFree):
-    def __init__(self, generator: FrozenGenerator, scorer: str = "concept", head: str = "size",
+    def __init__(self, generator: FrozenGenerator, scorer: str = "classifier", head: str = "size",
                  target: str = "large", clip_text: str | None = None, scale: float = 5.0, start: float = 0.0,
                  end: float = 0.8, slot_word: str = "object", sampling: dict | None = None):
         super().__init__(generator, sampling)
-        if scorer not in ("concept", "clip"):
-            raise ValueError(f"technique.scorer must be 'concept' or 'clip', got {scorer!r}")
+        if not isinstance(scorer, str) or not scorer:
+            raise ValueError(f"technique.scorer must name a scorer of the run (e.g. classifier, robust, noisy, clip), "
+                             f"got {scorer!r}")
         if scale < 0:
             raise ValueError(f"technique.scale must be >= 0, got {scale}")
         if not 0 <= start < end <= 1:
@@ -35,24 +45,58 @@ class EnergyGuidance(TrainingFree):
         self.strength = float(scale)  # the energy guidance scale
         self._log_p = None
 
+    def scorer_kind(self) -> str:
+        """The kind of the run's scorer `self.scorer` ('concept' is the old name of 'classifier')."""
+        return scorers.current().kind(NAMES.get(self.scorer, self.scorer))
+
+    def optimised_against(self) -> set[str]:
+        """The scorer whose gradient guides the sampling (an evaluator judging with it is not independent)."""
+        return {NAMES.get(self.scorer, self.scorer)} if self.strength > 0 else set()
+
     def log_p(self):
+        """log p(target) as a function of decoded images, or of (x_t, t) for a noisy scorer."""
         if self._log_p is None:
-            device = self.generator.device
-            if self.scorer == "concept":  # the run's classifier (scorers.classifier)
-                clf = scorers.get("classifier", device)
-                clf.class_index(self.head, self.target)  # a bad head or target fails here, not mid-sampling
-                self._log_p = lambda img: scorers.log_prob(clf, img, self.head, self.target)
-            else:  # the run's CLIP (scorers.clip)
-                clip = scorers.get("clip", device)
-                text = clip.encode_texts([self.clip_text])
-                self._log_p = lambda img: 100.0 * (clip.encode_images(img) @ text.T)[:, 0]
+            device, name = self.generator.device, NAMES.get(self.scorer, self.scorer)
+            kind = scorers.current().kind(name)
+            if kind not in GUIDING_KINDS:
+                raise ValueError(f"technique.scorer={self.scorer}: a scorer of kind {kind!r} gives no gradient to "
+                                 f"guide with; name one of kind {sorted(GUIDING_KINDS)} (e.g. classifier, robust, "
+                                 "noisy, clip)")
+            model = scorers.get(name, device)
+            if kind != "clip":
+                model.class_index(self.head, self.target)  # a bad head or target fails here, not mid-sampling
+            if kind == "clip":
+                text = model.encode_texts([self.clip_text])
+                self._log_p = lambda img: 100.0 * (model.encode_images(img) @ text.T)[:, 0]
+            elif kind == "noisy":
+                model.check_latents(self.generator.initial_latents([0]), key=f"technique.scorer={self.scorer}")
+                self._log_p = lambda z, t: model.log_prob(z, t, self.head, self.target)
+            else:
+                self._log_p = lambda img: scorers.log_prob(model, img, self.head, self.target)
         return self._log_p
+
+    def prepare(self) -> None:
+        self.log_p()  # an unknown scorer, head or target, or a noisy scorer of another generator, fails here
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {"scale": torch.tensor(self.strength)}
 
-    def guided_sample(self, cond, uncond, latents, steps):
+    def grad_log_p(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """d log p(target) / d x_t at one step: read from x_t itself by a noisy scorer, else through
+        the decoded x0-estimate (the model output held fixed)."""
         gen, log_p = self.generator, self.log_p()
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            if self.scorer_kind() == "noisy":
+                lp = log_p(x_in, t.to(gen.device))
+            else:
+                eps, _ = split_prediction(out, x_in, alpha, gen.prediction_type)
+                lp = log_p(gen.decode_latents((x_in - (1 - alpha).sqrt() * eps) / alpha.sqrt()))
+            (grad,) = torch.autograd.grad(lp.sum(), x_in)
+        return grad
+
+    def guided_sample(self, cond, uncond, latents, steps):
+        gen = self.generator
         schedule = gen.schedule(steps)
 
         def fn(x, t, i):
@@ -62,12 +106,9 @@ class EnergyGuidance(TrainingFree):
             if self.strength == 0 or not self.start <= frac < self.end:
                 return out
             alpha = schedule.alphas[i].to(x)
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                eps, _ = split_prediction(out, x_in, alpha, gen.prediction_type)
-                x0 = (x_in - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-                (grad,) = torch.autograd.grad(log_p(gen.decode_latents(x0)).sum(), x_in)
-            eps_new = eps.detach() - self.strength * (1 - alpha).sqrt() * grad
+            grad = self.grad_log_p(x, t, out, alpha)
+            eps, _ = split_prediction(out, x, alpha, gen.prediction_type)
+            eps_new = eps - self.strength * (1 - alpha).sqrt() * grad
             if gen.prediction_type == "epsilon":
                 return eps_new
             x0_new = (x - (1 - alpha).sqrt() * eps_new) / alpha.sqrt()

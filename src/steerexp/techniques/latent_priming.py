@@ -12,6 +12,7 @@ Training-free; the primed latent is the run's delta, and `strength` is m.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ def to_shell(z: torch.Tensor) -> torch.Tensor:
 class LatentPriming(TrainingFree):
     def __init__(self, generator: FrozenGenerator, prompts: list[str] | None = None,
                  head: str = "size", target: str = "large", candidates: int = 64, top_k: int = 8,
-                 combine: str = "mean", mix: float = 0.8, slot_word: str = "object", sampling: dict | None = None):
+                 combine: str = "mean", mix: float = 0.8, slot_word: str = "object", sampling: dict | None = None,
+                 scorer: str = "classifier"):
         super().__init__(generator, sampling)
         if candidates < 1 or not 1 <= top_k <= candidates:
             raise ValueError(f"technique needs candidates >= 1 and 1 <= top_k <= candidates, got {candidates}, {top_k}")
@@ -48,14 +50,15 @@ class LatentPriming(TrainingFree):
         self.prompts = list(prompts or ["a red circle", "a blue square", "a green triangle", "a yellow ring"])
         self.head, self.target, self.candidates, self.top_k = head, target, candidates, top_k
         self.combine, self.slot_word = combine, slot_word
+        self.scorer = scorer  # the classifier that ranks the candidates, a scorer of the run by name
         self.strength = float(mix)  # the mixing weight m
         self.primed = nn.Parameter(torch.zeros(generator.latent_shape()), requires_grad=False)
         self.candidate_scores: list[float] = []
 
     @torch.no_grad()
     def compute(self) -> None:
-        gen = self.generator
-        clf = scorers.get("classifier")  # the run's classifier (scorers.classifier)
+        gen, start = self.generator, time.perf_counter()
+        clf = scorers.get(self.scorer)  # the run's scorer that ranks (scorers.classifier unless technique.scorer)
         clf.class_index(self.head, self.target)  # a bad head or target fails before any sampling
         seeds = [CANDIDATE_SEED_OFFSET + i for i in range(self.candidates)]
         # each candidate latent is scored on every ranking prompt; its score is the mean
@@ -74,6 +77,15 @@ class LatentPriming(TrainingFree):
                 primed = slerp(primed, latents[j], 1.0 / (j + 1))
         self.primed.copy_(primed)
         self.candidate_scores = scores.tolist()
+        self.ranking_seconds = time.perf_counter() - start
+
+    def diagnostics(self) -> dict[str, float]:
+        """The ranking pass's cost (shared by every output the primed latent starts): generator calls (one call =
+        one denoiser step of one image) and seconds."""
+        if not self.candidate_scores:
+            return {}
+        return {"ranking_calls": self.candidates * len(self.prompts) * self.sampling_steps,
+                "ranking_seconds": self.ranking_seconds}
 
     def start_latents(self, seeds: list[int]) -> torch.Tensor:
         noise = self.generator.initial_latents(seeds)
@@ -82,6 +94,10 @@ class LatentPriming(TrainingFree):
 
     def budgeted(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def optimised_against(self) -> set[str]:
+        """The candidates are ranked by `scorer`: an evaluator judging with it is not independent."""
+        return {self.scorer}
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
         texts = [self.fill(p) for p in prompts]

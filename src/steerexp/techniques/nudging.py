@@ -180,6 +180,12 @@ class Nudging(TrainingFree):
         self._clip = self._undesired = None
 
     # ------------------------------------------------------------------ scorers
+    def optimised_against(self) -> set[str]:
+        """The nudge optimises CLIP similarities; CLIP and classifier filters decide which outputs are changed."""
+        kinds = {type(f) for f in self.filters}
+        return ({"clip"} if self.mode == "nudge" or ClipFilter in kinds else set()) | (
+            {"classifier"} if ClassifierFilter in kinds else set())
+
     @property
     def clip(self):
         if self._clip is None:

@@ -52,6 +52,10 @@ class PromptSearch(TrainingFree):
         self.history: list[tuple[str, float]] = []
         self.calls = 0
 
+    def optimised_against(self) -> set[str]:
+        """The scorer the search maximises (an evaluator judging with it is not independent)."""
+        return {"classifier" if self.scorer == "concept" else "clip"}
+
     def _score_fn(self):
         if self.scorer == "concept":  # the run's classifier (scorers.classifier)
             clf = scorers.get("classifier")

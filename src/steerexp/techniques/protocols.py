@@ -15,6 +15,14 @@ so a new technique gets every evaluator whose capability it offers by having the
                       method, with the originals, their names and world scenes
     Filtered          an edit decided per output behind filters (nudging): a record per
                       (prompt, seed), and the protected images it steers away from
+    TimedInversion    inversion_seconds(method): what the inversion behind an edit method cost
+                      per image (the edit benchmark adds it to the edit's own time)
+    AttentionMaps     attention_maps(method, prompts): the cross-attention maps per token of a
+                      Prompt-to-Prompt edit (source and target branch)
+    EditMasks         masks: where the user allows an edit of their images to change them
+    OptimisesAgainst  optimised_against(): the run's scorers (by name, conf/config.yaml: scorers)
+                      the edit was optimised, ranked or guided against (every technique; the
+                      objective's for trainable ones): the evaluators judge with another one
 
 Prompts are templates: '{}' marks the concept slot, and `fill(template, edited)` says what
 fills it (every technique; for inversion techniques '{}' is each target's own prompt instead).
@@ -64,7 +72,9 @@ class Invertible(Protocol):
 
     def reconstruct(self, method: str | None = None) -> torch.Tensor: ...
 
-    def edit(self, method: str | None = None, prompts: list[str] | None = None) -> torch.Tensor: ...
+    def edit(self, method: str | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+        """The originals edited to `prompts` (default: target_prompts()) with `method`, which may add
+        +p2p[+blend] (Prompt-to-Prompt attention control, local blend) to an inversion method."""
 
     def target_prompts(self) -> list[str]:
         """The edit prompt of each original."""
@@ -87,6 +97,25 @@ class OutputRecord:
 
 
 @runtime_checkable
+class TimedInversion(Protocol):
+    def inversion_seconds(self, method: str) -> float:
+        """CPU seconds per image that the inversion behind `method` took (0 when it needs none, e.g. SDEdit)."""
+
+
+@runtime_checkable
+class AttentionMaps(Protocol):
+    def attention_maps(self, method: str | None = None, prompts: list[str] | None = None
+                       ) -> tuple[torch.Tensor, list[list[str]], list[list[str]]]:
+        """maps [2, N, L, h, w] (source branch, target branch; token 0 is the start token) and the words of
+        each source and target prompt, of the P2P edit `method` to `prompts` (default: the edit prompts)."""
+
+
+@runtime_checkable
+class EditMasks(Protocol):
+    masks: torch.Tensor | None   # [N, H, W] bool: True where the edit may change the original (None: not given)
+
+
+@runtime_checkable
 class Filtered(Protocol):
     def output_records(self, prompts: list[str], seeds: list[int]) -> list[OutputRecord]:
         """A record per (template, seed) pair, running the filters (and the edit) where not done yet."""
@@ -95,3 +124,10 @@ class Filtered(Protocol):
         """[M, 3, H, W] in [0, 1]: what the edit steers away from (OutputRecord.nearest indexes it)."""
 
     def fill(self, template: str, edited: bool = False) -> str: ...
+
+
+@runtime_checkable
+class OptimisesAgainst(Protocol):
+    def optimised_against(self) -> set[str] | list[str]:
+        """Names of the run's scorers the edit was optimised, ranked or guided against (empty: none, e.g. a
+        denoising objective). A judge among them is not independent; the evaluators then report another."""
