@@ -99,8 +99,8 @@ class NoiseRecord:
     image: torch.Tensor       # [3, H, W] in [0, 1], sampled from `noise` at sampling.steps
     noise: torch.Tensor       # the x_T it comes from
     offset: torch.Tensor      # noise minus the seed's own x_T
-    reward_start: float       # the reward of the seed's own x_T (the plain sample)
-    reward_final: float       # the reward of `noise`
+    reward_start: float       # the reward of the seed's own x_T (the plain sample), and
+    reward_final: float       #   of `noise`, as the technique scores (reno: through opt_sampling_steps)
     forward_calls: int        # denoiser evaluations (incl. recomputation under checkpointing)
     backward_calls: int       # backward passes through the denoiser, 2 calls each
     seconds: float            # wall time, this output's share of its batch
