@@ -154,7 +154,7 @@ def noisy(n: int) -> dict:
         print(json.dumps(row), flush=True)
     from diffusers import DDIMScheduler
 
-    schedule = Schedule.from_scheduler(DDIMScheduler.from_pretrained(ASSETS / "shapes" / "scheduler"), 25)
+    schedule = Schedule.from_ddim(DDIMScheduler.from_pretrained(ASSETS / "shapes" / "scheduler"), 25)
     gen = torch.Generator().manual_seed(1)
     at_steps = []
     with torch.no_grad():

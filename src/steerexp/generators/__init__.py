@@ -1,16 +1,78 @@
-"""Frozen generators: one adapter over diffusers components (`FrozenGenerator`)."""
+"""Frozen generators: one interface (`FrozenGenerator`, frozen.py) and one file per family.
+
+    sd     Stable Diffusion 1.x/2.x and the embedded shapes generator   (sd.py)
+    sdxl   SDXL: two CLIP text encoders, pooled embeddings, time ids     (sdxl.py)
+    sd3    SD3: MMDiT, flow matching, CLIP-L/G and optional T5            (sd3.py)
+    flux   FLUX: flow matching with distilled guidance, CLIP pooled + T5  (flux.py)
+
+`load_generator` reads the family from the pipeline folder's model_index.json (`_class_name`).
+"""
+from __future__ import annotations
+
+import importlib
+import json
 from pathlib import Path
 
-from steerexp.generators.frozen import FrozenGenerator, GeneratorChangedError, Guidance  # noqa: F401
 from steerexp import ASSETS
+from steerexp.generators.frozen import DTYPES, FrozenGenerator, GeneratorChangedError, Guidance, resolve_device  # noqa: F401
 
 SHAPES_PATH = ASSETS / "shapes"
 
+# pipeline class (model_index.json's _class_name) -> (family, "module:class")
+FAMILIES = {
+    "StableDiffusionPipeline": ("sd", "steerexp.generators.sd:SDGenerator"),
+    "StableDiffusionXLPipeline": ("sdxl", "steerexp.generators.sdxl:SDXLGenerator"),
+    "StableDiffusion3Pipeline": ("sd3", "steerexp.generators.sd3:SD3Generator"),
+    "FluxPipeline": ("flux", "steerexp.generators.flux:FluxGenerator"),
+}
+
+
+def family_class(pipeline_class: str) -> type[FrozenGenerator]:
+    if pipeline_class not in FAMILIES:
+        supported = ", ".join(f"{k} ({v[0]})" for k, v in FAMILIES.items())
+        raise ValueError(f"generator.path holds a {pipeline_class} pipeline, which steerexp does not support; "
+                         f"supported pipeline classes: {supported}")
+    module, name = FAMILIES[pipeline_class][1].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def pipeline_class_of(path: str | Path) -> str:
+    """model_index.json's _class_name of a local pipeline folder or a hub id (which fetches only that file)."""
+    path_str = str(path)
+    local = Path(path_str).expanduser()
+    looks_like_hub_id = path_str.count("/") == 1 and not path_str.startswith((".", "/", "~"))
+    if not local.exists() and not looks_like_hub_id:
+        raise FileNotFoundError(f"generator folder not found: {local}. Set generator.path to a diffusers pipeline "
+                                "folder (with model_index.json) or a hub id such as org/name")
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{local} is not a diffusers pipeline folder: model_index.json is missing")
+        return json.loads(index.read_text())["_class_name"]
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(path_str)["_class_name"]
+    except OSError as err:
+        raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
+                                f"is unreachable or has no such model): {err}") from err
+
+
+def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32") -> FrozenGenerator:
+    """The generator of a diffusers pipeline folder or hub id, its family read from model_index.json."""
+    if dtype not in DTYPES:
+        raise ValueError(f"generator.dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    if dev.type == "cpu" and dtype == "fp16":
+        raise ValueError("generator.dtype=fp16 does not run on the CPU; use dtype=fp32 (or bf16) or a CUDA device")
+    cls = family_class(pipeline_class_of(path))
+    return cls.from_pipeline(cls.load(path, dtype), dev, DTYPES[dtype])
+
 
 def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32") -> FrozenGenerator:
-    """The embedded shapes generator (path None) or any Stable Diffusion pipeline folder / hub id.
+    """The embedded shapes generator (path None) or any supported pipeline folder / hub id.
     `world` says what it draws: "shapes" for the embedded one or any pipeline `steerexp-pretrain` built
     (a recipe.json beside it), else None (the evaluators then judge with a learned scorer)."""
-    generator = FrozenGenerator.from_pretrained(path or SHAPES_PATH, device=device, dtype=dtype)
+    generator = from_pretrained(path or SHAPES_PATH, device=device, dtype=dtype)
     generator.world = "shapes" if not path or (Path(path).expanduser().parent / "recipe.json").is_file() else None
     return generator

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from steerexp.generators import Guidance, sampling
+from steerexp.generators import Guidance
 
 MODES = ("auto", "replace", "refine")
 
@@ -356,17 +356,14 @@ def sample_pair(gen, latents: torch.Tensor, cond_src: torch.Tensor, cond_tgt: to
         for i, t in enumerate(schedule.timesteps):
             u = uncond[:, i] if per_step else uncond
             u = u.expand(n, -1, -1).to(gen.device, gen.dtype) if u.shape[0] != n else u.to(gen.device, gen.dtype)
-            alpha, alpha_prev = schedule.alphas[i].to(latents), schedule.alphas_prev[i].to(latents)
             if skip:
-                out = gen.unet(torch.cat([x_src, x_tgt, x_tgt]), t.to(gen.device), torch.cat([cond, u])).sample
+                out = gen.denoise(torch.cat([x_src, x_tgt, x_tgt]), t.to(gen.device), torch.cat([cond, u]))
                 guided = guidance.combine(out[n : 2 * n], out[2 * n :], i, steps)
-                eps, x0 = sampling.split_prediction(guided, x_tgt, alpha, gen.prediction_type)
-                x_tgt = sampling.ddim_step(eps, x0, alpha_prev)
+                x_tgt = schedule.step(*schedule.split(guided, x_tgt, i), i)
             else:
                 x = torch.cat([x_src, x_tgt])
-                out = gen.unet_output(x, t.to(gen.device), cond, torch.cat([u, u]), guidance, i, steps)
-                eps, x0 = sampling.split_prediction(out, x, alpha, gen.prediction_type)
-                x_src, x_tgt = sampling.ddim_step(eps, x0, alpha_prev).chunk(2)
+                out = gen.model_output(x, t.to(gen.device), cond, torch.cat([u, u]), guidance, i, steps)
+                x_src, x_tgt = schedule.step(*schedule.split(out, x, i), i).chunk(2)
             if controller is not None:
                 controller.end_step()
             if trajectory is not None:  # Direct Inversion: the source branch back onto the inversion trajectory

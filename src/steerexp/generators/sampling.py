@@ -1,9 +1,17 @@
-"""Plain DDIM sampling and inversion, k-diffusion style: short functions you can read.
+"""Deterministic sampling and inversion for every family, k-diffusion style: short functions you can read.
 
-`denoise(x, t)` is any function returning the (guided) noise prediction; the loops only
-know the scheduler's alphas_cumprod and timesteps. They run with or without gradients;
-`checkpoint=True` recomputes each step's activations in the backward pass, so memory grows
-with the latent size, not with the number of steps.
+Every family writes a noisy latent the same way, x_t = a_t x0 + b_t eps:
+  - variance preserving (DDPM/DDIM, epsilon or v prediction): a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar);
+  - flow matching (rectified flow, SD3 and FLUX): a = 1 - sigma, b = sigma, and the model predicts the
+    velocity v = eps - x0.
+A `Schedule` holds (a, b) at each sampling step and at the step after it, and the prediction type, so one
+step rule serves both: split the model output into (eps, x0), then x_prev = a_prev x0 + b_prev eps. For
+DDIM this is the deterministic DDIM update (eta = 0); for flow matching it is exactly the Euler step
+x + (sigma_prev - sigma) v. Inversion runs the same rule backwards (DDIM inversion; the flow-ODE inversion).
+
+`model_output(x, t, i)` is any function returning the (guided) model output at step i. The loops run with
+or without gradients; `checkpoint=True` recomputes each step's activations in the backward pass, so memory
+grows with the latent size, not with the number of steps.
 """
 from __future__ import annotations
 
@@ -13,54 +21,112 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelOutput = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """The DDIM timesteps of one sampling run and the alphas_cumprod around them."""
-    timesteps: torch.Tensor        # [S] descending
-    alphas: torch.Tensor           # [S] alphas_cumprod at each timestep
-    alphas_prev: torch.Tensor      # [S] alphas_cumprod at the next (less noisy) timestep
+    """The steps of one sampling run: model time values and the (a, b) noise coefficients around them."""
+    timesteps: torch.Tensor        # [S] the model's time input at each step, from noisiest
+    signal: torch.Tensor           # [S] a_i
+    noise: torch.Tensor            # [S] b_i
+    signal_prev: torch.Tensor      # [S] a at the next (less noisy) step
+    noise_prev: torch.Tensor       # [S] b at the next step
+    prediction_type: str = "epsilon"
 
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}; "
+                             f"expected one of {PREDICTION_TYPES}")
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    # ------------------------------------------------------------------ construction
     @classmethod
-    def from_scheduler(cls, scheduler, steps: int) -> "Schedule":
-        if steps < 1:
-            raise ValueError(f"the number of sampling steps must be >= 1, got {steps}")
+    def from_ddim(cls, scheduler, steps: int) -> "Schedule":
+        """The DDIM steps of a variance-preserving scheduler (its alphas_cumprod and prediction type)."""
+        _check_steps(steps)
         scheduler.set_timesteps(steps)
         ts = scheduler.timesteps.long().cpu()
         ac = scheduler.alphas_cumprod.float().cpu()
-        final = getattr(scheduler, "final_alpha_cumprod", ac[0])
-        final = torch.as_tensor(final, dtype=torch.float32)
+        final = torch.as_tensor(getattr(scheduler, "final_alpha_cumprod", ac[0]), dtype=torch.float32)
         prev = torch.cat([ac[ts[1:]], final.view(1)])
-        return cls(ts, ac[ts], prev)
+        now = ac[ts]
+        vp = lambda a: (a.sqrt(), (1 - a).sqrt())
+        return cls(ts, *vp(now), *vp(prev), scheduler.config.prediction_type)
+
+    @classmethod
+    def from_flow(cls, scheduler, steps: int, mu: float | None = None) -> "Schedule":
+        """The Euler steps of a flow-matching scheduler (its shifted sigmas; `mu` for dynamic shifting)."""
+        _check_steps(steps)
+        kw = {"mu": mu} if getattr(scheduler.config, "use_dynamic_shifting", False) else {}
+        scheduler.set_timesteps(steps, **kw)
+        sigmas = scheduler.sigmas.double().cpu()  # [S + 1], ending at 0
+        now, prev = sigmas[:-1], sigmas[1:]
+        return cls(scheduler.timesteps.float().cpu(), (1 - now).float(), now.float(), (1 - prev).float(),
+                   prev.float(), "flow")
+
+    # ------------------------------------------------------------------ the step rule
+    def coefficients(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.signal[i].to(like), self.noise[i].to(like)
+
+    def split(self, out: torch.Tensor, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) at step i from a model output of this schedule's prediction type."""
+        a, b = self.coefficients(i, x)
+        if self.prediction_type == "epsilon":
+            return out, (x - b * out) / a
+        if self.prediction_type == "v_prediction":
+            return a * out + b * x, a * x - b * out
+        return x + a * out, x - b * out  # flow: v = eps - x0
+
+    def output(self, eps: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The model output at step i that `split` reads as this eps (the inverse of `split`)."""
+        a, b = self.coefficients(i, x)
+        if self.prediction_type == "epsilon":
+            return eps
+        x0 = (x - b * eps) / a
+        return a * eps - b * x0 if self.prediction_type == "v_prediction" else eps - x0
+
+    def step(self, eps: torch.Tensor, x0: torch.Tensor, i: int) -> torch.Tensor:
+        """The deterministic update to the next step: a_prev x0 + b_prev eps."""
+        return self.signal_prev[i].to(x0) * x0 + self.noise_prev[i].to(x0) * eps
+
+    def noised(self, x0: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """x at step i for a clean latent and a noise (SDEdit's start)."""
+        a, b = self.coefficients(i, x0)
+        return a * x0 + b * eps
+
+    def starting_at(self, k: int) -> "Schedule":
+        """The same run from its step k on."""
+        return Schedule(self.timesteps[k:], self.signal[k:], self.noise[k:], self.signal_prev[k:],
+                        self.noise_prev[k:], self.prediction_type)
 
 
-def split_prediction(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str):
-    """(eps, x0) from a model output of either prediction type."""
-    a, s = alpha.sqrt(), (1 - alpha).sqrt()
-    if prediction_type == "epsilon":
-        return out, (x - s * out) / a
-    if prediction_type == "v_prediction":
-        return a * out + s * x, a * x - s * out
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+def _check_steps(steps: int) -> None:
+    if steps < 1:
+        raise ValueError(f"the number of sampling steps must be >= 1, got {steps}")
 
 
-def ddim_step(eps: torch.Tensor, x0: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM update (eta = 0) to the previous timestep."""
-    return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+def flow_shift_mu(image_seq_len: int, config) -> float:
+    """FLUX's resolution-dependent shift: mu linear in the number of latent patches (the scheduler's
+    base/max_image_seq_len and base/max_shift)."""
+    c = lambda k, d: getattr(config, k, None) if getattr(config, k, None) is not None else d
+    lo_n, hi_n = c("base_image_seq_len", 256), c("max_image_seq_len", 4096)
+    lo, hi = c("base_shift", 0.5), c("max_shift", 1.15)
+    m = (hi - lo) / (hi_n - lo_n)
+    return float(image_seq_len * m + (lo - m * lo_n))
 
 
-def ddim_sample(model_output: Denoise, x: torch.Tensor, schedule: Schedule, prediction_type: str = "epsilon",
-                checkpoint: bool = False, callback: Callable | None = None) -> torch.Tensor:
-    """Run DDIM from x_T down to x_0. `model_output(x, t, i)` returns the guided model output."""
+def sample(model_output: ModelOutput, x: torch.Tensor, schedule: Schedule, checkpoint: bool = False,
+           callback: Callable | None = None) -> torch.Tensor:
+    """From x at the schedule's first step down to x0. `model_output(x, t, i)` returns the guided output."""
     for i, t in enumerate(schedule.timesteps):
-        alpha = schedule.alphas[i].to(x)
-        alpha_prev = schedule.alphas_prev[i].to(x)
 
-        def step(x_in: torch.Tensor, i=i, t=t, alpha=alpha, alpha_prev=alpha_prev) -> torch.Tensor:
-            eps, x0 = split_prediction(model_output(x_in, t, i), x_in, alpha, prediction_type)
-            return ddim_step(eps, x0, alpha_prev)
+        def step(x_in: torch.Tensor, i=i, t=t) -> torch.Tensor:
+            eps, x0 = schedule.split(model_output(x_in, t, i), x_in, i)
+            return schedule.step(eps, x0, i)
 
         x = _checkpoint(step, x, use_reentrant=False) if checkpoint and torch.is_grad_enabled() else step(x)
         if callback is not None:
@@ -68,18 +134,20 @@ def ddim_sample(model_output: Denoise, x: torch.Tensor, schedule: Schedule, pred
     return x
 
 
-def ddim_invert(
-    model_output: Denoise, x0: torch.Tensor, schedule: Schedule, prediction_type: str = "epsilon"
-) -> list[torch.Tensor]:
-    """DDIM inversion from a clean latent up to x_T; returns the trajectory [x_0, ..., x_T]
-    (index k is the latent before sampling step S-k)."""
-    xs = [x0]
-    x = x0
-    ts, alphas, alphas_prev = schedule.timesteps.flip(0), schedule.alphas.flip(0), schedule.alphas_prev.flip(0)
-    for i, t in enumerate(ts):
-        a_from, a_to = alphas_prev[i].to(x), alphas[i].to(x)
-        eps, _ = split_prediction(model_output(x, t, len(ts) - 1 - i), x, a_to, prediction_type)
-        x0_pred = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-        x = a_to.sqrt() * x0_pred + (1 - a_to).sqrt() * eps
+def invert(model_output: ModelOutput, x0: torch.Tensor, schedule: Schedule) -> list[torch.Tensor]:
+    """Inversion from a clean latent up to the first step's x; returns the trajectory [x_0, ..., x_T]
+    (index k is the latent before sampling step S-k). Each step reads the model at the noisier end, from
+    the current x: DDIM inversion for variance-preserving models, the flow-ODE (Euler) inversion for flow."""
+    xs, x, S = [x0], x0, len(schedule)
+    for k in range(S):
+        i = S - 1 - k  # the sampling step this inversion step undoes
+        a_from, b_from = schedule.signal_prev[i].to(x), schedule.noise_prev[i].to(x)
+        out = model_output(x, schedule.timesteps[i], i)
+        if schedule.prediction_type == "flow":  # v read at x's own level: exactly x + (sigma_i - sigma_from) v
+            eps, x0_pred = x + a_from * out, x - b_from * out
+        else:  # DDIM inversion: eps as read at step i's level, x0 from x's level
+            eps, _ = schedule.split(out, x, i)
+            x0_pred = (x - b_from * eps) / a_from
+        x = schedule.noised(x0_pred, eps, i)
         xs.append(x)
     return xs

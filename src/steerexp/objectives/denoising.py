@@ -1,5 +1,6 @@
-"""denoising: the textual-inversion loss, MSE between the frozen UNet's prediction and its target
-(the noise for epsilon-prediction, the velocity for v-prediction), as the scheduler says,
+"""denoising: the textual-inversion loss, MSE between the frozen denoiser's prediction and its target
+(the noise for epsilon-prediction, the velocity for v-prediction, eps - x0 for flow matching; the
+generator's `training_pair` says which),
 
     loss = mean || eps_theta(noisy(latents, noise, t), t, cond) - target ||^2,   t ~ U[min_timestep, max_timestep)
 
@@ -26,11 +27,9 @@ class Denoising(Term):
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         generator, latents, rng = inputs.generator, inputs.latents, inputs.rng
-        sched = generator.scheduler
-        hi = min(self.max_timestep, sched.config.num_train_timesteps)
+        hi = min(self.max_timestep, generator.scheduler.config.num_train_timesteps)
         noise = torch.randn(latents.shape, generator=rng).to(latents)
         t = torch.randint(self.min_timestep, hi, (len(latents),), generator=rng).to(latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if generator.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        pred = generator.unet(noisy, t, inputs.cond).sample
+        noisy, t_model, target = generator.training_pair(latents, noise, t)
+        pred = generator.denoise(noisy, t_model, inputs.cond)
         return F.mse_loss(pred.float(), target.float())

@@ -153,10 +153,10 @@ def sample_with_nulls(gen: FrozenGenerator, cond: torch.Tensor, latents: torch.T
     def fn(x, t, i):
         u = uncond[:, i] if per_step else uncond
         u = u.expand(cond.shape[0], -1, -1) if u.shape[0] != cond.shape[0] else u
-        return gen.unet_output(x, t.to(gen.device), cond, u.to(gen.device, gen.dtype), guidance, i, steps)
+        return gen.model_output(x, t.to(gen.device), cond, u.to(gen.device, gen.dtype), guidance, i, steps)
 
     with torch.no_grad():
-        return sampling.ddim_sample(fn, latents, schedule, gen.prediction_type)
+        return sampling.sample(fn, latents, schedule)
 
 
 class DDIMInversion(TrainingFree):
@@ -350,12 +350,11 @@ class DDIMInversion(TrainingFree):
         x0 = self.x0[sl]
         noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(i))
                              for i in range(sl.start, sl.stop)]).to(x0)
-        a = schedule.alphas[k].to(x0)
-        x = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        part = sampling.Schedule(schedule.timesteps[k:], schedule.alphas[k:], schedule.alphas_prev[k:])
+        x = schedule.noised(x0, noise, k)
+        part = schedule.starting_at(k)
         u = uncond.expand(len(x0), -1, -1)
-        fn = lambda z, t, i: gen.unet_output(z, t.to(gen.device), cond, u, guidance, i, S)
-        return sampling.ddim_sample(fn, x, part, gen.prediction_type)
+        fn = lambda z, t, i: gen.model_output(z, t.to(gen.device), cond, u, guidance, i, S)
+        return sampling.sample(fn, x, part)
 
     def _run(self, method: str, prompts: list[str] | None) -> torch.Tensor:
         """Decoded images of every target for a method: reconstruction (prompts None) or edit."""

@@ -64,7 +64,7 @@ class EmbeddingArithmetic(TrainingFree):
         self.base_contexts, self.target_contexts = base_contexts, target_contexts
         self.mode, self.gate, self.slot_word = mode, gate, slot_word
         self.strength = float(alpha)  # the edit adds strength * direction
-        L, D = generator.tokenizer.model_max_length, generator.embed_dim
+        L, D = generator.cond_shape
         self.direction = nn.Parameter(torch.zeros(L, D), requires_grad=False)
         self.register_buffer("context_centroid", torch.zeros(D))
 

@@ -20,7 +20,7 @@ import torch
 
 from steerexp import scorers
 from steerexp.generators import FrozenGenerator
-from steerexp.generators.sampling import ddim_sample, split_prediction
+from steerexp.generators import sampling
 from steerexp.techniques.base import TrainingFree
 
 NAMES = {"concept": "classifier"}  # the option's old name
@@ -81,7 +81,8 @@ class EnergyGuidance(TrainingFree):
     def deltas(self) -> dict[str, torch.Tensor]:
         return {"scale": torch.tensor(self.strength)}
 
-    def grad_log_p(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def grad_log_p(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor, schedule: sampling.Schedule,
+                   i: int) -> torch.Tensor:
         """d log p(target) / d x_t at one step: read from x_t itself by a noisy scorer, else through
         the decoded x0-estimate (the model output held fixed)."""
         gen, log_p = self.generator, self.log_p()
@@ -90,8 +91,8 @@ class EnergyGuidance(TrainingFree):
             if self.scorer_kind() == "noisy":
                 lp = log_p(x_in, t.to(gen.device))
             else:
-                eps, _ = split_prediction(out, x_in, alpha, gen.prediction_type)
-                lp = log_p(gen.decode_latents((x_in - (1 - alpha).sqrt() * eps) / alpha.sqrt()))
+                _, x0 = schedule.split(out, x_in, i)
+                lp = log_p(gen.decode_latents(x0))
             (grad,) = torch.autograd.grad(lp.sum(), x_in)
         return grad
 
@@ -101,20 +102,16 @@ class EnergyGuidance(TrainingFree):
 
         def fn(x, t, i):
             with torch.no_grad():
-                out = gen.unet_output(x, t.to(gen.device), cond, uncond, self.guidance, i, steps)
+                out = gen.model_output(x, t.to(gen.device), cond, uncond, self.guidance, i, steps)
             frac = (i + 0.5) / steps
             if self.strength == 0 or not self.start <= frac < self.end:
                 return out
-            alpha = schedule.alphas[i].to(x)
-            grad = self.grad_log_p(x, t, out, alpha)
-            eps, _ = split_prediction(out, x, alpha, gen.prediction_type)
-            eps_new = eps - self.strength * (1 - alpha).sqrt() * grad
-            if gen.prediction_type == "epsilon":
-                return eps_new
-            x0_new = (x - (1 - alpha).sqrt() * eps_new) / alpha.sqrt()
-            return alpha.sqrt() * eps_new - (1 - alpha).sqrt() * x0_new  # back to v
+            grad = self.grad_log_p(x, t, out, schedule, i)
+            eps, _ = schedule.split(out, x, i)
+            eps_new = eps - self.strength * schedule.coefficients(i, x)[1] * grad  # eps - b_t * grad log p
+            return schedule.output(eps_new, x, i)  # back to the model's own prediction type
 
-        return ddim_sample(fn, latents, schedule, gen.prediction_type)
+        return sampling.sample(fn, latents, schedule)
 
     def generate(self, prompts: list[str], seeds: list[int], edited: bool) -> torch.Tensor:
         texts = [self.fill(p) for p in prompts]

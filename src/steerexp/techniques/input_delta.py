@@ -74,10 +74,10 @@ class InputDelta(Trainable):
         self.tokens = (
             tokens if isinstance(tokens, str) else [int(i) for i in ([tokens] if isinstance(tokens, int) else tokens)]
         )
-        self.word_ids = self._token_spec()
+        self.word_rows = self._token_spec()
         self.budget_cfg.check(self.use_text, self.use_latent, per_seed=latent_mode == "per_seed")
         if self.use_text:
-            n = generator.tokenizer.model_max_length if self.tokens == "all" else len(self.word_ids or self.tokens)
+            n = generator.cond_shape[0] if self.tokens == "all" else (self.word_rows or len(self.tokens))
             self.text_delta = nn.Parameter(torch.zeros(n, generator.embed_dim))
         if self.use_latent:
             shape = generator.latent_shape()
@@ -87,37 +87,32 @@ class InputDelta(Trainable):
         self._start: dict[int, torch.Tensor] = {}  # pair index -> zero-delta image
 
     # ------------------------------------------------------------------ validation
-    def _token_spec(self) -> list[int] | None:
-        """The word's token ids for `tokens: <word>` (None for `all` or explicit indices)."""
-        L = self.generator.tokenizer.model_max_length
+    def _token_spec(self) -> int | None:
+        """How many conditioning rows the word of `tokens: <word>` takes (None for `all` or explicit indices)."""
+        L = self.generator.cond_shape[0]
         if isinstance(self.tokens, list):
             if not self.tokens or any(not 0 <= i < L for i in self.tokens) or len(set(self.tokens)) != len(self.tokens):
                 raise ValueError(f"technique.tokens indices must be distinct and in [0, {L}), got {self.tokens}")
             return None
         if self.tokens == "all":
             return None
-        ids = self.generator.tokenizer(self.tokens, add_special_tokens=False).input_ids
-        if not ids or not self.tokens.strip():
+        n = self.generator.word_length(self.tokens) if self.tokens.strip() else 0
+        if not n:
             raise ValueError(f"technique.tokens {self.tokens!r} is empty; use all, a word of the prompts, or indices")
-        return ids
+        return n
 
     # ------------------------------------------------------------------ deltas as applied
     def positions(self, ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Per prompt, the token positions delta_text writes to (None: the prompt lacks the word)."""
-        L = ids.shape[1]
         if self.tokens == "all":
-            return [torch.arange(L)] * len(ids)
-        if self.word_ids is None:
+            return [torch.arange(self.generator.cond_shape[0])] * len(ids)
+        if self.word_rows is None:
             return [torch.tensor(self.tokens)] * len(ids)
-        n, out = len(self.word_ids), []
-        for row in ids.tolist():
-            starts = [i for i in range(L - n + 1) if row[i : i + n] == self.word_ids]
-            out.append(torch.arange(starts[0], starts[0] + n) if starts else None)
-        return out
+        return self.generator.word_positions(ids, self.tokens)
 
     def text_delta_for(self, ids: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """[B, L, D]: delta_text scattered onto each prompt's positions, zero elsewhere (differentiable)."""
-        B, L = ids.shape
+        B, L = len(ids), self.generator.cond_shape[0]
         if self.tokens == "all":
             return strength * self.text_delta.expand(B, L, -1)
         full = self.text_delta.new_zeros(B, L, self.text_delta.shape[-1])
@@ -156,7 +151,7 @@ class InputDelta(Trainable):
             )
         gen = self.generator
         ids = gen.tokenize(self.prompts)
-        if self.use_text and self.word_ids is not None:
+        if self.use_text and self.word_rows is not None:
             missing = [p for p, pos in zip(self.prompts, self.positions(ids.cpu())) if pos is None]
             if missing:
                 raise ValueError(f"technique.tokens {self.tokens!r} does not occur in training prompt(s) {missing}")

@@ -265,11 +265,11 @@ class Nudging(TrainingFree):
         gen = self.generator
         t = gen.schedule(self.sampling_steps).timesteps[0].to(gen.device)
         with torch.no_grad():
-            eps_empty = gen.unet(z0, t, uncond.expand(len(z0), -1, -1)).sample
+            eps_empty = gen.denoise(z0, t, uncond.expand(len(z0), -1, -1))
         d = d.clone().requires_grad_(True)
         opt = torch.optim.Adam([d], lr=self.opt_lr)
         for _ in range(self.opt_steps):
-            loss = (gen.unet(z0, t, cond + d).sample - eps_empty).flatten(1).norm(dim=-1).sum()
+            loss = (gen.denoise(z0, t, cond + d) - eps_empty).flatten(1).norm(dim=-1).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()

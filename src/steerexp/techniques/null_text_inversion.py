@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from steerexp.generators import FrozenGenerator, sampling
+from steerexp.generators import FrozenGenerator
 from steerexp.techniques.budgets import Budget
 from steerexp.techniques.ddim_inversion import DDIMInversion
 
@@ -69,7 +69,7 @@ class NullTextInversion(DDIMInversion):
         self.inner_steps, self.lr, self.lr_decay = inner_steps, lr, lr_decay
         self.budget = Budget.from_config(budget)  # ||null_t - null_empty|| per token row
         self.early_stopping, self.early_stop, self.early_stop_growth = early_stopping, early_stop, early_stop_growth
-        L, D = generator.tokenizer.model_max_length, generator.embed_dim
+        L, D = generator.cond_shape
         self.null_embeddings = nn.Parameter(torch.zeros(0, self.sampling_steps, L, D), requires_grad=False)
         self.history: dict[str, list[float]] = {}
 
@@ -90,13 +90,12 @@ class NullTextInversion(DDIMInversion):
         self.seconds["nti"] = time.process_time() - start  # the optimisation alone (seconds["invert"]: the pivot)
         self._cache.clear()
 
-    def step_to(self, x, t, out_c, null, alpha, alpha_prev, i):
-        """The guided DDIM step from x with this null (differentiable in null)."""
+    def step_to(self, x, t, out_c, null, schedule, i):
+        """The guided sampler step from x with this null (differentiable in null)."""
         gen = self.generator
-        out_u = gen.unet(x, t, null.to(gen.dtype)).sample
+        out_u = gen.denoise(x, t, null.to(gen.dtype))
         guided = self.guidance.combine(out_c, out_u, i, self.sampling_steps)
-        eps, x0 = sampling.split_prediction(guided, x, alpha, gen.prediction_type)
-        return sampling.ddim_step(eps, x0, alpha_prev)
+        return schedule.step(*schedule.split(guided, x, i), i)
 
     def optimise_batch(self, sl: slice) -> dict[str, torch.Tensor]:
         """Algorithm 1 of Mokady et al. for the images `sl`, all at once."""
@@ -110,23 +109,22 @@ class NullTextInversion(DDIMInversion):
         nulls = torch.zeros(n, S, *empty.shape[1:])
         for i, t in enumerate(schedule.timesteps):
             t = t.to(gen.device)
-            alpha, alpha_prev = schedule.alphas[i].to(x), schedule.alphas_prev[i].to(x)
             target = self.pivots[S - 1 - i][sl]
             with torch.no_grad():
-                out_c = gen.unet(x, t, cond).sample
+                out_c = gen.denoise(x, t, cond)
                 loss_of = lambda nl: (
-                    (self.step_to(x, t, out_c, nl, alpha, alpha_prev, i) - target).pow(2).flatten(1).mean(1)
+                    (self.step_to(x, t, out_c, nl, schedule, i) - target).pow(2).flatten(1).mean(1)
                 )
                 rec["loss_empty"][:, i] = loss_of(empty).float().cpu()
-            null = self.optimise_step(x, t, out_c, null, target, alpha, alpha_prev, i, empty, rec)
+            null = self.optimise_step(x, t, out_c, null, target, schedule, i, empty, rec)
             with torch.no_grad():
-                x_next = self.step_to(x, t, out_c, null, alpha, alpha_prev, i)
+                x_next = self.step_to(x, t, out_c, null, schedule, i)
                 rec["loss_end"][:, i] = (x_next - target).pow(2).flatten(1).mean(1).float().cpu()
             nulls[:, i] = null.float().cpu()
             x = x_next  # x_bar_{t-1}: where NTI's own sampler is
         return {"nulls": nulls, **rec}
 
-    def optimise_step(self, x, t, out_c, null, target, alpha, alpha_prev, i, empty, rec) -> torch.Tensor:
+    def optimise_step(self, x, t, out_c, null, target, schedule, i, empty, rec) -> torch.Tensor:
         """Adam on this step's null (warm start `null`); images that reach the threshold stop."""
         S = self.sampling_steps
         null = null.detach().clone().requires_grad_(True)
@@ -139,7 +137,7 @@ class NullTextInversion(DDIMInversion):
                 break
             idx = active.nonzero().squeeze(1)
             per = (
-                (self.step_to(x[idx], t, out_c[idx], null[idx], alpha, alpha_prev, i) - target[idx])
+                (self.step_to(x[idx], t, out_c[idx], null[idx], schedule, i) - target[idx])
                 .pow(2)
                 .flatten(1)
                 .mean(1)

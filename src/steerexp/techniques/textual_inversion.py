@@ -102,7 +102,7 @@ class TextualInversion(Trainable):
         self.flip, self.crop, self.captioned, self.seed = flip, crop, captioned, seed
         self.target_templates: list[list[str]] | None = None
         self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
-        d = generator.embed_dim
+        d = generator.token_dim  # every text encoder's row side by side (SDXL: CLIP-L then CLIP-G)
         self.embeddings = nn.Parameter(torch.zeros(num_vectors, d))
         self.register_buffer("initial", torch.zeros(num_vectors, d))
         self.token_ids: list[int] = []
@@ -112,12 +112,7 @@ class TextualInversion(Trainable):
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
         gen = self.generator
-        init_ids = gen.tokenizer(self.initializer, add_special_tokens=False).input_ids
-        if len(init_ids) != 1:
-            raise ValueError(
-                f"technique.initializer {self.initializer!r} must be a single token for this tokenizer "
-                f"(it splits into {len(init_ids)}); pick a one-token word such as 'object'"
-            )
+        init = gen.initializer_embedding(self.initializer)  # raises if the word is not one token
         resolution = gen.resolution
         tc = self.targets_cfg
         self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], resolution)
@@ -127,7 +122,7 @@ class TextualInversion(Trainable):
             self.target_templates = [[world.caption(sc, rng, shape_word="{}") for _ in range(8)] for sc in described]
         self.token_ids = gen.add_tokens(self.tokens)
         with torch.no_grad():
-            init = gen.token_embedding(init_ids * self.num_vectors).float().cpu()
+            init = init.expand(self.num_vectors, -1)
             self.initial.copy_(init)
             self.embeddings.copy_(init)
             images = self.target_images
@@ -158,9 +153,9 @@ class TextualInversion(Trainable):
         """The table of every added token's embedding, in id order (rows for our tokens only)."""
         gen = self.generator
         vectors = self.embeddings if strength == 1.0 else self.initial + strength * (self.embeddings - self.initial)
-        n_added = len(gen.tokenizer) - gen.base_vocab_size
-        rows = torch.tensor(self.token_ids, device=self.embeddings.device) - gen.base_vocab_size
-        table = torch.zeros(n_added, gen.embed_dim, device=self.embeddings.device, dtype=self.embeddings.dtype)
+        rows = torch.tensor(self.token_ids, device=self.embeddings.device)
+        table = torch.zeros(len(gen.added_tokens), gen.token_dim, device=self.embeddings.device,
+                            dtype=self.embeddings.dtype)
         return table.index_copy(0, rows, vectors)
 
     # ------------------------------------------------------------------ training
@@ -204,8 +199,6 @@ class TextualInversion(Trainable):
 
     def export(self, run_dir) -> list[str]:
         vectors = self.embeddings.detach().cpu().contiguous()
-        save_file(
-            {self.placeholder: vectors[0] if self.num_vectors == 1 else vectors},
-            str(Path(run_dir) / "learned_embeds.safetensors"),
-        )
+        save_file(self.generator.embedding_file(self.placeholder, vectors),
+                  str(Path(run_dir) / "learned_embeds.safetensors"))
         return ["learned_embeds.safetensors"]

@@ -1,0 +1,56 @@
+"""The `sd` family: Stable Diffusion 1.x/2.x (and the embedded shapes generator, built the same way).
+
+One CLIP text encoder whose last hidden states are the conditioning, a UNet2DConditionModel with
+cross-attention, and DDIM over the scheduler's alphas (epsilon or v prediction).
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from steerexp.generators import sampling
+from steerexp.generators.frozen import FrozenGenerator, TextEncoder, load_pipeline
+
+
+class SDGenerator(FrozenGenerator):
+    family = "sd"
+    pipeline_class = StableDiffusionPipeline
+    capabilities = frozenset({"cfg", "cross_attention", "vp"})
+
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device="cpu", dtype=torch.float32):
+        super().__init__([TextEncoder("clip_l", tokenizer, text_encoder)], unet, vae,
+                         DDIMScheduler.from_config(scheduler.config), device, dtype)
+
+    @classmethod
+    def from_pipeline(cls, pipe, device, dtype) -> "SDGenerator":
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler, device, dtype)
+
+    @classmethod
+    def load(cls, path, dtype: str):
+        return load_pipeline(cls.pipeline_class, path, dtype, safety_checker=None, feature_extractor=None,
+                             requires_safety_checker=False)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.denoiser
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self.encoders[0].vocab_size
+
+    def _encode(self, ids: list[torch.Tensor]) -> torch.Tensor:
+        return self.text_encoder(ids[0])[0]
+
+    def denoise(self, x, t, cond, guidance_scale=None):
+        return self.unet(x, t, cond).sample
+
+    def schedule(self, steps: int) -> sampling.Schedule:
+        return sampling.Schedule.from_ddim(self.scheduler, steps)
+
+    def latent_shape(self, height=None, width=None):
+        c, h, w = super().latent_shape(height, width)
+        return (self.unet.config.in_channels, h, w)
+
+    def embedding_file(self, placeholder, vectors):
+        """learned_embeds.safetensors as StableDiffusionPipeline.load_textual_inversion reads it."""
+        return {placeholder: (vectors[0] if len(vectors) == 1 else vectors).contiguous()}
