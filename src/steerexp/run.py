@@ -57,8 +57,13 @@ def build(cfg: DictConfig):
     evaluators = (
         [_instantiate(cfg.evaluator[k]) for k in cfg.evaluator] if cfg.get("evaluator") else []
     )
+    technique_cls = get_object(cfg.technique._target_)  # (allowlisted above)
+    if cfg.generator.get("_target_") == "steerexp.generators.load_generator":  # a technique the family cannot run
+        from steerexp.generators import check_applies, family_of  # fails here, before the weights load
+
+        check_applies(technique_cls, cfg.technique, family_of(cfg.generator.get("path")))
     generator = _instantiate(cfg.generator)
-    learns = getattr(get_object(cfg.technique._target_), "trainable", False)  # (allowlisted above)
+    learns = getattr(technique_cls, "trainable", False)
     objective = {"objective": _instantiate(cfg.objective)} if learns and cfg.get("objective") else {}
     technique = _instantiate(cfg.technique, generator=generator, **objective, _recursive_=False,
                              sampling=OmegaConf.to_container(cfg.sampling, resolve=True))

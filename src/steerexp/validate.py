@@ -70,6 +70,7 @@ def validate(cfg: DictConfig) -> list[str]:
     _check_targets(cfg)
     _check_values(c)
     gen = _check_generator(c)
+    _check_family(c, gen)
     _check_sampling_limits(c, gen)
     _check_paths(c)
     _check_checkpoint(c)
@@ -761,6 +762,31 @@ def _check_generator(c: dict) -> GeneratorInfo:
         raise ConfigError("generator.dtype", f"fp16 does not run on the CPU ({why})",
                           "set generator.dtype=fp32 (or bf16), or run on a CUDA device")
     return GeneratorInfo(folder)
+
+
+def _check_family(c: dict, gen: GeneratorInfo) -> None:
+    """A pipeline class steerexp supports, and a technique its family can run: one line, before any model loads.
+    The sd family (the shapes generator among it) runs every technique, so only other families import the
+    technique's class to ask what it needs."""
+    if gen.folder is None or _target(c, "generator") != "steerexp.generators.load_generator":
+        return
+    from steerexp import generators
+
+    index = _read_json(gen.folder / "model_index.json", "generator.path", required=False)
+    pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
+    if pipeline_class not in generators.FAMILIES:
+        supported = ", ".join(generators.FAMILIES)
+        raise ConfigError("generator.path", f"holds a {pipeline_class} pipeline, which steerexp does not support",
+                          f"use a pipeline of a supported class: {supported}")
+    family = generators.FAMILIES[pipeline_class][0]
+    target = _target(c, "technique")
+    if family == "sd" or not target:
+        return
+    from hydra.utils import get_class
+
+    why = generators.inapplicable(get_class(target), c.get("technique") or {}, family)
+    if why:
+        raise ConfigError("technique", why)
 
 
 def check_pipeline_folder(folder: Path, key: str = "generator.path") -> None:

@@ -5,7 +5,8 @@
     sd3    SD3: MMDiT, flow matching, CLIP-L/G and optional T5            (sd3.py)
     flux   FLUX: flow matching with distilled guidance, CLIP pooled + T5  (flux.py)
 
-`load_generator` reads the family from the pipeline folder's model_index.json (`_class_name`).
+`load_generator` reads the family from the pipeline folder's model_index.json (`_class_name`). This module
+is light (no torch until a generator loads): config validation reads the family table below.
 """
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ import json
 from pathlib import Path
 
 from steerexp import ASSETS
-from steerexp.generators.frozen import DTYPES, FrozenGenerator, GeneratorChangedError, Guidance, resolve_device  # noqa: F401
+
+_FROM_FROZEN = ("DTYPES", "FrozenGenerator", "GeneratorChangedError", "Guidance", "resolve_device")
+
+
+def __getattr__(name: str):
+    """The interface's names (FrozenGenerator, Guidance, ...) import torch and diffusers on first use."""
+    if name in _FROM_FROZEN:
+        from steerexp.generators import frozen
+
+        return getattr(frozen, name)
+    raise AttributeError(f"module 'steerexp.generators' has no attribute {name!r}")
+
 
 SHAPES_PATH = ASSETS / "shapes"
 
@@ -27,7 +39,38 @@ FAMILIES = {
 }
 
 
-def family_class(pipeline_class: str) -> type[FrozenGenerator]:
+# what each family offers the techniques (Technique.requirements names these)
+CAPABILITIES = {
+    "sd": frozenset({"cfg", "cross_attention", "vp"}),    # classifier-free guidance, a cross-attention UNet, DDPM noise
+    "sdxl": frozenset({"cfg", "cross_attention", "vp"}),
+    "sd3": frozenset({"cfg"}),                            # joint attention, flow matching
+    "flux": frozenset(),                                  # distilled guidance: no unconditional branch
+}
+
+
+def family_of(path: str | Path | None) -> str:
+    """The family of a pipeline folder or hub id (the embedded shapes generator when None), from model_index.json."""
+    pipeline_class = pipeline_class_of(path or SHAPES_PATH)
+    family_class(pipeline_class)  # unsupported: the one-line error naming the supported classes
+    return FAMILIES[pipeline_class][0]
+
+
+def inapplicable(technique_cls, technique_cfg, family: str) -> str | None:
+    """Why a technique so configured cannot run on the family (None: it can)."""
+    for capability, why in technique_cls.requirements(technique_cfg).items():
+        if capability not in CAPABILITIES[family]:
+            return f"{technique_cls.__name__} does not apply to the {family} generator family: {why}"
+    return None
+
+
+def check_applies(technique_cls, technique_cfg, family: str) -> None:
+    """One clear line when a technique so configured needs what the family lacks (before any model loads)."""
+    why = inapplicable(technique_cls, technique_cfg, family)
+    if why:
+        raise ValueError(f"technique: {why}")
+
+
+def family_class(pipeline_class: str):
     if pipeline_class not in FAMILIES:
         supported = ", ".join(f"{k} ({v[0]})" for k, v in FAMILIES.items())
         raise ValueError(f"generator.path holds a {pipeline_class} pipeline, which steerexp does not support; "
@@ -38,6 +81,11 @@ def family_class(pipeline_class: str) -> type[FrozenGenerator]:
 
 def pipeline_class_of(path: str | Path) -> str:
     """model_index.json's _class_name of a local pipeline folder or a hub id (which fetches only that file)."""
+    return pipeline_index(path)["_class_name"]
+
+
+def pipeline_index(path: str | Path) -> dict:
+    """model_index.json of a local pipeline folder or a hub id (which fetches only that file)."""
     path_str = str(path)
     local = Path(path_str).expanduser()
     looks_like_hub_id = path_str.count("/") == 1 and not path_str.startswith((".", "/", "~"))
@@ -48,18 +96,20 @@ def pipeline_class_of(path: str | Path) -> str:
         index = local / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{local} is not a diffusers pipeline folder: model_index.json is missing")
-        return json.loads(index.read_text())["_class_name"]
+        return json.loads(index.read_text())
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.load_config(path_str)["_class_name"]
+        return dict(DiffusionPipeline.load_config(path_str))
     except OSError as err:
         raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
                                 f"is unreachable or has no such model): {err}") from err
 
 
-def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32") -> FrozenGenerator:
+def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32"):
     """The generator of a diffusers pipeline folder or hub id, its family read from model_index.json."""
+    from steerexp.generators.frozen import DTYPES, resolve_device
+
     if dtype not in DTYPES:
         raise ValueError(f"generator.dtype must be one of {list(DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
@@ -69,7 +119,7 @@ def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32")
     return cls.from_pipeline(cls.load(path, dtype), dev, DTYPES[dtype])
 
 
-def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32") -> FrozenGenerator:
+def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32"):
     """The embedded shapes generator (path None) or any supported pipeline folder / hub id.
     `world` says what it draws: "shapes" for the embedded one or any pipeline `steerexp-pretrain` built
     (a recipe.json beside it), else None (the evaluators then judge with a learned scorer)."""

@@ -58,11 +58,14 @@ class Schedule:
         return cls(ts, *vp(now), *vp(prev), scheduler.config.prediction_type)
 
     @classmethod
-    def from_flow(cls, scheduler, steps: int, mu: float | None = None) -> "Schedule":
-        """The Euler steps of a flow-matching scheduler (its shifted sigmas; `mu` for dynamic shifting)."""
+    def from_flow(cls, scheduler, steps: int, mu: float | None = None, sigmas: list[float] | None = None) -> "Schedule":
+        """The Euler steps of a flow-matching scheduler: its shifted sigmas (from `sigmas` when given, as the
+        FLUX pipeline gives them; `mu` for dynamic shifting)."""
         _check_steps(steps)
         kw = {"mu": mu} if getattr(scheduler.config, "use_dynamic_shifting", False) else {}
-        scheduler.set_timesteps(steps, **kw)
+        if sigmas is not None:
+            kw["sigmas"] = list(sigmas)
+        scheduler.set_timesteps(None if sigmas is not None else steps, **kw)
         sigmas = scheduler.sigmas.double().cpu()  # [S + 1], ending at 0
         now, prev = sigmas[:-1], sigmas[1:]
         return cls(scheduler.timesteps.float().cpu(), (1 - now).float(), now.float(), (1 - prev).float(),

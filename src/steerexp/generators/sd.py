@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from steerexp.generators import sampling
+from steerexp.generators import CAPABILITIES, sampling
 from steerexp.generators.frozen import FrozenGenerator, TextEncoder, load_pipeline
 
 
 class SDGenerator(FrozenGenerator):
     family = "sd"
     pipeline_class = StableDiffusionPipeline
-    capabilities = frozenset({"cfg", "cross_attention", "vp"})
+    capabilities = CAPABILITIES["sd"]
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device="cpu", dtype=torch.float32):
         super().__init__([TextEncoder("clip_l", tokenizer, text_encoder)], unet, vae,

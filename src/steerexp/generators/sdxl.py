@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
+from steerexp.generators import CAPABILITIES
 from steerexp.generators.frozen import FrozenGenerator, TextEncoder, load_pipeline
 from steerexp.generators.sd import SDGenerator
 
@@ -19,6 +20,7 @@ from steerexp.generators.sd import SDGenerator
 class SDXLGenerator(SDGenerator):
     family = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
+    capabilities = CAPABILITIES["sdxl"]
 
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae, scheduler, device="cpu",
                  dtype=torch.float32, force_zeros_for_empty_prompt: bool = True):

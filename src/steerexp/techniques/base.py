@@ -63,6 +63,12 @@ class Technique(nn.Module):
         self.last_good: dict[str, torch.Tensor] | None = None
         self.nan_step: int | None = None
 
+    @classmethod
+    def requirements(cls, cfg: Mapping) -> dict[str, str]:
+        """What this technique, so configured, needs of the generator family: capability -> why (the
+        capabilities: generators/__init__.py CAPABILITIES). Checked before the generator loads."""
+        return {}
+
     # ----------------------------------------------------------------- what subclasses provide
     def prepare(self) -> None:
         """Load and validate inputs, cache what computing or training needs. Called before any heavy work."""

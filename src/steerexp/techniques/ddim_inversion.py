@@ -163,6 +163,13 @@ class DDIMInversion(TrainingFree):
     """Invert target images at w = `invert_guidance` (1), reconstruct or edit at `guidance_scale`
     (null: sampling.guidance_scale), in `sampling.steps` DDIM steps."""
 
+    @classmethod
+    def requirements(cls, cfg):
+        if ((cfg.get("edit") or {}).get("control") or None) == "p2p":
+            return {"cross_attention": "Prompt-to-Prompt (edit.control=p2p) edits a UNet's cross-attention maps, and "
+                                       "this family's transformer has joint attention instead; use edit.control=null"}
+        return {}
+
     def __init__(self, generator: FrozenGenerator, targets: dict | None = None, edit: dict | None = None,
                  invert_guidance: float = 1.0, guidance_scale: float | None = None, batch_size: int = 16,
                  sampling: dict | None = None):

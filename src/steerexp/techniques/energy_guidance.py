@@ -28,6 +28,13 @@ GUIDING_KINDS = {"classifier", "user", "noisy", "clip"}  # scorer kinds with a g
 
 
 class EnergyGuidance(TrainingFree):
+    @classmethod
+    def requirements(cls, cfg):
+        if cfg.get("scorer") == "noisy":
+            return {"vp": "the noisy scorer reads latents noised by the shapes generator's DDPM schedule; use "
+                          "technique.scorer=classifier (or robust, clip), which reads the decoded x0 estimate"}
+        return {}
+
     def __init__(self, generator: FrozenGenerator, scorer: str = "classifier", head: str = "size",
                  target: str = "large", clip_text: str | None = None, scale: float = 5.0, start: float = 0.0,
                  end: float = 0.8, slot_word: str = "object", sampling: dict | None = None):
@@ -124,9 +131,8 @@ class EnergyGuidance(TrainingFree):
         for i in range(0, len(texts), 32):
             with torch.no_grad():
                 cond = gen.encode_prompt(texts[i : i + 32])
-            z = self.guided_sample(
-                cond, uncond.expand(len(cond), -1, -1), gen.initial_latents(seeds[i : i + 32]), self.sampling_steps
-            )
+            u = uncond.expand(len(cond), -1, -1) if uncond is not None else None  # None: distilled guidance
+            z = self.guided_sample(cond, u, gen.initial_latents(seeds[i : i + 32]), self.sampling_steps)
             with torch.no_grad():
                 out.append(gen.decode_latents(z).float().cpu())
         return torch.cat(out)

@@ -17,6 +17,13 @@ from steerexp.techniques.base import TrainingFree
 
 
 class GuidanceTuning(TrainingFree):
+    @classmethod
+    def requirements(cls, cfg):
+        if cfg.get("negative_prompt") or cfg.get("rescale") or cfg.get("schedule", "constant") != "constant":
+            return {"cfg": "negative prompts, guidance rescale and guidance schedules act on the unconditional branch, "
+                           "and this family's guidance is distilled (one conditional pass); tune technique.scale only"}
+        return {}
+
     def __init__(self, generator: FrozenGenerator, scale: float = 7.5, rescale: float = 0.0,
                  schedule: str = "constant", interval_start: float = 0.0, interval_end: float = 1.0,
                  negative_prompt: str = "", negative_mode: str = "uncond", negative_weight: float = 1.0,

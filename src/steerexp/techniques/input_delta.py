@@ -159,7 +159,7 @@ class InputDelta(Trainable):
             self._cache = {
                 "ids": ids,
                 "cond": gen.encode_prompt(ids).float(),
-                "uncond": gen.guidance_embeddings(self.guidance)[0].float(),
+                "uncond": _float(gen.guidance_embeddings(self.guidance)[0]),  # None: distilled guidance
                 "z": gen.initial_latents(self.train_seeds).float(),
             }
 
@@ -197,7 +197,7 @@ class InputDelta(Trainable):
         x = gen.sample(
             cond.to(dtype),
             z.to(dtype),
-            c["uncond"].to(dtype),
+            c["uncond"].to(dtype) if c["uncond"] is not None else None,
             self.train_sampling_steps,
             self.guidance,
             grad=torch.is_grad_enabled(),
@@ -280,3 +280,7 @@ class InputDelta(Trainable):
         return gen.generate(
             texts, seeds, steps=self.sampling_steps, guidance=self.guidance, delta=delta, latents=latents
         )
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.float() if t is not None else None

@@ -26,6 +26,12 @@ from steerexp.techniques.ddim_inversion import DDIMInversion
 class NegativePromptInversion(DDIMInversion):
     """DDIM inversion at w = 1; reconstruct and edit with the source prompt as the null."""
 
+    @classmethod
+    def requirements(cls, cfg):
+        return super().requirements(cfg) | {
+            "cfg": "negative-prompt inversion puts the source prompt in the unconditional branch, and this family's "
+                   "guidance is distilled (no unconditional branch); use ddim_inversion"}
+
     def own_method(self) -> str:
         return "npi"
 

@@ -168,8 +168,8 @@ class NoiseOptimiser(TrainingFree):
     def sample(self, cond, z, uncond, steps: int, grad: bool = False, checkpoint: bool = False) -> torch.Tensor:
         """Decoded images of x_T = z through `steps` DDIM steps (differentiable when `grad`)."""
         gen = self.generator
-        x = gen.sample(cond.to(gen.dtype), z.to(gen.dtype), uncond.to(gen.dtype), steps, self.guidance,
-                       grad=grad, checkpoint=checkpoint)
+        u = uncond.to(gen.dtype) if uncond is not None else None  # None: distilled guidance
+        x = gen.sample(cond.to(gen.dtype), z.to(gen.dtype), u, steps, self.guidance, grad=grad, checkpoint=checkpoint)
         return gen.decode_latents(x).float()
 
     def conditioning(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -265,7 +265,8 @@ class Nudging(TrainingFree):
         gen = self.generator
         t = gen.schedule(self.sampling_steps).timesteps[0].to(gen.device)
         with torch.no_grad():
-            eps_empty = gen.denoise(z0, t, uncond.expand(len(z0), -1, -1))
+            empty = uncond if uncond is not None else gen.encode_prompt([""])  # distilled guidance: no uncond
+            eps_empty = gen.denoise(z0, t, empty.expand(len(z0), -1, -1))
         d = d.clone().requires_grad_(True)
         opt = torch.optim.Adam([d], lr=self.opt_lr)
         for _ in range(self.opt_steps):

@@ -42,6 +42,12 @@ from steerexp.techniques.ddim_inversion import DDIMInversion
 class NullTextInversion(DDIMInversion):
     """DDIM inversion at w = 1, then per-step null embeddings that close the guided trajectory."""
 
+    @classmethod
+    def requirements(cls, cfg):
+        return super().requirements(cfg) | {
+            "cfg": "null-text inversion optimises the unconditional branch's embedding, and this family's guidance "
+                   "is distilled (no unconditional branch); use ddim_inversion"}
+
     def __init__(
         self,
         generator: FrozenGenerator,
