@@ -61,7 +61,8 @@ def build(cfg: DictConfig):
     if cfg.generator.get("_target_") == "steerexp.generators.load_generator":  # a technique the family cannot run
         from steerexp.generators import check_applies, family_of  # fails here, before the weights load
 
-        check_applies(technique_cls, cfg.technique, family_of(cfg.generator.get("path")))
+        family = family_of(cfg.generator.get("path"), cfg.generator.get("embedded") or "shapes")
+        check_applies(technique_cls, cfg.technique, family)
     generator = _instantiate(cfg.generator)
     learns = getattr(technique_cls, "trainable", False)
     objective = {"objective": _instantiate(cfg.objective)} if learns and cfg.get("objective") else {}

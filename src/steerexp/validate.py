@@ -729,8 +729,12 @@ def _check_generator(c: dict) -> GeneratorInfo:
     if not isinstance(gen, dict):
         return GeneratorInfo(None)
     path = gen.get("path")
+    embedded = gen.get("embedded") or "shapes"
+    if embedded not in ("shapes", "shapes_flow"):  # = steerexp.generators.EMBEDDED
+        raise ConfigError("generator.embedded", f"must be shapes or shapes_flow, got {embedded!r}",
+                          "set generator=shapes or generator=shapes_flow (or generator.path to a pipeline folder)")
     if path is None or path == "":
-        folder: Path | None = SHAPES_PATH
+        folder: Path | None = ASSETS / embedded
     elif not isinstance(path, str):
         raise ConfigError("generator.path", f"must be a folder or a hub id, got {path!r}",
                           "set generator.path=/models/sd-v1-5 or org/name (null: the shipped shapes generator)")
@@ -747,6 +751,9 @@ def _check_generator(c: dict) -> GeneratorInfo:
                 "set generator.path to a Stable Diffusion pipeline folder (with model_index.json) "
                 "or a hub id such as org/name",
             )
+    if path is None and not (folder / "model_index.json").is_file():
+        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is not built: {folder} is missing",
+                          "build it with steerexp-pretrain 'stages=[generator_flow]', or use generator=shapes")
     if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
         check_pipeline_folder(folder)
     device = gen.get("device", "auto")

@@ -29,6 +29,7 @@ def __getattr__(name: str):
 
 
 SHAPES_PATH = ASSETS / "shapes"
+EMBEDDED = ("shapes", "shapes_flow")  # the shipped generators (assets/<name>/): generator.embedded
 
 # pipeline class (model_index.json's _class_name) -> (family, "module:class")
 FAMILIES = {
@@ -48,9 +49,9 @@ CAPABILITIES = {
 }
 
 
-def family_of(path: str | Path | None) -> str:
-    """The family of a pipeline folder or hub id (the embedded shapes generator when None), from model_index.json."""
-    pipeline_class = pipeline_class_of(path or SHAPES_PATH)
+def family_of(path: str | Path | None, embedded: str = "shapes") -> str:
+    """The family of a pipeline folder or hub id (an embedded generator when None), from model_index.json."""
+    pipeline_class = pipeline_class_of(path or embedded_path(embedded))
     family_class(pipeline_class)  # unsupported: the one-line error naming the supported classes
     return FAMILIES[pipeline_class][0]
 
@@ -119,10 +120,17 @@ def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32")
     return cls.from_pipeline(cls.load(path, dtype), dev, DTYPES[dtype])
 
 
-def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32"):
-    """The embedded shapes generator (path None) or any supported pipeline folder / hub id.
-    `world` says what it draws: "shapes" for the embedded one or any pipeline `steerexp-pretrain` built
-    (a recipe.json beside it), else None (the evaluators then judge with a learned scorer)."""
-    generator = from_pretrained(path or SHAPES_PATH, device=device, dtype=dtype)
+def embedded_path(name: str = "shapes") -> Path:
+    if name not in EMBEDDED:
+        raise ValueError(f"generator.embedded must be one of {list(EMBEDDED)}, got {name!r}")
+    return ASSETS / name
+
+
+def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32", embedded: str = "shapes"):
+    """An embedded generator (path None: `embedded`, the shapes UNet or shapes_flow) or any supported pipeline
+    folder / hub id. `world` says what it draws: "shapes" for the embedded ones or any pipeline
+    `steerexp-pretrain` built (a recipe.json beside it), else None (the evaluators then judge with a learned
+    scorer)."""
+    generator = from_pretrained(path or embedded_path(embedded), device=device, dtype=dtype)
     generator.world = "shapes" if not path or (Path(path).expanduser().parent / "recipe.json").is_file() else None
     return generator
