@@ -156,12 +156,18 @@ class TextEncoder:
         return int(self.tokenizer.model_max_length)
 
     @property
+    def embedding(self) -> torch.nn.Embedding:
+        """The token embedding the forward pass calls (T5's encoder has its own module sharing `shared`'s weight)."""
+        stack = getattr(self.model, "encoder", None)
+        return getattr(stack, "embed_tokens", None) or self.model.get_input_embeddings()
+
+    @property
     def width(self) -> int:
-        return self.model.get_input_embeddings().embedding_dim
+        return self.embedding.embedding_dim
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_input_embeddings().num_embeddings
+        return self.embedding.num_embeddings
 
     def word_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -309,7 +315,7 @@ class FrozenGenerator:
                     f"technique.initializer {word!r} must be a single token for this tokenizer "
                     f"(it splits into {len(ids)}); pick a one-token word such as 'object'"
                 )
-            table = enc.model.get_input_embeddings().weight
+            table = enc.embedding.weight
             rows.append(table[torch.as_tensor(ids, device=table.device)].float().mean(0))
         return torch.cat(rows).detach().cpu()
 
@@ -365,7 +371,7 @@ class FrozenGenerator:
         for enc, cols in zip(self.encoders, columns):
             if not enc.added_ids:
                 continue
-            handles += _inject(enc.model.get_input_embeddings(), torch.tensor(enc.added_ids), cols)
+            handles += _inject(enc.embedding, torch.tensor(enc.added_ids), cols)
         try:
             yield
         finally:

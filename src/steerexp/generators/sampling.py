@@ -85,7 +85,8 @@ class Schedule:
         return x + a * out, x - b * out  # flow: v = eps - x0
 
     def output(self, eps: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
-        """The model output at step i that `split` reads as this eps (the inverse of `split`)."""
+        """The model output at step i that `split` reads as this eps (the inverse of `split`; undefined at pure
+        noise, a = 0, where every x0 gives the same x)."""
         a, b = self.coefficients(i, x)
         if self.prediction_type == "epsilon":
             return eps

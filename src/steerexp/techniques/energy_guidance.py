@@ -111,7 +111,8 @@ class EnergyGuidance(TrainingFree):
             with torch.no_grad():
                 out = gen.model_output(x, t.to(gen.device), cond, uncond, self.guidance, i, steps)
             frac = (i + 0.5) / steps
-            if self.strength == 0 or not self.start <= frac < self.end:
+            # at pure noise (flow matching's first step, sigma = 1) no x0 fixes eps: nothing to guide there
+            if self.strength == 0 or not self.start <= frac < self.end or float(schedule.signal[i]) == 0:
                 return out
             grad = self.grad_log_p(x, t, out, schedule, i)
             eps, _ = schedule.split(out, x, i)
