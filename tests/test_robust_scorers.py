@@ -193,7 +193,7 @@ def test_noisy_guidance_uses_the_latent_gradient(gen, fresh_scorers):
     tech.prepare()
     assert tech.scorer_kind() == "noisy" and tech.optimised_against() == {"noisy"}
     x, t = gen.initial_latents([0, 1]), torch.tensor(500)
-    grad = tech.grad_log_p(x, t, torch.zeros_like(x), torch.tensor(0.5))
+    grad = tech.grad_log_p(x, t, torch.zeros_like(x), gen.schedule(4), 1)
     z = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(scorers.get("noisy").log_prob(z, t, "size", "large").sum(), z)
     assert torch.allclose(grad, expected)  # no decode: the classifier's own gradient at x_t
