@@ -241,8 +241,8 @@ class FrozenGenerator:
         h = hashlib.sha256()
         for name, module in self.named_modules:
             for key, t in sorted(module.state_dict().items()):
-                h.update(f"{name}.{key}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+                h.update(f"{name}.{key}:{tuple(t.shape)}:{t.dtype}".encode())  # next: the buffer itself, no bytes copy
+                h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
         return h.hexdigest()
 
     def is_frozen(self) -> bool:
