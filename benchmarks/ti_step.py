@@ -39,7 +39,7 @@ def load(path: str | None, resolution: int | None):
     if resolution:
         if resolution % gen.vae_scale_factor:
             raise ValueError(f"--resolution must be a multiple of {gen.vae_scale_factor}, got {resolution}")
-        gen.unet.register_to_config(sample_size=resolution // gen.vae_scale_factor)  # config only, no weights
+        gen.denoiser.register_to_config(sample_size=resolution // gen.vae_scale_factor)  # config only, no weights
     return gen
 
 
@@ -101,14 +101,14 @@ def make_step(kind: str, gen, batch: int, steps: int):
 
         trainable = [p for p in ti.parameters() if p.requires_grad]
         return step, {"trainable_shapes": [list(p.shape) for p in trainable]}, opt
-    # the floor: the same UNet, same batch, same sequence length, grads to an input only
+    # the floor: the same denoiser, same batch, same conditioning length, grads to an input only
     cond = gen.encode_prompt(["a photo of a star"] * batch)
     z = torch.randn(batch, *gen.latent_shape())
     emb = torch.zeros(1, gen.embed_dim, requires_grad=True)
 
     def step():
         t = torch.randint(0, 1000, (batch,))
-        out = gen.unet(z, t, cond + emb).sample
+        out = gen.denoise(z, t, cond + emb)
         torch.nn.functional.mse_loss(out, torch.randn_like(out)).backward()
 
     return step, {}, None
@@ -151,9 +151,9 @@ def measure(kind: str, batch: int, steps: int, warmup: int = 5, generator: str |
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "step_peak_rss_mb": _hwm_mb() if hwm else None} | extra
     if check_vocab and kind == "ti":
-        vocab = gen.base_vocab_size
+        vocab = gen.encoders[0].vocab_size
         res["vocab_size"] = vocab
-        res["vocab_sized_tensors_in_step"] = vocab_sized_tensors(step, vocab, vocab * gen.embed_dim)
+        res["vocab_sized_tensors_in_step"] = vocab_sized_tensors(step, vocab, vocab * gen.encoders[0].width)
         state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         res["optimizer_state_shapes"] = [list(v.shape) for v in state]
     assert gen.unchanged()
