@@ -236,8 +236,10 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for section in args.sections:
         t = time.time()
-        if section == "accuracy":
-            results["accuracy"] = accuracy(args.n, args.n_robust, robust, args.norm, args.eps)
+        if section == "accuracy":  # one entry per attack ball
+            row = accuracy(args.n, args.n_robust, robust, args.norm, args.eps)
+            section = f"accuracy/{row['norm']}_{row['eps']:.4g}"
+            results[section] = row
         elif section == "gradients":
             results["gradients"] = gradients(robust, OUT / "gradients.png" if shipped else None)
         elif section == "noisy":
