@@ -1,6 +1,6 @@
 """Benchmark: the robust scorers against the plain concept classifier (issue 15, section 3).
 
-    python benchmarks/robust_scorers.py [accuracy] [gradients] [noisy] [--n 2000] [--n-robust 500] [--robust DIR]
+    python benchmarks/robust_scorers.py [accuracy] [gradients] [noisy] [guidance_leakage] [--robust DIR]
 
 accuracy   clean accuracy per head on fresh world renders (seed 424242, never a training
            image: the scorers train on the stream of seed 1000), and robust accuracy under a PGD
@@ -18,6 +18,10 @@ gradients  perceptually aligned gradients: from four blue shapes (each on anothe
            experiments/robust_scorers/gradients.png (rows: the four images; columns: start | plain
            10 steps | its change x4 (grey = none) | robust 10 steps | its change x4 | plain until
            p(red) >= 0.9 | robust until p(red) >= 0.9 | the exact red render).
+guidance_leakage  energy guidance toward "large" (classifier:5, robust:5, noisy:10 by default) on the
+           world's unrelated suite, held-out seeds 100-115: the analytic judge's agreement with each
+           prompt's shape and colour, baseline vs guided, and whether the leakage flips move onto
+           the prompt (a baseline misreading fixed) or off it.
 noisy      the timestep-aware classifier (assets/classifier_noisy): per-head accuracy on the same
            fresh renders encoded by the shipped VAE and noised by the shipped scheduler, in 10
            ranges of t, and at the 25 timesteps of the default DDIM sampling.
@@ -166,6 +170,48 @@ def noisy(n: int) -> dict:
     return {"n": n, "by_t_range": buckets, "at_ddim25_timesteps": at_steps}
 
 
+def guidance_leakage(settings: list[str], seeds: list[int]) -> dict:
+    """Where energy guidance's leakage flips go: the world's unrelated suite with and without the
+    guidance toward "large" (technique.scorer:scale, 25 steps, CFG 5, end 0.8, as the preset), read
+    by the analytic judge. A flip moves the reading of the prompt's shape or colour either onto the
+    prompt (a baseline misreading fixed: 'to_prompt') or off it ('off_prompt')."""
+    from steerexp.generators import load_generator
+    from steerexp.techniques.energy_guidance import EnergyGuidance
+    from steerexp.worlds.shapes import world
+    from steerexp.worlds.shapes.judge import AnalyticJudge
+
+    gen, judge = load_generator(device="cpu"), AnalyticJudge()
+    prompts = [p for p in world.UNRELATED_PROMPTS for _ in seeds]
+    all_seeds = [s for _ in world.UNRELATED_PROMPTS for s in seeds]
+    asked = {h: [next(w for w in p.split() if w in world.HEADS[h]) for p in prompts] for h in ("shape", "colour")}
+
+    def reads(images):
+        with torch.no_grad():
+            pred = judge.predict(images)
+        return {h: pred[h] for h in asked}
+
+    out = {"seeds": seeds}
+    for setting in settings:
+        scorer, scale = setting.split(":")
+        tech = EnergyGuidance(gen, scorer=scorer, head="size", target="large", scale=float(scale),
+                              sampling={"steps": 25, "guidance_scale": 5.0})
+        tech.prepare()
+        base, edit = reads(tech.generate(prompts, all_seeds, False)), reads(tech.generate(prompts, all_seeds, True))
+        row = {}
+        for h in asked:
+            row[f"{h}_agreement_baseline"] = float(np.mean([b == a for b, a in zip(base[h], asked[h])]))
+            row[f"{h}_agreement_edited"] = float(np.mean([e == a for e, a in zip(edit[h], asked[h])]))
+        flips = [(b, e, a) for h in asked for b, e, a in zip(base[h], edit[h], asked[h]) if b != e]
+        row["flips"] = len(flips)
+        row["flips_to_prompt"] = sum(e == a for _, e, a in flips)
+        row["flips_off_prompt"] = sum(b == a for b, _, a in flips)
+        row["pairs_flipped"] = int(sum(any(base[h][i] != edit[h][i] for h in asked) for i in range(len(prompts))))
+        row["pairs"] = len(prompts)
+        out[setting] = row
+        print(setting, json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("sections", nargs="*", default=["accuracy", "gradients", "noisy"])
@@ -176,6 +222,10 @@ def main() -> None:
                              "not saved")
     parser.add_argument("--norm", choices=["linf", "l2"], default=None, help="attack ball (default: the recipe's)")
     parser.add_argument("--eps", type=float, default=None, help="attack radius (default: the recipe's)")
+    parser.add_argument("--guidance", nargs="*", default=["classifier:5", "robust:5", "noisy:10"],
+                        help="guidance_leakage: technique.scorer:scale settings")
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(range(100, 116)),
+                        help="guidance_leakage: held-out seeds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from steerexp import ASSETS
@@ -186,14 +236,18 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for section in args.sections:
         t = time.time()
-        if section == "accuracy":
-            results["accuracy"] = accuracy(args.n, args.n_robust, robust, args.norm, args.eps)
+        if section == "accuracy":  # one entry per attack ball
+            row = accuracy(args.n, args.n_robust, robust, args.norm, args.eps)
+            section = f"accuracy/{row['norm']}_{row['eps']:.4g}"
+            results[section] = row
         elif section == "gradients":
             results["gradients"] = gradients(robust, OUT / "gradients.png" if shipped else None)
         elif section == "noisy":
             results["noisy"] = noisy(args.n)
+        elif section == "guidance_leakage":
+            results["guidance_leakage"] = guidance_leakage(args.guidance, args.seeds)
         else:
-            raise SystemExit(f"unknown section {section!r}; choose accuracy, gradients, noisy")
+            raise SystemExit(f"unknown section {section!r}; choose accuracy, gradients, noisy, guidance_leakage")
         results[section]["seconds_total"] = round(time.time() - t, 1)
     if shipped:
         OUT.mkdir(parents=True, exist_ok=True)

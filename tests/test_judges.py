@@ -294,11 +294,17 @@ def test_a_run_records_its_judges(shipped, tmp_path, fresh_scorers):
 # ============================================================================ the documented adversarial case
 @pytest.mark.slow
 def test_prompt_delta_through_all_25_steps_is_flagged_as_reward_hacking(shipped, tmp_path, fresh_scorers, capfd):
-    """experiments/prompt_delta_colour: prompt_delta optimised against the classifier through all 25 DDIM
-    steps turns "a blue circle" red for the classifier; the analytic judge does not agree: the flag fires,
-    with one warning line. (About 4 minutes on an idle 2-core machine.)"""
+    """experiments/prompt_delta_colour as first documented: a delta on all 32 token positions of "a blue
+    circle" (eps 32), optimised against the shipped classifier through all 25 DDIM steps (120 Adam steps, lr
+    0.05, batch 4, training seeds 100-107), turns it red for the classifier on held-out seeds 0-15; the
+    analytic judge does not agree: the flag fires, with one warning line. The settings are pinned here (the
+    preset itself now optimises the robust classifier on the colour word only). About 4 minutes on the idle
+    2-core machine (2 threads: 234 s; 1 thread: 411 s, same figures)."""
     metrics, run_dir = tiny_run(tmp_path, [
-        "experiment=prompt_delta_colour", "technique.train_sampling_steps=25", "technique.budget.eps_text=32",
+        "experiment=prompt_delta_colour", "technique.tokens=all", "technique.train_sampling_steps=25",
+        "technique.budget.eps_text=32", "technique.steps=120", "technique.lr=0.05", "technique.batch_size=4",
+        "technique.train_seeds=[100,101,102,103,104,105,106,107]", "objective.terms.concept_score.scorer=classifier",
+        "eval.prompts=['a blue circle']", "eval.seeds=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]",
         "evaluator=[concept]", "evaluator.concept.judge=classifier", "logger=none"], base=[])
     assert metrics["concept/judge_is_objective"] is True  # judged by the objective's own scorer, as documented
     assert metrics["concept/target_rate/edited"] >= 0.8  # ... which reads red
