@@ -4,6 +4,7 @@
     steerexp-pretrain smoke=true out=/tmp/a    # a few steps per stage, for tests
     steerexp-pretrain stages=[classifier]  # one stage only
     steerexp-pretrain stages=[classifier_robust,classifier_noisy] threads=1   # the robust scorers only
+    steerexp-pretrain 'stages=[generator_flow]' threads=1    # the flow-matching generator (assets/shapes_flow)
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from steerexp import ASSETS, conf_dir
-from steerexp.pretrain import noisy, robust, scorers
+from steerexp.pretrain import flow_generator, noisy, robust, scorers
 from steerexp.pretrain.generator import pretrain_generator
 
-STAGES = ("generator", "classifier", "clip", "classifier_robust", "classifier_noisy")
+STAGES = ("generator", "generator_flow", "classifier", "clip", "classifier_robust", "classifier_noisy")
 POOL_STAGES = {"classifier", "clip", "classifier_robust", "classifier_noisy"}  # stages that read the fresh pool
 
 
@@ -36,6 +37,10 @@ def run(cfg: DictConfig) -> Path:
         t = time.time()
         pretrain_generator(cfg, out / "shapes", cfg.seed)
         timings["generator"] = time.time() - t
+    if "generator_flow" in cfg.stages:  # after `generator`: it reuses that stage's VAE (else the shipped one)
+        t = time.time()
+        flow_generator.pretrain_flow_generator(cfg, out / "shapes_flow", cfg.seed, flow_generator.vae_folder(out))
+        timings["generator_flow"] = time.time() - t
     if POOL_STAGES & set(cfg.stages):
         pool = scorers.fresh_pool(cfg.seed + 1000, cfg.eyes_images, cfg.world.resolution)
         if "classifier" in cfg.stages:

@@ -73,11 +73,12 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 512) -
     return torch.cat([vae.encode(images[i : i + batch] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)])
 
 
-def build_text_encoder(cfg, tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
+def build_text_encoder(cfg, tokenizer: CLIPTokenizer, cls=CLIPTextModel, projection_dim: int | None = None):
+    """A CLIP text model of `cls` (the flow generator uses CLIPTextModelWithProjection) for the tokenizer."""
+    return cls(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=cfg.hidden_size,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=projection_dim or cfg.hidden_size,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
 

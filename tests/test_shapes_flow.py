@@ -1,0 +1,106 @@
+"""The second embedded generator, `generator=shapes_flow` (issue 19): a miniature SD3-format flow-matching
+transformer trained by `steerexp-pretrain 'stages=[generator_flow]'` on the shapes world.
+
+The shipped folder loads with diffusers' own StableDiffusion3Pipeline and samples as steerexp's SD3Generator
+does; training builds the conditioning exactly as both of them do; the smoke stage builds a loadable folder;
+a technique runs on it with the fingerprint unchanged.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from hydra import compose, initialize_config_dir
+
+from steerexp import ASSETS, conf_dir
+from steerexp.generators import Guidance, load_generator
+from steerexp.pretrain.flow_generator import conditioning
+from steerexp.worlds.shapes import world
+from tests.helpers import tiny_run
+
+FOLDER = ASSETS / "shapes_flow"
+PROMPTS = ["a red circle on the left", "a small blue star", ""]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    if not (FOLDER / "model_index.json").is_file():
+        pytest.fail("the shipped flow generator is missing: run `steerexp-pretrain 'stages=[generator_flow]'`")
+    return StableDiffusion3Pipeline.from_pretrained(FOLDER)
+
+
+@pytest.fixture(scope="module")
+def flow():
+    return load_generator(embedded="shapes_flow", device="cpu")
+
+
+def test_shipped_folder_loads_and_samples_with_diffusers(pipe):
+    index = json.loads((FOLDER / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["transformer"][1] == "SD3Transformer2DModel" and index["text_encoder_3"][1] == "T5EncoderModel"
+    assert pipe.vae.config.shift_factor == 0.0
+    out = pipe("a red circle on the left", num_inference_steps=4, max_sequence_length=32, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3)
+    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
+    assert size < 60e6  # the whole assets folder stays under 100 MB
+
+
+def test_training_conditioning_is_the_pipelines_and_the_generators(pipe, flow):
+    """flow_generator.conditioning (what training feeds the transformer) == StableDiffusion3Pipeline.encode_prompt
+    == SD3Generator.encode_prompt, on the shipped weights."""
+    ids = [t(PROMPTS, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
+           for t in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)]
+    joint = pipe.transformer.config.joint_attention_dim
+    with torch.no_grad():
+        hidden, pooled = conditioning(pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, *ids, joint)
+        theirs, _, theirs_pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
+                                                         max_sequence_length=32)
+        ours_hidden, ours_pooled = flow.unpack(flow.encode_prompt(PROMPTS))
+    assert hidden.shape == (3, 64, joint)
+    torch.testing.assert_close(hidden, theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, theirs_pooled, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_hidden, hidden, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_pooled, pooled, rtol=0, atol=1e-6)
+
+
+def test_t5_tokenizer_world_words_whole_heldout_spelled(flow):
+    t5 = flow.encoders[2]
+    assert flow.family == "sd3" and flow.t5_length == 32 and flow.cond_shape == (65, 128)
+    ids = t5.tokenizer("a red circle on the left").input_ids
+    assert len(ids) == 7 and ids[-1] == t5.tokenizer.eos_token_id  # one piece a word, then '</s>'
+    assert len(t5.word_ids(world.HELDOUT)) == len(world.HELDOUT) + 1  # never in a caption: '▁' + its letters
+    assert t5.tokenizer.unk_token_id not in t5.word_ids("zebra")  # any other word: characters, no <unk>
+
+
+def test_sampling_matches_the_diffusers_pipeline(pipe, flow):
+    x = flow.initial_latents([0])
+    guidance = Guidance(scale=5.0)
+    with torch.no_grad():
+        cond = flow.encode_prompt(["a green square"])
+        ours = flow.decode_latents(flow.sample(cond, x, flow.guidance_embeddings(guidance)[0], 3, guidance))
+    theirs = pipe("a green square", num_inference_steps=3, guidance_scale=5.0, latents=x.clone(), output_type="pt",
+                  height=32, width=32, max_sequence_length=32).images
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_smoke_stage_builds_a_loadable_flow_generator(tmp_path):
+    from steerexp.pretrain.cli import run as pretrain_run
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={tmp_path}", "stages=[generator_flow]"])
+    pretrain_run(cfg)
+    assert StableDiffusion3Pipeline.from_pretrained(tmp_path / "shapes_flow").transformer is not None
+    g = load_generator(str(tmp_path / "shapes_flow"), device="cpu")
+    assert g.family == "sd3" and g.world == "shapes"  # a recipe.json beside it: a steerexp-pretrain build
+    assert g.generate(["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
+    assert "generator_flow" in json.loads((tmp_path / "recipe.json").read_text())["seconds"]
+
+
+def test_technique_runs_on_shapes_flow_with_the_fingerprint_unchanged(tmp_path):
+    metrics, _ = tiny_run(tmp_path, ["generator=shapes_flow", "technique.steps=2", "sampling.steps=2",
+                                     "eval.seeds=[0]", "logger=none", "evaluator=[concept]"])
+    assert metrics["generator/unchanged"] is True
+    assert metrics["params/trainable"] == 64 + 32 + 128  # one added token in CLIP-L, CLIP-G and T5: the flow generator
