@@ -1,9 +1,10 @@
 """The second embedded generator, `generator=shapes_flow` (issue 19): a miniature SD3-format flow-matching
 transformer trained by `steerexp-pretrain 'stages=[generator_flow]'` on the shapes world.
 
-The shipped folder loads with diffusers' own StableDiffusion3Pipeline and samples as steerexp's SD3Generator
-does; training builds the conditioning exactly as both of them do; the smoke stage builds a loadable folder;
-a technique runs on it with the fingerprint unchanged.
+It is not shipped (the shipped models stay under 50 MB; it is 39 MB): the tests build it with the smoke stage
+(the recipe, 3 steps). The folder loads with diffusers' own StableDiffusion3Pipeline and samples as steerexp's
+SD3Generator does; training builds the conditioning exactly as both of them do; a technique runs on it with
+the fingerprint unchanged.
 """
 from __future__ import annotations
 
@@ -14,43 +15,53 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from hydra import compose, initialize_config_dir
 
-from steerexp import ASSETS, conf_dir
+from steerexp import conf_dir
 from steerexp.generators import Guidance, load_generator
 from steerexp.pretrain.flow_generator import conditioning
 from steerexp.worlds.shapes import world
 from tests.helpers import tiny_run
 
-FOLDER = ASSETS / "shapes_flow"
 PROMPTS = ["a red circle on the left", "a small blue star", ""]
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    if not (FOLDER / "model_index.json").is_file():
-        pytest.fail("the shipped flow generator is missing: run `steerexp-pretrain 'stages=[generator_flow]'`")
-    return StableDiffusion3Pipeline.from_pretrained(FOLDER)
+def built(tmp_path_factory):
+    """The generator_flow stage of steerexp-pretrain in smoke mode (the recipe, a few steps)."""
+    from steerexp.pretrain.cli import run as pretrain_run
+
+    out = tmp_path_factory.mktemp("flow")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={out}", "stages=[generator_flow]"])
+    pretrain_run(cfg)
+    return out
 
 
 @pytest.fixture(scope="module")
-def flow():
-    return load_generator(embedded="shapes_flow", device="cpu")
+def pipe(built):
+    return StableDiffusion3Pipeline.from_pretrained(built / "shapes_flow")
 
 
-def test_shipped_folder_loads_and_samples_with_diffusers(pipe):
-    index = json.loads((FOLDER / "model_index.json").read_text())
+@pytest.fixture(scope="module")
+def flow(built):
+    return load_generator(str(built / "shapes_flow"), device="cpu")
+
+
+def test_folder_loads_and_samples_with_diffusers(pipe, built):
+    folder = built / "shapes_flow"
+    index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     assert index["transformer"][1] == "SD3Transformer2DModel" and index["text_encoder_3"][1] == "T5EncoderModel"
     assert pipe.vae.config.shift_factor == 0.0
     out = pipe("a red circle on the left", num_inference_steps=4, max_sequence_length=32, output_type="np",
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 32, 32, 3)
-    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
-    assert size < 60e6  # the whole assets folder stays under 100 MB
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 45e6  # the full recipe's folder measured 39 MB
 
 
 def test_training_conditioning_is_the_pipelines_and_the_generators(pipe, flow):
     """flow_generator.conditioning (what training feeds the transformer) == StableDiffusion3Pipeline.encode_prompt
-    == SD3Generator.encode_prompt, on the shipped weights."""
+    == SD3Generator.encode_prompt, on the stage's weights."""
     ids = [t(PROMPTS, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
            for t in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)]
     joint = pipe.transformer.config.joint_attention_dim
@@ -86,21 +97,15 @@ def test_sampling_matches_the_diffusers_pipeline(pipe, flow):
     assert (ours - theirs).abs().max() < 1e-4
 
 
-def test_smoke_stage_builds_a_loadable_flow_generator(tmp_path):
-    from steerexp.pretrain.cli import run as pretrain_run
-
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={tmp_path}", "stages=[generator_flow]"])
-    pretrain_run(cfg)
-    assert StableDiffusion3Pipeline.from_pretrained(tmp_path / "shapes_flow").transformer is not None
-    g = load_generator(str(tmp_path / "shapes_flow"), device="cpu")
-    assert g.family == "sd3" and g.world == "shapes"  # a recipe.json beside it: a steerexp-pretrain build
-    assert g.generate(["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
-    assert "generator_flow" in json.loads((tmp_path / "recipe.json").read_text())["seconds"]
+def test_smoke_stage_builds_a_loadable_flow_generator(built, flow):
+    assert flow.family == "sd3" and flow.world == "shapes"  # a recipe.json beside it: a steerexp-pretrain build
+    assert flow.generate(["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
+    assert "generator_flow" in json.loads((built / "recipe.json").read_text())["seconds"]
 
 
-def test_technique_runs_on_shapes_flow_with_the_fingerprint_unchanged(tmp_path):
-    metrics, _ = tiny_run(tmp_path, ["generator=shapes_flow", "technique.steps=2", "sampling.steps=2",
+def test_technique_runs_on_shapes_flow_with_the_fingerprint_unchanged(tmp_path, built):
+    metrics, _ = tiny_run(tmp_path, ["generator=sd", f"generator.path={built / 'shapes_flow'}", "generator.device=cpu",
+                                     "generator.dtype=fp32", "technique.steps=2", "sampling.steps=2",
                                      "eval.seeds=[0]", "logger=none", "evaluator=[concept]"])
     assert metrics["generator/unchanged"] is True
     assert metrics["params/trainable"] == 64 + 32 + 128  # one added token in CLIP-L, CLIP-G and T5: the flow generator
