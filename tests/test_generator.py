@@ -153,3 +153,23 @@ def test_smoke_pretraining_builds_loadable_assets(smoke_assets):
     clip = CLIPScorer(pretrained=smoke_assets / "clip" / "open_clip_model.safetensors")
     assert clip.encode_texts(["a red star"]).shape[-1] == clip.encode_images(torch.rand(1, 3, 32, 32)).shape[-1]
     assert json.loads((smoke_assets / "recipe.json").read_text())["config"]["seed"] == 0
+
+
+def test_pretraining_one_stage_keeps_the_others_recipe(tmp_path):
+    """recipe.json: rerunning one stage rewrites its own section and time, never another stage's recipe."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from steerexp import conf_dir
+    from steerexp.pretrain.cli import run
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"config": {"classifier_robust": {"steps": 800}},
+                                                      "seconds": {"classifier_robust": 1.0}}))
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={tmp_path}", "stages=[classifier]"])
+    run(cfg)
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["config"]["classifier_robust"] == {"steps": 800}  # not this run's smoke section
+    assert recipe["config"]["classifier"]["steps"] == 3
+    assert set(recipe["seconds"]) == {"classifier", "classifier_robust"}

@@ -21,7 +21,6 @@ from steerexp.pretrain import flow_generator, noisy, robust, scorers
 from steerexp.pretrain.generator import pretrain_generator
 
 STAGES = ("generator", "generator_flow", "classifier", "clip", "classifier_robust", "classifier_noisy")
-POOL_STAGES = {"classifier", "clip", "classifier_robust", "classifier_noisy"}  # stages that read the fresh pool
 
 
 def run(cfg: DictConfig) -> Path:
@@ -32,38 +31,36 @@ def run(cfg: DictConfig) -> Path:
         raise ValueError(f"unknown pretraining stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
     out = Path(cfg.out) if cfg.out else ASSETS
     torch.set_num_threads(cfg.threads) if cfg.threads else None
+    pool = None
+
+    def eyes():  # the fresh image pool the scorer stages read, drawn once
+        nonlocal pool
+        if pool is None:
+            pool = scorers.fresh_pool(cfg.seed + 1000, cfg.eyes_images, cfg.world.resolution)
+        return pool
+
+    stage_fns = {  # in STAGES order: generator_flow reuses the generator stage's VAE (else the shipped one)
+        "generator": lambda: pretrain_generator(cfg, out / "shapes", cfg.seed),
+        "generator_flow": lambda: flow_generator.pretrain_flow_generator(cfg, out / "shapes_flow", cfg.seed,
+                                                                         flow_generator.vae_folder(out)),
+        "classifier": lambda: scorers.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, eyes()),
+        "clip": lambda: scorers.pretrain_clip(cfg.clip, out / "clip", cfg.seed, eyes()),
+        "classifier_robust": lambda: robust.pretrain_robust_classifier(cfg.classifier_robust,
+                                                                       out / "classifier_robust", cfg.seed, eyes()),
+        "classifier_noisy": lambda: noisy.pretrain_noisy_classifier(cfg.classifier_noisy, out / "classifier_noisy",
+                                                                    cfg.seed, eyes(), noisy.generator_folder(out)),
+    }
     timings = {}
-    if "generator" in cfg.stages:
+    for stage in (s for s in STAGES if s in cfg.stages):
         t = time.time()
-        pretrain_generator(cfg, out / "shapes", cfg.seed)
-        timings["generator"] = time.time() - t
-    if "generator_flow" in cfg.stages:  # after `generator`: it reuses that stage's VAE (else the shipped one)
-        t = time.time()
-        flow_generator.pretrain_flow_generator(cfg, out / "shapes_flow", cfg.seed, flow_generator.vae_folder(out))
-        timings["generator_flow"] = time.time() - t
-    if POOL_STAGES & set(cfg.stages):
-        pool = scorers.fresh_pool(cfg.seed + 1000, cfg.eyes_images, cfg.world.resolution)
-        if "classifier" in cfg.stages:
-            t = time.time()
-            scorers.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, pool)
-            timings["classifier"] = time.time() - t
-        if "clip" in cfg.stages:
-            t = time.time()
-            scorers.pretrain_clip(cfg.clip, out / "clip", cfg.seed, pool)
-            timings["clip"] = time.time() - t
-        if "classifier_robust" in cfg.stages:
-            t = time.time()
-            robust.pretrain_robust_classifier(cfg.classifier_robust, out / "classifier_robust", cfg.seed, pool)
-            timings["classifier_robust"] = time.time() - t
-        if "classifier_noisy" in cfg.stages:
-            t = time.time()
-            noisy.pretrain_noisy_classifier(cfg.classifier_noisy, out / "classifier_noisy", cfg.seed, pool,
-                                            noisy.generator_folder(out))
-            timings["classifier_noisy"] = time.time() - t
+        stage_fns[stage]()
+        timings[stage] = time.time() - t
     recipe_file = out / "recipe.json"
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
-    recipe = {"config": OmegaConf.to_container(cfg, resolve=True),
-              "seconds": {**previous.get("seconds", {}), **timings}}  # stages not rerun keep their time
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # a stage not rerun keeps the recipe and the time it was built with (its section of the earlier recipe)
+    kept = {k: v for k, v in previous.get("config", {}).items() if k in STAGES and k not in cfg.stages}
+    recipe = {"config": {**config, **kept}, "seconds": {**previous.get("seconds", {}), **timings}}
     recipe_file.write_text(json.dumps(recipe, indent=1))
     print(
         f"pretraining done in {sum(timings.values()):.0f}s: "
