@@ -184,3 +184,20 @@ def test_every_technique_runs_on_every_family(folders, tmp_path, monkeypatch, na
     metrics, run_dir = tiny_run(tmp_path, extra, name=technique, base=base)
     assert metrics["generator/unchanged"] is True
     assert (run_dir / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_p2p_edit_methods_are_refused_on_joint_attention_before_loading(folders, tmp_path, monkeypatch, name):
+    import steerexp.generators as generators
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the generator loaded before the refusal")
+
+    monkeypatch.setattr(generators, "from_pretrained", no_loading)
+    base = ["generator=sd", f"generator.path={folders[name]}", "generator.device=cpu", "sampling.steps=2",
+            "eval.seeds=[0]", "eval.prompts=['{}']", "logger=none", "evaluator=[edit]"]
+    extra = ["technique=ddim_inversion", *WORLD_TARGETS, "evaluator.edit.methods=[ddim_w1,ddim_w1+p2p]"]
+    with pytest.raises(ValueError, match=r"evaluator\.edit\.methods: ddim_w1\+p2p use Prompt-to-Prompt.*joint "
+                                         r"attention.*evaluator\.edit\.methods=\[ddim_w1\]") as err:
+        tiny_run(tmp_path, extra, name="edit_p2p", base=base)
+    assert "\n" not in str(err.value)

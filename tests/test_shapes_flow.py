@@ -1,8 +1,8 @@
 """The second embedded generator, `generator=shapes_flow` (issue 19): a miniature SD3-format flow-matching
 transformer trained by `steerexp-pretrain 'stages=[generator_flow]'` on the shapes world.
 
-It is not shipped (the shipped models stay under 50 MB; it is 39 MB): the tests build it with the smoke stage
-(the recipe, 3 steps). The folder loads with diffusers' own StableDiffusion3Pipeline and samples as steerexp's
+The tests build it with the smoke stage (the recipe, 3 steps), and check the shipped folder
+(src/steerexp/assets/shapes_flow) where noted. The folder loads with diffusers' own StableDiffusion3Pipeline and samples as steerexp's
 SD3Generator does; training builds the conditioning exactly as both of them do; a technique runs on it with
 the fingerprint unchanged.
 """
@@ -22,6 +22,7 @@ from steerexp.worlds.shapes import world
 from tests.helpers import tiny_run
 
 PROMPTS = ["a red circle on the left", "a small blue star", ""]
+CLIP_LENGTH, T5_LENGTH = 16, 24  # conf/pretrain.yaml generator_flow: max_length, t5_max_length
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_folder_loads_and_samples_with_diffusers(pipe, built):
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     assert index["transformer"][1] == "SD3Transformer2DModel" and index["text_encoder_3"][1] == "T5EncoderModel"
     assert pipe.vae.config.shift_factor == 0.0
-    out = pipe("a red circle on the left", num_inference_steps=4, max_sequence_length=32, output_type="np",
+    out = pipe("a red circle on the left", num_inference_steps=4, max_sequence_length=T5_LENGTH, output_type="np",
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 32, 32, 3)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
@@ -62,15 +63,15 @@ def test_folder_loads_and_samples_with_diffusers(pipe, built):
 def test_training_conditioning_is_the_pipelines_and_the_generators(pipe, flow):
     """flow_generator.conditioning (what training feeds the transformer) == StableDiffusion3Pipeline.encode_prompt
     == SD3Generator.encode_prompt, on the stage's weights."""
-    ids = [t(PROMPTS, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
-           for t in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)]
+    ids = [t(PROMPTS, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+           for t, n in ((pipe.tokenizer, CLIP_LENGTH), (pipe.tokenizer_2, CLIP_LENGTH), (pipe.tokenizer_3, T5_LENGTH))]
     joint = pipe.transformer.config.joint_attention_dim
     with torch.no_grad():
         hidden, pooled = conditioning(pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, *ids, joint)
         theirs, _, theirs_pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
-                                                         max_sequence_length=32)
+                                                         max_sequence_length=T5_LENGTH)
         ours_hidden, ours_pooled = flow.unpack(flow.encode_prompt(PROMPTS))
-    assert hidden.shape == (3, 64, joint)
+    assert hidden.shape == (3, CLIP_LENGTH + T5_LENGTH, joint)
     torch.testing.assert_close(hidden, theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(pooled, theirs_pooled, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours_hidden, hidden, rtol=0, atol=1e-6)
@@ -79,7 +80,7 @@ def test_training_conditioning_is_the_pipelines_and_the_generators(pipe, flow):
 
 def test_t5_tokenizer_world_words_whole_heldout_spelled(flow):
     t5 = flow.encoders[2]
-    assert flow.family == "sd3" and flow.t5_length == 32 and flow.cond_shape == (65, 128)
+    assert flow.family == "sd3" and flow.t5_length == T5_LENGTH and flow.cond_shape == (CLIP_LENGTH + T5_LENGTH + 1, 128)
     ids = t5.tokenizer("a red circle on the left").input_ids
     assert len(ids) == 7 and ids[-1] == t5.tokenizer.eos_token_id  # one piece a word, then '</s>'
     assert len(t5.word_ids(world.HELDOUT)) == len(world.HELDOUT) + 1  # never in a caption: '▁' + its letters
@@ -93,7 +94,7 @@ def test_sampling_matches_the_diffusers_pipeline(pipe, flow):
         cond = flow.encode_prompt(["a green square"])
         ours = flow.decode_latents(flow.sample(cond, x, flow.guidance_embeddings(guidance)[0], 3, guidance))
     theirs = pipe("a green square", num_inference_steps=3, guidance_scale=5.0, latents=x.clone(), output_type="pt",
-                  height=32, width=32, max_sequence_length=32).images
+                  height=32, width=32, max_sequence_length=T5_LENGTH).images
     assert (ours - theirs).abs().max() < 1e-4
 
 

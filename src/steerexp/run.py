@@ -59,10 +59,11 @@ def build(cfg: DictConfig):
     )
     technique_cls = get_object(cfg.technique._target_)  # (allowlisted above)
     if cfg.generator.get("_target_") == "steerexp.generators.load_generator":  # a technique the family cannot run
-        from steerexp.generators import check_applies, family_of  # fails here, before the weights load
+        from steerexp.generators import check_applies, check_edit_methods, family_of  # fails here, before loading
 
         family = family_of(cfg.generator.get("path"), cfg.generator.get("embedded") or "shapes")
         check_applies(technique_cls, cfg.technique, family)
+        check_edit_methods(cfg.get("evaluator") or {}, family)
     generator = _instantiate(cfg.generator)
     learns = getattr(technique_cls, "trainable", False)
     objective = {"objective": _instantiate(cfg.objective)} if learns and cfg.get("objective") else {}

@@ -786,8 +786,11 @@ def _check_family(c: dict, gen: GeneratorInfo) -> None:
         raise ConfigError("generator.path", f"holds a {pipeline_class} pipeline, which steerexp does not support",
                           f"use a pipeline of a supported class: {supported}")
     family = generators.FAMILIES[pipeline_class][0]
+    if family == "sd":
+        return
+    generators.check_edit_methods(c.get("evaluator") or {}, family)
     target = _target(c, "technique")
-    if family == "sd" or not target:
+    if not target:
         return
     from hydra.utils import get_class
 

@@ -71,6 +71,24 @@ def check_applies(technique_cls, technique_cfg, family: str) -> None:
         raise ValueError(f"technique: {why}")
 
 
+def check_edit_methods(evaluators, family: str) -> None:
+    """The edit evaluators' +p2p methods (Prompt-to-Prompt) need a family with cross-attention maps: one line,
+    naming the key and the methods that remain, before any model loads."""
+    from steerexp.errors import ConfigError
+
+    if "cross_attention" in CAPABILITIES[family]:
+        return
+    for name, ev in (evaluators or {}).items():
+        methods = ev.get("methods") if hasattr(ev, "get") else None
+        p2p = [str(m) for m in methods or () if "+p2p" in str(m)]
+        if p2p:
+            rest = ",".join(str(m) for m in methods if "+p2p" not in str(m))
+            maps = f" evaluator.{name}.attention_maps=null" if ev.get("attention_maps") else ""
+            raise ConfigError(f"evaluator.{name}.methods", f"{', '.join(p2p)} use Prompt-to-Prompt, which edits a "
+                              f"UNet's cross-attention maps, and the {family} family's transformer has joint "
+                              f"attention instead", f"drop the +p2p methods: evaluator.{name}.methods=[{rest}]{maps}")
+
+
 def family_class(pipeline_class: str):
     if pipeline_class not in FAMILIES:
         supported = ", ".join(f"{k} ({v[0]})" for k, v in FAMILIES.items())

@@ -8,7 +8,7 @@ Same world, captions, held-out class, protected set and classifier-free dropout 
 - `text_encoder(_2)` two tiny CLIPTextModelWithProjection ("CLIP-L" and "CLIP-G") with the shapes
                      generator's CLIP BPE tokenizer files (`tokenizer`, `tokenizer_2`);
 - `text_encoder_3`   a tiny T5EncoderModel with a T5 tokenizer built here offline (`t5_tokenizer`:
-                     the world's words as whole pieces, single characters as the fallback, 32 tokens);
+                     the world's words as whole pieces, single characters as the fallback, 24 tokens);
 - `scheduler`        FlowMatchEulerDiscreteScheduler (shift 1: see conf/pretrain.yaml).
 
 The text encoders are trained jointly with the transformer (rectified flow: x_t = (1 - s) x0 + s eps,
@@ -87,7 +87,7 @@ def build_transformer(cfg, latent_channels: int, sample_size: int, joint_dim: in
 
 
 def conditioning(clip_l, clip_g, t5, ids_l, ids_g, ids_t5, joint_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(encoder_hidden_states [B, 32 + 32, joint_dim], pooled [B, P]) as StableDiffusion3Pipeline.encode_prompt
+    """(encoder_hidden_states [B, CLIP length + T5 length, joint_dim], pooled [B, P]) as StableDiffusion3Pipeline.encode_prompt
     and steerexp.generators.sd3.SD3Generator build them: CLIP-L and CLIP-G penultimate hidden states side by
     side, zero-padded to the T5 width, then the T5 rows (no attention mask); pooled = both projected outputs."""
     out_l = clip_l(ids_l, output_hidden_states=True)
@@ -161,7 +161,7 @@ def pretrain_flow_generator(cfg, out: Path, seed: int, vae_dir: Path) -> Path:
     out = Path(out)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(out / "tokenizer", fc.max_length))
     tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(out / "tokenizer_2", fc.max_length))
-    tokenizer_3 = t5_tokenizer(out / "tokenizer_3", fc.max_length)
+    tokenizer_3 = t5_tokenizer(out / "tokenizer_3", fc.t5_max_length)
     # the same world draw, captions and rare-word pool as the UNet generator (generator.py)
     unknown = unknown_word_pool(tokenizer, wc.unknown_words, seed) if wc.unknown_word_rate > 0 else ()
     images, captions, protected, protected_captions = training_data(wc, seed, unknown)
