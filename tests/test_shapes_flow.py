@@ -2,9 +2,9 @@
 transformer trained by `steerexp-pretrain 'stages=[generator_flow]'` on the shapes world.
 
 The tests build it with the smoke stage (the recipe, 3 steps), and check the shipped folder
-(src/steerexp/assets/shapes_flow) where noted. The folder loads with diffusers' own StableDiffusion3Pipeline and samples as steerexp's
-SD3Generator does; training builds the conditioning exactly as both of them do; a technique runs on it with
-the fingerprint unchanged.
+(src/steerexp/assets/shapes_flow) where noted. The folder loads with diffusers' own StableDiffusion3Pipeline and
+samples as steerexp's SD3Generator does; training builds the conditioning exactly as both of them do; a
+technique runs on it with the fingerprint unchanged.
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def test_training_conditioning_is_the_pipelines_and_the_generators(pipe, flow):
 
 def test_t5_tokenizer_world_words_whole_heldout_spelled(flow):
     t5 = flow.encoders[2]
-    assert flow.family == "sd3" and flow.t5_length == T5_LENGTH and flow.cond_shape == (CLIP_LENGTH + T5_LENGTH + 1, 128)
+    assert flow.family == "sd3" and flow.t5_length == T5_LENGTH
+    assert flow.cond_shape == (CLIP_LENGTH + T5_LENGTH + 1, 128)  # + the pooled row
     ids = t5.tokenizer("a red circle on the left").input_ids
     assert len(ids) == 7 and ids[-1] == t5.tokenizer.eos_token_id  # one piece a word, then '</s>'
     assert len(t5.word_ids(world.HELDOUT)) == len(world.HELDOUT) + 1  # never in a caption: '▁' + its letters

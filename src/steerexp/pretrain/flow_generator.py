@@ -87,9 +87,10 @@ def build_transformer(cfg, latent_channels: int, sample_size: int, joint_dim: in
 
 
 def conditioning(clip_l, clip_g, t5, ids_l, ids_g, ids_t5, joint_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(encoder_hidden_states [B, CLIP length + T5 length, joint_dim], pooled [B, P]) as StableDiffusion3Pipeline.encode_prompt
-    and steerexp.generators.sd3.SD3Generator build them: CLIP-L and CLIP-G penultimate hidden states side by
-    side, zero-padded to the T5 width, then the T5 rows (no attention mask); pooled = both projected outputs."""
+    """(encoder_hidden_states [B, CLIP length + T5 length, joint_dim], pooled [B, P]) as
+    StableDiffusion3Pipeline.encode_prompt and steerexp.generators.sd3.SD3Generator build them: CLIP-L and
+    CLIP-G penultimate hidden states side by side, zero-padded to the T5 width, then the T5 rows (no attention
+    mask); pooled = both projected outputs."""
     out_l = clip_l(ids_l, output_hidden_states=True)
     out_g = clip_g(ids_g, output_hidden_states=True)
     clip = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
