@@ -111,3 +111,13 @@ def test_technique_runs_on_shapes_flow_with_the_fingerprint_unchanged(tmp_path, 
                                      "eval.seeds=[0]", "logger=none", "evaluator=[concept]"])
     assert metrics["generator/unchanged"] is True
     assert metrics["params/trainable"] == 64 + 32 + 128  # one added token in CLIP-L, CLIP-G and T5: the flow generator
+
+
+def test_quality_gate_report_runs_on_the_flow_generator(built):
+    from steerexp.worlds.shapes.report import report
+
+    out = report(str(built / "shapes_flow"), samples=8, steps=2)
+    rates = ("prompt_shape_agreement", "prompt_colour_agreement", "heldout_name_rate", "protected_reproduction_rate")
+    for key in rates:
+        assert 0.0 <= out[key] <= 1.0
+    assert out["sample_seconds_16x25"] > 0 and out["settings"]["samples"] == 8

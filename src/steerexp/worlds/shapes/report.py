@@ -20,7 +20,7 @@ import torch
 
 from steerexp.scorers.classifier import ConceptClassifier
 from steerexp.scorers.clip import CLIPScorer
-from steerexp.generators import FrozenGenerator, Guidance, load_generator
+from steerexp.generators import EMBEDDED, FrozenGenerator, Guidance, load_generator
 from steerexp.images import to_tensor
 from steerexp.worlds.shapes import world
 
@@ -84,7 +84,8 @@ def sample_seconds(gen: FrozenGenerator, guidance: Guidance, repeats: int = 3) -
 
 
 def report(generator: str | None = None, samples: int = 504, steps: int = 25, guidance_scale: float = 5.0) -> dict:
-    gen = load_generator(generator, device="cpu")
+    gen = (load_generator(None, device="cpu", embedded=generator) if generator in EMBEDDED
+           else load_generator(generator, device="cpu"))
     classifier = ConceptClassifier.from_pretrained()
     guidance = Guidance(scale=guidance_scale)
     shape, colour = prompt_agreement(gen, classifier, samples, guidance, steps)
@@ -110,7 +111,8 @@ def report(generator: str | None = None, samples: int = 504, steps: int = 25, gu
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generator", default=None, help="pipeline folder (default: the shipped shapes generator)")
+    parser.add_argument("--generator", default=None,
+                        help="an embedded generator (shapes, shapes_flow) or a pipeline folder (default: shapes)")
     parser.add_argument("--samples", type=int, default=504, help="generated samples for prompt agreement (>= 500)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
