@@ -9,7 +9,7 @@ exit by this script. Inside the child, timers wrap the phases of steerexp.run (n
 code measured):
 
     start + imports    spawn -> run() entered: the interpreter, every import, Hydra's compose, validation
-    model load         FrozenGenerator.from_pretrained, less its fingerprint
+    model load         steerexp.generators.from_pretrained (every family), less its fingerprint
     fingerprint        every FrozenGenerator.fingerprint() (at load and after the run)
     build rest         the technique and evaluators (steerexp.run.build less the model load)
     training           steerexp.run.train (the training loop with its checkpoints)
@@ -63,15 +63,16 @@ from steerexp.generators.frozen import FrozenGenerator as G
 for owner, name, key in ((R, "run", "run"), (R, "build", "build"), (R, "train", "training"),
                          (R, "evaluate", "evaluation"), (G, "fingerprint", "fingerprint")):
     timed(owner, name, key)
-load = G.from_pretrained.__func__
-def from_pretrained(cls, *args, **kwargs):
+import steerexp.generators as GS
+load = GS.from_pretrained  # every family's loader (load_generator calls it)
+def from_pretrained(*args, **kwargs):
     start, cpu = time.time(), time.process_time()
     try:
-        return load(cls, *args, **kwargs)
+        return load(*args, **kwargs)
     finally:
         t["load"] = t.get("load", 0.0) + time.time() - start
         c["load"] = c.get("load", 0.0) + time.process_time() - cpu
-G.from_pretrained = classmethod(from_pretrained)
+GS.from_pretrained = from_pretrained
 run = R.run
 def entered(*args, **kwargs):
     t["entered"], c["entered"] = time.time(), time.process_time()

@@ -752,8 +752,9 @@ def _check_generator(c: dict) -> GeneratorInfo:
                 "or a hub id such as org/name",
             )
     if path is None and not (folder / "model_index.json").is_file():
-        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is not built: {folder} is missing",
-                          "build it with steerexp-pretrain 'stages=[generator_flow]', or use generator=shapes")
+        stage = {"shapes": "generator", "shapes_flow": "generator_flow"}.get(str(embedded), "generator")
+        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is missing: {folder}",
+                          f"reinstall steerexp, or rebuild it with steerexp-pretrain 'stages=[{stage}]'")
     if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
         check_pipeline_folder(folder)
     device = gen.get("device", "auto")

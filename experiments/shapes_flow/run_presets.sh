@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every experiment preset on generator=shapes_flow (issue 19): the runs behind the shapes_flow column of each
+# experiments/<preset>/README.md. Two at a time, one torch thread each, into outputs/flow/<run>/.
+#
+#     bash experiments/shapes_flow/run_presets.sh            # all of them (about 40 min on 2 idle cores)
+#     bash experiments/shapes_flow/run_presets.sh cfg_sweep  # the lines whose run name contains cfg_sweep
+#     python experiments/shapes_flow/collect.py              # one JSON of every run's metrics
+#
+# Overrides beyond generator=shapes_flow are what does not transfer (the READMEs say why):
+#   - Prompt-to-Prompt (+p2p methods, technique.edit.control=p2p): joint attention, no cross-attention maps;
+#   - energy guidance's noisy scorer reads the UNet's DDPM-noised latents: the robust scorer on the x0 estimate.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+G="generator=shapes_flow logger=none threads=1"
+M="hydra.sweep.dir=outputs/flow"
+R="hydra.run.dir=outputs/flow"
+RUNS=(
+  "-m experiment=arithmetic_size_sweep $G $M/arithmetic_size_sweep"
+  "-m experiment=cfg_sweep $G $M/cfg_sweep"
+  "-m experiment=energy_guidance $G technique.scorer=robust technique.scale=1,2,5,10,20 $M/energy_guidance"
+  "-m experiment=energy_guidance $G technique.scorer=robust technique.end=0.4 technique.scale=10,30 $M/energy_guidance_end"
+  "-m experiment=joint_budget $G technique=prompt_delta,latent_offset,prompt_delta_latent_offset $M/joint_budget"
+  "-m experiment=latent_offset_colour $G technique.budget.eps_z=4,16 $M/latent_offset_colour"
+  "-m experiment=latent_offset_colour $G technique.latent_mode=per_seed technique.train_seeds=\${eval.seeds} technique.budget.eps_z=16 $M/latent_offset_colour_per_seed"
+  "experiment=latent_offset_layout $G $R/latent_offset_layout"
+  "experiment=latent_offset_layout $G technique.lr=0.05 $R/latent_offset_layout_lr05"
+  "experiment=latent_offset_layout $G technique.budget.eps_z=12 technique.steps=80 $R/latent_offset_layout_e12"
+  "experiment=latent_priming $G $R/latent_priming"
+  "-m experiment=noise_optimisation/reno,noise_optimisation/noise_search,noise_optimisation/best_of_n,noise_optimisation/latent_priming,noise_optimisation,noise_optimisation/best_of_n_classifier $G $M/noise_optimisation"
+  "experiment=nti_edit $G evaluator.edit.methods=[ddim_w1,ddim_w7.5,npi,nti] $R/nti_edit"
+  "experiment=nti_reconstruction $G $R/nti_reconstruction"
+  "experiment=nudging_memorisation $G $R/nudging_memorisation"
+  "experiment=prompt_delta_colour $G $R/prompt_delta_colour"
+  "experiment=prompt_search $G $R/prompt_search"
+  "experiment=ti_heldout $G $R/ti_heldout"
+  "experiment=world_edit_bench $G technique.edit.control=null evaluator.edit_bench.methods=[sdedit_s0.5,sdedit_s0.7,sdedit_s0.9,ddim_w7.5,npi,nti] evaluator.edit_bench.attention_maps=null $R/world_edit_bench"
+)
+mkdir -p outputs/flow
+set -f  # the overrides' [a,b] lists are not globs
+run() {
+  local name="${1##*outputs/flow/}" start=$SECONDS
+  # shellcheck disable=SC2086  # the overrides split on spaces
+  steerexp $1 > "outputs/flow/$name.log" 2>&1
+  echo "$name: exit $?, $(( SECONDS - start )) s"
+}
+for args in "${RUNS[@]}"; do
+  [ $# -gt 0 ] && [[ "${args##*outputs/flow/}" != *"$1"* ]] && continue
+  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
+  run "$args" &
+done
+wait
