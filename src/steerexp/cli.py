@@ -167,6 +167,9 @@ def main() -> None:
         try:
             check_group_overrides(rest)
             print_help(rest)
+        except BrokenPipeError:  # `steerexp --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            sys.exit(0)
         except ConfigError as err:
             _config_error(err, None)
         except Exception as err:  # an override Hydra cannot apply: its message, one line
