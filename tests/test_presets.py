@@ -9,6 +9,8 @@ from tests.helpers import compose_config
 OPTIMISED = {
     "prompt_delta_colour": "robust",
     "latent_offset_layout": "robust",
+    "latent_offset_colour": "robust",
+    "joint_budget": "robust",
     "energy_guidance": "noisy",
 }
 
