@@ -1,6 +1,7 @@
-"""Every run of run_presets.sh in one JSON: `python experiments/shapes_flow/collect.py [outputs/flow] [out.json]`.
+"""Every run of run_presets.sh in one JSON: `python experiments/shapes_flow/collect.py [outputs/<generator>] [out]`.
 
-Keys: the run name (outputs/flow/<name>), then for a sweep's jobs ' | ' and the job's overrides. Values: the run's
+Out: experiments/shapes_flow/results_<generator>.json by default. Keys: the run name
+(outputs/<generator>/<name>), then for a sweep's jobs ' | ' and the job's overrides. Values: the run's
 metrics.json (numbers, lists and flags as written), so the README columns can be read off one file.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ def collect(root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/flow")
-    dest = Path(sys.argv[2] if len(sys.argv) > 2 else "experiments/shapes_flow/presets.json")
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/shapes_flow")
+    dest = Path(sys.argv[2] if len(sys.argv) > 2 else f"experiments/shapes_flow/results_{root.name}.json")
     data = collect(root)
     dest.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"{len(data)} runs -> {dest}")

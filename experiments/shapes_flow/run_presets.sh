@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Every experiment preset on generator=shapes_flow (issue 19): the runs behind the shapes_flow column of each
-# experiments/<preset>/README.md. Two at a time, one torch thread each, into outputs/flow/<run>/.
+# experiments/<preset>/README.md. Two at a time, one torch thread each, into outputs/<generator>/<run>/.
 #
-#     bash experiments/shapes_flow/run_presets.sh            # all of them (about 40 min on 2 idle cores)
-#     bash experiments/shapes_flow/run_presets.sh cfg_sweep  # the lines whose run name contains cfg_sweep
-#     python experiments/shapes_flow/collect.py              # one JSON of every run's metrics
+#     bash experiments/shapes_flow/run_presets.sh                       # all of them (about 40 min, 2 idle cores)
+#     bash experiments/shapes_flow/run_presets.sh cfg_sweep ti_heldout  # the runs whose name contains one of these
+#     GENERATOR=shapes bash experiments/shapes_flow/run_presets.sh ...  # the same command lines on the UNet
+#     PARALLEL=1 ...                                                    # one run at a time
+#     python experiments/shapes_flow/collect.py outputs/shapes_flow     # one JSON of every run's metrics
 #
-# Overrides beyond generator=shapes_flow are what does not transfer (the READMEs say why):
+# Overrides beyond the generator are what does not transfer to shapes_flow (the READMEs say why):
 #   - Prompt-to-Prompt (+p2p methods, technique.edit.control=p2p): joint attention, no cross-attention maps;
 #   - energy guidance's noisy scorer reads the UNet's DDPM-noised latents: the robust scorer on the x0 estimate.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-G="generator=shapes_flow logger=none threads=1"
-M="hydra.sweep.dir=outputs/flow"
-R="hydra.run.dir=outputs/flow"
+GENERATOR=${GENERATOR:-shapes_flow}
+OUT=outputs/$GENERATOR
+G="generator=$GENERATOR logger=none threads=1"
+M="hydra.sweep.dir=$OUT"
+R="hydra.run.dir=$OUT"
 RUNS=(
   "-m experiment=arithmetic_size_sweep $G $M/arithmetic_size_sweep"
   "-m experiment=cfg_sweep $G $M/cfg_sweep"
@@ -35,17 +39,19 @@ RUNS=(
   "experiment=ti_heldout $G $R/ti_heldout"
   "experiment=world_edit_bench $G technique.edit.control=null evaluator.edit_bench.methods=[sdedit_s0.5,sdedit_s0.7,sdedit_s0.9,ddim_w7.5,npi,nti] evaluator.edit_bench.attention_maps=null $R/world_edit_bench"
 )
-mkdir -p outputs/flow
+mkdir -p "$OUT"
 set -f  # the overrides' [a,b] lists are not globs
 run() {
-  local name="${1##*outputs/flow/}" start=$SECONDS
+  local name="${1##*$OUT/}" start=$SECONDS
   # shellcheck disable=SC2086  # the overrides split on spaces
-  steerexp $1 > "outputs/flow/$name.log" 2>&1
+  steerexp $1 > "$OUT/$name.log" 2>&1
   echo "$name: exit $?, $(( SECONDS - start )) s"
 }
 for args in "${RUNS[@]}"; do
-  [ $# -gt 0 ] && [[ "${args##*outputs/flow/}" != *"$1"* ]] && continue
-  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
+  name="${args##*$OUT/}" wanted=$(( $# == 0 ))
+  for pattern in "$@"; do [[ "$name" == *"$pattern"* ]] && wanted=1; done
+  [ "$wanted" = 1 ] || continue
+  while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-2}" ]; do wait -n; done
   run "$args" &
 done
 wait
