@@ -1,6 +1,7 @@
 """Sweeps: launcher=gpus (devices, concurrency, failure isolation, rerun, workers dying with the
-launcher), launcher=basic (markers, failure isolation, rerun), `steerexp-sweep status|rerun` on a live
-sweep, SLURM through submitit's local executor, Ray on a local instance, hparams_search=optuna, unique
+launcher or stopped by its SIGTERM, each both ways: forked from its fork server or fresh processes; more in
+tests/test_fork_server.py), launcher=basic (markers, failure isolation, rerun), `steerexp-sweep status|rerun`
+on a live sweep, SLURM through submitit's local executor, Ray on a local instance, hparams_search=optuna, unique
 run and sweep dirs (one per sweep, whatever process its jobs run in), W&B run ids.
 
 The jobs are tests/sweep_app/app.py: a tiny Hydra app whose jobs wait instead of computing; it uses
@@ -18,6 +19,9 @@ import pytest
 import yaml
 
 APP = Path(__file__).parent / "sweep_app" / "app.py"
+# launcher=gpus's fork server preloads what the app's jobs import (its default, torch to steerexp.run, takes ~6 s
+# of CPU per sweep: tests/test_fork_server.py and the real steerexp sweep below use it)
+APP_PRELOAD = "hydra.launcher.preload=[cloudpickle,hydra.core.utils,steerexp.cli]"
 
 
 def app_env():
@@ -101,8 +105,10 @@ def max_overlap(intervals) -> int:
     return best
 
 
-def test_gpus_launcher_gives_each_job_its_device_and_runs_two_at_once(tmp_path):
-    out = app(["launcher=gpus", "hydra.launcher.devices=[0,1]", "x=1,2,3,4", "sleep_s=1.5"], tmp_path)
+@pytest.mark.parametrize("fork_server", ["true", "false"])
+def test_gpus_launcher_gives_each_job_its_device_and_runs_two_at_once(tmp_path, fork_server):
+    out = app(["launcher=gpus", "hydra.launcher.devices=[0,1]", "x=1,2,3,4", "sleep_s=1.5", APP_PRELOAD,
+               f"hydra.launcher.fork_server={fork_server}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = job_dirs(assert_one_sweep(tmp_path))
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
@@ -121,7 +127,8 @@ def test_gpus_launcher_gives_each_job_its_device_and_runs_two_at_once(tmp_path):
 def test_failing_job_is_isolated_and_rerun_redoes_only_it(tmp_path):
     flag = tmp_path / "fail_flag"
     flag.touch()
-    out = app(["launcher=gpus", "hydra.launcher.devices=[0,1]", "x=1,2,3", "fail_x=2", f"fail_flag={flag}"], tmp_path)
+    out = app(["launcher=gpus", "hydra.launcher.devices=[0,1]", "x=1,2,3", "fail_x=2", f"fail_flag={flag}",
+               APP_PRELOAD], tmp_path)
     assert out.returncode != 0
     assert "3 jobs, 2 completed, 1 failed" in out.stderr and "steerexp-sweep rerun" in out.stderr
     sweep = the_sweep(tmp_path)
@@ -177,12 +184,14 @@ def test_basic_launcher_isolates_a_failing_job_and_rerun_redoes_only_it(tmp_path
     assert second["cuda_visible_devices"] is None  # this process's devices, as the basic launcher had
 
 
-def test_gpus_workers_die_with_the_launcher_and_a_live_sweep_is_not_rerun(tmp_path):
+@pytest.mark.parametrize("fork_server", ["true", "false"])
+def test_gpus_workers_die_with_the_launcher_and_a_live_sweep_is_not_rerun(tmp_path, fork_server):
     hold = tmp_path / "hold"  # the jobs wait while it exists
     hold.touch()
     with open(tmp_path / "launcher.log", "wb") as log:
         launcher = subprocess.Popen([sys.executable, str(APP), "-m", "launcher=gpus", "hydra.launcher.devices=[0,1]",
-                                     "x=1,2,3", f"hold_flag={hold}", "child=true"],
+                                     "x=1,2,3", f"hold_flag={hold}", "child=true", APP_PRELOAD,
+                                     f"hydra.launcher.fork_server={fork_server}"],
                                     cwd=tmp_path, env=app_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 90
@@ -208,10 +217,16 @@ def test_gpus_workers_die_with_the_launcher_and_a_live_sweep_is_not_rerun(tmp_pa
         assert "job #0 is still running" in refusals[0] and "job #2 is queued" in refusals[2]
         assert [len(runs(j)) for j in jobs] == [1, 1] and not (sweep / "2").exists()  # nothing started twice
 
-        # the launcher dies: its workers, and the processes they started, die with it
+        # the launcher dies: its workers, and the processes they started, die with it (and the fork server)
+        parents = {r["ppid"] for r in started}
+        if fork_server == "true":  # both jobs are children of the fork server, not of the launcher
+            assert len(parents) == 1 and launcher.pid not in parents
+        else:
+            assert parents == {launcher.pid}
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(timeout=10)
-        assert gone([r["pid"] for r in started] + [r["child_pid"] for r in started], within=5)
+        assert gone([r["pid"] for r in started] + [r["child_pid"] for r in started] + [r["ppid"] for r in started],
+                    within=5)
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -222,6 +237,32 @@ def test_gpus_workers_die_with_the_launcher_and_a_live_sweep_is_not_rerun(tmp_pa
     rerun = sweep_cli(["rerun", str(sweep)], tmp_path)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert [len(runs(j)) for j in job_dirs(sweep)] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("fork_server", ["true", "false"])
+def test_sigterm_to_the_launcher_stops_its_jobs_and_leaves_them_missing(tmp_path, fork_server):
+    hold = tmp_path / "hold"
+    hold.touch()
+    launcher = subprocess.Popen([sys.executable, str(APP), "-m", "launcher=gpus", "hydra.launcher.devices=[0,1]",
+                                 "x=1,2,3", f"hold_flag={hold}", "child=true", APP_PRELOAD,
+                                 f"hydra.launcher.fork_server={fork_server}"],
+                                cwd=tmp_path, env=app_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while not jobs_started(tmp_path, 2):
+            assert launcher.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        started = [runs(the_sweep(tmp_path) / str(num))[0] for num in (0, 1)]
+        launcher.send_signal(signal.SIGTERM)  # scancel, kill: the jobs (and what they started) stop, the launcher ends
+        assert launcher.wait(timeout=30) != 0
+        assert gone([r["pid"] for r in started] + [r["child_pid"] for r in started] + [r["ppid"] for r in started],
+                    within=5)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    status = sweep_cli(["status", str(the_sweep(tmp_path))], tmp_path)
+    assert "3 missing" in status.stdout  # stopped, not failed: `rerun` redoes them
+    assert not list(the_sweep(tmp_path).glob("*/FAILED"))
 
 
 def test_sweeps_and_runs_started_in_the_same_second_never_share_a_dir(tmp_path):
@@ -298,7 +339,7 @@ def test_device_pool_rejects_bad_devices_with_the_fix():
 
 def test_optuna_three_trials_return_the_best_value(tmp_path):
     out = app(["hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
-               "launcher=gpus", "hydra.launcher.devices=[0,1]"], tmp_path)
+               "launcher=gpus", "hydra.launcher.devices=[0,1]", APP_PRELOAD], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = the_sweep(tmp_path)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

@@ -5,14 +5,15 @@
     steerexp-sweep rerun <sweep dir> --devices 2,3     ... on these GPUs (default: the sweep's own)
 
 A rerun starts each job from its saved spec in `<sweep dir>/.sweep/jobs/` (the same composed config,
-job number and run dir, so a W&B run resumes under its deterministic id) in a fresh process, exactly
-as launcher=gpus does: over the sweep's device pool for a gpus sweep; one after another, on this
-process's devices, for a basic sweep. Jobs are "failed" with a FAILED marker in their run dir and
-"missing" without COMPLETED (never started, or killed with the sweep). A job whose process is alive
-(its RUNNING marker, checked) is "running", and a job the live sweep has yet to start is "pending":
-a rerun refuses both, with one line each, so a job never runs twice into one directory. Code is
-imported anew, so a fix in the package applies to the rerun; the config does not change. Exit code 1
-if any job is still not completed afterwards (running and pending ones included), 2 on a usage error.
+job number and run dir, so a W&B run resumes under its deterministic id) in a process of its own,
+exactly as launcher=gpus does (forked from a new fork server if the sweep's jobs were): over the
+sweep's device pool for a gpus sweep; one after another, on this process's devices, for a basic
+sweep. Jobs are "failed" with a FAILED marker in their run dir and "missing" without COMPLETED (never
+started, or killed with the sweep). A job whose process is alive (its RUNNING marker, checked) is
+"running", and a job the live sweep has yet to start is "pending": a rerun refuses both, with one line
+each, so a job never runs twice into one directory. Code is imported anew, so a fix in the package
+applies to the rerun; the config does not change. Exit code 1 if any job is still not completed
+afterwards (running and pending ones included), 2 on a usage error.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """steerexp's Hydra plugins (found by Hydra through the `hydra_plugins` namespace package).
 
-- `hydra/launcher=gpus` (`launcher=gpus` in steerexp): every job in a fresh process with its own
-  CUDA_VISIBLE_DEVICES from a pool of devices, jobs concurrent across devices, failures isolated
-  (gpus_launcher.py, jobs.py, _worker.py; `steerexp-sweep rerun <sweep dir>` in steerexp/sweep.py).
+- `hydra/launcher=gpus` (`launcher=gpus` in steerexp): every job in a process of its own with its own
+  CUDA_VISIBLE_DEVICES from a pool of devices, forked from a fork server that imported torch & co. once,
+  jobs concurrent across devices, failures isolated (gpus_launcher.py, jobs.py, _worker.py, _zygote.py;
+  `steerexp-sweep rerun <sweep dir>` in steerexp/sweep.py).
 - `hydra/launcher=steerexp_basic` (`launcher=basic`, the default): Hydra's basic launcher (jobs one after
   another, in this process) with the same sweep state as launcher=gpus: manifest, job specs, COMPLETED /
   FAILED markers, so `steerexp-sweep status|rerun` work on it too (basic_launcher.py).

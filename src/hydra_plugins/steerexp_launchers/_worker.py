@@ -1,17 +1,20 @@
-"""One sweep job in its own process: `python -m hydra_plugins.steerexp_launchers._worker <spec.pkl>`.
+"""One sweep job in its own process: `python -m hydra_plugins.steerexp_launchers._worker <spec.pkl>`,
+or `main` called in a child forked by the sweep's fork server (_zygote.py), which sets the child up as
+this command line would have been started.
 
-The launcher sets CUDA_VISIBLE_DEVICES before starting this process, so the job only ever sees its
-own device. Loads the spec (Hydra context, task function, the job's config, Hydra's singleton
-state), runs the job exactly as Hydra's own launchers do (`run_job`), and leaves next to the spec:
-`<num>.status.json` (COMPLETED / FAILED + the error) and `<num>.return.pkl` (the JobReturn, whose
-return value the sweeper reads, e.g. Optuna's objective). A failing job also writes its traceback
+The launcher (or the fork server, in its child) sets CUDA_VISIBLE_DEVICES before the job starts, so the
+job only ever sees its own device. Loads the spec (Hydra context, task function, the job's config,
+Hydra's singleton state), runs the job exactly as Hydra's own launchers do (`run_job`), and leaves next
+to the spec: `<num>.status.json` (COMPLETED / FAILED + the error) and `<num>.return.pkl` (the JobReturn,
+whose return value the sweeper reads, e.g. Optuna's objective). A failing job also writes its traceback
 to `<job dir>/traceback.txt`. Exit code 0 if the job completed, 1 if it failed.
 
-The job dies with its launcher: the launcher passes the read end of a pipe (fd in
-STEEREXP_LAUNCHER_FD) whose write end only it holds. A daemon thread blocks reading it; EOF means the
-launcher is gone (exited, crashed or SIGKILLed: the kernel closes its fds), and the thread kills this
-process's group (the worker leads its own session: the job and every process it started). Nothing is
-saved at that point: the job stays without COMPLETED and `steerexp-sweep rerun` redoes it.
+The job dies with its launcher: the launcher passes the read end of a pipe (fd in STEEREXP_LAUNCHER_FD;
+to a forked job through the fork server) whose write end only it holds. A daemon thread blocks reading
+it; EOF means the launcher is gone (exited, crashed or SIGKILLed: the kernel closes its fds), and the
+thread kills this process's group (the worker leads its own session: the job and every process it
+started). main starts that thread, so a forked job starts its own (threads do not survive fork). Nothing
+is saved at that point: the job stays without COMPLETED and `steerexp-sweep rerun` redoes it.
 """
 from __future__ import annotations
 

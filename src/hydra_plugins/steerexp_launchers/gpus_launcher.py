@@ -1,10 +1,14 @@
-"""`hydra/launcher=gpus`: one job per device, each in a fresh process, failures isolated.
+"""`hydra/launcher=gpus`: one job per device, each in a process of its own, failures isolated.
 
 Hydra's basic launcher runs jobs one after another in one process; joblib's reused workers keep the
 first job's CUDA_VISIBLE_DEVICES; submitit's local executor puts every job on the same GPU. Here:
 
-- every job runs in a new Python process (`_worker.py`) whose CUDA_VISIBLE_DEVICES is a slot from
-  the pool `devices` x `jobs_per_device`; jobs run concurrently across the pool;
+- every job runs in a process of its own whose CUDA_VISIBLE_DEVICES is a slot from the pool
+  `devices` x `jobs_per_device`; jobs run concurrently across the pool;
+- that process is forked from a fork server (`_zygote.py`, one per launch: a sweep, or a sweeper's batch)
+  that imported torch, diffusers, transformers and steerexp once (`preload`), so a job does not pay ~5-6 s
+  of CPU of imports first; with `fork_server: false`, or a server that fails, each job starts as a fresh
+  interpreter (`_worker.py`) instead: the same job, the same files;
 - a failing job (an exception, or a process that dies) is recorded in its run dir (FAILED marker +
   traceback.txt) and the others go on; the launcher logs a summary at the end and the sweep exits
   non-zero if any job failed;
@@ -18,7 +22,7 @@ first job's CUDA_VISIBLE_DEVICES; submitit's local executor puts every job on th
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -34,6 +38,11 @@ from hydra_plugins.steerexp_launchers import jobs as J
 
 log = logging.getLogger(__name__)
 
+# what a steerexp job imports that costs (torch ~1.5 s, diffusers ~1.7, transformers ~0.3, steerexp.run with
+# diffusers' models ~1.7 s of CPU here); the rest of a job's imports come to ~0.1 s
+PRELOAD = ("torch", "diffusers", "transformers", "steerexp.run", "steerexp.cli", "steerexp.generators.sd",
+           "hydra.core.utils", "cloudpickle")
+
 
 @dataclass
 class GPUsLauncherConf:
@@ -42,6 +51,9 @@ class GPUsLauncherConf:
     # null: the GPUs this process sees (CUDA_VISIBLE_DEVICES, else nvidia-smi)
     devices: Optional[List[str]] = None
     jobs_per_device: int = 1  # jobs sharing one device at a time
+    # fork each job from a server that imported `preload` once (_zygote.py); false: a fresh interpreter per job
+    fork_server: bool = True
+    preload: List[str] = field(default_factory=lambda: list(PRELOAD))
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="gpus", node=GPUsLauncherConf, provider="steerexp")
@@ -134,9 +146,12 @@ def returns_for_sweeper(jobs: List[J.Job], returns: List[Optional[JobReturn]], s
 
 
 class GPUsLauncher(Launcher):
-    def __init__(self, devices: Optional[List[Any]] = None, jobs_per_device: int = 1) -> None:
+    def __init__(self, devices: Optional[List[Any]] = None, jobs_per_device: int = 1, fork_server: bool = True,
+                 preload: Sequence[str] = PRELOAD) -> None:
         self.devices = None if devices is None else [str(d) for d in devices]
         self.jobs_per_device = int(jobs_per_device)
+        self.fork_server = bool(fork_server)
+        self.preload = [str(m) for m in preload]
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None
@@ -155,13 +170,15 @@ class GPUsLauncher(Launcher):
         jobs, _ = prepare_jobs(
             self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, sweep_dir
         )
-        J.write_manifest(sweep_dir, jobs, self.devices, self.jobs_per_device, os.getcwd(), launcher="gpus")
+        J.write_manifest(sweep_dir, jobs, self.devices, self.jobs_per_device, os.getcwd(), launcher="gpus",
+                         fork_server=self.fork_server, preload=self.preload)
         pool = ", ".join(J.slots(self.devices, 1))
         log.info(f"launcher=gpus: {len(jobs)} jobs on devices [{pool}] x {self.jobs_per_device}, sweep dir {sweep_dir}")
 
         J.launcher_started(sweep_dir)
         try:
-            J.run_jobs(jobs, self.devices, self.jobs_per_device, cwd=os.getcwd())
+            J.run_jobs(jobs, self.devices, self.jobs_per_device, cwd=os.getcwd(), fork_server=self.fork_server,
+                       preload=self.preload)
         finally:
             J.launcher_finished(sweep_dir)
         text = J.summary(jobs, sweep_dir)

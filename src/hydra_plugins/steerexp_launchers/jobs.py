@@ -1,17 +1,21 @@
-"""Run sweep jobs in fresh processes over a pool of devices, isolating failures; the sweep's state on disk.
+"""Run sweep jobs in processes of their own over a pool of devices, isolating failures; the sweep's state.
 
-A job is a pickled spec (Hydra context, task function, the job's composed config) that
-`python -m hydra_plugins.steerexp_launchers._worker <spec>` runs in a new process whose
-CUDA_VISIBLE_DEVICES is one slot of the pool (`devices` x `jobs_per_device`). A thread per slot
-keeps its device busy; a slot returns to the pool when its job's process exits. The basic launcher
-(basic_launcher.py) runs its jobs in its own process instead but keeps the same state on disk, so
-`steerexp-sweep status|rerun` treat both alike.
+A job is a pickled spec (Hydra context, task function, the job's composed config) that _worker.main runs
+in a new process whose CUDA_VISIBLE_DEVICES is one slot of the pool (`devices` x `jobs_per_device`). That
+process is forked from the sweep's fork server (_zygote.py, ForkServer below), which imported torch & co.
+once, or, with fork_server off or when the server is gone, a fresh interpreter
+(`python -m hydra_plugins.steerexp_launchers._worker <spec>`): the same job, files and exit codes either
+way, only the start is cheaper. A thread per slot keeps its device busy; a slot returns to the pool when
+its job's process exits. The basic launcher (basic_launcher.py) runs its jobs in its own process instead
+but keeps the same state on disk, so `steerexp-sweep status|rerun` treat both alike.
 
 On disk (the sweep dir holds `.sweep/`, each job dir the markers):
 
-    <sweep dir>/.sweep/manifest.json        launcher kind, cwd, devices, jobs: num -> overrides, job dir, spec
+    <sweep dir>/.sweep/manifest.json        launcher kind, cwd, devices, fork_server, preload,
+                                            jobs: num -> overrides, job dir, spec
     <sweep dir>/.sweep/jobs/<num>.pkl       the job spec (what `steerexp-sweep rerun` relaunches)
     <sweep dir>/.sweep/LAUNCHER             JSON: pid, host of the launching process while it runs
+    <sweep dir>/.sweep/fork_server.log      the fork server's own output (empty unless it failed)
     <job dir>/RUNNING                       JSON: pid, host, start time of the job's process while it runs
     <job dir>/COMPLETED                     JSON: device, seconds, finished-at
     <job dir>/FAILED                        the error in one line (+ device, exit code)
@@ -24,8 +28,10 @@ the sweep's LAUNCHER is alive, and otherwise completed (COMPLETED), failed (FAIL
 (never ran, or was killed; a RUNNING marker whose process is gone).
 
 A job process dies with its launcher: it inherits the read end of a pipe whose only write end the
-launching process holds; when that process dies (even by SIGKILL) the kernel closes the write end, the
-worker reads EOF and kills its own process group (the job and everything it started). See _worker.py.
+launching process holds (through the fork server for a forked job); when that process dies (even by
+SIGKILL) the kernel closes the write end, the job reads EOF and kills its own process group (the job and
+everything it started). See _worker.py. The fork server itself ends when the launcher's end of its socket
+closes.
 """
 
 import json
@@ -40,6 +46,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +58,8 @@ TRACEBACK, LOG = "traceback.txt", "stdout.log"
 STATE_DIR = ".sweep"
 LAUNCHER = "LAUNCHER"
 WORKER = "hydra_plugins.steerexp_launchers._worker"
+ZYGOTE = "hydra_plugins.steerexp_launchers._zygote"
+FORK_SERVER_LOG = "fork_server.log"
 PARENT_FD_ENV = "STEEREXP_LAUNCHER_FD"  # the worker's end of the pipe to its launcher (see _worker.py)
 
 
@@ -264,8 +273,9 @@ def read_manifest(sweep_dir: Path) -> dict:
 
 
 def write_manifest(sweep_dir: Path, jobs: list[Job], devices, jobs_per_device: int, cwd: str,
-                   launcher: str = "gpus") -> None:
-    """Add `jobs` to the sweep's manifest (a sweeper may launch several batches into one sweep dir)."""
+                   launcher: str = "gpus", fork_server: bool = False, preload: Sequence[str] = ()) -> None:
+    """Add `jobs` to the sweep's manifest (a sweeper may launch several batches into one sweep dir);
+    fork_server and preload: how its jobs start (a rerun starts them the same way)."""
     path = state_dir(sweep_dir) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {"jobs": {}}
     manifest.update(
@@ -274,6 +284,8 @@ def write_manifest(sweep_dir: Path, jobs: list[Job], devices, jobs_per_device: i
             "cwd": cwd,
             "devices": None if devices is None else [str(d) for d in devices],
             "jobs_per_device": int(jobs_per_device),
+            "fork_server": bool(fork_server),
+            "preload": list(preload),
             "python": sys.executable,
         }
     )
@@ -350,26 +362,169 @@ class _Running:
     """The job processes alive now, so that an interrupted sweep stops them all."""
 
     def __init__(self):
-        self.procs: set[subprocess.Popen] = set()
+        self.pids: set[int] = set()  # each leads its own process group
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
-    def terminate(self) -> None:
-        self.stop.set()
+    def add(self, pid: int) -> None:
+        """A job process started; one that started while the sweep was being stopped is stopped too."""
         with self.lock:
-            for proc in list(self.procs):
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            self.pids.add(pid)
+            if self.stop.is_set():
+                _kill_group(pid)
+
+    def discard(self, pid: int) -> None:
+        with self.lock:
+            self.pids.discard(pid)
+
+    def terminate(self) -> None:
+        with self.lock:
+            self.stop.set()
+            for pid in list(self.pids):
+                _kill_group(pid)
 
 
-def _finish(job: Job, code: int) -> None:
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class ForkServerGone(RuntimeError):
+    """The fork server is not running (any more): the job was not started, start it as a fresh process."""
+
+
+class ForkServer:
+    """The launcher's end of the fork server (_zygote.py): one per run_jobs, started before the first job.
+
+    It imports `preload` once; each job then starts as a fork of it instead of a fresh interpreter (~5-6 s
+    of CPU less per job). Requests and replies are JSON lines on a socket pair: {id, spec, device, log} ->
+    {id, pid} when the job's process started, {id, exit} when the server reaped it. A reader thread hands
+    each reply to the job's thread. The server also gets the read end of a pipe whose write end only this
+    process holds, for every job's launcher-death watch (closed here once every job has ended).
+
+    If the server dies, the jobs not started yet raise ForkServerGone (run_jobs starts them as fresh
+    processes, after one warning); a job already running goes on, orphaned, and is watched by its pid
+    until it ends (its exit code is lost: its status.json decides)."""
+
+    def __init__(self, cwd: str, preload: Sequence[str], log_path: Path):
+        self.sock, theirs = socket.socketpair()
+        lifeline, self.lifeline = os.pipe()
+        self.log_path = log_path
+        try:
+            with open(log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", ZYGOTE, str(theirs.fileno()), str(lifeline), *preload],
+                    cwd=cwd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # a Ctrl-C in the terminal reaches the launcher only, as with workers
+                    pass_fds=(theirs.fileno(), lifeline),
+                )
+        except BaseException:
+            self.sock.close()
+            os.close(self.lifeline)
+            raise
+        finally:
+            theirs.close()
+            os.close(lifeline)
+        self.lock = threading.Lock()
+        self.replies: dict[int, queue.Queue] = {}
+        self.next_id = 0
+        self.gone = False
+        self.warned = False
+        threading.Thread(target=self._read, name="steerexp-fork-server", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.sock.makefile("rb"):
+                if not line.endswith(b"\n"):
+                    break  # cut off: the server died while writing
+                reply = json.loads(line)
+                with self.lock:
+                    self.replies[reply["id"]].put(reply)
+        except OSError:
+            pass  # ECONNRESET: the server died with requests unread
+        finally:  # the server exited (or this process closed the socket): no reply will come
+            with self.lock:
+                self.gone = True
+                for replies in self.replies.values():
+                    replies.put(None)
+
+    def run(self, job: Job, device: str | None, running: _Running) -> int | None:
+        """Run the job in a child of the server to its end: its exit code, or None if the server died while the
+        job ran (the job ran on to its end). ForkServerGone: the job did not start."""
+        replies: queue.Queue = queue.Queue()
+        with self.lock:
+            key, self.next_id = self.next_id, self.next_id + 1
+            self.replies[key] = replies
+            request = {"id": key, "spec": str(job.spec), "device": device, "log": str(job.job_dir / LOG)}
+            try:
+                if self.gone:
+                    raise ForkServerGone
+                self.sock.sendall(json.dumps(request).encode() + b"\n")
+            except (OSError, ForkServerGone):
+                del self.replies[key]
+                raise ForkServerGone from None
+        try:
+            started = replies.get()
+            if started is None:
+                raise ForkServerGone
+            pid = started["pid"]
+            start = process_start(pid)
+            running.add(pid)
+            try:
+                set_running_pid(job, pid)
+                ended = replies.get()
+                if ended is not None:
+                    return ended["exit"]
+                while pid_alive(pid, start):  # orphaned when the server died: wait for it by its pid
+                    time.sleep(0.2)
+                return None
+            finally:
+                running.discard(pid)
+        finally:
+            with self.lock:
+                del self.replies[key]
+
+    def fell_back(self) -> None:
+        """Say once that the server is gone and jobs start as fresh processes from now on."""
+        with self.lock:
+            if self.warned:
+                return
+            self.warned = True
+        try:
+            code = self.proc.wait(timeout=10)  # it closed the socket: it has exited, or is about to
+        except subprocess.TimeoutExpired:
+            code = None
+        log.warning(f"launcher=gpus: the fork server stopped (exit code {code}, see {self.log_path}); "
+                    "starting each job in a fresh process instead")
+
+    def close(self) -> None:
+        """After the last job: the server sees EOF and exits (reaped here); the jobs' lifeline closes."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        os.close(self.lifeline)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _finish(job: Job, code: int | None) -> None:
+    """Mark the job from its exit code (None: lost with the fork server) and its worker's verdict."""
     verdict = json.loads(job.result.read_text()) if job.result.is_file() else {}
-    if code == 0 and verdict.get("status") == COMPLETED:
+    if code in (0, None) and verdict.get("status") == COMPLETED:
         mark_completed(job)
         return
-    error = verdict.get("error") or f"the job process exited with code {code} (killed, out of memory, or crashed)"
+    ended = "exited with code " + str(code) if code is not None else "ended without a verdict"
+    error = verdict.get("error") or f"the job process {ended} (killed, out of memory, or crashed)"
     text = None
     if not (job.job_dir / TRACEBACK).is_file():
         tail = (job.job_dir / LOG).read_text(errors="replace")[-8000:] if (job.job_dir / LOG).is_file() else ""
@@ -377,8 +532,14 @@ def _finish(job: Job, code: int) -> None:
     mark_failed(job, error, code, text)
 
 
-def _spawn(job: Job, device: str | None, running: _Running, cwd: str) -> int:
-    """Run the job's worker process to its end; the exit code."""
+def _spawn(job: Job, device: str | None, running: _Running, cwd: str, server: ForkServer | None) -> int | None:
+    """Run the job's process to its end, forked by the fork server if there is one, else a fresh worker
+    process; the exit code (None: lost with the fork server, which died while the job ran)."""
+    if server is not None:
+        try:
+            return server.run(job, device, running)
+        except ForkServerGone:
+            server.fell_back()
     env = dict(os.environ)
     if device is not None:
         env.update(CUDA_VISIBLE_DEVICES=device, STEEREXP_SWEEP_DEVICE=device)
@@ -399,19 +560,18 @@ def _spawn(job: Job, device: str | None, running: _Running, cwd: str) -> int:
                 )
             finally:
                 os.close(read_fd)
-            with running.lock:
-                running.procs.add(proc)
+            running.add(proc.pid)
             try:
                 set_running_pid(job, proc.pid)
                 return proc.wait()
             finally:
-                with running.lock:
-                    running.procs.discard(proc)
+                running.discard(proc.pid)
     finally:
         os.close(write_fd)
 
 
-def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: str) -> Job:
+def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: str,
+             server: ForkServer | None) -> Job:
     device = pool.get()
     try:
         if running.stop.is_set():
@@ -433,9 +593,9 @@ def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: 
                 f"#{job.num}" + (f" on device {device}" if device is not None else "") + f": {' '.join(job.overrides)}"
             )
             job.started = time.time()
-            code = _spawn(job, device, running, cwd)
+            code = _spawn(job, device, running, cwd, server)
             job.seconds = time.time() - job.started
-            if running.stop.is_set() and code != 0:
+            if running.stop.is_set() and code not in (0, None):
                 job.status, job.error = None, "stopped"  # interrupted: missing, not failed
                 return job
             _finish(job, code)
@@ -455,22 +615,30 @@ def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: 
 
 
 def run_jobs(
-    jobs: list[Job], devices, jobs_per_device: int = 1, cwd: str | None = None, inherit_devices: bool = False
+    jobs: list[Job],
+    devices,
+    jobs_per_device: int = 1,
+    cwd: str | None = None,
+    inherit_devices: bool = False,
+    fork_server: bool = False,
+    preload: Sequence[str] = (),
 ) -> list[Job]:
     """Run `jobs` (specs already written) concurrently over the device pool; never raises for a
     failing job: each Job comes back with status COMPLETED, FAILED, RUNNING (another process runs it:
     not started here) or None if interrupted. inherit_devices: one job at a time, each seeing this
-    process's CUDA_VISIBLE_DEVICES (reruns of launcher=basic sweeps)."""
+    process's CUDA_VISIBLE_DEVICES (reruns of launcher=basic sweeps). fork_server: each job is forked
+    from a server that imported `preload` once (ForkServer), else started as a fresh interpreter."""
     pool_slots = [None] if inherit_devices else slots(devices, jobs_per_device)
     pool: "queue.Queue[str | None]" = queue.Queue()
     for s in pool_slots:
         pool.put(s)
     running = _Running()
     cwd = cwd or os.getcwd()
+    server = _start_fork_server(jobs, cwd, preload) if fork_server and jobs and not inherit_devices else None
     executor = ThreadPoolExecutor(max_workers=min(len(pool_slots), max(len(jobs), 1)))
     previous = _on_sigterm_raise()
     try:
-        futures = [executor.submit(_run_one, job, pool, running, cwd) for job in jobs]
+        futures = [executor.submit(_run_one, job, pool, running, cwd, server) for job in jobs]
         for future in futures:
             future.result()
     except BaseException:  # Ctrl-C, SIGTERM (scancel, kill): stop the job processes, leave them missing
@@ -478,10 +646,21 @@ def run_jobs(
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
+        if server is not None:
+            server.close()  # every job has ended by now (an interrupted sweep waited for its stopped jobs)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     executor.shutdown(wait=True)
     return jobs
+
+
+def _start_fork_server(jobs: list[Job], cwd: str, preload: Sequence[str]) -> ForkServer | None:
+    log_path = jobs[0].spec.parents[1] / FORK_SERVER_LOG  # <sweep dir>/.sweep/ (the specs are in .sweep/jobs/)
+    try:
+        return ForkServer(cwd, preload, log_path)
+    except OSError as err:
+        log.warning(f"launcher=gpus: the fork server did not start ({err}); starting each job in a fresh process")
+        return None
 
 
 def _on_sigterm_raise():

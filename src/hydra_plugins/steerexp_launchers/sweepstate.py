@@ -64,10 +64,11 @@ def summary(sweep_dir: str | Path, jobs: list[JobState] | None = None) -> str:
 def rerun(sweep_dir: str | Path, jobs: list[JobState], devices: list[str] | None = None,
           jobs_per_device: int | None = None, announce=None) -> None:
     """Run these jobs again from their saved specs (same config, job number and run dir), each in a fresh
-    process: over `devices` (default: the sweep's own pool) for a gpus sweep, one after another on this
-    process's devices for a basic sweep. Checks everything first (FileNotFoundError: a spec or the sweep's
-    working directory is gone), then calls `announce()` (if given) and runs them; a job another process
-    has started meanwhile is not run twice."""
+    process (forked from a fork server as the sweep's were, if they were): over `devices` (default: the
+    sweep's own pool) for a gpus sweep, one after another on this process's devices for a basic sweep.
+    Checks everything first (FileNotFoundError: a spec or the sweep's working directory is gone), then
+    calls `announce()` (if given) and runs them; a job another process has started meanwhile is not run
+    twice."""
     sweep_dir = Path(sweep_dir)
     manifest = _jobs.read_manifest(sweep_dir)
     for job in jobs:
@@ -83,4 +84,5 @@ def rerun(sweep_dir: str | Path, jobs: list[JobState], devices: list[str] | None
     jobs_per_device = jobs_per_device or manifest.get("jobs_per_device", 1)
     if announce is not None:
         announce()
-    _jobs.run_jobs([j._job for j in jobs], devices, jobs_per_device, cwd=str(cwd), inherit_devices=in_turn)
+    _jobs.run_jobs([j._job for j in jobs], devices, jobs_per_device, cwd=str(cwd), inherit_devices=in_turn,
+                   fork_server=manifest.get("fork_server", False), preload=manifest.get("preload", ()))
