@@ -29,8 +29,15 @@ def _run_in_process(tmp_path, overrides, name):
     return run(cfg, run_dir, name, "tests"), run_dir
 
 
+def _default_sigint() -> None:
+    # a background job of a non-interactive shell (`pytest &`) starts with SIGINT ignored, which exec keeps:
+    # the Ctrl-C test would then interrupt nothing
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, cwd, **kw):
-    return subprocess.Popen([STEERXP, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([STEERXP, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _run_dir_of(stdout: str) -> Path:
