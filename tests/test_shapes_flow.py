@@ -121,3 +121,33 @@ def test_quality_gate_report_runs_on_the_flow_generator(built):
     for key in rates:
         assert 0.0 <= out[key] <= 1.0
     assert out["sample_seconds_16x25"] > 0 and out["settings"]["samples"] == 8
+
+
+# ---------------------------------------------------------------------------- the shipped folder
+def test_shipped_flow_generator_loads_and_its_assets_fit_the_cap():
+    """generator=shapes_flow: the shipped folder, of the recipe's shape; all shipped assets stay under 100 MB."""
+    from steerexp import ASSETS
+
+    gen = load_generator(None, device="cpu", embedded="shapes_flow")
+    assert gen.family == "sd3" and gen.world == "shapes"
+    assert gen.cond_shape == (CLIP_LENGTH + T5_LENGTH + 1, 128)
+    assert gen.generate(["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
+    gen.assert_unchanged()
+    size = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert size < 100e6, f"shipped assets are {size / 1e6:.1f} MB; the cap is 100 MB (issue 19)"
+
+
+def test_shipped_recipe_is_the_recipe_in_conf():
+    """assets/recipe.json, written by the steerexp-pretrain runs that built the shipped assets, holds the same
+    section for every stage as conf/pretrain.yaml: no asset was built by a recipe the repository no longer has."""
+    from omegaconf import OmegaConf
+
+    from steerexp import ASSETS
+
+    conf = OmegaConf.load(conf_dir() / "pretrain.yaml")
+    del conf["hydra"]
+    conf = OmegaConf.to_container(conf, resolve=True)
+    shipped = json.loads((ASSETS / "recipe.json").read_text())["config"]
+    sections = ("world", "vae", "text_encoder", "unet", "generator_flow", "classifier", "classifier_robust",
+                "classifier_noisy", "clip")
+    assert {k: shipped[k] for k in sections} == {k: conf[k] for k in sections}
