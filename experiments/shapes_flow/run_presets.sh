@@ -34,6 +34,7 @@ RUNS=(
   "experiment=nti_edit $G evaluator.edit.methods=[ddim_w1,ddim_w7.5,npi,nti] $R/nti_edit"
   "experiment=nti_reconstruction $G $R/nti_reconstruction"
   "experiment=nudging_memorisation $G $R/nudging_memorisation"
+  "experiment=nudging_memorisation $G technique.latent=prompt technique.rounds=3 technique.opt_lr=0.1 $R/nudging_memorisation_prompt"
   "experiment=prompt_delta_colour $G $R/prompt_delta_colour"
   "experiment=prompt_search $G $R/prompt_search"
   "experiment=ti_heldout $G $R/ti_heldout"
