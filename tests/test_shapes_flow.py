@@ -20,6 +20,7 @@ from steerexp.generators import Guidance, load_generator
 from steerexp.pretrain.flow_generator import conditioning
 from steerexp.worlds.shapes import world
 from tests.helpers import tiny_run
+from tests.test_families import TECHNIQUES
 
 PROMPTS = ["a red circle on the left", "a small blue star", ""]
 CLIP_LENGTH, T5_LENGTH = 16, 24  # conf/pretrain.yaml generator_flow: max_length, t5_max_length
@@ -151,3 +152,15 @@ def test_shipped_recipe_is_the_recipe_in_conf():
     sections = ("world", "vae", "text_encoder", "unet", "generator_flow", "classifier", "classifier_robust",
                 "classifier_noisy", "clip")
     assert {k: shipped[k] for k in sections} == {k: conf[k] for k in sections}
+
+
+@pytest.mark.parametrize("technique", sorted(set(TECHNIQUES) - {"ddim_inversion+p2p", "direct_inversion+p2p"}))
+def test_every_technique_runs_a_tiny_version_on_shapes_flow(tmp_path, technique):
+    """generator=shapes_flow (the shipped folder): every technique end to end, fingerprint unchanged. P2P is refused
+    before loading (joint attention): test_families checks that refusal on the same family."""
+    base = ["generator=shapes_flow", "sampling.steps=2", "eval.seeds=[0]", "eval.prompts=['a red {}']",
+            "logger=none", "evaluator=[concept]"]
+    metrics, run_dir = tiny_run(tmp_path, [f"technique={technique}", *TECHNIQUES[technique]], name=technique,
+                                base=base)
+    assert metrics["generator/unchanged"] is True
+    assert (run_dir / "metrics.json").is_file()
