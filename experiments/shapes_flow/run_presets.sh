@@ -36,6 +36,7 @@ RUNS=(
   "experiment=nudging_memorisation $G $R/nudging_memorisation"
   "experiment=nudging_memorisation $G technique.latent=prompt technique.rounds=3 technique.opt_lr=0.1 $R/nudging_memorisation_prompt"
   "experiment=prompt_delta_colour $G $R/prompt_delta_colour"
+  "experiment=prompt_delta_colour $G technique.budget.eps_text=16.1 $R/prompt_delta_colour_eps16"
   "experiment=prompt_search $G $R/prompt_search"
   "experiment=ti_heldout $G $R/ti_heldout"
   "experiment=world_edit_bench $G technique.edit.control=null evaluator.edit_bench.methods=[sdedit_s0.5,sdedit_s0.7,sdedit_s0.9,ddim_w7.5,npi,nti] evaluator.edit_bench.attention_maps=null $R/world_edit_bench"
