@@ -1,10 +1,10 @@
 """The second embedded generator, `generator=shapes_flow` (issue 19): a miniature SD3-format flow-matching
 transformer trained by `steerexp-pretrain 'stages=[generator_flow]'` on the shapes world.
 
-The tests build it with the smoke stage (the recipe, 3 steps), and check the shipped folder
-(src/steerexp/assets/shapes_flow) where noted. The folder loads with diffusers' own StableDiffusion3Pipeline and
-samples as steerexp's SD3Generator does; training builds the conditioning exactly as both of them do; a
-technique runs on it with the fingerprint unchanged.
+It is built by steerexp-pretrain, not shipped (the shipped models stay under 50 MB; it is 39 MB): the tests
+build it with the smoke stage (the recipe, 3 steps). The folder loads with diffusers' own
+StableDiffusion3Pipeline and samples as steerexp's SD3Generator does; training builds the conditioning exactly
+as both of them do; a technique runs on it with the fingerprint unchanged.
 """
 from __future__ import annotations
 
@@ -124,18 +124,14 @@ def test_quality_gate_report_runs_on_the_flow_generator(built):
     assert out["sample_seconds_16x25"] > 0 and out["settings"]["samples"] == 8
 
 
-# ---------------------------------------------------------------------------- the shipped folder
-def test_shipped_flow_generator_loads_and_its_assets_fit_the_cap():
-    """generator=shapes_flow: the shipped folder, of the recipe's shape; all shipped assets stay under 100 MB."""
+# ---------------------------------------------------------------------------- what is shipped
+def test_shipped_models_stay_under_50_mb():
+    """shapes_flow (39 MB) is built by steerexp-pretrain, not shipped: it would take the shipped models past 50 MB."""
     from steerexp import ASSETS
 
-    gen = load_generator(None, device="cpu", embedded="shapes_flow")
-    assert gen.family == "sd3" and gen.world == "shapes"
-    assert gen.cond_shape == (CLIP_LENGTH + T5_LENGTH + 1, 128)
-    assert gen.generate(["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
-    gen.assert_unchanged()
-    size = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
-    assert size < 100e6, f"shipped assets are {size / 1e6:.1f} MB; the cap is 100 MB (issue 19)"
+    shipped = [f for f in ASSETS.rglob("*") if f.is_file() and "shapes_flow" not in f.relative_to(ASSETS).parts]
+    size = sum(f.stat().st_size for f in shipped)
+    assert size < 50e6, f"shipped assets are {size / 1e6:.1f} MB; keep them under 50 MB"
 
 
 def test_shipped_recipe_is_the_recipe_in_conf():
@@ -154,12 +150,16 @@ def test_shipped_recipe_is_the_recipe_in_conf():
     assert {k: shipped[k] for k in sections} == {k: conf[k] for k in sections}
 
 
-@pytest.mark.parametrize("technique", sorted(set(TECHNIQUES) - {"ddim_inversion+p2p", "direct_inversion+p2p"}))
-def test_every_technique_runs_a_tiny_version_on_shapes_flow(tmp_path, technique):
-    """generator=shapes_flow (the shipped folder): every technique end to end, fingerprint unchanged. P2P is refused
-    before loading (joint attention): test_families checks that refusal on the same family."""
-    base = ["generator=shapes_flow", "sampling.steps=2", "eval.seeds=[0]", "eval.prompts=['a red {}']",
-            "logger=none", "evaluator=[concept]"]
+ELSEWHERE = {"ddim_inversion+p2p", "direct_inversion+p2p", "textual_inversion"}  # refused; its own test above
+
+
+@pytest.mark.parametrize("technique", sorted(set(TECHNIQUES) - ELSEWHERE))
+def test_every_technique_runs_a_tiny_version_on_shapes_flow(built, tmp_path, technique):
+    """The flow generator (the recipe's folder, smoke-built): every technique end to end, fingerprint unchanged.
+    P2P is refused before loading (joint attention): test_families checks that refusal on the same family."""
+    base = ["generator=sd", f"generator.path={built / 'shapes_flow'}", "generator.device=cpu", "generator.dtype=fp32",
+            "sampling.steps=2",
+            "eval.seeds=[0]", "eval.prompts=['a red {}']", "logger=none", "evaluator=[concept]"]
     metrics, run_dir = tiny_run(tmp_path, [f"technique={technique}", *TECHNIQUES[technique]], name=technique,
                                 base=base)
     assert metrics["generator/unchanged"] is True

@@ -753,8 +753,9 @@ def _check_generator(c: dict) -> GeneratorInfo:
             )
     if path is None and not (folder / "model_index.json").is_file():
         stage = {"shapes": "generator", "shapes_flow": "generator_flow"}.get(str(embedded), "generator")
-        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is missing: {folder}",
-                          f"reinstall steerexp, or rebuild it with steerexp-pretrain 'stages=[{stage}]'")
+        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is not built: {folder} is missing",
+                          f"build it with steerexp-pretrain 'stages=[{stage}]' threads=1 (shapes_flow is not shipped: "
+                          "the shipped models stay under 50 MB)")
     if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
         check_pipeline_folder(folder)
     device = gen.get("device", "auto")
