@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 
 
-def load(path: str | None, resolution: int | None):
-    """The frozen generator (the embedded one when path is None), sampling/training at `resolution` px."""
+def load(path: str | None, resolution: int | None, dtype: str = "fp32"):
+    """The frozen generator (the embedded one when path is None) in `dtype`, sampling/training at `resolution`
+    px."""
     from steerexp.generators import load_generator
 
-    gen = load_generator(path, device="cpu")
+    gen = load_generator(path, device="cpu", dtype=dtype)
     if resolution:
         if resolution % gen.vae_scale_factor:
             raise ValueError(f"--resolution must be a multiple of {gen.vae_scale_factor}, got {resolution}")
@@ -103,8 +104,8 @@ def make_step(kind: str, gen, batch: int, steps: int):
         return step, {"trainable_shapes": [list(p.shape) for p in trainable]}, opt
     # the floor: the same denoiser, same batch, same conditioning length, grads to an input only
     cond = gen.encode_prompt(["a photo of a star"] * batch)
-    z = torch.randn(batch, *gen.latent_shape())
-    emb = torch.zeros(1, gen.embed_dim, requires_grad=True)
+    z = torch.randn(batch, *gen.latent_shape(), dtype=gen.dtype)
+    emb = torch.zeros(1, gen.embed_dim, dtype=gen.dtype, requires_grad=True)
 
     def step():
         t = torch.randint(0, 1000, (batch,))
@@ -115,10 +116,10 @@ def make_step(kind: str, gen, batch: int, steps: int):
 
 
 def interleaved(batch: int, steps: int, warmup: int = 5, generator: str | None = None,
-                resolution: int | None = None) -> dict:
+                resolution: int | None = None, dtype: str = "fp32") -> dict:
     """Floor and TI steps alternating in one process: both see the same machine load (a shared machine's
     load drifts between processes); the ratio of their medians. No RSS figures here (one process)."""
-    gen = load(generator, resolution)
+    gen = load(generator, resolution, dtype)
     floor, _, _ = make_step("floor", gen, batch, steps)
     ti, _, _ = make_step("ti", gen, batch, steps)
     times: dict[str, list[float]] = {"floor": [], "ti": []}
@@ -135,10 +136,10 @@ def interleaved(batch: int, steps: int, warmup: int = 5, generator: str | None =
 
 
 def measure(kind: str, batch: int, steps: int, warmup: int = 5, generator: str | None = None,
-            resolution: int | None = None, check_vocab: bool = False) -> dict:
+            resolution: int | None = None, check_vocab: bool = False, dtype: str = "fp32") -> dict:
     import torch
 
-    gen = load(generator, resolution)
+    gen = load(generator, resolution, dtype)
     step, extra, opt = make_step(kind, gen, batch, steps)
     hwm = _hwm_reset()
     for _ in range(warmup):
@@ -167,6 +168,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--generator", default=None, help="a Stable Diffusion pipeline folder (default: embedded)")
     p.add_argument("--resolution", type=int, default=None, help="image side in px (default: the generator's)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations of both kinds (the generator's generator.dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     p.add_argument("--check-vocab", action="store_true", help="record vocabulary-sized tensors of a TI step")
     p.add_argument("--repeat", type=int, default=1, help="processes per kind, alternating floor/ti (the machine "
@@ -181,15 +184,16 @@ def main() -> None:
         if a.threads:
             torch.set_num_threads(a.threads)
         if a.kind == "interleaved":
-            res = interleaved(a.batch, a.steps, a.warmup, a.generator, a.resolution)
+            res = interleaved(a.batch, a.steps, a.warmup, a.generator, a.resolution, a.dtype)
         else:
-            res = measure(a.kind, a.batch, a.steps, a.warmup, a.generator, a.resolution, a.check_vocab)
+            res = measure(a.kind, a.batch, a.steps, a.warmup, a.generator, a.resolution, a.check_vocab, a.dtype)
         print(json.dumps(res | {"threads": torch.get_num_threads()}))
         return
     def child(kind: str) -> dict:
         cmd = [sys.executable, __file__, "--kind", kind, "--batch", str(a.batch), "--steps", str(a.steps),
                "--warmup", str(a.warmup)]
-        for flag, value in (("--generator", a.generator), ("--resolution", a.resolution), ("--threads", a.threads)):
+        for flag, value in (("--generator", a.generator), ("--resolution", a.resolution), ("--threads", a.threads),
+                            ("--dtype", a.dtype)):
             if value:
                 cmd += [flag, str(value)]
         out = subprocess.run(cmd + (["--check-vocab"] if a.check_vocab else []), capture_output=True, text=True)
@@ -207,7 +211,7 @@ def main() -> None:
     if res["ti"]["step_peak_rss_mb"] and res["floor"]["step_peak_rss_mb"]:
         res["step_peak_rss_ti_vs_floor"] = res["ti"]["step_peak_rss_mb"] / res["floor"]["step_peak_rss_mb"]
     res |= {"batch": a.batch, "steps": a.steps, "warmup": a.warmup, "generator": a.generator or "shapes (embedded)",
-            "resolution": a.resolution, "repeat": a.repeat}
+            "resolution": a.resolution, "repeat": a.repeat, "dtype": a.dtype}
     if a.interleaved:
         res["interleaved"] = child("interleaved")
     if a.repeat > 1:

@@ -268,6 +268,9 @@ def test_judge_settings_are_validated():
         (["+evaluator.concept.scorer=classifier"], "evaluator.concept.scorer", "evaluator.concept.judge=classifier"),
         (["technique=prompt_delta", "objective=[concept_score]", "objective.terms.concept_score.scorer=analytic"],
          "objective.terms.concept_score.scorer", "no gradients"),
+        (["experiment=latent_offset_layout", "objective=[concept_score,attribute_keep]",
+          "objective.terms.attribute_keep.scorer=clip"],
+         "objective.terms.attribute_keep.scorer", "no image classifier"),
     ]
     for overrides, key, message in cases:
         with pytest.raises(ConfigError) as info:

@@ -75,3 +75,30 @@ def test_scorers_by_name_and_a_user_classifier(shipped, tmp_path, fresh_scorers)
         run.get("third")
     with pytest.raises(ValueError, match="scorers.user is not set"):
         scorers.current().get("user")
+
+
+def test_attribute_keep_is_the_kl_from_the_start_reading_and_pulls_back_to_it(shipped, fresh_scorers):
+    from steerexp.objectives.composite import Composite, ObjectiveInputs
+    from steerexp.objectives.concept_score import AttributeKeep, ConceptScore
+
+    term = AttributeKeep(heads=["shape", "colour"], scorer="robust")
+    clf = scorers.get("robust")
+    start = torch.rand(3, 3, 32, 32)
+    assert term.loss(ObjectiveInputs(images=start.clone(), start_images=start)).abs() < 1e-6  # unchanged: 0
+    edited = torch.rand(3, 3, 32, 32, requires_grad=True)
+    value = term.loss(ObjectiveInputs(images=edited, start_images=start))
+    p, q = clf(start), clf(edited)  # the KL by hand, summed over the kept heads
+    kl = sum((p[h].softmax(-1) * (p[h].log_softmax(-1) - q[h].log_softmax(-1))).sum(-1).mean()
+             for h in ("shape", "colour"))
+    assert value > 0 and torch.allclose(value, kl)
+    value.backward()  # a step against its gradient moves the edited images' reading towards the start's
+    with torch.no_grad():
+        step = 0.5 * edited.grad / edited.grad.norm()  # a small L2 step down the gradient
+        stepped = term.loss(ObjectiveInputs(images=edited - step, start_images=start))
+    assert stepped < value
+    objective = Composite({"concept_score": ConceptScore("position", "left", scorer="robust"), "attribute_keep": term})
+    assert objective.needs_start and objective.optimised_against() == {"robust"}
+    with pytest.raises(ValueError, match="unknown classifier head 'hue'"):
+        AttributeKeep(heads=["hue"])
+    with pytest.raises(ValueError, match="analytic judge has no gradients"):
+        AttributeKeep(scorer="analytic")

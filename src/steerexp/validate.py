@@ -200,7 +200,7 @@ JUDGES = ("analytic", "classifier", "clip", "user")  # the judges every run has 
 
 def _check_judges(c: dict) -> None:
     """evaluator.<name>.judge names a scorer of the run that reads attributes; objective.terms.concept_score.scorer
-    one with gradients (steerexp/evaluators/base.py: judges kept apart from objectives)."""
+    and .attribute_keep.scorer one with gradients (steerexp/evaluators/base.py: judges kept apart from objectives)."""
     table = get(c, "scorers", None) or {}
     names = sorted(set(JUDGES) | set(table))
 
@@ -229,9 +229,11 @@ def _check_judges(c: dict) -> None:
         if judge == "user" and not (get(c, "scorers.user.path", None)):
             raise ConfigError(key, "is user, but scorers.user.path is not set",
                               "set scorers.user.path (and scorers.user.classes), or choose another judge")
-    score = get(c, "objective.terms.concept_score.scorer", None)
-    if score is not None:
-        key = "objective.terms.concept_score.scorer"
+    for term in ("concept_score", "attribute_keep"):  # the terms that optimise a classifier's reading
+        key = f"objective.terms.{term}.scorer"
+        score = get(c, key, None)
+        if score is None:
+            continue
         if not known(score):
             raise ConfigError(key, f"names no scorer of the run: {score!r}", "choose e.g. classifier or robust")
         if _scorer_kind(score, table.get(score)) in ("analytic", "clip", "noisy"):

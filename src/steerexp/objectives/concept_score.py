@@ -2,7 +2,12 @@
 
     loss = - mean_i log p(head = target | image_i)
 
-maximised through the decoded images. The classifier is a scorer of the run by name (`scorer`:
+maximised through the decoded images, and `attribute_keep`: the same classifier's reading of the
+other heads (shape, colour, ...) kept where the zero-delta image of the same prompt and seed had it,
+
+    loss = mean_i sum_h KL( p(h | start_i) || p(h | image_i) )
+
+(0 when every kept head reads as before). The classifier is a scorer of the run by name (`scorer`:
 the shipped `classifier` by default, or `robust`, a user's, any classifier in conf/config.yaml
 `scorers:`), a different network from anything inside the generator. Optimising it is honest only
 when an independent judge checks the result on held-out seeds: the run records the scorer
@@ -40,3 +45,38 @@ class ConceptScore(Term):
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         return -self.log_prob(inputs.images).mean()
+
+
+class AttributeKeep(Term):
+    """KL from the zero-delta images' class distribution to the edited images', summed over `heads`: the
+    edit may change its target attribute, and this term holds the others where they were."""
+    needs = frozenset({"images", "start_images"})
+
+    def __init__(self, heads: list[str] | tuple[str, ...] = ("shape", "colour"), weight: float = 1.0,
+                 scorer: str = "classifier"):
+        super().__init__(weight)
+        if scorers.current().kind(scorer) == "analytic":
+            raise ValueError(f"objective attribute_keep.scorer={scorer}: the analytic judge has no gradients, it "
+                             "only judges; name a classifier (e.g. classifier or robust)")
+        clf = scorers.get(scorer)
+        heads = list(heads)
+        if not heads:
+            raise ValueError("objective attribute_keep.heads is empty; name the heads to keep, e.g. [shape, colour]")
+        for head in heads:
+            clf.head_name(head)  # raises, naming the classifier's heads
+        self.heads, self.scorer = heads, scorer
+
+    def optimised_against(self) -> set[str]:
+        return {self.scorer}
+
+    def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        clf = scorers.get(self.scorer, inputs.images.device)
+        with torch.no_grad():
+            before = clf(inputs.start_images.to(inputs.images))
+        after = clf(inputs.images)
+        total = inputs.images.new_zeros(())
+        for head in self.heads:
+            name = clf.head_name(head)
+            ref = before[name].log_softmax(-1)
+            total = total + (ref.exp() * (ref - after[name].log_softmax(-1))).sum(-1).mean()
+        return total
