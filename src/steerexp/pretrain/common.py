@@ -21,6 +21,12 @@ def cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, steps: int, warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_setup(params, name: str, lr: float, steps: int, weight_decay: float, warmup: int = 100):
+    """(AdamW, its cosine schedule, the stage's progress printer): every stage trains this way."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return opt, cosine_lr(opt, lr, steps, warmup=warmup), Progress(name, steps)
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, loss: torch.Tensor, clip_params=None) -> float:
     """zero_grad, backward, optional grad-norm clip to 1, step the optimizer and the schedule."""
     optimizer.zero_grad(set_to_none=True)

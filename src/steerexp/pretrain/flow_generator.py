@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from steerexp import ASSETS
-from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step, to_tensor
+from steerexp.pretrain.common import optimizer_step, training_setup, to_tensor
 from steerexp.pretrain.generator import build_text_encoder, encode_latents, tokenize, training_data, unknown_word_pool
 from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
 from steerexp.worlds.shapes import world
@@ -116,9 +116,7 @@ def train_flow(transformer, encoders, latents, ids, protected_latents, protected
     modules = [transformer, *encoders]
     params = [p for m in modules for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = cosine_lr(opt, cfg.lr, cfg.steps, warmup=min(cfg.warmup, cfg.steps))
-    progress = Progress("flow", cfg.steps)
+    opt, sched, progress = training_setup(params, "flow", cfg.lr, cfg.steps, 0.0, warmup=min(cfg.warmup, cfg.steps))
     for m in modules:
         m.train()
     n, k = ids[0].shape[:2]

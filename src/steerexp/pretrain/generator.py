@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step, to_tensor
+from steerexp.pretrain.common import optimizer_step, training_setup, to_tensor
 from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
 from steerexp.worlds.shapes import world
 
@@ -55,9 +55,7 @@ def build_vae(cfg, resolution: int) -> AutoencoderKL:
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg, gen: torch.Generator) -> None:
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = cosine_lr(opt, cfg.lr, cfg.steps, warmup=min(100, cfg.steps))
-    progress = Progress("vae", cfg.steps)
+    opt, sched, progress = training_setup(vae.parameters(), "vae", cfg.lr, cfg.steps, 0.0, warmup=min(100, cfg.steps))
     vae.train()
     for step in range(cfg.steps):
         x = images[torch.randint(len(images), (cfg.batch_size,), generator=gen)] * 2 - 1
@@ -105,9 +103,7 @@ def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, prot
                                 beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = cosine_lr(opt, cfg.lr, cfg.steps, warmup=min(200, cfg.steps))
-    progress = Progress("unet", cfg.steps)
+    opt, sched, progress = training_setup(params, "unet", cfg.lr, cfg.steps, 0.0, warmup=min(200, cfg.steps))
     unet.train(), text_encoder.train()
     n, k = caption_ids.shape[:2]
     for step in range(cfg.steps):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler
 
 from steerexp import ASSETS
-from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step
+from steerexp.pretrain.common import optimizer_step, training_setup
 from steerexp.scorers.noisy import NoisyClassifier
 from steerexp.worlds.shapes import world
 
@@ -61,9 +61,7 @@ def pretrain_noisy_classifier(cfg, out: Path, seed: int, pool, generator: Path) 
     model = NoisyClassifier({h: list(c) for h, c in world.HEADS.items()}, latent_channels=mean.shape[1],
                             latent_size=mean.shape[-1], width=cfg.width, time_dim=cfg.time_dim,
                             num_train_timesteps=len(alphas))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = cosine_lr(opt, cfg.lr, cfg.steps)
-    progress = Progress("classifier_noisy", cfg.steps)
+    opt, sched, progress = training_setup(model.parameters(), "classifier_noisy", cfg.lr, cfg.steps, 1e-4)
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)

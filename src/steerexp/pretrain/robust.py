@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step
+from steerexp.pretrain.common import optimizer_step, training_setup
 from steerexp.pretrain.scorers import degrade
 from steerexp.scorers.classifier import ConceptClassifier
 from steerexp.worlds.shapes import world
@@ -103,9 +103,7 @@ def pretrain_robust_classifier(cfg, out: Path, seed: int, pool) -> Path:
     gen = torch.Generator().manual_seed(seed)
     x, _, labels = pool
     model = ConceptClassifier({h: list(c) for h, c in world.HEADS.items()}, width=cfg.width, resolution=x.shape[-1])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = cosine_lr(opt, cfg.lr, cfg.steps)
-    progress = Progress("classifier_robust", cfg.steps)
+    opt, sched, progress = training_setup(model.parameters(), "classifier_robust", cfg.lr, cfg.steps, 1e-4)
     n_adv = int(round(cfg.batch_size * cfg.adv_fraction))
     for step in range(cfg.steps):
         idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from steerexp.scorers.classifier import ConceptClassifier
 from steerexp.scorers.clip import DEFAULT_MODEL
-from steerexp.pretrain.common import Progress, cosine_lr, optimizer_step, to_tensor
+from steerexp.pretrain.common import optimizer_step, training_setup, to_tensor
 from steerexp.worlds.shapes import world
 
 
@@ -50,9 +50,7 @@ def pretrain_classifier(cfg, out: Path, seed: int, pool) -> Path:
     gen = torch.Generator().manual_seed(seed)
     x, _, labels = pool
     model = ConceptClassifier({h: list(c) for h, c in world.HEADS.items()}, width=cfg.width, resolution=x.shape[-1])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = cosine_lr(opt, cfg.lr, cfg.steps)
-    progress = Progress("classifier", cfg.steps)
+    opt, sched, progress = training_setup(model.parameters(), "classifier", cfg.lr, cfg.steps, 1e-4)
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)
@@ -94,9 +92,7 @@ def pretrain_clip(cfg, out: Path, seed: int, pool) -> Path:
     caption_ids = torch.stack(
         [tokenizer([world.caption(s, rng) for _ in range(cfg.captions_per_image)]) for s in scenes]
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
-    sched = cosine_lr(opt, cfg.lr, cfg.steps)
-    progress = Progress("clip", cfg.steps)
+    opt, sched, progress = training_setup(model.parameters(), "clip", cfg.lr, cfg.steps, 0.05)
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(len(x), (cfg.batch_size,), generator=gen)

@@ -99,24 +99,35 @@ class ConceptClassifier(HeadClassifier):
         return {name: head(h) for name, head in self.out.items()}
 
     def save_pretrained(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = {"kind": "classifier", "heads": self.heads, "width": self.width, "resolution": self.resolution}
-        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        save_folder(self, folder, {"kind": "classifier", "heads": self.heads, "width": self.width,
+                                   "resolution": self.resolution})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path = DEFAULT_PATH) -> "ConceptClassifier":
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no concept classifier at {folder} (expected config.json and model.safetensors); "
-                "run `steerexp-pretrain` to build the shipped one or pass a folder that has them"
-            )
-        cfg = json.loads((folder / "config.json").read_text())
-        if cfg.pop("kind", "classifier") != "classifier":
-            raise ValueError(f"{folder} holds a timestep-aware classifier (it reads noisy latents, not images); "
-                             "load it as kind: noisy")
-        model = cls(**cfg)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return model.eval().requires_grad_(False)
+        return load_folder(cls, folder, "classifier", what="concept classifier", build="`steerexp-pretrain`",
+                           other="a timestep-aware classifier (it reads noisy latents, not images)")
+
+
+# ---------------------------------------------------------------------- a model is data: config.json + weights
+def save_folder(model: nn.Module, folder: str | Path, config: dict) -> None:
+    """Write a scorer folder: config.json (with its "kind") and model.safetensors (no pickle)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+
+def load_folder(cls, folder: str | Path, kind: str, what: str, build: str, other: str):
+    """Read a scorer folder written by `save_folder` as `cls` (frozen, eval mode). A missing folder or one of
+    another kind is one error that says what to do."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} at {folder} (expected config.json and model.safetensors); run {build} "
+                                "to build the shipped one, or pass a folder that has them")
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.pop("kind", "classifier") != kind:
+        as_kind = "noisy" if kind == "classifier" else "classifier"
+        raise ValueError(f"{folder} holds {other}; load it as kind: {as_kind}")
+    model = cls(**cfg)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval().requires_grad_(False)

@@ -16,17 +16,15 @@ modulated (scale and shift) by a sinusoidal embedding of t, GroupNorm and SiLU t
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from steerexp import ASSETS
-from steerexp.scorers.classifier import HeadClassifier
+from steerexp.scorers.classifier import HeadClassifier, load_folder, save_folder
 
 DEFAULT_PATH = ASSETS / "classifier_noisy"
 
@@ -108,23 +106,10 @@ class NoisyClassifier(HeadClassifier):
                 "width": self.width, "time_dim": self.time_dim, "num_train_timesteps": self.num_train_timesteps}
 
     def save_pretrained(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({"kind": "noisy", **self.config()}, indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        save_folder(self, folder, {"kind": "noisy", **self.config()})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path = DEFAULT_PATH) -> "NoisyClassifier":
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no timestep-aware classifier at {folder} (expected config.json and model.safetensors); "
-                "run `steerexp-pretrain stages=[classifier_noisy]` to build the shipped one, or pass a folder with them"
-            )
-        cfg = json.loads((folder / "config.json").read_text())
-        if cfg.pop("kind", "classifier") != "noisy":  # an image classifier's config may not name its kind
-            raise ValueError(f"{folder} holds an image classifier, not a timestep-aware one; "
-                             "load it as kind: classifier")
-        model = cls(**cfg)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return model.eval().requires_grad_(False)
+        return load_folder(cls, folder, "noisy", what="timestep-aware classifier",
+                           build="`steerexp-pretrain stages=[classifier_noisy]`",
+                           other="an image classifier, not a timestep-aware one")
