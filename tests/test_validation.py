@@ -263,6 +263,15 @@ def test_broken_pipeline_files_are_named(tmp_path):
     error([f"generator.path={tmp_path}"], "generator.path")  # no model_index.json
 
 
+def test_a_presets_term_settings_without_the_term_are_one_error():
+    """A preset that sets a term's values (latent_offset_layout: attribute_keep) with objective=[...] that drops
+    the term: one line that names the key and both fixes, not a failure at instantiation."""
+    err = error(["experiment=latent_offset_layout", "objective=[concept_score]"], "objective.terms.attribute_keep")
+    assert "objective=[...,attribute_keep]" in str(err) and "'~objective.terms.attribute_keep'" in str(err)
+    ok(["experiment=latent_offset_layout", "objective=[concept_score]", "~objective.terms.attribute_keep"])
+    ok(["experiment=latent_offset_layout"])
+
+
 # ---------------------------------------------------------------------------- files and folders
 def test_missing_files_and_folders(tmp_path):
     missing = tmp_path / "missing"

@@ -19,6 +19,7 @@ OUT=outputs/$GENERATOR
 G="generator=$GENERATOR logger=none threads=1"
 M="hydra.sweep.dir=$OUT"
 R="hydra.run.dir=$OUT"
+LO_BEFORE="objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=8 technique.steps=60"  # latent_offset_layout until 2026-11-22
 RUNS=(
   "-m experiment=arithmetic_size_sweep $G $M/arithmetic_size_sweep"
   "-m experiment=cfg_sweep $G $M/cfg_sweep"
@@ -27,9 +28,11 @@ RUNS=(
   "-m experiment=joint_budget $G technique=prompt_delta,latent_offset,prompt_delta_latent_offset $M/joint_budget"
   "-m experiment=latent_offset_colour $G technique.budget.eps_z=4,16 $M/latent_offset_colour"
   "-m experiment=latent_offset_colour $G technique.latent_mode=per_seed technique.train_seeds=\${eval.seeds} technique.budget.eps_z=16 $M/latent_offset_colour_per_seed"
-  "experiment=latent_offset_layout $G $R/latent_offset_layout"
-  "experiment=latent_offset_layout $G technique.lr=0.05 $R/latent_offset_layout_lr05"
-  "experiment=latent_offset_layout $G technique.budget.eps_z=12 technique.steps=80 $R/latent_offset_layout_e12"
+  "experiment=latent_offset_layout $G $R/latent_offset_layout_keep"
+  "experiment=latent_offset_layout $G eval.seeds=[16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31] $R/latent_offset_layout_keep_dev"
+  "experiment=latent_offset_layout $G $LO_BEFORE $R/latent_offset_layout"
+  "experiment=latent_offset_layout $G $LO_BEFORE technique.lr=0.05 $R/latent_offset_layout_lr05"
+  "experiment=latent_offset_layout $G objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=12 technique.steps=80 $R/latent_offset_layout_e12"
   "experiment=latent_priming $G $R/latent_priming"
   "-m experiment=noise_optimisation/reno,noise_optimisation/noise_search,noise_optimisation/best_of_n,noise_optimisation/latent_priming,noise_optimisation,noise_optimisation/best_of_n_classifier $G $M/noise_optimisation"
   "experiment=nti_edit $G evaluator.edit.methods=[ddim_w1,ddim_w7.5,npi,nti] $R/nti_edit"

@@ -178,7 +178,23 @@ def _check_values(c: dict) -> None:
     _check_edit(c)
     _check_edit_bench(c)
     _check_trainer(c)
+    _check_objective_terms(c)
     _check_scorers(c)
+
+
+def _check_objective_terms(c: dict) -> None:
+    """Every entry of objective.terms is a term (a config of conf/objective/ gives it its _target_). A preset's
+    settings for a term the objective list no longer names (`objective=[concept_score]` after a preset that sets
+    attribute_keep's weight) would otherwise fail at instantiation."""
+    terms = get(c, "objective.terms", None)
+    if not isinstance(terms, dict):
+        return
+    for name, term in terms.items():
+        if isinstance(term, dict) and "_target_" not in term:
+            raise ConfigError(f"objective.terms.{name}", "has settings but is not a term of the objective "
+                              "(objective=[...] does not name it)",
+                              f"add it to the list (objective=[...,{name}]) or drop its settings: "
+                              f"'~objective.terms.{name}'")
 
 
 def _check_scorers(c: dict) -> None:

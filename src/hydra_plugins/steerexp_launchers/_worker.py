@@ -98,16 +98,11 @@ def main(argv: list[str]) -> int:
 
 def exit_now(code: int) -> None:
     """End without the interpreter's teardown: after a job imported torch and diffusers it spent ~1.7 s of CPU
-    freeing their module state, per job (steerexp.cli.exit_now does the same for single runs). The job's files
-    and status are written; exit handlers still run, logs and streams are flushed first."""
-    import atexit
-    import logging
+    freeing their module state, per job: steerexp.cli.exit_now, as for single runs. The job's files and status
+    are written; exit handlers still run, logs and streams are flushed first."""
+    from steerexp.cli import exit_now as end
 
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(code)
+    end(code)
 
 
 if __name__ == "__main__":
