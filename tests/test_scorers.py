@@ -83,9 +83,10 @@ def test_attribute_keep_is_the_kl_from_the_start_reading_and_pulls_back_to_it(sh
 
     term = AttributeKeep(heads=["shape", "colour"], scorer="robust")
     clf = scorers.get("robust")
-    start = torch.rand(3, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    start = torch.rand(3, 3, 32, 32, generator=g)
     assert term.loss(ObjectiveInputs(images=start.clone(), start_images=start)).abs() < 1e-6  # unchanged: 0
-    edited = torch.rand(3, 3, 32, 32, requires_grad=True)
+    edited = torch.rand(3, 3, 32, 32, generator=g).requires_grad_(True)
     value = term.loss(ObjectiveInputs(images=edited, start_images=start))
     p, q = clf(start), clf(edited)  # the KL by hand, summed over the kept heads
     kl = sum((p[h].softmax(-1) * (p[h].log_softmax(-1) - q[h].log_softmax(-1))).sum(-1).mean()
@@ -93,12 +94,27 @@ def test_attribute_keep_is_the_kl_from_the_start_reading_and_pulls_back_to_it(sh
     assert value > 0 and torch.allclose(value, kl)
     value.backward()  # a step against its gradient moves the edited images' reading towards the start's
     with torch.no_grad():
-        step = 0.5 * edited.grad / edited.grad.norm()  # a small L2 step down the gradient
+        step = 0.1 * edited.grad / edited.grad.norm()  # a small L2 step down the gradient
         stepped = term.loss(ObjectiveInputs(images=edited - step, start_images=start))
     assert stepped < value
     objective = Composite({"concept_score": ConceptScore("position", "left", scorer="robust"), "attribute_keep": term})
     assert objective.needs_start and objective.optimised_against() == {"robust"}
-    with pytest.raises(ValueError, match="unknown classifier head 'hue'"):
+    with pytest.raises(ValueError, match=r"attribute_keep.heads: unknown head\(s\) \['hue'\]"):
         AttributeKeep(heads=["hue"])
     with pytest.raises(ValueError, match="analytic judge has no gradients"):
         AttributeKeep(scorer="analytic")
+
+
+def test_attribute_keep_refuses_a_one_head_model(tmp_path, fresh_scorers):
+    """A user's one-head model answers every head name with the same output: nothing to keep apart."""
+    from steerexp.objectives.concept_score import AttributeKeep
+
+    class Dark(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([0.5 - x.mean((1, 2, 3)), x.mean((1, 2, 3)) - 0.5], -1)
+
+    path = tmp_path / "dark.pt"
+    torch.jit.script(Dark()).save(str(path))
+    scorers.configure({"user": {"path": str(path), "classes": ["dark", "bright"]}})
+    with pytest.raises(ValueError, match="one-head model"):
+        AttributeKeep(heads=["shape"], scorer="user")

@@ -270,6 +270,11 @@ def test_a_presets_term_settings_without_the_term_are_one_error():
     assert "objective=[...,attribute_keep]" in str(err) and "'~objective.terms.attribute_keep'" in str(err)
     ok(["experiment=latent_offset_layout", "objective=[concept_score]", "~objective.terms.attribute_keep"])
     ok(["experiment=latent_offset_layout"])
+    key = "objective.terms.attribute_keep.heads"
+    err = error(["experiment=latent_offset_layout", f"{key}=[position,shape]"], key)  # the head the edit moves
+    assert "concept_score moves" in str(err) and f"{key}=[shape]" in str(err)
+    assert "['hue']" in str(error(["experiment=latent_offset_layout", f"{key}=[hue]"], key))
+    error(["experiment=latent_offset_layout", f"{key}=[]"], key)
 
 
 # ---------------------------------------------------------------------------- files and folders

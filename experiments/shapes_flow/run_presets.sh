@@ -19,12 +19,13 @@ OUT=outputs/$GENERATOR
 G="generator=$GENERATOR logger=none threads=1"
 M="hydra.sweep.dir=$OUT"
 R="hydra.run.dir=$OUT"
+EG_SEEDS="eval.seeds=[0,1,2,3,4,5,6,7]"  # energy_guidance until 2026-11-22 (the preset now judges seeds 0-31)
 LO_BEFORE="objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=8 technique.steps=60"  # latent_offset_layout until 2026-11-22
 RUNS=(
   "-m experiment=arithmetic_size_sweep $G $M/arithmetic_size_sweep"
   "-m experiment=cfg_sweep $G $M/cfg_sweep"
-  "-m experiment=energy_guidance $G technique.scorer=robust technique.scale=1,2,5,10,20 $M/energy_guidance"
-  "-m experiment=energy_guidance $G technique.scorer=robust technique.end=0.4 technique.scale=10,30 $M/energy_guidance_end"
+  "-m experiment=energy_guidance $G technique.scorer=robust $EG_SEEDS technique.scale=1,2,5,10,20 $M/energy_guidance"
+  "-m experiment=energy_guidance $G technique.scorer=robust $EG_SEEDS technique.end=0.4 technique.scale=10,30 $M/energy_guidance_end"
   "-m experiment=joint_budget $G technique=prompt_delta,latent_offset,prompt_delta_latent_offset $M/joint_budget"
   "-m experiment=latent_offset_colour $G technique.budget.eps_z=4,16 $M/latent_offset_colour"
   "-m experiment=latent_offset_colour $G technique.latent_mode=per_seed technique.train_seeds=\${eval.seeds} technique.budget.eps_z=16 $M/latent_offset_colour_per_seed"

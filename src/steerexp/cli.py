@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from steerexp import conf_dir
 from steerexp.errors import ConfigError
+from steerexp.shutdown import exit_now
 from steerexp.validate import check_group_overrides, validate
 
 OmegaConf.register_new_resolver("steerexp_suffix", lambda name: f"_{name}" if name else "", replace=True)
@@ -181,21 +182,6 @@ def main() -> None:
     install_guard()  # Hydra's own instantiations (callbacks, launcher, sweeper) are allowlisted too
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_main)()
     exit_now(0)
-
-
-def exit_now(code: int) -> None:
-    """End the process without the interpreter's teardown, which spent ~1.7 s of CPU after every run freeing
-    torch's, diffusers' and transformers' module state (measured: benchmarks/startup.py, phase `exit`).
-    Everything a run leaves is written and closed by then; the exit handlers still run (W&B's among them),
-    and the logs and both streams are flushed first."""
-    import atexit
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -252,9 +252,40 @@ def _check_judges(c: dict) -> None:
             continue
         if not known(score):
             raise ConfigError(key, f"names no scorer of the run: {score!r}", "choose e.g. classifier or robust")
-        if _scorer_kind(score, table.get(score)) in ("analytic", "clip", "noisy"):
-            raise ConfigError(key, f"scorers.{score} is no image classifier to optimise (analytic has no gradients)",
+        kind = _scorer_kind(score, table.get(score))
+        if kind in ("analytic", "clip", "noisy"):
+            why = {"analytic": "the analytic judge has no gradients", "clip": "clip reads text similarity, not heads",
+                   "noisy": "the noisy classifier reads noisy latents, not images"}[kind]
+            raise ConfigError(key, f"scorers.{score} is no image classifier to optimise ({why})",
                               "choose a classifier, e.g. classifier or robust")
+    _check_attribute_keep(c, table)
+
+
+def _check_attribute_keep(c: dict, table: dict) -> None:
+    """attribute_keep keeps named heads of the classifier; the head concept_score moves cannot be one of them."""
+    terms = get(c, "objective.terms", None) or {}
+    keep = terms.get("attribute_keep") if isinstance(terms, dict) else None
+    if not isinstance(keep, dict) or "_target_" not in keep:
+        return
+    key, heads = "objective.terms.attribute_keep.heads", keep.get("heads")
+    if not isinstance(heads, list) or not heads or not all(isinstance(h, str) for h in heads):
+        raise ConfigError(key, f"must list the classifier heads to keep, got {heads!r}",
+                          f"set e.g. {key}=[shape,colour]")
+    moved = terms.get("concept_score", {}).get("head") if isinstance(terms.get("concept_score"), dict) else None
+    if moved in heads:
+        rest = [h for h in heads if h != moved]
+        raise ConfigError(key, f"includes {moved!r}, the head concept_score moves: the two terms would pull "
+                          "against each other", f"keep the other heads: {key}=[{','.join(rest) or 'shape'}]")
+    scorer = keep.get("scorer", "classifier")
+    spec = table.get(scorer)
+    users_folder = spec if isinstance(spec, str) and spec else isinstance(spec, dict) and spec.get("path")
+    if _scorer_kind(scorer, spec) == "classifier" and not users_folder:  # a shipped concept classifier
+        from steerexp.worlds.shapes.world import HEADS  # their heads (numpy only)
+
+        unknown = [h for h in heads if h not in HEADS]
+        if unknown:
+            raise ConfigError(key, f"names {unknown}, which scorers.{scorer} has no head for",
+                              f"choose among {sorted(HEADS)}")
 
 
 FOLDER_KINDS = {"classifier": "an image classifier", "noisy": "a timestep-aware classifier (noisy latents)"}

@@ -26,6 +26,8 @@ import threading
 import traceback
 from pathlib import Path
 
+from steerexp.shutdown import exit_now  # standard library only
+
 PARENT_FD_ENV = "STEEREXP_LAUNCHER_FD"  # = jobs.PARENT_FD_ENV (not imported: this runs before any import)
 
 
@@ -94,15 +96,6 @@ def main(argv: list[str]) -> int:
         verdict = {"status": "FAILED", "error": _write_failure(job_dir, err)}
     status_path.write_text(json.dumps(verdict))
     return 0 if verdict["status"] == "COMPLETED" else 1
-
-
-def exit_now(code: int) -> None:
-    """End without the interpreter's teardown: after a job imported torch and diffusers it spent ~1.7 s of CPU
-    freeing their module state, per job: steerexp.cli.exit_now, as for single runs. The job's files and status
-    are written; exit handlers still run, logs and streams are flushed first."""
-    from steerexp.cli import exit_now as end
-
-    end(code)
 
 
 if __name__ == "__main__":

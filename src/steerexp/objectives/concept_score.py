@@ -62,8 +62,13 @@ class AttributeKeep(Term):
         heads = list(heads)
         if not heads:
             raise ValueError("objective attribute_keep.heads is empty; name the heads to keep, e.g. [shape, colour]")
-        for head in heads:
-            clf.head_name(head)  # raises, naming the classifier's heads
+        if getattr(clf, "any_head", False):
+            raise ValueError(f"objective attribute_keep.scorer={scorer} is a one-head model, which answers any head "
+                             "name with the same output; keeping heads needs a classifier with named heads")
+        unknown = [h for h in heads if h not in clf.heads]
+        if unknown:
+            raise ValueError(f"objective attribute_keep.heads: unknown head(s) {unknown}; choose among "
+                             f"{sorted(clf.heads)}")
         self.heads, self.scorer = heads, scorer
 
     def optimised_against(self) -> set[str]:
