@@ -118,3 +118,31 @@ def test_attribute_keep_refuses_a_one_head_model(tmp_path, fresh_scorers):
     scorers.configure({"user": {"path": str(path), "classes": ["dark", "bright"]}})
     with pytest.raises(ValueError, match="one-head model"):
         AttributeKeep(heads=["shape"], scorer="user")
+
+
+def test_attribute_keep_with_the_prompt_as_reference(shipped, fresh_scorers):
+    """reference=prompt: cross-entropy to the class the prompt names; a head it names no class of keeps the start's
+    reading (the KL of reference=start)."""
+    from steerexp.objectives.composite import Composite, ObjectiveInputs
+    from steerexp.objectives.concept_score import AttributeKeep, named_class
+
+    shapes = ["circle", "square", "cross"]
+    assert named_class("a purple cross", shapes) == 2 and named_class("a red object", shapes) is None
+    assert named_class("a circle and a square", shapes) is None  # several: no single class
+    g = torch.Generator().manual_seed(0)
+    start, edited = torch.rand(2, 2, 3, 32, 32, generator=g)  # two images each
+    prompts = ["a purple cross", "a red circle"]
+    inputs = ObjectiveInputs(images=edited, start_images=start, prompts=prompts)
+    clf = scorers.get("robust")
+    out, before = clf(edited), clf(start)
+    want = -torch.stack([out["shape"].log_softmax(-1)[i, clf.class_index("shape", p.split()[-1])]
+                         for i, p in enumerate(prompts)]).mean()  # shape: both prompts name one
+    p = before["size"].softmax(-1)  # size: neither names one
+    want = want + (p * (p.log() - out["size"].log_softmax(-1))).sum(-1).mean()
+    term = AttributeKeep(heads=["shape", "size"], scorer="robust", reference="prompt")
+    assert torch.allclose(term.loss(inputs), want, atol=1e-5)
+    assert "prompts" in Composite({"attribute_keep": term}).needs
+    with pytest.raises(ValueError, match="needs prompts"):  # a technique that gives no prompts: one clear error
+        Composite({"attribute_keep": term})(ObjectiveInputs(images=edited, start_images=start))
+    with pytest.raises(ValueError, match="reference must be start or prompt"):
+        AttributeKeep(reference="target")

@@ -271,6 +271,10 @@ def _check_attribute_keep(c: dict, table: dict) -> None:
     if not isinstance(heads, list) or not heads or not all(isinstance(h, str) for h in heads):
         raise ConfigError(key, f"must list the classifier heads to keep, got {heads!r}",
                           f"set e.g. {key}=[shape,colour]")
+    if keep.get("reference", "start") not in ("start", "prompt"):
+        raise ConfigError("objective.terms.attribute_keep.reference", f"must be start or prompt, got "
+                          f"{keep.get('reference')!r}", "start keeps the zero-delta image's reading, prompt the "
+                          "class the prompt names")
     moved = terms.get("concept_score", {}).get("head") if isinstance(terms.get("concept_score"), dict) else None
     if moved in heads:
         rest = [h for h in heads if h != moved]

@@ -15,7 +15,7 @@ One record, two paths through the generator; a technique fills the fields of its
 - the denoising path (textual inversion): `generator`, `latents` (the training images' VAE
   latents), `cond` (the prompts' conditioning), `rng` (the step's generator for noise and t);
 - the image path (input deltas): `images` (decoded, differentiable), `start_images` (the same
-  batch with zero deltas), `initial_latents` (z + delta_z);
+  batch with zero deltas), `initial_latents` (z + delta_z), `prompts` (each image's prompt);
 - both: `deltas` (name -> delta as this batch applied it: what `delta_l2` penalises).
 
 A term names the fields it reads in `needs`; a term whose field the technique did not fill is
@@ -43,6 +43,7 @@ class ObjectiveInputs:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> delta as applied to this batch
     start_images: torch.Tensor | None = None                      # [B, 3, H, W] the same batch with zero deltas
     initial_latents: torch.Tensor | None = None                   # [B, C, h, w] the initial latents used (z + delta_z)
+    prompts: list[str] | None = None                              # [B] the prompt of each image
     generator: FrozenGenerator | None = None                      # the frozen generator (denoising path)
     latents: torch.Tensor | None = None                           # [B, C, h, w] the training images' VAE latents
     cond: torch.Tensor | None = None                              # the prompts' conditioning for the denoiser

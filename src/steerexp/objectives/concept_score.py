@@ -7,7 +7,10 @@ other heads (shape, colour, ...) kept where the zero-delta image of the same pro
 
     loss = mean_i sum_h KL( p(h | start_i) || p(h | image_i) )
 
-(0 when every kept head reads as before). The classifier is a scorer of the run by name (`scorer`:
+(0 when every kept head reads as before). With `reference: prompt` a kept head is held at the class
+the prompt names instead (cross-entropy; a head the prompt names no class of, or several, keeps the
+zero-delta image's reading): "a purple cross" keeps purple and cross even where the zero-delta image
+drew the cross as a blob. The classifier is a scorer of the run by name (`scorer`:
 the shipped `classifier` by default, or `robust`, a user's, any classifier in conf/config.yaml
 `scorers:`), a different network from anything inside the generator. Optimising it is honest only
 when an independent judge checks the result on held-out seeds: the run records the scorer
@@ -16,6 +19,7 @@ when an independent judge checks the result on held-out seeds: the run records t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from steerexp import scorers
 from steerexp.objectives.composite import ObjectiveInputs, Term
@@ -49,12 +53,16 @@ class ConceptScore(Term):
 
 class AttributeKeep(Term):
     """KL from the zero-delta images' class distribution to the edited images', summed over `heads`: the
-    edit may change its target attribute, and this term holds the others where they were."""
-    needs = frozenset({"images", "start_images"})
+    edit may change its target attribute, and this term holds the others where they were (`reference:
+    start`), or at the class each prompt names (`reference: prompt`)."""
 
     def __init__(self, heads: list[str] | tuple[str, ...] = ("shape", "colour"), weight: float = 1.0,
-                 scorer: str = "classifier"):
+                 scorer: str = "classifier", reference: str = "start"):
         super().__init__(weight)
+        if reference not in ("start", "prompt"):
+            raise ValueError(f"objective attribute_keep.reference must be start or prompt, got {reference!r}")
+        self.reference = reference
+        self.needs = frozenset({"images", "start_images"} | ({"prompts"} if reference == "prompt" else set()))
         if scorers.current().kind(scorer) == "analytic":
             raise ValueError(f"objective attribute_keep.scorer={scorer}: the analytic judge has no gradients, it "
                              "only judges; name a classifier (e.g. classifier or robust)")
@@ -81,7 +89,21 @@ class AttributeKeep(Term):
         after = clf(inputs.images)
         total = inputs.images.new_zeros(())
         for head in self.heads:
-            name = clf.head_name(head)
-            ref = before[name].log_softmax(-1)
-            total = total + (ref.exp() * (ref - after[name].log_softmax(-1))).sum(-1).mean()
+            ref = before[head].log_softmax(-1)
+            if self.reference == "prompt":  # one-hot at the class the prompt names, where it names one
+                if len(inputs.prompts) != len(ref):
+                    raise ValueError(f"objective attribute_keep: {len(inputs.prompts)} prompts for {len(ref)} images")
+                named = [named_class(prompt, clf.heads[head]) for prompt in inputs.prompts]
+                for i, k in enumerate(named):
+                    if k is not None:
+                        ref[i] = torch.log(F.one_hot(torch.tensor(k), len(clf.heads[head])).to(ref).clamp_min(1e-12))
+            p = ref.exp()
+            total = total + (p * (ref - after[head].log_softmax(-1))).sum(-1).mean()
         return total
+
+
+def named_class(prompt: str, classes: list[str]) -> int | None:
+    """The index of the one class of `classes` the prompt names as a word; None if it names none or several."""
+    words = set(prompt.lower().replace(",", " ").split())
+    named = [i for i, c in enumerate(classes) if c in words]
+    return named[0] if len(named) == 1 else None

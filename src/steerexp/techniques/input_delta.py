@@ -232,7 +232,9 @@ class InputDelta(Trainable):
         images, z = self.render(pair_idx)
         deltas = self.applied_deltas(pair_idx)
         start = self.start_images(pair_idx) if self.objective.needs_start else None
-        inputs = ObjectiveInputs(images=images, deltas=deltas, start_images=start, initial_latents=z)  # the image path
+        prompts = [self.prompts[self.pairs()[i][0]] for i in pair_idx]
+        inputs = ObjectiveInputs(images=images, deltas=deltas, start_images=start, initial_latents=z,
+                                 prompts=prompts)  # the image path
         loss = self.objective(inputs)
         b = self.budget_cfg
         if b.chi > 0 and self.use_latent:
