@@ -75,11 +75,12 @@ def jobs_started(cwd: Path, n: int) -> bool:
         found = list((cwd / "outputs").glob(f"multirun/*/*/{num}"))
         if not found or not (found[0] / "runs.txt").is_file() or not (found[0] / "RUNNING").is_file():
             return False
-        try:
+        try:  # either file may be caught between its creation and its first write
             marker = json.loads((found[0] / "RUNNING").read_text())
+            ran = runs(found[0])
         except ValueError:
             return False
-        if marker["pid"] != runs(found[0])[0]["pid"]:
+        if not ran or marker["pid"] != ran[0]["pid"]:
             return False
     return True
 
