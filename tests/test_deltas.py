@@ -115,6 +115,24 @@ def test_objective_terms_compose_with_weights(gen):
     assert last["proximity"] > 0 and float(total) == pytest.approx(sum(last.values()), rel=1e-4)
 
 
+def test_train_objective_is_the_objective_over_every_training_pair(gen):
+    """technique/train_objective: the mean objective over all (prompt, training seed) pairs with the final deltas,
+    what restarts with other seeds are compared by; it falls when training lowers the loss."""
+    tech = make(gen, ["objective=[concept_score,delta_l2]", "objective.terms.delta_l2.weight=0.5"])
+    with torch.no_grad():
+        tech.text_delta.fill_(0.1)
+    pairs = torch.arange(len(tech.pairs()))
+    with torch.no_grad():
+        total = tech.training_loss((pairs,))  # one batch of every pair = the mean over pairs
+    want = tech.objective.last
+    d = tech.diagnostics()
+    assert d["train_objective"] == pytest.approx(float(total), rel=1e-4)
+    assert d["train_objective/concept_score"] == pytest.approx(want["concept_score"], rel=1e-4)
+    assert d["train_objective/delta_l2"] == pytest.approx(want["delta_l2"], rel=1e-4)
+    before, after = optimise(tech, steps=6, lr=0.1)
+    assert after < before and tech.diagnostics()["train_objective"] < d["train_objective"]
+
+
 def test_denoising_composes_with_delta_l2_and_image_terms_need_images(gen):
     """One objective protocol: objective=[denoising,delta_l2] is textual inversion plus an L2 on v* - v_init
     (the one way to set L2); a term the technique cannot feed is one clear error."""

@@ -243,6 +243,22 @@ class InputDelta(Trainable):
             self.log_dict({f"train/{k}": v for k, v in self.objective.last.items()})
         return loss
 
+    def diagnostics(self) -> dict[str, float]:
+        """The training objective over every (prompt, training seed) pair with the final deltas, and each term's
+        part (no gradients): what restarts of a run with other seeds are compared by (the lowest wins), without
+        looking at any evaluation seed."""
+        n = len(self.pairs())
+        if not n or not self._cache:
+            return {}
+        total, terms = 0.0, {}
+        with torch.no_grad():
+            for start in range(0, n, self.batch_size):
+                idx = torch.arange(start, min(n, start + self.batch_size))
+                total += float(self.training_loss((idx,))) * len(idx)
+                for k, v in self.objective.last.items():
+                    terms[k] = terms.get(k, 0.0) + v * len(idx)
+        return {"train_objective": total / n, **{f"train_objective/{k}": v / n for k, v in terms.items()}}
+
     # ------------------------------------------------------------------ budget
     def budgeted(self) -> dict[str, torch.Tensor]:
         out = {}
