@@ -1,6 +1,6 @@
 """Sweeps: launcher=gpus (devices, concurrency, failure isolation, rerun, workers dying with the
 launcher or stopped by its SIGTERM, each both ways: forked from its fork server or fresh processes; more in
-tests/test_fork_server.py), launcher=basic (markers, failure isolation, rerun), `steerexp-sweep status|rerun`
+tests/test_fork_server.py), launcher=basic (markers, failure isolation, rerun), `steerexp-sweep status|rerun|best`
 on a live sweep, SLURM through submitit's local executor, Ray on a local instance, hparams_search=optuna, unique
 run and sweep dirs (one per sweep, whatever process its jobs run in), W&B run ids.
 
@@ -183,6 +183,31 @@ def test_basic_launcher_isolates_a_failing_job_and_rerun_redoes_only_it(tmp_path
     assert second["pid"] != launcher_pid  # a fresh process, through the gpus launcher's worker
     assert (first["sweep_dir"], first["job_num"]) == (second["sweep_dir"], second["job_num"])
     assert second["cuda_visible_devices"] is None  # this process's devices, as the basic launcher had
+
+
+def test_sweep_best_ranks_restarts_by_the_training_objective(tmp_path):
+    """`steerexp-sweep best`: completed jobs ranked by technique/train_objective (lowest first); a failed job and a job
+    without the metric are left out and counted; ranking by an evaluation metric says it picks on its seeds."""
+    flag = tmp_path / "fail_flag"
+    flag.touch()
+    out = app(["x=1,2,3,4", "fail_x=4", f"fail_flag={flag}"], tmp_path)  # job 3 fails
+    assert out.returncode != 0
+    sweep = assert_one_sweep(tmp_path)
+    jobs = job_dirs(sweep)
+    for job, objective, rate in zip(jobs[:2], (9.98, 8.56), (0.96, 0.10)):  # what steerexp runs write
+        (job / "metrics.json").write_text(json.dumps({"technique/train_objective": objective,
+                                                      "concept/target_rate/edited": rate}))
+    (jobs[2] / "metrics.json").write_text(json.dumps({"concept/target_rate/edited": 0.5}))  # no train objective
+    ranked = sweep_cli(["best", str(sweep)], tmp_path)
+    assert ranked.returncode == 0, ranked.stderr
+    lines = ranked.stdout.splitlines()
+    assert lines[0].startswith("best #1 ") and "technique/train_objective=8.56" in lines[0] and "x=2" in lines[0]
+    assert lines[1].lstrip().startswith("#0 ") and "(2 of 4 jobs not ranked" in lines[2]
+    assert ranked.stderr == ""  # the training objective looks at no evaluation seed
+    by_rate = sweep_cli(["best", str(sweep), "--by", "concept/target_rate/edited", "--max"], tmp_path)
+    assert by_rate.stdout.startswith("best #0 ") and "measured on the evaluation seeds" in by_rate.stderr
+    missing = sweep_cli(["best", str(sweep), "--by", "nope"], tmp_path)
+    assert missing.returncode == 2 and "no completed job" in missing.stderr
 
 
 @pytest.mark.parametrize("fork_server", ["true", "false"])

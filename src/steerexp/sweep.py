@@ -3,6 +3,12 @@
     steerexp-sweep status <sweep dir>                  completed / failed / running / pending / missing jobs
     steerexp-sweep rerun <sweep dir>                   relaunch only the failed and missing jobs
     steerexp-sweep rerun <sweep dir> --devices 2,3     ... on these GPUs (default: the sweep's own)
+    steerexp-sweep best <sweep dir>                    the completed jobs ranked by technique/train_objective
+    steerexp-sweep best <sweep dir> --by KEY [--max]   ... by another metric of metrics.json
+
+`best` picks among restarts (e.g. `seed=0,1,2,3,4`) by the training objective over every training pair
+(`technique/train_objective`, lowest first), which looks at no evaluation seed. Ranking by an evaluation
+metric picks on the seeds that metric was measured on; `best` says so when --by names one.
 
 A rerun starts each job from its saved spec in `<sweep dir>/.sweep/jobs/` (the same composed config,
 job number and run dir, so a W&B run resumes under its deterministic id) in a process of its own,
@@ -59,6 +65,35 @@ def rerun(sweep_dir: Path, devices=None, jobs_per_device: int | None = None) -> 
     return 0 if all(j.state == sweepstate.COMPLETED for j in jobs) else 1
 
 
+def best(sweep_dir: Path, by: str = "technique/train_objective", largest: bool = False) -> int:
+    """Print the completed jobs ranked by `by` (lowest first unless `largest`); the first is the pick."""
+    import json
+    import math
+
+    jobs = sweepstate.read(sweep_dir)
+    scored = []
+    for job in jobs:
+        metrics_file = job.run_dir / "metrics.json"
+        if job.state != sweepstate.COMPLETED or not metrics_file.is_file():
+            continue
+        value = json.loads(metrics_file.read_text()).get(by)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            scored.append((value, job))
+    if not scored:
+        raise ValueError(f"no completed job of {sweep_dir} has a number for {by!r} in its metrics.json")
+    if not by.startswith(("technique/", "train/", "delta_norm/", "params/", "run/")):
+        print(f"steerexp-sweep: {by} is measured on the evaluation seeds; a pick by it is a pick on those seeds "
+              "(judge the pick on other seeds)", file=sys.stderr)
+    scored.sort(key=lambda t: -t[0] if largest else t[0])
+    for rank, (value, job) in enumerate(scored):
+        mark = "best" if rank == 0 else "    "
+        print(f"{mark} #{job.num:<4} {by}={value:.6g}  {' '.join(job.overrides)}  {job.run_dir}")
+    skipped = len(jobs) - len(scored)
+    if skipped:
+        print(f"({skipped} of {len(jobs)} jobs not ranked: not completed, or no {by})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="steerexp-sweep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         "--devices", default=None, help="comma-separated CUDA_VISIBLE_DEVICES values (default: the sweep's)"
     )
     p_rerun.add_argument("--jobs-per-device", type=int, default=None)
+    p_best = sub.add_parser("best", help="rank the completed jobs by a metric (default: the training objective)")
+    p_best.add_argument("sweep_dir", type=Path)
+    p_best.add_argument("--by", default="technique/train_objective", help="a key of the jobs' metrics.json")
+    p_best.add_argument("--max", action="store_true", help="the largest value is best (default: the smallest)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
     if not args.sweep_dir.is_dir():
@@ -77,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "status":
             return status(args.sweep_dir)
+        if args.command == "best":
+            return best(args.sweep_dir, args.by, args.max)
         return rerun(args.sweep_dir, _devices(args.devices), args.jobs_per_device)
     except (FileNotFoundError, ValueError) as err:
         print(f"steerexp-sweep: {err}", file=sys.stderr)
