@@ -183,18 +183,20 @@ def _check_values(c: dict) -> None:
 
 
 def _check_objective_terms(c: dict) -> None:
-    """Every entry of objective.terms is a term (a config of conf/objective/ gives it its _target_). A preset's
-    settings for a term the objective list no longer names (`objective=[concept_score]` after a preset that sets
-    attribute_keep's weight) would otherwise fail at instantiation."""
-    terms = get(c, "objective.terms", None)
-    if not isinstance(terms, dict):
-        return
-    for name, term in terms.items():
-        if isinstance(term, dict) and "_target_" not in term:
-            raise ConfigError(f"objective.terms.{name}", "has settings but is not a term of the objective "
-                              "(objective=[...] does not name it)",
-                              f"add it to the list (objective=[...,{name}]) or drop its settings: "
-                              f"'~objective.terms.{name}'")
+    """Every entry of objective.terms is a term and every entry of evaluator an evaluator (a config of
+    conf/objective/ or conf/evaluator/ gives it its _target_). A preset's settings for one the list no longer
+    names (`objective=[concept_score]` or `evaluator=[]` after a preset that sets attribute_keep's weight or
+    leakage's heads) would otherwise fail at instantiation, or after training."""
+    for group, nodes, listed in (("objective.terms", get(c, "objective.terms", None), "objective=[...]"),
+                                 ("evaluator", c.get("evaluator"), "evaluator=[...]")):
+        if not isinstance(nodes, dict):
+            continue
+        for name, node in nodes.items():
+            if isinstance(node, dict) and "_target_" not in node:
+                kind = "a term of the objective" if group == "objective.terms" else "an evaluator of the run"
+                head = listed.split("=")[0]
+                raise ConfigError(f"{group}.{name}", f"has settings but is not {kind} ({listed} does not name it)",
+                                  f"add it to the list ({head}=[...,{name}]) or drop its settings: '~{group}.{name}'")
 
 
 def _check_scorers(c: dict) -> None:
