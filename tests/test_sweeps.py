@@ -203,11 +203,14 @@ def test_sweep_best_ranks_restarts_by_the_training_objective(tmp_path):
     lines = ranked.stdout.splitlines()
     assert lines[0].startswith("best #1 ") and "technique/train_objective=8.56" in lines[0] and "x=2" in lines[0]
     assert lines[1].lstrip().startswith("#0 ") and "(2 of 4 jobs not ranked" in lines[2]
-    assert ranked.stderr == ""  # the training objective looks at no evaluation seed
+    # the training objective looks at no evaluation seed, but these jobs differ in x, not only in seed
+    assert "measured on the evaluation seeds" not in ranked.stderr and "differ in x, not only in seed" in ranked.stderr
     by_rate = sweep_cli(["best", str(sweep), "--by", "concept/target_rate/edited", "--max"], tmp_path)
     assert by_rate.stdout.startswith("best #0 ") and "measured on the evaluation seeds" in by_rate.stderr
     missing = sweep_cli(["best", str(sweep), "--by", "nope"], tmp_path)
     assert missing.returncode == 2 and "no completed job" in missing.stderr
+    (jobs[1] / "metrics.json").write_text("{not json")  # a damaged file: that job is left out, the others ranked
+    assert sweep_cli(["best", str(sweep)], tmp_path).stdout.startswith("best #0 ")
 
 
 @pytest.mark.parametrize("fork_server", ["true", "false"])

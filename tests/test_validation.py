@@ -275,6 +275,8 @@ def test_a_presets_term_settings_without_the_term_are_one_error():
     assert "concept_score moves" in str(err) and f"{key}=[shape]" in str(err)
     assert "['hue']" in str(error(["experiment=latent_offset_layout", f"{key}=[hue]"], key))
     error(["experiment=latent_offset_layout", f"{key}=[]"], key)
+    scorer = "objective.terms.attribute_keep.scorer"
+    assert "one-head model" in str(error(["experiment=latent_offset_layout", f"{scorer}=user"], scorer))
     err = error(["experiment=latent_offset_layout", "evaluator=[]"], "evaluator.leakage")  # the same for evaluators
     assert "evaluator=[...,leakage]" in str(err) and "'~evaluator.leakage'" in str(err)
     ok(["experiment=latent_offset_layout", "evaluator=[]", "~evaluator.leakage"])

@@ -76,14 +76,25 @@ def best(sweep_dir: Path, by: str = "technique/train_objective", largest: bool =
         metrics_file = job.run_dir / "metrics.json"
         if job.state != sweepstate.COMPLETED or not metrics_file.is_file():
             continue
-        value = json.loads(metrics_file.read_text()).get(by)
+        try:
+            value = json.loads(metrics_file.read_text()).get(by)
+        except ValueError:  # a damaged file: that job is not ranked
+            continue
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             scored.append((value, job))
     if not scored:
-        raise ValueError(f"no completed job of {sweep_dir} has a number for {by!r} in its metrics.json")
-    if not by.startswith(("technique/", "train/", "delta_norm/", "params/", "run/")):
-        print(f"steerexp-sweep: {by} is measured on the evaluation seeds; a pick by it is a pick on those seeds "
-              "(judge the pick on other seeds)", file=sys.stderr)
+        raise ValueError(f"no completed job of {sweep_dir} has a finite number (not a bool) for {by!r} in its "
+                         "metrics.json")
+    seed_free = by.startswith(("technique/train_objective", "delta_norm/", "params/"))  # read no evaluation seed
+    if not seed_free:
+        print(f"steerexp-sweep: {by} may be measured on the evaluation seeds; a pick by it is a pick on those "
+              "seeds (judge the pick on other seeds)", file=sys.stderr)
+    settings = [{o.split("=")[0]: o for o in job.overrides if o.split("=")[0] != "seed"} for _, job in scored]
+    differ = sorted(k for k in set().union(*settings) if len({s.get(k) for s in settings}) > 1)
+    if differ and seed_free:
+        print(f"steerexp-sweep: the jobs differ in {', '.join(differ)}, not only in seed; training objectives of "
+              "different settings (term weights, budgets) are not on one scale: rank restarts of one setting",
+              file=sys.stderr)
     scored.sort(key=lambda t: -t[0] if largest else t[0])
     for rank, (value, job) in enumerate(scored):
         mark = "best" if rank == 0 else "    "

@@ -283,6 +283,10 @@ def _check_attribute_keep(c: dict, table: dict) -> None:
         raise ConfigError(key, f"includes {moved!r}, the head concept_score moves: the two terms would pull "
                           "against each other", f"keep the other heads: {key}=[{','.join(rest) or 'shape'}]")
     scorer = keep.get("scorer", "classifier")
+    if _scorer_kind(scorer, table.get(scorer)) == "user":
+        raise ConfigError("objective.terms.attribute_keep.scorer", "is the user's one-head model, which answers every "
+                          "head name with the same output", "keep heads with a classifier that has named heads, "
+                          "e.g. robust")
     spec = table.get(scorer)
     users_folder = spec if isinstance(spec, str) and spec else isinstance(spec, dict) and spec.get("path")
     if _scorer_kind(scorer, spec) == "classifier" and not users_folder:  # a shipped concept classifier

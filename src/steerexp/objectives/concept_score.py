@@ -55,6 +55,7 @@ class AttributeKeep(Term):
     """KL from the zero-delta images' class distribution to the edited images', summed over `heads`: the
     edit may change its target attribute, and this term holds the others where they were (`reference:
     start`), or at the class each prompt names (`reference: prompt`)."""
+    needs = frozenset({"images", "start_images"})  # reference: prompt adds "prompts" (set per instance)
 
     def __init__(self, heads: list[str] | tuple[str, ...] = ("shape", "colour"), weight: float = 1.0,
                  scorer: str = "classifier", reference: str = "start"):
@@ -94,11 +95,13 @@ class AttributeKeep(Term):
                 if len(inputs.prompts) != len(ref):
                     raise ValueError(f"objective attribute_keep: {len(inputs.prompts)} prompts for {len(ref)} images")
                 named = [named_class(prompt, clf.heads[head]) for prompt in inputs.prompts]
+                ref = ref.float()
                 for i, k in enumerate(named):
-                    if k is not None:
-                        ref[i] = torch.log(F.one_hot(torch.tensor(k), len(clf.heads[head])).to(ref).clamp_min(1e-12))
+                    if k is not None:  # log of a one-hot, its zeros at log(1e-12) (float32: no -inf, no NaN)
+                        one_hot = F.one_hot(torch.tensor(k, device=ref.device), len(clf.heads[head])).float()
+                        ref[i] = one_hot.clamp_min(1e-12).log()
             p = ref.exp()
-            total = total + (p * (ref - after[head].log_softmax(-1))).sum(-1).mean()
+            total = total + (p * (ref - after[head].float().log_softmax(-1))).sum(-1).mean()
         return total
 
 

@@ -245,8 +245,9 @@ class InputDelta(Trainable):
 
     def diagnostics(self) -> dict[str, float]:
         """The training objective over every (prompt, training seed) pair with the final deltas, and each term's
-        part (no gradients): what restarts of a run with other seeds are compared by (the lowest wins), without
-        looking at any evaluation seed."""
+        part (no gradients; the total also holds the chi penalty when budget.chi > 0, the parts do not): what
+        restarts of a run with other seeds are compared by (the lowest wins). It looks at the training seeds only,
+        which are the evaluation seeds themselves when per-seed offsets train on ${eval.seeds}."""
         n = len(self.pairs())
         if not n or not self._cache:
             return {}
