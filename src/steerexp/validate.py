@@ -45,8 +45,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from steerexp import ASSETS, conf_dir
 from steerexp.errors import ConfigError
+from steerexp.generators import EMBEDDED, embedded_path  # (no torch import)
 
-SHAPES_PATH = ASSETS / "shapes"  # = steerexp.generators.SHAPES_PATH (not imported: it imports torch)
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_TRAIN_TIMESTEPS = 1000
 DEFAULT_MAX_TOKENS = 77
@@ -789,11 +789,11 @@ def _check_generator(c: dict) -> GeneratorInfo:
         return GeneratorInfo(None)
     path = gen.get("path")
     embedded = gen.get("embedded") or "shapes"
-    if embedded not in ("shapes", "shapes_flow"):  # = steerexp.generators.EMBEDDED
+    if embedded not in EMBEDDED:
         raise ConfigError("generator.embedded", f"must be shapes or shapes_flow, got {embedded!r}",
                           "set generator=shapes or generator=shapes_flow (or generator.path to a pipeline folder)")
     if path is None or path == "":
-        folder: Path | None = ASSETS / embedded
+        folder: Path | None = embedded_path(embedded)
     elif not isinstance(path, str):
         raise ConfigError("generator.path", f"must be a folder or a hub id, got {path!r}",
                           "set generator.path=/models/sd-v1-5 or org/name (null: the shipped shapes generator)")
@@ -814,7 +814,7 @@ def _check_generator(c: dict) -> GeneratorInfo:
         stage = {"shapes": "generator", "shapes_flow": "generator_flow"}.get(str(embedded), "generator")
         raise ConfigError("generator.embedded", f"the embedded generator {embedded} is not built: {folder} is missing",
                           f"build it with steerexp-pretrain 'stages=[{stage}]' threads=1 (shapes_flow is not shipped: "
-                          "the shipped models stay under 50 MB)")
+                          "the shipped models stay under 50 MB; it is built into $STEEREXP_BUILT or ~/.cache/steerexp)")
     if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
         check_pipeline_folder(folder)
     device = gen.get("device", "auto")

@@ -14,7 +14,7 @@ import importlib
 import json
 from pathlib import Path
 
-from steerexp import ASSETS
+from steerexp import ASSETS, built_assets
 
 _FROM_FROZEN = ("DTYPES", "FrozenGenerator", "GeneratorChangedError", "Guidance", "resolve_device")
 
@@ -29,7 +29,8 @@ def __getattr__(name: str):
 
 
 SHAPES_PATH = ASSETS / "shapes"
-EMBEDDED = ("shapes", "shapes_flow")  # the shipped generators (assets/<name>/): generator.embedded
+EMBEDDED = ("shapes", "shapes_flow")  # generator.embedded: shapes is shipped, shapes_flow built (embedded_path)
+SHIPPED = ("shapes",)
 
 # pipeline class (model_index.json's _class_name) -> (family, "module:class")
 FAMILIES = {
@@ -139,9 +140,10 @@ def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32")
 
 
 def embedded_path(name: str = "shapes") -> Path:
+    """The folder of an embedded generator: assets/<name> if shipped, else where steerexp-pretrain builds it."""
     if name not in EMBEDDED:
         raise ValueError(f"generator.embedded must be one of {list(EMBEDDED)}, got {name!r}")
-    return ASSETS / name
+    return (ASSETS if name in SHIPPED else built_assets()) / name
 
 
 def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32", embedded: str = "shapes"):
