@@ -178,11 +178,11 @@ def _check_values(c: dict) -> None:
     _check_edit(c)
     _check_edit_bench(c)
     _check_trainer(c)
-    _check_objective_terms(c)
+    _check_listed_entries(c)
     _check_scorers(c)
 
 
-def _check_objective_terms(c: dict) -> None:
+def _check_listed_entries(c: dict) -> None:
     """Every entry of objective.terms is a term and every entry of evaluator an evaluator (a config of
     conf/objective/ or conf/evaluator/ gives it its _target_). A preset's settings for one the list no longer
     names (`objective=[concept_score]` or `evaluator=[]` after a preset that sets attribute_keep's weight or
