@@ -19,11 +19,17 @@ Judges kept apart from objectives: next to the headline judge it reports
                                            >= min_gain; one warning line on stderr when true
   concept/clean_score/<side>               on the shapes world: the analytic judge's clean-render score
                                            (1: one rendered scene explains the image; blobs score low)
+  concept/attribute_kept/background        on the shapes world: the pairs whose edit has the background
+                                           the analytic judge reads on their baseline (no head reads it)
 and who judged (concept/judged_by/<name>, concept/judge_is_objective).
 
-It also checks the prompt's other attributes: when a prompt names exactly one class of a
-head (e.g. "a red {}"), `concept/attribute_agreement/<head>/<side>` is how often the
-judge reads that class.
+It also checks the image's other attributes (every head of the judge but the concept's):
+  concept/attribute_agreement/<head>/<side>  how often the judge reads the class the prompt names, over
+                                             the prompts that name exactly one class of the head ("a red {}")
+  concept/attribute_kept/<head>              over every pair, how often the judge reads the edited image's
+                                             head as it reads the baseline's: what the edit kept, whether
+                                             the prompt names it or not (an edit that makes every background
+                                             white shows here, and in no agreement figure)
 """
 from __future__ import annotations
 
@@ -73,10 +79,15 @@ class Concept:
         m.update(self.attribute_agreement(judging.scorer, paired))
         m.update(judging.metrics())
         m.update(self.second_readings(ctx, judging, paired, base, edit))
-        if ctx.world:  # how well one rendered scene explains each image (blobs score low)
+        if ctx.world:  # how well one rendered scene explains each image (blobs score low), and the background
             analytic = ctx.reader("analytic")
-            for side, images in (("baseline", paired.baseline), ("edited", paired.edited)):
-                m[f"concept/clean_score/{side}"] = float(analytic.clean_score(images).mean())
+            scenes = {side: analytic.read(images) for side, images in (("baseline", paired.baseline),
+                                                                       ("edited", paired.edited))}
+            for side, read in scenes.items():
+                m[f"concept/clean_score/{side}"] = float(np.mean([r["clean"] for r in read]))
+            # no judge has a background head; the analytic judge reads the background of the scene it fits
+            m["concept/attribute_kept/background"] = float(np.mean(
+                [b["background"] == e["background"] for b, e in zip(scenes["baseline"], scenes["edited"])]))
         rows = []
         for i, p in enumerate(ctx.prompts):
             sel = strata == i
@@ -145,18 +156,23 @@ class Concept:
         return m
 
     def attribute_agreement(self, judge, paired) -> dict[str, float]:
+        """The heads other than the concept's: per side, how often the judge reads the class the prompt names
+        (attribute_agreement), and per pair, how often the edit reads as its baseline does (attribute_kept)."""
         heads = {h: c for h, c in judge.heads.items() if h != judge.head_name(self.head)}
         if not heads:  # a one-head judge (a user's classifier) reads nothing else
             return {}
         out = {}
-        for side, images in (("baseline", paired.baseline), ("edited", paired.edited)):
-            pred = judge.predict(images)
-            for head, classes in heads.items():
+        pred = {side: judge.predict(images) for side, images in (("baseline", paired.baseline),
+                                                                   ("edited", paired.edited))}
+        for head, classes in heads.items():
+            for side in ("baseline", "edited"):
                 hits = []
-                for prompt, p in zip(paired.prompts, pred[head]):
+                for prompt, p in zip(paired.prompts, pred[side][head]):
                     named = [c for c in classes if c in prompt.replace("{}", " ").split()]
                     if len(named) == 1:
                         hits.append(p == named[0])
                 if hits:
                     out[f"concept/attribute_agreement/{head}/{side}"] = float(np.mean(hits))
+            kept = [b == e for b, e in zip(pred["baseline"][head], pred["edited"][head])]
+            out[f"concept/attribute_kept/{head}"] = float(np.mean(kept))
         return out
