@@ -57,6 +57,7 @@ def test_concept_measures_a_colour_edit(gen):
     ctx = EvalContext(PromptEdit(gen, all_red), ["a blue {}", "a green {} on the left"], [0, 1, 2, 3])
     m = Concept(head="colour", target="red").evaluate(ctx).metrics
     assert m["concept/target_rate/baseline"] <= 0.25 and m["concept/target_rate/edited"] >= 0.75
+    assert m["concept/paired_diff/ci_low"] > 0 and m["concept/wilcoxon_p"] < 0.01
 
 
 def test_concept_reports_what_the_edit_kept_pair_by_pair(gen):
@@ -79,7 +80,6 @@ def test_concept_reports_what_the_edit_kept_pair_by_pair(gen):
     assert m["concept/attribute_kept/colour"] == 1.0 and m["concept/attribute_kept/position"] == 1.0
     assert "concept/attribute_kept/shape" not in m  # the concept's own head is the edit's, not kept or lost
     assert m["concept/attribute_agreement/colour/edited"] == 1.0  # what the prompt names cannot show the change
-
 
 
 def test_memorisation_flags_the_protected_captions(gen):

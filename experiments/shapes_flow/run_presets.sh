@@ -20,7 +20,10 @@ G="generator=$GENERATOR logger=none threads=1"
 M="hydra.sweep.dir=$OUT"
 R="hydra.run.dir=$OUT"
 EG_SEEDS="eval.seeds=[0,1,2,3,4,5,6,7]"  # energy_guidance until 2026-11-22 (the preset now judges seeds 0-31)
-LO_BEFORE="objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=8 technique.steps=60"  # latent_offset_layout until 2026-11-22
+# latent_offset_layout's first two presets trained on 4 prompts with seed 0 (the preset now: 6 prompts, seed 3).
+# An override with spaces cannot sit in these space-separated lines: the word @PROMPTS4@ stands for it (run()).
+PROMPTS4="technique.prompts=[a red circle,a blue square,a green triangle,a yellow ring]"
+LO_BEFORE="@PROMPTS4@ seed=0 objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=8 technique.steps=60"  # until 2026-11-22
 RUNS=(
   "-m experiment=arithmetic_size_sweep $G $M/arithmetic_size_sweep"
   "-m experiment=cfg_sweep $G $M/cfg_sweep"
@@ -33,7 +36,7 @@ RUNS=(
   "experiment=latent_offset_layout $G eval.seeds=[16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31] $R/latent_offset_layout_keep_dev"
   "experiment=latent_offset_layout $G $LO_BEFORE $R/latent_offset_layout"
   "experiment=latent_offset_layout $G $LO_BEFORE technique.lr=0.05 $R/latent_offset_layout_lr05"
-  "experiment=latent_offset_layout $G objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=12 technique.steps=80 $R/latent_offset_layout_e12"
+  "experiment=latent_offset_layout $G @PROMPTS4@ seed=0 objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=12 technique.steps=80 $R/latent_offset_layout_e12"
   "experiment=latent_priming $G $R/latent_priming"
   "-m experiment=noise_optimisation/reno,noise_optimisation/noise_search,noise_optimisation/best_of_n,noise_optimisation/latent_priming,noise_optimisation,noise_optimisation/best_of_n_classifier $G $M/noise_optimisation"
   "experiment=nti_edit $G evaluator.edit.methods=[ddim_w1,ddim_w7.5,npi,nti] $R/nti_edit"
@@ -50,8 +53,9 @@ mkdir -p "$OUT"
 set -f  # the overrides' [a,b] lists are not globs
 run() {
   local name="${1##*$OUT/}" start=$SECONDS
-  # shellcheck disable=SC2086  # the overrides split on spaces
-  steerexp $1 > "$OUT/$name.log" 2>&1
+  local -a argv
+  read -ra argv <<< "$1"  # the overrides split on spaces
+  steerexp "${argv[@]/#@PROMPTS4@/$PROMPTS4}" > "$OUT/$name.log" 2>&1
   echo "$name: exit $?, $(( SECONDS - start )) s"
 }
 for args in "${RUNS[@]}"; do

@@ -20,7 +20,8 @@ Judges kept apart from objectives: next to the headline judge it reports
   concept/clean_score/<side>               on the shapes world: the analytic judge's clean-render score
                                            (1: one rendered scene explains the image; blobs score low)
   concept/attribute_kept/background        on the shapes world: the pairs whose edit has the background
-                                           the analytic judge reads on their baseline (no head reads it)
+                                           the analytic judge reads on their baseline (the shipped judges
+                                           have no background head; a judge's own head comes first)
 and who judged (concept/judged_by/<name>, concept/judge_is_objective).
 
 It also checks the image's other attributes (every head of the judge but the concept's):
@@ -81,13 +82,13 @@ class Concept:
         m.update(self.second_readings(ctx, judging, paired, base, edit))
         if ctx.world:  # how well one rendered scene explains each image (blobs score low), and the background
             analytic = ctx.reader("analytic")
-            scenes = {side: analytic.read(images) for side, images in (("baseline", paired.baseline),
-                                                                       ("edited", paired.edited))}
-            for side, read in scenes.items():
-                m[f"concept/clean_score/{side}"] = float(np.mean([r["clean"] for r in read]))
-            # no judge has a background head; the analytic judge reads the background of the scene it fits
-            m["concept/attribute_kept/background"] = float(np.mean(
-                [b["background"] == e["background"] for b, e in zip(scenes["baseline"], scenes["edited"])]))
+            fits = {side: analytic.fit(images) for side, images in (("baseline", paired.baseline),
+                                                                    ("edited", paired.edited))}
+            for side, fit in fits.items():
+                m[f"concept/clean_score/{side}"] = float(fit["clean"].mean())
+            # the shipped judges have no background head; the analytic judge reads the background of the scene it fits
+            m.setdefault("concept/attribute_kept/background",
+                         float((fits["baseline"]["background"] == fits["edited"]["background"]).float().mean()))
         rows = []
         for i, p in enumerate(ctx.prompts):
             sel = strata == i
@@ -174,5 +175,6 @@ class Concept:
                 if hits:
                     out[f"concept/attribute_agreement/{head}/{side}"] = float(np.mean(hits))
             kept = [b == e for b, e in zip(pred["baseline"][head], pred["edited"][head])]
-            out[f"concept/attribute_kept/{head}"] = float(np.mean(kept))
+            if kept:
+                out[f"concept/attribute_kept/{head}"] = float(np.mean(kept))
         return out
