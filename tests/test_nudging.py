@@ -75,6 +75,34 @@ def test_baselines_change_only_the_prompt_embedding(gen):
     assert gen.unchanged()
 
 
+def test_keep_adds_the_classifier_kl_to_the_initial_output(gen):
+    """technique.keep: + weight * sum over heads of KL(p(head | initial) || p(head | x)), by hand with the classifier;
+    0 where the output reads as the initial one; the classifier is recorded as optimised against."""
+    from steerexp import scorers
+
+    tech = small(gen, keep={"heads": ["colour", "shape"], "weight": 2.5, "scorer": "classifier"})
+    assert tech.optimised_against() == {"clip", "classifier"} and small(gen).optimised_against() == {"clip"}
+    images = tech.generate([PROTECTED, ORDINARY], [0, 0], edited=False)
+    start = images.flip(0)  # each output held to the other's reading
+    pref, und = tech.preferred_embeddings([PROTECTED, ORDINARY]), tech.undesired_for(images)
+    beta, offset = torch.ones(2), torch.zeros(2, 4)
+    with torch.no_grad():
+        plain = tech.objective(images, pref, und, beta, offset)
+        held = tech.objective(images, pref, und, beta, offset, start)
+        same = tech.objective(images, pref, und, beta, offset, images)
+        clf = scorers.get("classifier")
+        kl = sum(torch.nn.functional.kl_div(clf(images)[h].log_softmax(-1), clf(start)[h].log_softmax(-1),
+                                            reduction="none", log_target=True).sum(-1) for h in ("colour", "shape"))
+    assert torch.allclose(held - plain, 2.5 * kl, atol=1e-4) and float(kl.min()) > 0.1
+    assert torch.allclose(same, plain, atol=1e-5)
+    for keep, message in (({"heads": ["colour"], "ref": "start"}, "unknown key"), ({"heads": []}, "heads is empty"),
+                          ({"heads": ["hue"]}, "unknown head"), ({"heads": ["colour"], "weight": -1}, "weight must be")):
+        with pytest.raises(ValueError, match=message):
+            small(gen, keep=keep)
+    with pytest.raises(ValueError, match="mode=noise has none"):
+        small(gen, mode="noise", keep={"heads": ["colour"]})
+
+
 def test_bad_input_is_clear(gen, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="protected set is empty"):

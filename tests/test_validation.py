@@ -282,6 +282,21 @@ def test_a_presets_term_settings_without_the_term_are_one_error():
     ok(["experiment=latent_offset_layout", "evaluator=[]", "~evaluator.leakage"])
 
 
+def test_nudging_keep_is_checked_before_loading():
+    """technique.keep (nudging's attribute_keep on the initial output): the same checks, under its own key."""
+    base = ["experiment=nudging_memorisation"]
+    ok(base + ["technique.keep={heads:[colour,shape],weight:1.0,scorer:robust}"])
+    error(base + ["technique.keep={heads:[],scorer:robust}"], "technique.keep.heads")
+    assert "['hue']" in str(error(base + ["technique.keep={heads:[hue]}"], "technique.keep.heads"))
+    error(base + ["technique.keep={heads:[colour],weight:-1}"], "technique.keep.weight")
+    error(base + ["technique.keep={heads:[colour],scorer:nope}"], "technique.keep.scorer")
+    assert "no image classifier" in str(error(base + ["technique.keep={heads:[colour],scorer:clip}"],
+                                              "technique.keep.scorer"))
+    error(base + ["technique.keep={heads:[colour],ref:start}"], "technique.keep")
+    assert "mode=noise" in str(error(base + ["technique.mode=noise", "technique.keep={heads:[colour]}"],
+                                      "technique.keep"))
+
+
 # ---------------------------------------------------------------------------- files and folders
 def test_missing_files_and_folders(tmp_path):
     missing = tmp_path / "missing"

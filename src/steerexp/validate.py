@@ -264,27 +264,52 @@ def _check_judges(c: dict) -> None:
 
 
 def _check_attribute_keep(c: dict, table: dict) -> None:
-    """attribute_keep keeps named heads of the classifier; the head concept_score moves cannot be one of them."""
+    """attribute_keep keeps named heads of the classifier; the head concept_score moves cannot be one of them.
+    technique.keep (nudging) is the same term on the nudge's initial output."""
     terms = get(c, "objective.terms", None) or {}
     keep = terms.get("attribute_keep") if isinstance(terms, dict) else None
-    if not isinstance(keep, dict) or "_target_" not in keep:
+    if isinstance(keep, dict) and "_target_" in keep:
+        moved = terms.get("concept_score", {}).get("head") if isinstance(terms.get("concept_score"), dict) else None
+        _check_keep(keep, "objective.terms.attribute_keep", table, moved)
+    tech = c.get("technique") if isinstance(c.get("technique"), dict) else {}
+    nudge_keep = tech.get("keep")
+    if nudge_keep is None or not str(tech.get("_target_", "")).endswith("nudging.Nudging"):
         return
-    key, heads = "objective.terms.attribute_keep.heads", keep.get("heads")
+    base = "technique.keep"
+    if not isinstance(nudge_keep, dict) or set(nudge_keep) - {"heads", "weight", "scorer"}:
+        raise ConfigError(base, f"must be null or {{heads, weight, scorer}}, got {nudge_keep!r}",
+                          f"set e.g. '{base}={{heads:[colour,shape],weight:1.0,scorer:robust}}'")
+    if tech.get("mode", "nudge") != "nudge":
+        raise ConfigError(base, f"holds the nudge's objective; mode={tech.get('mode')} has none",
+                          f"set {base}=null or technique.mode=nudge")
+    weight = nudge_keep.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise ConfigError(base + ".weight", f"must be a number >= 0, got {weight!r}", f"set e.g. {base}.weight=1.0")
+    scorer = nudge_keep.get("scorer", "classifier")
+    if not isinstance(scorer, str) or scorer not in set(JUDGES) | set(table):
+        raise ConfigError(base + ".scorer", f"names no scorer of the run: {scorer!r}", "choose e.g. classifier or robust")
+    if _scorer_kind(scorer, table.get(scorer)) in ("analytic", "clip", "noisy"):
+        raise ConfigError(base + ".scorer", f"scorers.{scorer} is no image classifier to optimise",
+                          "choose a classifier, e.g. classifier or robust")
+    _check_keep({"scorer": scorer, **nudge_keep}, base, table, None)
+
+
+def _check_keep(keep: dict, base: str, table: dict, moved: str | None) -> None:
+    key, heads = f"{base}.heads", keep.get("heads")
     if not isinstance(heads, list) or not heads or not all(isinstance(h, str) for h in heads):
         raise ConfigError(key, f"must list the classifier heads to keep, got {heads!r}",
                           f"set e.g. {key}=[shape,colour]")
     if keep.get("reference", "start") not in ("start", "prompt"):
-        raise ConfigError("objective.terms.attribute_keep.reference", f"must be start or prompt, got "
+        raise ConfigError(f"{base}.reference", f"must be start or prompt, got "
                           f"{keep.get('reference')!r}", "start keeps the zero-delta image's reading, prompt the "
                           "class the prompt names")
-    moved = terms.get("concept_score", {}).get("head") if isinstance(terms.get("concept_score"), dict) else None
     if moved in heads:
         rest = [h for h in heads if h != moved]
         raise ConfigError(key, f"includes {moved!r}, the head concept_score moves: the two terms would pull "
                           "against each other", f"keep the other heads: {key}=[{','.join(rest) or 'shape'}]")
     scorer = keep.get("scorer", "classifier")
     if _scorer_kind(scorer, table.get(scorer)) == "user":
-        raise ConfigError("objective.terms.attribute_keep.scorer", "is the user's one-head model, which answers every "
+        raise ConfigError(f"{base}.scorer", "is the user's one-head model, which answers every "
                           "head name with the same output", "keep heads with a classifier that has named heads, "
                           "e.g. robust")
     spec = table.get(scorer)

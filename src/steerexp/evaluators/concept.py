@@ -88,7 +88,7 @@ class Concept:
                 m[f"concept/clean_score/{side}"] = float(fit["clean"].mean())
             # the shipped judges have no background head; the analytic judge reads the background of the scene it fits
             m.setdefault("concept/attribute_kept/background",
-                         float((fits["baseline"]["background"] == fits["edited"]["background"]).float().mean()))
+                         float((fits["baseline"]["background"] == fits["edited"]["background"]).double().mean()))
         rows = []
         for i, p in enumerate(ctx.prompts):
             sel = strata == i

@@ -84,25 +84,33 @@ class AttributeKeep(Term):
         return {self.scorer}
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
-        clf = scorers.get(self.scorer, inputs.images.device)
-        with torch.no_grad():
-            before = clf(inputs.start_images.to(inputs.images))
-        after = clf(inputs.images)
         total = inputs.images.new_zeros(())
+        for kl in self.per_head(inputs.images, inputs.start_images, inputs.prompts):
+            total = total + kl.mean()
+        return total
+
+    def per_head(self, images: torch.Tensor, start_images: torch.Tensor, prompts: list[str] | None = None
+                 ) -> list[torch.Tensor]:
+        """Per kept head, [B]: KL(reference || p(head | image)), unweighted (nudging's keep sums them per output)."""
+        clf = scorers.get(self.scorer, images.device)
+        with torch.no_grad():
+            before = clf(start_images.to(images))
+        after = clf(images)
+        out = []
         for head in self.heads:
             ref = before[head].log_softmax(-1)
             if self.reference == "prompt":  # one-hot at the class the prompt names, where it names one
-                if len(inputs.prompts) != len(ref):
-                    raise ValueError(f"objective attribute_keep: {len(inputs.prompts)} prompts for {len(ref)} images")
-                named = [named_class(prompt, clf.heads[head]) for prompt in inputs.prompts]
+                if prompts is None or len(prompts) != len(ref):
+                    raise ValueError(f"objective attribute_keep: {len(prompts or [])} prompts for {len(ref)} images")
+                named = [named_class(prompt, clf.heads[head]) for prompt in prompts]
                 ref = ref.float()
                 for i, k in enumerate(named):
                     if k is not None:  # log of a one-hot, its zeros at log(1e-12) (float32: no -inf, no NaN)
                         one_hot = F.one_hot(torch.tensor(k, device=ref.device), len(clf.heads[head])).float()
                         ref[i] = one_hot.clamp_min(1e-12).log()
             p = ref.exp()
-            total = total + (p * (ref - after[head].float().log_softmax(-1))).sum(-1).mean()
-        return total
+            out.append((p * (ref - after[head].float().log_softmax(-1))).sum(-1))
+        return out
 
 
 def named_class(prompt: str, classes: list[str]) -> int | None:

@@ -14,6 +14,12 @@ Adam through differentiable DDIM sampling, VAE decoding and the CLIP image encod
     undesired  CLIP image embeddings of the protected set (`undesired=all`), or only of the
                protected image nearest in CLIP space to the initial output (`undesired=nearest`)
 
+With `keep: {heads: [colour, shape], weight: w, scorer: robust}` the loss adds
+    + w * sum_h KL( p(h | initial output) || p(h | x(L)) )
+(objectives/concept_score.py: attribute_keep, read by a classifier of the run): the nudge then
+leaves memorisation by changing what the kept heads do not read (layout, size, background) and
+keeps the content the memorised output showed. The run records that classifier as optimised against.
+
 Adaptive rounds: after each round of `opt_steps` Adam steps the output is regenerated
 (at the full sampling steps) and re-filtered; while still triggered, beta is multiplied by
 `beta_growth` and another round runs, up to `rounds` rounds.
@@ -132,7 +138,7 @@ class Nudging(TrainingFree):
                  rounds: int = 3, beta_growth: float = 2.0, opt_steps: int = 8, opt_lr: float = 0.1,
                  opt_sampling_steps: int | None = None, noise_lambda: float = 0.1, prompts: list[str] | None = None,
                  seeds: list[int] | None = None, slot_word: str = "object", nudge_batch: int = 16,
-                 sampling: dict | None = None):
+                 keep: dict | None = None, sampling: dict | None = None):
         super().__init__(generator, sampling)
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if value < 0:
@@ -176,15 +182,34 @@ class Nudging(TrainingFree):
         self.opt_sampling_steps = opt_sampling_steps or self.sampling_steps
         self.noise_lambda, self.slot_word, self.nudge_batch = noise_lambda, slot_word, nudge_batch
         self.prompts, self.seeds = list(prompts or []), list(seeds or [])
+        self.keep = self.keep_term(keep, mode)
         self.records: dict[tuple[str, int], OutputRecord] = {}
         self._clip = self._undesired = None
 
+    @staticmethod
+    def keep_term(keep: dict | None, mode: str):
+        """technique.keep -> an attribute_keep term on the initial output (None: no keep term)."""
+        if not keep:
+            return None
+        from steerexp.objectives.concept_score import AttributeKeep
+
+        unknown = sorted(set(keep) - {"heads", "weight", "scorer"})
+        if unknown:
+            raise ValueError(f"technique.keep: unknown key(s) {unknown}; it takes heads, weight and scorer")
+        if mode != "nudge":
+            raise ValueError(f"technique.keep holds the nudge's objective; mode={mode} has none: set technique.keep=null")
+        if not float(keep.get("weight", 1.0)) >= 0:
+            raise ValueError(f"technique.keep.weight must be >= 0, got {keep.get('weight')}")
+        return AttributeKeep(heads=list(keep.get("heads") or []), weight=float(keep.get("weight", 1.0)),
+                             scorer=keep.get("scorer", "classifier"))
+
     # ------------------------------------------------------------------ scorers
     def optimised_against(self) -> set[str]:
-        """The nudge optimises CLIP similarities; CLIP and classifier filters decide which outputs are changed."""
+        """The nudge optimises CLIP similarities (and the keep term's classifier); CLIP and classifier filters
+        decide which outputs are changed."""
         kinds = {type(f) for f in self.filters}
         return ({"clip"} if self.mode == "nudge" or ClipFilter in kinds else set()) | (
-            {"classifier"} if ClassifierFilter in kinds else set())
+            {"classifier"} if ClassifierFilter in kinds else set()) | (self.keep.optimised_against() if self.keep else set())
 
     @property
     def clip(self):
@@ -218,13 +243,17 @@ class Nudging(TrainingFree):
                 parts.append(ex[None].expand(len(texts), -1, -1))
             return torch.cat(parts, 1)
 
-    def objective(self, images, preferred, undesired, beta, offset) -> torch.Tensor:
-        """Per-output loss: -alpha mean cos(E(x), pref) + beta mean cos(E(x), undesired) + gamma ||L - L0||."""
+    def objective(self, images, preferred, undesired, beta, offset, start=None) -> torch.Tensor:
+        """Per-output loss: -alpha mean cos(E(x), pref) + beta mean cos(E(x), undesired) + gamma ||L - L0||
+        (+ the keep term's weight x its KL to `start`, the initial outputs, when technique.keep is set)."""
         e = self.clip.encode_images(images)
         pull = torch.einsum("ne,npe->np", e, preferred).mean(-1)
         push = torch.einsum("ne,nue->nu", e, undesired).mean(-1)
         dist = offset.flatten(1).pow(2).sum(-1).add(1e-12).sqrt()
-        return -self.alpha * pull + beta * push + self.gamma * dist
+        loss = -self.alpha * pull + beta * push + self.gamma * dist
+        if self.keep is not None and start is not None:
+            loss = loss + self.keep.weight * torch.stack(self.keep.per_head(images, start)).sum(0).to(loss)
+        return loss
 
     def undesired_for(self, images: torch.Tensor) -> torch.Tensor:
         """[N, U, E]: all protected embeddings, or the one nearest each initial output in CLIP space."""
@@ -248,13 +277,13 @@ class Nudging(TrainingFree):
     def _on_prompt(self) -> bool:
         return self.mode != "nudge" or self.latent == "prompt"
 
-    def nudge_round(self, cond, z0, uncond, d, beta, preferred, undesired) -> torch.Tensor:
+    def nudge_round(self, cond, z0, uncond, d, beta, preferred, undesired, start=None) -> torch.Tensor:
         d = d.clone().requires_grad_(True)
         opt = torch.optim.Adam([d], lr=self.opt_lr)
         for _ in range(self.opt_steps):
             c, z = self._inputs(cond, z0, d)
             images = self._sample(c, z, uncond, self.opt_sampling_steps, grad=True)
-            loss = self.objective(images, preferred, undesired, beta, d).sum()
+            loss = self.objective(images, preferred, undesired, beta, d, start).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -305,7 +334,8 @@ class Nudging(TrainingFree):
                     break
                 if self.mode == "nudge":
                     offsets[act] = self.nudge_round(
-                        cond[act], z0[act], uncond, offsets[act], beta[act].to(cond), preferred[act], undesired[act]
+                        cond[act], z0[act], uncond, offsets[act], beta[act].to(cond), preferred[act], undesired[act],
+                        initial[act] if self.keep is not None else None,
                     )
                 elif self.mode == "wen":
                     offsets[act] = self.wen_round(cond[act], z0[act], uncond, offsets[act])
