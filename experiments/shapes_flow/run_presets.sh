@@ -24,6 +24,7 @@ EG_SEEDS="eval.seeds=[0,1,2,3,4,5,6,7]"  # energy_guidance until 2026-11-22 (the
 # An override with spaces cannot sit in these space-separated lines: the word @PROMPTS4@ stands for it (run()).
 PROMPTS4="technique.prompts=[a red circle,a blue square,a green triangle,a yellow ring]"
 LO_BEFORE="@PROMPTS4@ seed=0 objective=[concept_score] ~objective.terms.attribute_keep technique.budget.eps_z=8 technique.steps=60"  # until 2026-11-22
+NUDGE_BEFORE="technique.keep=null technique.rounds=6"  # nudging_memorisation until 2026-11-22 (now: keep, 10 rounds)
 RUNS=(
   "-m experiment=arithmetic_size_sweep $G $M/arithmetic_size_sweep"
   "-m experiment=cfg_sweep $G $M/cfg_sweep"
@@ -41,8 +42,9 @@ RUNS=(
   "-m experiment=noise_optimisation/reno,noise_optimisation/noise_search,noise_optimisation/best_of_n,noise_optimisation/latent_priming,noise_optimisation,noise_optimisation/best_of_n_classifier $G $M/noise_optimisation"
   "experiment=nti_edit $G evaluator.edit.methods=[ddim_w1,ddim_w7.5,npi,nti] $R/nti_edit"
   "experiment=nti_reconstruction $G $R/nti_reconstruction"
-  "experiment=nudging_memorisation $G $R/nudging_memorisation"
-  "experiment=nudging_memorisation $G technique.latent=prompt technique.rounds=3 technique.opt_lr=0.1 $R/nudging_memorisation_prompt"
+  "experiment=nudging_memorisation $G $R/nudging_memorisation_keep"
+  "experiment=nudging_memorisation $G $NUDGE_BEFORE $R/nudging_memorisation"
+  "experiment=nudging_memorisation $G $NUDGE_BEFORE technique.latent=prompt technique.rounds=3 technique.opt_lr=0.1 $R/nudging_memorisation_prompt"
   "experiment=prompt_delta_colour $G $R/prompt_delta_colour"
   "experiment=prompt_delta_colour $G technique.budget.eps_text=16.1 $R/prompt_delta_colour_eps16"
   "experiment=prompt_search $G $R/prompt_search"
