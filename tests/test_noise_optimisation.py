@@ -53,6 +53,17 @@ def texts_seeds():
     return [p for p in PROMPTS for _ in SEEDS], [s for _ in PROMPTS for s in SEEDS]
 
 
+def optimise_counted(gen, tech):
+    """The technique's records on PROMPTS x SEEDS, and the UNet's (forward calls, backward passes) per output."""
+    texts, seeds = texts_seeds()
+    counter = CallCounter(gen.unet)
+    try:
+        records = tech.optimise(texts, seeds)
+    finally:
+        counter.remove()
+    return records, *counter.calls(len(texts))
+
+
 def rewards_of(tech, images, texts):
     with torch.no_grad():
         return tech.reward(images, texts)
@@ -75,14 +86,8 @@ def test_runs_end_to_end_within_its_budget(tmp_path, shipped, technique, extra):
 # ----------------------------------------------------------------------------- ReNO
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_reno_counts_its_calls_honestly(gen, shipped, checkpoint):
-    texts, seeds = texts_seeds()
     tech = ReNO(gen, max_calls=50, opt_sampling_steps=3, checkpoint=checkpoint, sampling={"steps": STEPS})
-    counter = CallCounter(gen.unet)
-    try:
-        records = tech.optimise(texts, seeds)
-    finally:
-        counter.remove()
-    forward, backward = counter.calls(len(texts))
+    records, forward, backward = optimise_counted(gen, tech)
     k, n = 3, tech.iterations
     assert n >= 1
     assert records[0].forward_calls == forward == (n + 1) * k + n * k * checkpoint + STEPS
@@ -136,12 +141,7 @@ def test_noise_search_counts_its_calls_and_improves(gen, shipped):
     texts, seeds = texts_seeds()
     tech = NoiseSearch(gen, max_calls=7 * STEPS + 2, candidates=3, neighbours=2, radius=0.5,
                        sampling={"steps": STEPS})
-    counter = CallCounter(gen.unet)
-    try:
-        records = tech.optimise(texts, seeds)
-    finally:
-        counter.remove()
-    forward, backward = counter.calls(len(texts))
+    records, forward, backward = optimise_counted(gen, tech)
     assert backward == 0
     assert records[0].calls == forward == 7 * STEPS == tech.planned_calls()  # 3 candidates + 4 neighbours
     assert all(r.reward_final >= r.reward_start for r in records)
