@@ -82,7 +82,9 @@ def test_keep_adds_the_classifier_kl_to_the_initial_output(gen):
 
     tech = small(gen, keep={"heads": ["colour", "shape"], "weight": 2.5, "scorer": "classifier"})
     assert tech.optimised_against() == {"clip", "classifier"} and small(gen).optimised_against() == {"clip"}
-    images = tech.generate([PROTECTED, ORDINARY], [0, 0], edited=False)
+    assert small(gen, keep={"heads": ["colour"], "weight": 0}).keep is None  # weight 0: no term, nothing optimised
+    with torch.no_grad():
+        images = tech._sample(gen.encode_prompt([PROTECTED, ORDINARY]), gen.initial_latents([0, 0]), None, STEPS)
     start = images.flip(0)  # each output held to the other's reading
     pref, und = tech.preferred_embeddings([PROTECTED, ORDINARY]), tech.undesired_for(images)
     beta, offset = torch.ones(2), torch.zeros(2, 4)
@@ -96,11 +98,25 @@ def test_keep_adds_the_classifier_kl_to_the_initial_output(gen):
     assert torch.allclose(held - plain, 2.5 * kl, atol=1e-4) and float(kl.min()) > 0.1
     assert torch.allclose(same, plain, atol=1e-5)
     for keep, message in (({"heads": ["colour"], "ref": "start"}, "unknown key"), ({"heads": []}, "heads is empty"),
-                          ({"heads": ["hue"]}, "unknown head"), ({"heads": ["colour"], "weight": -1}, "weight must be")):
+                          ({"heads": ["hue"]}, r"technique.keep.heads: unknown head"), ({}, "null or"),
+                          ({"heads": ["colour"], "weight": -1}, "weight must be"),
+                          ({"heads": ["colour"], "weight": float("inf")}, "weight must be")):
         with pytest.raises(ValueError, match=message):
             small(gen, keep=keep)
     with pytest.raises(ValueError, match="mode=noise has none"):
         small(gen, mode="noise", keep={"heads": ["colour"]})
+
+
+def test_keep_holds_each_output_to_its_own_initial_image(gen, monkeypatch):
+    """run_batch hands the keep term the initial output of each output it nudges, and only of those."""
+    tech = small(gen, keep={"heads": ["colour"], "weight": 1.0, "scorer": "classifier"}, rounds=1, opt_steps=1)
+    starts = []
+    per_head = tech.keep.per_head
+    monkeypatch.setattr(tech.keep, "per_head", lambda images, start, prompts=None: starts.append(start) or
+                        per_head(images, start, prompts))
+    tech.generate([ORDINARY, PROTECTED], [0, 0], edited=True)
+    assert len(starts) == 1 and starts[0].shape[0] == 1  # one Adam step, the one triggered output
+    assert torch.equal(starts[0][0], tech.records[(PROTECTED, 0)].initial)
 
 
 def test_bad_input_is_clear(gen, tmp_path):
@@ -141,6 +157,8 @@ def test_preset_runs_end_to_end(shipped, tmp_path):
     assert [r["prompt"] for r in rows] == [PROTECTED, ORDINARY] and deltas["prompt_delta"].shape[0] == 2
     assert deltas["triggered"].tolist() == [True, False]
     assert (tmp_path / "samples" / "nudging.png").is_file()
+    judges = json.loads((tmp_path / "judges.json").read_text())  # the preset's keep term optimises the robust scorer
+    assert "robust" in judges["nudging"]["objective"] and judges["nudging"]["judge"] == "analytic"
 
 
 def test_evaluator_needs_the_nudging_technique():

@@ -283,12 +283,18 @@ def test_a_presets_term_settings_without_the_term_are_one_error():
 
 
 def test_nudging_keep_is_checked_before_loading():
-    """technique.keep (nudging's attribute_keep on the initial output): the same checks, under its own key."""
-    base = ["experiment=nudging_memorisation"]
+    """technique.keep (nudging's attribute_keep on the initial output): the same checks, under its own key. On
+    technique=nudging keep is null, so an override sets it whole (on the preset a dict override merges into it)."""
+    ok(["experiment=nudging_memorisation"])
+    ok(["experiment=nudging_memorisation", "technique.keep=null"])
+    base = ["technique=nudging"]
     ok(base + ["technique.keep={heads:[colour,shape],weight:1.0,scorer:robust}"])
     error(base + ["technique.keep={heads:[],scorer:robust}"], "technique.keep.heads")
     assert "['hue']" in str(error(base + ["technique.keep={heads:[hue]}"], "technique.keep.heads"))
     error(base + ["technique.keep={heads:[colour],weight:-1}"], "technique.keep.weight")
+    error(base + ["technique.keep={heads:[colour],weight:inf}"], "technique.keep.weight")
+    error(base + ["technique.keep=[colour]"], "technique.keep")
+    error(base + ["technique.keep={}"], "technique.keep.heads")
     error(base + ["technique.keep={heads:[colour],scorer:nope}"], "technique.keep.scorer")
     assert "no image classifier" in str(error(base + ["technique.keep={heads:[colour],scorer:clip}"],
                                               "technique.keep.scorer"))

@@ -44,7 +44,7 @@ RUNS=(
   "experiment=nti_reconstruction $G $R/nti_reconstruction"
   "experiment=nudging_memorisation $G $R/nudging_memorisation_keep"
   "experiment=nudging_memorisation $G $NUDGE_BEFORE $R/nudging_memorisation"
-  "experiment=nudging_memorisation $G $NUDGE_BEFORE technique.latent=prompt technique.rounds=3 technique.opt_lr=0.1 $R/nudging_memorisation_prompt"
+  "experiment=nudging_memorisation $G technique.keep=null technique.latent=prompt technique.rounds=3 technique.opt_lr=0.1 $R/nudging_memorisation_prompt"
   "experiment=prompt_delta_colour $G $R/prompt_delta_colour"
   "experiment=prompt_delta_colour $G technique.budget.eps_text=16.1 $R/prompt_delta_colour_eps16"
   "experiment=prompt_search $G $R/prompt_search"

@@ -283,11 +283,12 @@ def _check_attribute_keep(c: dict, table: dict) -> None:
         raise ConfigError(base, f"holds the nudge's objective; mode={tech.get('mode')} has none",
                           f"set {base}=null or technique.mode=nudge")
     weight = nudge_keep.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ConfigError(base + ".weight", f"must be a number >= 0, got {weight!r}", f"set e.g. {base}.weight=1.0")
     scorer = nudge_keep.get("scorer", "classifier")
     if not isinstance(scorer, str) or scorer not in set(JUDGES) | set(table):
-        raise ConfigError(base + ".scorer", f"names no scorer of the run: {scorer!r}", "choose e.g. classifier or robust")
+        raise ConfigError(base + ".scorer", f"names no scorer of the run: {scorer!r}",
+                          "choose e.g. classifier or robust")
     if _scorer_kind(scorer, table.get(scorer)) in ("analytic", "clip", "noisy"):
         raise ConfigError(base + ".scorer", f"scorers.{scorer} is no image classifier to optimise",
                           "choose a classifier, e.g. classifier or robust")

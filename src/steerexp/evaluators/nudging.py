@@ -15,8 +15,8 @@ On ordinary prompts (the world's unrelated suite by default):
   nudging/{protected,ordinary}/clean_score/<side>   on the shapes world: the analytic judge's clean-render
                                            score (1: one rendered scene explains the output; blobs score low)
 The judge is a scorer of the run by name (`judge`; null: the analytic judge on the shapes world, see
-evaluators/base.py); when the edit was optimised against it (a classifier filter), the agreements come
-from an independent judge too (nudging/independent/...).
+evaluators/base.py); when the edit was optimised against it (a classifier filter, or technique.keep's
+classifier), the agreements come from an independent judge too (nudging/independent/...).
 Cost: nudging/seconds_per_image (all outputs), seconds_per_triggered_image, seconds_per_untriggered_image
 (sampling + filtering only).
 Logged: a per-output table and the grid samples/nudging (rows: initial | nudged | nearest protected).

@@ -45,7 +45,9 @@ pre-runs `prompts` x `seeds` when given, and those records are the run's deltas
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -188,28 +190,39 @@ class Nudging(TrainingFree):
 
     @staticmethod
     def keep_term(keep: dict | None, mode: str):
-        """technique.keep -> an attribute_keep term on the initial output (None: no keep term)."""
-        if not keep:
+        """technique.keep -> an attribute_keep term on the initial output; null (or weight 0): none. The reference is
+        the output the filter caught (at the full sampling steps), so the KL pulls the nudged output's reading there."""
+        if keep is None:
             return None
         from steerexp.objectives.concept_score import AttributeKeep
 
+        if not isinstance(keep, Mapping) or not keep:  # (a DictConfig when Hydra builds the technique)
+            raise ValueError(f"technique.keep must be null or {{heads, weight, scorer}}, got {keep!r}")
         unknown = sorted(set(keep) - {"heads", "weight", "scorer"})
         if unknown:
             raise ValueError(f"technique.keep: unknown key(s) {unknown}; it takes heads, weight and scorer")
         if mode != "nudge":
-            raise ValueError(f"technique.keep holds the nudge's objective; mode={mode} has none: set technique.keep=null")
-        if not float(keep.get("weight", 1.0)) >= 0:
-            raise ValueError(f"technique.keep.weight must be >= 0, got {keep.get('weight')}")
-        return AttributeKeep(heads=list(keep.get("heads") or []), weight=float(keep.get("weight", 1.0)),
-                             scorer=keep.get("scorer", "classifier"))
+            raise ValueError(f"technique.keep holds the nudge's objective; mode={mode} has none: "
+                             "set technique.keep=null")
+        weight = float(keep.get("weight", 1.0))
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"technique.keep.weight must be a finite number >= 0, got {keep.get('weight')}")
+        if weight == 0:
+            return None
+        try:
+            return AttributeKeep(heads=list(keep.get("heads") or []), weight=weight,
+                                 scorer=keep.get("scorer", "classifier"))
+        except ValueError as e:  # its messages name the objective term's keys
+            raise ValueError(f"technique.keep: {e}".replace("objective attribute_keep.", "technique.keep.")) from e
 
     # ------------------------------------------------------------------ scorers
     def optimised_against(self) -> set[str]:
         """The nudge optimises CLIP similarities (and the keep term's classifier); CLIP and classifier filters
         decide which outputs are changed."""
         kinds = {type(f) for f in self.filters}
+        keep = self.keep.optimised_against() if self.keep else set()
         return ({"clip"} if self.mode == "nudge" or ClipFilter in kinds else set()) | (
-            {"classifier"} if ClassifierFilter in kinds else set()) | (self.keep.optimised_against() if self.keep else set())
+            {"classifier"} if ClassifierFilter in kinds else set()) | keep
 
     @property
     def clip(self):
