@@ -115,6 +115,27 @@ def test_objective_terms_compose_with_weights(gen):
     assert last["proximity"] > 0 and float(total) == pytest.approx(sum(last.values()), rel=1e-4)
 
 
+def test_proximity_border_reads_only_the_frame():
+    """proximity.border=k: the pixel MSE over the k-pixel frame at the edges only; the centre may change freely."""
+    from steerexp.objectives.composite import ObjectiveInputs
+    from steerexp.objectives.regularisers import Proximity
+
+    start = torch.zeros(2, 3, 8, 8)
+    centre = start.clone()
+    centre[..., 2:6, 2:6] = 1.0  # an object in the middle
+    edge = start.clone()
+    edge[..., 0, :] = 1.0  # the top row: 8 of the 48 pixels of the 2-pixel frame of an 8 x 8 image
+    frame = Proximity(border=2)
+    assert float(frame.loss(ObjectiveInputs(images=centre, start_images=start))) == 0.0
+    assert float(frame.loss(ObjectiveInputs(images=edge, start_images=start))) == pytest.approx(8 / 48)
+    assert float(Proximity().loss(ObjectiveInputs(images=centre, start_images=start))) == pytest.approx(16 / 64)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="proximity.border"):
+            Proximity(border=bad)
+    with pytest.raises(ValueError, match="covers the whole"):
+        Proximity(border=4).loss(ObjectiveInputs(images=centre, start_images=start))
+
+
 def test_train_objective_is_the_objective_over_every_training_pair(gen):
     """technique/train_objective: the mean objective over all (prompt, training seed) pairs with the final deltas,
     what restarts with other seeds are compared by; it falls when training lowers the loss."""

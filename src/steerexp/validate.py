@@ -180,6 +180,10 @@ def _check_values(c: dict) -> None:
     _check_trainer(c)
     _check_listed_entries(c)
     _check_scorers(c)
+    border = get(c, "objective.terms.proximity.border", None)
+    if border is not None and (not _is_int(border) or border < 1):
+        raise ConfigError("objective.terms.proximity.border", f"must be null (the whole image) or a number of pixels "
+                          f">= 1, got {border!r}", "set e.g. objective.terms.proximity.border=3")
 
 
 def _check_listed_entries(c: dict) -> None:

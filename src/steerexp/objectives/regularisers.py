@@ -6,7 +6,9 @@
   (v* - v_init, `objective=[denoising,delta_l2]`).
 - `Proximity`: mean squared pixel distance of the edited images to the images the same
   prompts and seeds give with zero deltas (the start of the optimisation): an output-space
-  leash that an L2 on the delta does not give.
+  leash that an L2 on the delta does not give. `border: k` reads only the frame of the k pixels
+  nearest each edge: in the shapes world the background, which an edit that moves the object
+  should leave as it was (the classifier-read `attribute_keep` has no background head).
 - `chi_penalty`: the chi-norm / Gaussian-shell penalty of ReNO. For z ~ N(0, I_d) the norm
   r = ||z|| follows a chi distribution with d degrees of freedom, log p(r) = (d-1) log r - r^2/2
   + const, which peaks at r* = sqrt(d-1). The penalty is its negative log-likelihood shifted to
@@ -58,8 +60,24 @@ class DeltaL2(Term):
 class Proximity(Term):
     needs = frozenset({"images", "start_images"})
 
+    def __init__(self, weight: float = 1.0, border: int | None = None):
+        super().__init__(weight)
+        if border is not None and (isinstance(border, bool) or not isinstance(border, int) or border < 1):
+            raise ValueError(f"objective proximity.border must be null (the whole image) or a number of pixels >= 1, "
+                             f"got {border!r}")
+        self.border = border
+
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         if inputs.start_images is None:
             raise ValueError("objective proximity needs the zero-delta images; this technique does not provide them")
-        return F.mse_loss(inputs.images, inputs.start_images.to(inputs.images))
+        images, start = inputs.images, inputs.start_images.to(inputs.images)
+        if self.border:
+            k, (h, w) = self.border, images.shape[-2:]
+            if 2 * k >= min(h, w):
+                raise ValueError(f"objective proximity.border={k} covers the whole {h}x{w} image; "
+                                 f"choose < {min(h, w) // 2}")
+            frame = torch.ones(h, w, dtype=torch.bool, device=images.device)
+            frame[k : h - k, k : w - k] = False
+            return F.mse_loss(images[..., frame], start[..., frame])
+        return F.mse_loss(images, start)
 
