@@ -282,6 +282,13 @@ def test_a_presets_term_settings_without_the_term_are_one_error():
     ok(["experiment=latent_offset_layout", "evaluator=[]", "~evaluator.leakage"])
 
 
+def test_proximity_border_is_checked_before_loading():
+    base = ["technique=prompt_delta", "objective=[concept_score,proximity]"]
+    ok(base + ["objective.terms.proximity.border=2"])
+    for bad in ("0", "true", "2.5", "-1"):
+        error(base + [f"objective.terms.proximity.border={bad}"], "objective.terms.proximity.border")
+
+
 def test_nudging_keep_is_checked_before_loading():
     """technique.keep (nudging's attribute_keep on the initial output): the same checks, under its own key. On
     technique=nudging keep is null, so an override sets it whole (on the preset a dict override merges into it)."""

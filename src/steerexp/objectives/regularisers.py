@@ -75,7 +75,7 @@ class Proximity(Term):
             k, (h, w) = self.border, images.shape[-2:]
             if 2 * k >= min(h, w):
                 raise ValueError(f"objective proximity.border={k} covers the whole {h}x{w} image; "
-                                 f"choose < {min(h, w) // 2}")
+                                 f"choose <= {(min(h, w) - 1) // 2}")
             frame = torch.ones(h, w, dtype=torch.bool, device=images.device)
             frame[k : h - k, k : w - k] = False
             return F.mse_loss(images[..., frame], start[..., frame])
