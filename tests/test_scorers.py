@@ -124,11 +124,13 @@ def test_attribute_keep_with_the_prompt_as_reference(shipped, fresh_scorers):
     """reference=prompt: cross-entropy to the class the prompt names; a head it names no class of keeps the start's
     reading (the KL of reference=start)."""
     from steerexp.objectives.composite import Composite, ObjectiveInputs
-    from steerexp.objectives.concept_score import AttributeKeep, named_class
+    from steerexp.objectives.concept_score import AttributeKeep
+    from steerexp.scorers import named_class
 
     shapes = ["circle", "square", "cross"]
     assert named_class("a purple cross", shapes) == 2 and named_class("a red object", shapes) is None
     assert named_class("a circle and a square", shapes) is None  # several: no single class
+    assert named_class("A red {}", ["red", "blue"]) == 0 and named_class("a {}, blue", ["red", "blue"]) == 1
     g = torch.Generator().manual_seed(0)
     start, edited = torch.rand(2, 2, 3, 32, 32, generator=g)  # two images each
     prompts = ["a purple cross", "a red circle"]

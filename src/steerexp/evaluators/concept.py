@@ -169,9 +169,9 @@ class Concept:
             for side in ("baseline", "edited"):
                 hits = []
                 for prompt, p in zip(paired.prompts, pred[side][head]):
-                    named = [c for c in classes if c in prompt.replace("{}", " ").split()]
-                    if len(named) == 1:
-                        hits.append(p == named[0])
+                    k = scorers.named_class(prompt, classes)
+                    if k is not None:
+                        hits.append(p == classes[k])
                 if hits:
                     out[f"concept/attribute_agreement/{head}/{side}"] = float(np.mean(hits))
             kept = [b == e for b, e in zip(pred["baseline"][head], pred["edited"][head])]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from steerexp import scorers
 from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.images import image_grid, image_grid_labels, nn_rms
 from steerexp.techniques.protocols import Filtered
@@ -34,8 +35,9 @@ from steerexp.worlds.shapes import world
 
 def named_agreement(prompts: list[str], predicted: list[str], classes) -> float:
     """How often the prediction equals the one class of `classes` the prompt names (prompts naming one)."""
-    hits = [p == named[0] for prompt, p in zip(prompts, predicted)
-            if len(named := [c for c in classes if c in prompt.split()]) == 1]
+    classes = list(classes)
+    hits = [p == classes[k] for prompt, p in zip(prompts, predicted) if (k := scorers.named_class(prompt, classes))
+            is not None]
     return float(np.mean(hits)) if hits else float("nan")
 
 

@@ -102,7 +102,7 @@ class AttributeKeep(Term):
             if self.reference == "prompt":  # one-hot at the class the prompt names, where it names one
                 if prompts is None or len(prompts) != len(ref):
                     raise ValueError(f"objective attribute_keep: {len(prompts or [])} prompts for {len(ref)} images")
-                named = [named_class(prompt, clf.heads[head]) for prompt in prompts]
+                named = [scorers.named_class(prompt, clf.heads[head]) for prompt in prompts]
                 ref = ref.float()
                 for i, k in enumerate(named):
                     if k is not None:  # log of a one-hot, its zeros at log(1e-12) (float32: no -inf, no NaN)
@@ -111,10 +111,3 @@ class AttributeKeep(Term):
             p = ref.exp()
             out.append((p * (ref - after[head].float().log_softmax(-1))).sum(-1))
         return out
-
-
-def named_class(prompt: str, classes: list[str]) -> int | None:
-    """The index of the one class of `classes` the prompt names as a word; None if it names none or several."""
-    words = set(prompt.lower().replace(",", " ").split())
-    named = [i for i, c in enumerate(classes) if c in words]
-    return named[0] if len(named) == 1 else None

@@ -11,11 +11,11 @@ One factory builds them (`factory`: `configure(cfg.scorers)` / `get(name, device
 (`log_prob`, differentiable, and `prob`), for objectives, techniques and evaluators alike.
 """
 from steerexp.scorers.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER
-from steerexp.scorers.classifier import ConceptClassifier, HeadClassifier, log_prob, prob
+from steerexp.scorers.classifier import ConceptClassifier, HeadClassifier, log_prob, named_class, prob
 from steerexp.scorers.factory import Scorers, build, configure, current, get, load_classifier, load_clip, load_noisy
 from steerexp.scorers.user import load_user_classifier
 
 __all__ = [
     "DEFAULT_CLASSIFIER", "ConceptClassifier", "HeadClassifier", "Scorers", "build", "configure", "current", "get",
-    "load_classifier", "load_clip", "load_noisy", "load_user_classifier", "log_prob", "prob",
+    "load_classifier", "load_clip", "load_noisy", "load_user_classifier", "log_prob", "named_class", "prob",
 ]

@@ -66,6 +66,14 @@ def prob(classifier: HeadClassifier, images: torch.Tensor, head: str, target: st
     return probs[:, [classifier.class_index(head, c) for c in target]].sum(-1)
 
 
+def named_class(prompt: str, classes: list[str]) -> int | None:
+    """The index of the one class of `classes` the prompt names as a word ("a red {}" names red); None if it names
+    none or several. What the objectives hold and the evaluators check a prompt's other attributes against."""
+    words = set(prompt.lower().replace("{}", " ").replace(",", " ").split())
+    named = [i for i, c in enumerate(classes) if c in words]
+    return named[0] if len(named) == 1 else None
+
+
 class ConceptClassifier(HeadClassifier):
     def __init__(self, heads: dict[str, list[str]], width: int = 32, resolution: int = 32):
         super().__init__()

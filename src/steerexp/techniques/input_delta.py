@@ -232,7 +232,8 @@ class InputDelta(Trainable):
         images, z = self.render(pair_idx)
         deltas = self.applied_deltas(pair_idx)
         start = self.start_images(pair_idx) if self.objective.needs_start else None
-        prompts = [self.prompts[self.pairs()[i][0]] for i in pair_idx]
+        pairs = self.pairs()
+        prompts = [self.prompts[pairs[i][0]] for i in pair_idx]
         inputs = ObjectiveInputs(images=images, deltas=deltas, start_images=start, initial_latents=z,
                                  prompts=prompts)  # the image path
         loss = self.objective(inputs)
