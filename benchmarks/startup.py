@@ -4,9 +4,15 @@
     python benchmarks/startup.py --repeat 5     # more runs per figure
     python benchmarks/startup.py --json out.json
 
-Each figure is a real `steerexp` process (the console script's own code path), timed from spawn to
-exit by this script. Inside the child, timers wrap the phases of steerexp.run (no change to the
-code measured):
+Each figure is a real `steerexp` command (the console script's own code path), timed from spawn to
+exit by this script, in two modes, interleaved in one run:
+
+    cold    every command a fresh process (STEEREXP_SERVER=0): the first command of a session, scripts
+    warm    every command served by a warm-start server (steerexp.warmstart, started by this script in a
+            folder of its own): the command forks from a process that has imported everything
+
+Inside the run, timers wrap the phases of steerexp.run (no change to the code measured; a module the
+fresh process imports first, or the server preloads):
 
     start + imports    spawn -> run() entered: the interpreter, every import, Hydra's compose, validation
     model load         steerexp.generators.from_pretrained (every family), less its fingerprint
@@ -15,7 +21,8 @@ code measured):
     training           steerexp.run.train (the training loop with its checkpoints)
     evaluation         steerexp.run.evaluate
     writing            the rest of run(): deltas, metrics.json, logger (W&B finish), checkpoints dir
-    exit               run() returned -> the process exited (printing, interpreter teardown)
+    exit               run() returned -> the command exited (printing, the served run's exit status
+                       back to the client)
 
 Targets (issue 18, on the 2-core development machine):
     fixed overhead per run     <= 4 s   wall minus training and evaluation, of `evaluator=[] logger=none
@@ -26,7 +33,7 @@ Targets (issue 18, on the 2-core development machine):
 The machine is shared: the load average is printed next to every figure; compare figures taken under the
 same load. `--pythonpath DIR` measures another checkout's code with the same interpreter (e.g. a
 `git archive` of an older commit's tree: PYTHONPATH=DIR/src comes first), which is how the README's
-before/after table was made.
+before/after table was made (cold mode only: the older trees have no warm-start server).
 """
 from __future__ import annotations
 
@@ -43,11 +50,12 @@ from pathlib import Path
 
 PHASES = ("start + imports", "model load", "fingerprint", "build rest", "training", "evaluation", "writing", "exit")
 
-# the child: time the phases of steerexp.run from the inside, then run the console script's main()
-CHILD = r"""
-import json, sys, time
-phases_file = sys.argv.pop(1)
+# the phase timers: a module the child imports before steerexp.cli (cold) or the warm-start server preloads (warm);
+# it wraps the phases of steerexp.run and writes them, at the run's exit, to the file named by BENCH_PHASES_FILE
+TIMERS = r"""
+import atexit, json, os, time
 t, c = {}, {}  # wall and CPU (this process) seconds per phase
+t["imported"] = time.time()  # before the client's spawn: this run was served by a warm-start server
 def timed(owner, name, key):
     inner = getattr(owner, name)
     def wrapper(*args, **kwargs):
@@ -59,20 +67,11 @@ def timed(owner, name, key):
             c[key] = c.get(key, 0.0) + time.process_time() - cpu
     setattr(owner, name, wrapper)
 import steerexp.run as R
-from steerexp.generators.frozen import FrozenGenerator as G
-for owner, name, key in ((R, "run", "run"), (R, "build", "build"), (R, "train", "training"),
-                         (R, "evaluate", "evaluation"), (G, "fingerprint", "fingerprint")):
-    timed(owner, name, key)
 import steerexp.generators as GS
-load = GS.from_pretrained  # every family's loader (load_generator calls it)
-def from_pretrained(*args, **kwargs):
-    start, cpu = time.time(), time.process_time()
-    try:
-        return load(*args, **kwargs)
-    finally:
-        t["load"] = t.get("load", 0.0) + time.time() - start
-        c["load"] = c.get("load", 0.0) + time.process_time() - cpu
-GS.from_pretrained = from_pretrained
+from steerexp.generators.frozen import FrozenGenerator as G
+for owner, name, key in ((R, "build", "build"), (R, "train", "training"), (R, "evaluate", "evaluation"),
+                         (G, "fingerprint", "fingerprint"), (GS, "from_pretrained", "load")):
+    timed(owner, name, key)  # from_pretrained: every family's loader (load_generator calls it)
 run = R.run
 def entered(*args, **kwargs):
     t["entered"], c["entered"] = time.time(), time.process_time()
@@ -81,40 +80,67 @@ def entered(*args, **kwargs):
     finally:
         t["returned"], c["returned"] = time.time(), time.process_time()
 R.run = entered
-import atexit
-atexit.register(lambda: open(phases_file, "w").write(json.dumps({"wall": t, "cpu": c})))
-from steerexp.cli import main
-main()
+def write():
+    if os.environ.get("BENCH_PHASES_FILE") and "returned" in t:
+        open(os.environ["BENCH_PHASES_FILE"], "w").write(json.dumps({"wall": t, "cpu": c}))
+atexit.register(write)
 """
+COLD = "import bench_phase_timers; from steerexp.cli import main; main()"  # the console script, fresh
+WARM = "from steerexp.warmstart import main; main()"  # the console script, which the server serves
 
 
 def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def child_env(pythonpath: str | None) -> dict:
+def child_env(pythonpath: str | None, workdir: Path, server_dir: Path | None) -> dict:
+    """cold: STEEREXP_SERVER=0 (a fresh process, whatever servers run); warm: the benchmark's own server folder."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WANDB_MODE="disabled")
     env.pop("PYTHONWARNINGS", None)
-    if pythonpath:
-        env["PYTHONPATH"] = str(Path(pythonpath) / "src")
+    paths = [str(workdir / "modules")] + ([str(Path(pythonpath) / "src")] if pythonpath else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if server_dir:
+        env.update(STEEREXP_SERVER="1", STEEREXP_SERVER_DIR=str(server_dir))
+    else:
+        env.update(STEEREXP_SERVER="0")
     return env
 
 
-def timed_run(args: list[str], workdir: Path, pythonpath: str | None) -> dict:
-    """One `steerexp <args>` in a fresh process: wall seconds and the phases."""
+class Clock:
+    """CPU seconds (user + system) of the finished children of this process and of the warm-start server (whose
+    runs are its children): one command's is the difference of two readings."""
+
+    def __init__(self, server_pid: int | None = None):
+        self.server_pid = server_pid
+
+    def read(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = usage.ru_utime + usage.ru_stime
+        if self.server_pid:
+            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+        return total
+
+
+def timed_run(args: list[str], workdir: Path, env: dict, clock: Clock, warm: bool) -> dict:
+    """One `steerexp <args>`: wall seconds and the phases."""
     phases_file = workdir / f"phases-{time.monotonic_ns()}.json"
     run_dir = workdir / f"run-{time.monotonic_ns()}"
-    cmd = [sys.executable, "-c", CHILD, str(phases_file), *args, f"hydra.run.dir={run_dir}"]
-    load, cpu = load_average(), children_cpu()
+    cmd = [sys.executable, "-c", WARM if warm else COLD, *args, f"hydra.run.dir={run_dir}"]
+    load, cpu = load_average(), clock.read()
     spawned = time.time()
-    out = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=child_env(pythonpath))
+    out = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
+                         env=dict(env, BENCH_PHASES_FILE=str(phases_file)))
     exited = time.time()
-    cpu = children_cpu() - cpu
+    cpu = clock.read() - cpu
     if out.returncode != 0:
         raise SystemExit(f"steerexp {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     recorded = json.loads(phases_file.read_text())
+    if (recorded["wall"]["imported"] < spawned) != warm:
+        raise SystemExit(f"a {'warm' if warm else 'cold'} run was {'not ' if warm else ''}served by the server")
     wall = split(recorded["wall"], start=spawned, end=exited)
-    cpu_phases = split(recorded["cpu"], start=0.0, end=cpu)  # the child's CPU clock starts at 0 with the process
+    # the child's CPU clock starts at 0 with its process (cold) or its fork (warm: the CPU of the fork is from 0 too)
+    cpu_phases = split(recorded["cpu"], start=0.0, end=cpu)
     return {"wall": exited - spawned, "cpu": cpu, "phases": wall, "cpu_phases": cpu_phases, "load": load}
 
 
@@ -136,19 +162,13 @@ def split(t: dict, start: float, end: float) -> dict:
     return phases
 
 
-def timed_help(pythonpath: str | None, workdir: Path) -> dict:
-    load, cpu = load_average(), children_cpu()
+def timed_help(workdir: Path, env: dict, clock: Clock, warm: bool) -> dict:
+    load, cpu = load_average(), clock.read()
     start = time.time()
-    out = subprocess.run([sys.executable, "-c", "from steerexp.cli import main; main()", "--help"], cwd=workdir,
-                         capture_output=True, text=True, env=child_env(pythonpath))
+    code = WARM if warm else "from steerexp.cli import main; main()"
+    out = subprocess.run([sys.executable, "-c", code, "--help"], cwd=workdir, capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "Configuration groups" in out.stdout, out.stderr[-2000:]
-    return {"wall": time.time() - start, "cpu": children_cpu() - cpu, "load": load}
-
-
-def children_cpu() -> float:
-    """CPU seconds (user + system) of the finished child processes so far: one run's is the difference."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return {"wall": time.time() - start, "cpu": clock.read() - cpu, "load": load}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -162,28 +182,22 @@ def median_run(runs: list[dict]) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=400, help="technique.steps of the long TI run")
-    ap.add_argument("--pythonpath", default=None, help="measure the checkout in this folder (its src/ first)")
-    ap.add_argument("--json", default=None, help="also write the figures to this file")
-    opts = ap.parse_args()
+def start_server(workdir: Path, env: dict) -> tuple[int, float, float]:
+    """A warm-start server for the benchmark (its own folder, the phase timers preloaded): its pid, its start's
+    seconds and its RSS in MB."""
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "steerexp.warmstart", "start", "--wait", "--idle=120",
+                    "--preload=bench_phase_timers"], cwd=workdir, env=env, check=True, capture_output=True)
+    seconds = time.time() - started
+    pid = int(next(Path(env["STEEREXP_SERVER_DIR"]).glob("*.pid")).read_text())
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS")) / 1024
+    return pid, seconds, rss
 
-    base = ["evaluator=[]", "logger=none"]
-    with tempfile.TemporaryDirectory(prefix="steerexp-startup-") as tmp:
-        work = Path(tmp)
-        timed_help(opts.pythonpath, work)  # warm the file cache: every figure below is a warm start
-        short, long_, helps = [], [], []
-        for _ in range(opts.repeat):  # interleaved, so that a change in the machine's load hits all three
-            helps.append(timed_help(opts.pythonpath, work))
-            short.append(timed_run(base + ["technique.steps=10"], work, opts.pythonpath))
-            long_.append(timed_run(base + [f"technique.steps={opts.steps}"], work, opts.pythonpath))
-    short_m, long_m, help_m = median_run(short), median_run(long_), median_run(helps)
 
-    print(f"steerexp start-up ({'code in ' + opts.pythonpath if opts.pythonpath else 'this checkout'}; "
-          f"median of {opts.repeat}; {os.cpu_count()} CPUs; torch threads: default)")
-    print(f"\n{'phase (seconds)':<18} {'10 steps':>9} {f'{opts.steps} steps':>10}   {'cpu: 10':>8} {opts.steps:>6}")
+def report(label: str, short_m: dict, long_m: dict, help_m: dict, steps: int) -> dict:
+    print(f"\n{label}")
+    print(f"{'phase (seconds)':<18} {'10 steps':>9} {f'{steps} steps':>10}   {'cpu: 10':>8} {steps:>6}")
     for k in PHASES:
         print(f"{k:<18} {short_m['phases'][k]:9.2f} {long_m['phases'][k]:10.2f}   "
               f"{short_m['cpu_phases'][k]:8.2f} {long_m['cpu_phases'][k]:6.2f}")
@@ -192,23 +206,73 @@ def main() -> None:
     print(f"{'load average':<18} {short_m['load']:9.2f} {long_m['load']:10.2f}")
     fixed = short_m["wall"] - short_m["phases"]["training"] - short_m["phases"]["evaluation"]
     fixed_cpu = short_m["cpu"] - short_m["cpu_phases"]["training"] - short_m["cpu_phases"]["evaluation"]
-    per_step = (long_m["phases"]["training"] - short_m["phases"]["training"]) / (opts.steps - 10)
+    per_step = (long_m["phases"]["training"] - short_m["phases"]["training"]) / (steps - 10)
     targets = [
         ("fixed overhead per run", fixed, 4.0),
         ("steerexp --help", help_m["wall"], 1.0),
-        (f"{opts.steps}-step TI run, no evaluators", long_m["wall"], 15.0),
+        (f"{steps}-step TI run, no evaluators", long_m["wall"], 15.0),
     ]
     print(f"\n{'target':<36} {'seconds':>8} {'goal':>6}")
     for name, value, goal in targets:
         print(f"{name:<36} {value:8.2f} {goal:6.1f}  {'ok' if value <= goal else 'MISSED':6s}")
-    print(f"cpu seconds of the same: fixed {fixed_cpu:.2f}, --help {help_m['cpu']:.2f}, {opts.steps}-step run "
+    print(f"cpu seconds of the same: fixed {fixed_cpu:.2f}, --help {help_m['cpu']:.2f}, {steps}-step run "
           f"{long_m['cpu']:.2f} (on an idle machine a one-thread run's wall is close to its CPU time)")
     print(f"training per step: {1000 * per_step:.1f} ms wall; load average during --help: {help_m['load']:.2f}")
+    return {"short": short_m, "long": long_m, "help": help_m, "fixed": fixed, "fixed_cpu": fixed_cpu,
+            "per_step_s": per_step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=400, help="technique.steps of the long TI run")
+    ap.add_argument("--pythonpath", default=None, help="measure the checkout in this folder (its src/ first)")
+    ap.add_argument("--modes", default="cold,warm", help="cold (fresh processes), warm (a warm-start server), or both")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    opts = ap.parse_args()
+    modes = [m for m in opts.modes.split(",") if m]
+    assert set(modes) <= {"cold", "warm"}, f"--modes takes cold and/or warm, got {opts.modes}"
+
+    base = ["evaluator=[]", "logger=none"]
+    results: dict = {"repeat": opts.repeat, "pythonpath": opts.pythonpath}
+    with tempfile.TemporaryDirectory(prefix="steerexp-startup-") as tmp:
+        work = Path(tmp)
+        (work / "modules").mkdir()
+        (work / "modules" / "bench_phase_timers.py").write_text(TIMERS)
+        envs, clocks = {}, {}
+        for mode in modes:
+            envs[mode] = child_env(opts.pythonpath, work, work / "server" if mode == "warm" else None)
+            clocks[mode] = Clock()
+        timed_help(work, envs[modes[0]] if "cold" not in envs else envs["cold"], Clock(), False)  # warm the file cache
+        if "warm" in modes:
+            pid, seconds, rss = start_server(work, envs["warm"])
+            clocks["warm"] = Clock(pid)
+            results["server"] = {"start_s": seconds, "rss_mb": rss}
+        runs = {m: {"short": [], "long": [], "help": []} for m in modes}
+        try:
+            for _ in range(opts.repeat):  # interleaved, so that a change in the machine's load hits every figure
+                for m in modes:
+                    warm = m == "warm"
+                    runs[m]["help"].append(timed_help(work, envs[m], clocks[m], warm))
+                    runs[m]["short"].append(timed_run(base + ["technique.steps=10"], work, envs[m], clocks[m], warm))
+                    runs[m]["long"].append(timed_run(base + [f"technique.steps={opts.steps}"], work, envs[m],
+                                                     clocks[m], warm))
+        finally:
+            if "warm" in modes:
+                subprocess.run([sys.executable, "-m", "steerexp.warmstart", "stop"], env=envs["warm"],
+                               capture_output=True)
+
+    print(f"steerexp start-up ({'code in ' + opts.pythonpath if opts.pythonpath else 'this checkout'}; "
+          f"median of {opts.repeat}; {os.cpu_count()} CPUs; torch threads: default)")
+    labels = {"cold": "cold: every command a fresh process (STEEREXP_SERVER=0; the first command of a session)",
+              "warm": "warm: the commands served by a warm-start server (python -m steerexp.warmstart)"}
+    for m in modes:
+        results[m] = report(labels[m], *(median_run(runs[m][k]) for k in ("short", "long", "help")), opts.steps)
+    if "server" in results:
+        print(f"\nthe server's own start (imports once, then it serves): {results['server']['start_s']:.2f} s wall; "
+              f"its RSS {results['server']['rss_mb']:.0f} MB")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"short": short_m, "long": long_m, "help": help_m, "fixed": fixed,
-                                               "fixed_cpu": fixed_cpu,
-                                               "per_step_s": per_step, "repeat": opts.repeat,
-                                               "pythonpath": opts.pythonpath}, indent=1))
+        Path(opts.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

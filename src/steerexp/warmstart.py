@@ -1,0 +1,659 @@
+"""The `steerexp` console script, with a warm-start server: the imports once, then one fork per run.
+
+A fresh `steerexp` process spends ~6 s importing torch, diffusers, transformers and Hydra before its
+first step (benchmarks/startup.py). A warm-start server imports them once and keeps them; each
+`steerexp` command then connects to it over a Unix socket, and the server forks a child that runs the
+command as the fresh process would have:
+
+- the client's argv, working directory and environment (replaced whole in the child);
+- the client's stdin, stdout and stderr themselves (passed over the socket), so a terminal stays a
+  terminal (progress bars, Ctrl-C) and `> file` or `| tee` still go where the shell sent them;
+- its own session: signals the client receives (Ctrl-C, SIGTERM, SIGHUP, ...) are sent on to the
+  child's process group; if the client dies, the child gets SIGHUP, as a terminal's hangup would;
+- its exit status returned as the client's own (a run killed by SIGINT kills the client with SIGINT);
+- state from a process that only imported modules (numpy's global generator reseeded from fresh
+  entropy, Python's `random` reseeds itself at fork; CUDA never starts in the server).
+
+Which server: one per *key*, the hash of what imported code depends on: the interpreter, the
+modification times and sizes of steerexp's and hydra_plugins' .py files, what the sys.path folders
+hold (the names of installed packages and their versions; top-level modules and .pth files with their
+times), and the environment variables that libraries read
+at import (PYTHON*, HF_*, TORCH*, CUDA*, OMP_*, LANG, LC_*, HOME, XDG_*, ...). Edit a source file or
+install a package and the next command starts fresh and starts a new server; the old one retires
+(finishes its runs, then exits).
+
+When (STEEREXP_SERVER):
+    auto (default)  use a matching server when one is up; start one (after this command's fresh run,
+                    detached) only from an interactive terminal (stdin and stderr are TTYs), never in
+                    CI, in a SLURM job or a sweep worker
+    1 / on          use and start one from scripts too
+    0 / off         never: every command is a fresh process
+A server exits after STEEREXP_SERVER_IDLE seconds (default 600) with no run; its sockets, pid files
+and log live in $STEEREXP_SERVER_DIR (default $XDG_RUNTIME_DIR/steerexp, else /tmp/steerexp-<uid>).
+
+    python -m steerexp.warmstart start [--wait] [--preload MODULE ...]   # a server for this environment
+    python -m steerexp.warmstart status                                  # the servers up, and which matches
+    python -m steerexp.warmstart stop                                    # retire every server
+
+The client side (this module's top level) imports the standard library only: a served command costs
+the interpreter's start (~30 ms) before the fork.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+ENV = "STEEREXP_SERVER"
+IDLE_ENV = "STEEREXP_SERVER_IDLE"
+DIR_ENV = "STEEREXP_SERVER_DIR"
+IDLE_DEFAULT = 600.0
+# environment variables read at import by the libraries a server preloads (a server serves only clients whose
+# values match: see key())
+IMPORT_ENV_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA",
+                       "NVIDIA", "OMP_", "KMP_", "MKL", "OPENBLAS", "GOTO", "LD_", "TOKENIZERS", "HYDRA",
+                       "WANDB", "XDG_", "LANG", "LC_", "TZ", "STEEREXP_ALLOW_TARGETS", "STEEREXP_BUILT")
+IMPORT_ENV_NAMES = ("HOME", "TMPDIR")
+# what a default run imports (measured: the modules a run adds to these are ~0.1 s); Hydra's plugins are discovered
+# once too (Plugins.instance(), as hydra.main does first)
+PRELOAD = ("torch", "diffusers", "transformers", "hydra.core.utils", "hydra.core.plugins", "steerexp.run",
+           "steerexp.cli", "steerexp.generators.sd", "steerexp.trainer", "steerexp.targets",
+           "steerexp.objectives.composite", "steerexp.objectives.denoising", "steerexp.techniques.textual_inversion",
+           "diffusers.guiders")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGTSTP)
+PACKAGE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------- which server, and whether to use one
+
+
+def mode(env=os.environ) -> str:
+    """STEEREXP_SERVER as one of auto | on | off (a wrong value is refused in one line)."""
+    text = env.get(ENV, "auto").strip().lower() or "auto"
+    spellings = {"auto": ("auto",), "on": ("1", "on", "true", "yes"), "off": ("0", "off", "false", "no")}
+    for name, words in spellings.items():
+        if text in words:
+            return name
+    raise SystemExit(f"steerexp: error: {ENV}={env.get(ENV)!r}: use auto, 1 (on) or 0 (off)")
+
+
+def should_start(env=os.environ, interactive: bool | None = None) -> bool:
+    """Whether a command that found no server starts one when it ends (see the module docstring)."""
+    chosen = mode(env)
+    if chosen != "auto":
+        return chosen == "on"
+    if interactive is None:
+        interactive = os.isatty(0) and os.isatty(2)
+    batch = any(env.get(k) for k in ("CI", "SLURM_JOB_ID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SWEEP_DEVICE"))
+    return bool(interactive) and not batch
+
+
+def server_dir(env=os.environ) -> Path:
+    """This installation's folder of servers (one per interpreter and steerexp checkout: a server retires only
+    the servers of its own installation)."""
+    if env.get(DIR_ENV):
+        root = Path(env[DIR_ENV])
+    else:
+        runtime = env.get("XDG_RUNTIME_DIR")
+        shared = Path(f"/tmp/steerexp-{os.getuid()}")
+        root = Path(runtime) / "steerexp" if runtime and os.path.isdir(runtime) else shared
+    if len(str(root)) > 60:  # a socket's path has at most 107 bytes: a long folder moves to a short one of its own
+        root = Path(f"/tmp/steerexp-{os.getuid()}") / hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return root / hashlib.sha256(f"{sys.executable}\n{PACKAGE}".encode()).hexdigest()[:12]
+
+
+def private(folder: Path) -> bool:
+    """The folder and its parent are ours and nobody else can write in them: a socket found there is our
+    server's, not one another user put there to receive our commands' environments."""
+    try:
+        stats = (os.stat(folder), os.stat(folder.parent))
+        return all(st.st_uid == os.getuid() and not st.st_mode & 0o022 for st in stats)
+    except OSError:
+        return False
+
+
+def make_private(folder: Path) -> None:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not private(folder):
+        raise SystemExit(f"steerexp: error: {folder} (or its parent) is not this user's alone; remove it or set "
+                         f"{DIR_ENV} to a folder of your own")
+
+
+def _source_stats(root: Path, out: list) -> None:
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name not in ("__pycache__", "assets", "conf") and not entry.name.startswith("."):
+                _source_stats(Path(entry.path), out)
+        elif entry.name.endswith(".py"):
+            st = entry.stat()
+            out.append(f"{entry.path}:{st.st_mtime_ns}:{st.st_size}")
+
+
+def key(env=os.environ, roots=(PACKAGE, PACKAGE.parent / "hydra_plugins")) -> str:
+    """The hash of what a server's imported code and state depend on (see the module docstring). Configs and
+    weights are read by each run itself, so they are not part of it."""
+    parts = [sys.executable, sys.version, *map(str, roots)]
+    for root in roots:
+        if Path(root).is_dir():
+            _source_stats(Path(root), parts)
+    for folder in sys.path[1:]:  # [0]: the script's folder (the console script's, or the server's cwd)
+        parts.append(f"path {folder}")
+        try:
+            if not os.path.isdir(folder):
+                parts.append(str(os.stat(folder).st_mtime_ns))  # a zip
+                continue
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):  # what is installed (names: versions)
+                if entry.name.endswith((".py", ".pth")):  # top-level modules and .pth files: their contents too
+                    st = entry.stat()
+                    parts.append(f"{entry.name}:{st.st_mtime_ns}:{st.st_size}")
+                elif entry.name != "__pycache__":
+                    parts.append(entry.name)
+        except OSError:
+            parts.append("-")
+    parts += sorted(f"{k}={v}" for k, v in env.items() if k.startswith(IMPORT_ENV_PREFIXES) or k in IMPORT_ENV_NAMES)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def socket_path(k: str, env=os.environ) -> Path:
+    return server_dir(env) / f"{k}.sock"
+
+
+# ---------------------------------------------------------------- the client (standard library only)
+
+
+def _send_message(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+    data = json.dumps(message).encode()
+    payload = struct.pack("!I", len(data)) + data
+    sent = socket.send_fds(sock, [payload], list(fds)) if fds else sock.send(payload)
+    if sent < len(payload):
+        sock.sendall(payload[sent:])
+
+
+def _lines(sock: socket.socket):
+    pending = b""
+    while True:
+        try:
+            data = sock.recv(4096)
+        except InterruptedError:
+            continue
+        if not data:
+            return
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield json.loads(line)
+
+
+def serve_command(argv: list[str], env=os.environ) -> int | None:
+    """Run `steerexp <argv>` in a matching server's fork: its exit code (negative: killed by that signal),
+    or None when no server serves this environment (the caller runs it fresh)."""
+    if mode(env) == "off" or not private(server_dir(env)):
+        return None
+    path = socket_path(key(env), env)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+
+    def send(signum: int) -> None:
+        try:
+            sock.sendall(json.dumps({"signal": int(signum)}).encode() + b"\n")
+        except OSError:
+            pass
+
+    def forward(signum, _frame) -> None:
+        if signum != signal.SIGTSTP:
+            return send(signum)
+        # Ctrl-Z: the run is in a session of its own (no terminal stops it): stop it, stop here; on `fg`, both go on
+        send(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, forward)
+        send(signal.SIGCONT)
+
+    previous = {}
+    started = False
+    try:
+        request = {"argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(env), "path0": sys.path[0]}
+        _send_message(sock, request, [0, 1, 2])
+        previous = {s: signal.signal(s, forward) for s in FORWARDED}
+        for message in _lines(sock):
+            if "pid" in message:
+                started = True
+            if "exit" in message:
+                return int(message["exit"])
+            if "refused" in message:  # retiring, or the key no longer matches: run fresh
+                return None
+    except OSError:
+        pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sock.close()
+    if not started:
+        return None
+    print(f"steerexp: error: the warm-start server ended before this run did; its log is in {server_dir(env)}; "
+          f"run again (or set {ENV}=0 for fresh processes)", file=sys.stderr, flush=True)
+    return 1
+
+
+def exit_as(code: int) -> None:
+    """End this process as the served run ended: its exit code, or death by the same signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    os._exit(code)
+
+
+def main() -> None:
+    """The `steerexp` console script: served by a warm server when one matches, else a fresh run (which then
+    starts a server, when should_start says so)."""
+    argv = sys.argv[1:]
+    code = serve_command(argv)
+    if code is not None:
+        exit_as(code)
+    if should_start():
+        import atexit
+
+        atexit.register(_start_after_run)  # when this run ends (exit_now runs the exit handlers): no contention
+    from steerexp.cli import main as cli_main
+
+    cli_main()
+
+
+# ---------------------------------------------------------------- starting, listing and stopping servers
+
+
+def start(wait: bool = False, preload: list[str] = (), idle: float | None = None, quiet: bool = False) -> Path:
+    """Start a detached server for this environment (no-op if one is up or starting); its socket path."""
+    import subprocess
+
+    make_private(server_dir())  # first: the folder may be on sys.path
+    k = key()
+    path = socket_path(k)
+    log = open(path.with_suffix(".log"), "ab")
+    cmd = [sys.executable, "-m", "steerexp.warmstart", "serve", k]
+    cmd += [f"--idle={idle}"] if idle is not None else []
+    cmd += [f"--preload={m}" for m in preload]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                            cwd="/", close_fds=True)
+    log.close()
+    if wait:  # until it serves (or the server for this key that was already starting does)
+        import time
+
+        deadline = time.time() + 300
+        while not _alive(path) and time.time() < deadline and proc.poll() in (None, 0):
+            time.sleep(0.05)
+        if not _alive(path):
+            raise SystemExit(f"steerexp: the warm-start server did not start; see {path.with_suffix('.log')}")
+        if not quiet:
+            print(f"steerexp warm-start server up: {path}")
+    return path
+
+
+def _start_after_run() -> None:
+    """Start a server at the end of a fresh run; a failure is left in the server's log, never in the run's output."""
+    try:
+        start(quiet=True)
+    except BaseException:
+        pass
+
+
+def _alive(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def _servers(folder: Path) -> list[tuple[str, int]]:
+    """(key, pid) of the servers whose pid files are in the folder and whose process is alive."""
+    found = []
+    for pid_file in sorted(folder.glob("*.pid")) if folder.is_dir() else []:
+        try:
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue
+        found.append((pid_file.stem, pid))
+    return found
+
+
+def stop(folder: Path | None = None, keep: str | None = None) -> list[int]:
+    """Retire every server in the folder but `keep`'s: each stops taking runs, finishes those it has, exits."""
+    retired = []
+    for k, pid in _servers(folder or server_dir()):
+        if k != keep:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                retired.append(pid)
+            except OSError:
+                pass
+    return retired
+
+
+# ---------------------------------------------------------------- the server
+
+
+def _reopen_stdio() -> None:
+    """sys.std* for fds 0-2 as a fresh interpreter would open them (line-buffered stdout on a terminal)."""
+    encoding = sys.stdout.encoding if sys.stdout else "utf-8"
+    sys.stdin = sys.__stdin__ = open(0, "r", encoding=encoding, closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding=encoding, closefd=False, buffering=1 if os.isatty(1) else -1)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding=encoding, errors="backslashreplace", closefd=False, buffering=1)
+
+
+def _run_child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become the client's process, run the command, never return."""
+    from steerexp.shutdown import exit_now
+
+    code = 1
+    try:
+        os.setsid()
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        _reopen_stdio()
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, signal.SIG_DFL)
+        if "numpy" in sys.modules:  # its global generator from fresh entropy, as in a new process
+            sys.modules["numpy"].random.seed()
+        sys.argv = list(request["argv"])
+        sys.path[0] = request["path0"]  # the client's script folder, not the server's
+        from steerexp.cli import main as cli_main
+
+        cli_main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if not isinstance(done.code, (int, type(None))):
+            print(done.code, file=sys.stderr)
+    except KeyboardInterrupt:  # as a fresh interpreter does: the traceback, then death by SIGINT
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        exit_now(code)
+
+
+class Server:
+    def __init__(self, k: str, idle: float, folder: Path, lock_fd: int):
+        self.key, self.idle, self.folder, self.lock_fd = k, idle, folder, lock_fd
+        self.path = folder / f"{k}.sock"
+        self.listener: socket.socket | None = None
+        self.clients: dict[socket.socket, dict] = {}  # connection -> {"pid", "pidfd", "buffer"}
+        self.retiring = False
+        self.import_env: dict[str, str] = {}
+
+    def bind(self) -> None:
+        """Listen on the key's socket path (bound under a temporary name, then renamed: a client that connects
+        finds a server that has imported everything)."""
+        tmp = self.folder / f".{self.key}.{os.getpid()}.sock"
+        tmp.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        self.listener.listen(16)
+        os.replace(tmp, self.path)
+        self.inode = os.stat(self.path).st_ino
+
+    def unbind(self) -> None:
+        if self.listener is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == self.inode:
+                self.path.unlink()
+        except OSError:
+            pass
+        self.listener.close()
+        self.listener = None
+
+    def accept(self) -> None:
+        conn, _ = self.listener.accept()
+        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        if uid != os.getuid():  # the folder is private; this is the second lock on the door
+            conn.close()
+            return
+        try:
+            request, fds, rest = self._receive(conn)
+        except EOFError:
+            conn.close()
+            return
+        except (OSError, ValueError) as err:
+            print(f"bad request: {err}", flush=True)
+            conn.close()
+            return
+        if self.retiring:
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(b'{"refused": "retiring"}\n')
+            conn.close()
+            return
+        torch = sys.modules.get("torch")
+        assert torch is None or not torch.cuda.is_initialized(), "CUDA started in the warm-start server"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self.listener.close()
+            conn.close()
+            os.close(self.lock_fd)  # a long run does not hold the key's lock after the server is gone
+            for other, state in self.clients.items():
+                other.close()
+                os.close(state["pidfd"])
+            request["env"].update(self.import_env)
+            _run_child(request, fds)
+        for fd in fds:
+            os.close(fd)
+        self.clients[conn] = {"pid": pid, "pidfd": os.pidfd_open(pid), "buffer": b""}
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        if rest:  # a signal the client sent on the heels of its request
+            self.client_message(conn, rest)
+
+    @staticmethod
+    def _receive(conn: socket.socket) -> tuple[dict, list[int], bytes]:
+        """The request (a length, then JSON; stdin, stdout and stderr attached), and any bytes after it."""
+        conn.settimeout(10)
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        if not data and not fds:
+            raise EOFError  # a probe (start --wait, status): connected and hung up
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"expected stdin, stdout and stderr, got {len(fds)} fds")
+        while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
+            more = conn.recv(1 << 16)
+            if not more:
+                raise ValueError("the client hung up mid-request")
+            data += more
+        conn.settimeout(None)
+        end = 4 + struct.unpack("!I", data[:4])[0]
+        return json.loads(data[4:end]), fds, data[end:]
+
+    def client_message(self, conn: socket.socket, data: bytes | None = None) -> None:
+        """A signal to forward, or the client's hangup (it died: SIGHUP to the run, as a terminal would)."""
+        state = self.clients[conn]
+        if data is None:
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                data = b""
+        if not data:
+            self._signal(state, signal.SIGHUP)
+            state["gone"] = True
+            return
+        *lines, state["buffer"] = (state["buffer"] + data).split(b"\n")
+        for line in lines:
+            try:
+                self._signal(state, int(json.loads(line)["signal"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+
+    @staticmethod
+    def _signal(state: dict, signum: int) -> None:
+        try:  # the child is unreaped until its pidfd is read, so its pid (= its process group) is still its own
+            os.killpg(state["pid"], signum)
+        except OSError:
+            pass
+
+    def reap(self, conn: socket.socket) -> None:
+        state = self.clients.pop(conn)
+        os.close(state["pidfd"])
+        _, status = os.waitpid(state["pid"], 0)
+        try:
+            conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+        except OSError:
+            pass
+        conn.close()
+
+    def serve(self) -> None:
+        import select
+        import time
+
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "retiring", True))
+        last = time.monotonic()
+        while True:
+            if self.retiring and self.listener is not None:
+                self.unbind()
+            if self.clients:
+                last = time.monotonic()
+            elif self.retiring or time.monotonic() - last > self.idle:
+                return
+            watched = [self.listener] if self.listener is not None else []
+            watched += [c for c, s in self.clients.items() if not s.get("gone")]
+            pidfds = {s["pidfd"]: c for c, s in self.clients.items()}
+            try:
+                ready, _, _ = select.select(watched + list(pidfds), [], [], 1.0)
+            except InterruptedError:
+                continue
+            for item in ready:
+                if item is self.listener:
+                    self.accept()
+                elif isinstance(item, int):
+                    self.reap(pidfds[item])
+                elif item in self.clients:
+                    self.client_message(item)
+
+
+def serve(k: str, idle: float, preload: list[str]) -> int:
+    """The server's process: take the key's lock (one server per key), preload, listen, retire the others."""
+    import fcntl
+    import gc
+    import importlib
+    import time
+
+    folder = server_dir()
+    make_private(folder)
+    lock = open(folder / f"{k}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another server for this key is up or starting
+    if key() != k:  # the sources changed since the command that started this server computed the key
+        print("the sources changed before the server started; not serving", flush=True)
+        return 1
+    os.close(os.pidfd_open(os.getpid()))  # Linux >= 5.3, else fail here (clients then run fresh)
+    started, environment = time.time(), dict(os.environ)
+    for name in [*PRELOAD, *preload]:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # the run's own import then fails with the error, in the run's stderr
+            print(f"could not preload {name}: {type(err).__name__}: {err}", flush=True)
+    try:
+        from hydra.core.plugins import Plugins
+
+        Plugins.instance()
+    except Exception as err:
+        print(f"could not discover Hydra's plugins: {type(err).__name__}: {err}", flush=True)
+    if key(environment) != k:  # a file changed while importing: what is imported may not be what the key says
+        print("the sources changed while the server imported them; not serving", flush=True)
+        return 1
+    gc.freeze()  # the children's collector leaves the imported objects alone: their pages stay shared
+    server = Server(k, idle, folder, lock.fileno())
+    # what the imports set in os.environ (torch: TORCHINDUCTOR_CACHE_DIR): a fresh process's imports would set
+    # the same in its own environment (the key covers the variables they read), so each run gets them too
+    server.import_env = {name: value for name, value in os.environ.items() if environment.get(name) != value}
+    server.bind()
+    (folder / f"{k}.pid").write_text(str(os.getpid()))
+    stop(folder, keep=k)
+    print(f"{time.strftime('%F %T')} serving {server.path} (pid {os.getpid()}, imports {time.time() - started:.1f} s, "
+          f"idle exit after {idle:.0f} s)", flush=True)
+    try:
+        server.serve()
+    finally:
+        server.unbind()
+        (folder / f"{k}.pid").unlink(missing_ok=True)
+        (folder / f"{k}.lock").unlink(missing_ok=True)
+        print(f"{time.strftime('%F %T')} exiting", flush=True)
+    return 0
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m steerexp.warmstart", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("start", "serve"):
+        p = sub.add_parser(name)
+        if name == "serve":
+            p.add_argument("key")
+        else:
+            p.add_argument("--wait", action="store_true", help="return when it serves")
+        p.add_argument("--idle", type=float, default=None, help=f"seconds without a run before it exits "
+                       f"(default ${IDLE_ENV} or {IDLE_DEFAULT:.0f})")
+        p.add_argument("--preload", action="append", default=[], help="a module to import too (repeatable)")
+    sub.add_parser("status")
+    sub.add_parser("stop")
+    opts = ap.parse_args(argv)
+    idle = opts.idle if getattr(opts, "idle", None) is not None else float(os.environ.get(IDLE_ENV, IDLE_DEFAULT))
+    if opts.command == "serve":
+        return serve(opts.key, idle, opts.preload)
+    if opts.command == "start":
+        start(wait=opts.wait, preload=opts.preload, idle=idle)
+        return 0
+    if opts.command == "stop":
+        print(f"retired: {stop() or 'none'}")
+        return 0
+    k = key()
+    servers = _servers(server_dir())
+    for sk, pid in servers:
+        print(f"{sk} pid {pid}{'  (matches this environment)' if sk == k else ''}")
+    if not servers:
+        print(f"no warm-start server in {server_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    code = _cli(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown of torch & co. (seconds of CPU, and triton's leak reports)

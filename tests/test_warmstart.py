@@ -1,0 +1,214 @@
+"""The warm-start server (steerexp.warmstart): a `steerexp` command served by a fork of a process that imported
+torch & co. once behaves as the fresh process would (same metrics and deltas, its stdout and stderr where the
+shell sent them, its exit code, Ctrl-C), and is used only when nothing its imports depend on changed.
+
+One server for the module (its own folder under tmp_path; STEEREXP_SERVER=1 for these commands only: conftest
+turns servers off for the rest of the suite). A probe module the server preloads records, at each served run's
+exit, its pid, its parent and whether torch was imported before the command started: the proof a command was
+served, not run fresh.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from steerexp import warmstart
+
+STEERXP = str(Path(sys.executable).parent / "steerexp")
+QUICK = ["evaluator=[]", "logger=none", "technique.steps=6"]
+PROBE = """
+import atexit, json, os, sys, time
+imported = time.time()
+def write():
+    if os.environ.get("PROBE_FILE"):
+        open(os.environ["PROBE_FILE"], "w").write(json.dumps(
+            {"pid": os.getpid(), "ppid": os.getppid(), "imported": imported, "torch": "torch" in sys.modules}))
+atexit.register(write)
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm")
+    (root / "modules").mkdir()
+    (root / "modules" / "warm_probe.py").write_text(PROBE)
+    env = dict(os.environ, STEEREXP_SERVER="1", STEEREXP_SERVER_DIR=str(root / "server"),
+               PYTHONPATH=str(root / "modules"), WANDB_MODE="disabled")
+    subprocess.run([sys.executable, "-m", "steerexp.warmstart", "start", "--wait", "--idle=300",
+                    "--preload=warm_probe"], env=env, check=True, capture_output=True, timeout=120)
+    pid = int(next(warmstart.server_dir(env).glob("*.pid")).read_text())
+    yield {"env": env, "pid": pid}
+    os.kill(pid, signal.SIGTERM)
+
+
+def command(args, cwd, env, **kw):
+    return subprocess.Popen([STEERXP, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+
+
+def served(server, tmp_path, args, name="probe.json", **kw):
+    """Run `steerexp <args>` served: (completed process, probe); asserts it was served."""
+    probe = tmp_path / name
+    started = time.time()
+    proc = command(args, tmp_path, dict(server["env"], PROBE_FILE=str(probe)), **kw)
+    out, err = proc.communicate(timeout=300)
+    seen = json.loads(probe.read_text())
+    assert seen["ppid"] == server["pid"] and seen["torch"] and seen["imported"] < started, (seen, err[-2000:])
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), seen
+
+
+def test_a_served_run_gives_what_a_fresh_process_gives(shipped, server, tmp_path):
+    fresh = subprocess.run([STEERXP, *QUICK, "hydra.run.dir=fresh"], cwd=tmp_path, capture_output=True, text=True,
+                           env=dict(server["env"], STEEREXP_SERVER="0"), timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    out, _ = served(server, tmp_path, [*QUICK, "hydra.run.dir=warm"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr == fresh.stderr == ""  # the quiet console either way
+    assert out.stdout.replace("warm", "fresh").splitlines()[-1] == fresh.stdout.splitlines()[-1]  # the run directory
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("fresh", "warm")]
+    for m in metrics:
+        m.pop("run/seconds")
+    assert metrics[0] == metrics[1] and metrics[0]["generator/unchanged"] is True
+    deltas = [load_file(tmp_path / d / "deltas.safetensors") for d in ("fresh", "warm")]
+    assert deltas[0].keys() == deltas[1].keys() and all(deltas[0][k].equal(deltas[1][k]) for k in deltas[0])
+    config = [(tmp_path / d / ".hydra" / "config.yaml").read_text() for d in ("fresh", "warm")]
+    assert config[0] == config[1]  # same working directory, same argv: the same resolved config
+
+
+def test_stdout_goes_where_the_shell_sent_it_and_errors_keep_their_exit_code(server, tmp_path):
+    with open(tmp_path / "out.txt", "w") as sink:
+        probe = tmp_path / "help.json"
+        proc = subprocess.run([STEERXP, "--help"], cwd=tmp_path, stdout=sink, stderr=subprocess.PIPE, text=True,
+                              env=dict(server["env"], PROBE_FILE=str(probe)), timeout=120)
+    assert proc.returncode == 0 and "Configuration groups" in (tmp_path / "out.txt").read_text()
+    assert json.loads(probe.read_text())["ppid"] == server["pid"]
+    bad, _ = served(server, tmp_path, ["technique=nope"], name="bad.json")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("steerexp: error: technique: no option 'nope'") and bad.stderr.count("\n") == 1
+
+
+def test_ctrl_c_reaches_the_run_and_the_client_ends_as_a_fresh_run_would(shipped, server, tmp_path):
+    probe = tmp_path / "probe.json"
+    proc = command(["logger=none", "evaluator=[]", "technique.steps=4000", "hydra.run.dir=interrupted"], tmp_path,
+                   dict(server["env"], PROBE_FILE=str(probe)))
+    ckpt = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)  # the client's only: the run is in the server's child, its own session
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]  # the run's exit code (tests/test_recovery.py: the fresh run's)
+    assert f"last good deltas: {tmp_path / 'interrupted' / 'deltas.safetensors'}" in err
+    assert "resume exactly" in err
+    assert json.loads(probe.read_text())["ppid"] == server["pid"]
+
+
+def test_a_killed_client_takes_its_run_with_it(shipped, server, tmp_path):
+    probe = tmp_path / "probe.json"
+    proc = command(["logger=none", "evaluator=[]", "technique.steps=4000", "hydra.run.dir=orphan"], tmp_path,
+                   dict(server["env"], PROBE_FILE=str(probe)))
+    ckpt = tmp_path / "orphan" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    runs = [p for p in server_children(server["pid"])]
+    assert len(runs) == 1, runs
+    proc.kill()  # SIGKILL: the client cannot forward anything; the server sees its socket close
+    proc.wait()
+    deadline = time.time() + 30
+    while server_children(server["pid"]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert server_children(server["pid"]) == []  # the run got SIGHUP, as a closed terminal's run would
+
+
+def server_children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if Path(f"/proc/{c}/stat").read_text().split()[2] != "Z"]
+
+
+def test_the_key_follows_sources_installs_and_import_time_environment(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    env = {"HOME": "/home/u", "PATH": "/bin", "HF_HOME": "/hf", "PWD": "/x"}
+    base = warmstart.key(env, roots=[package])
+    assert warmstart.key(dict(env, PWD="/elsewhere", TERM="xterm"), roots=[package]) == base  # not read at import
+    assert warmstart.key(dict(env, HF_HOME="/other"), roots=[package]) != base
+    assert warmstart.key(dict(env, OMP_NUM_THREADS="1"), roots=[package]) != base
+    st = (package / "sub" / "b.py").stat()
+    os.utime(package / "sub" / "b.py", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # an edit
+    assert warmstart.key(env, roots=[package]) != base
+    os.utime(package / "sub" / "b.py", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert warmstart.key(env, roots=[package]) == base
+    (package / "sub" / "__pycache__").mkdir()  # bytecode written by an import changes nothing
+    assert warmstart.key(env, roots=[package]) == base
+    site = tmp_path / "site"
+    site.mkdir()
+    sys.path.append(str(site))
+    try:
+        with_site = warmstart.key(env, roots=[package])
+        (site / "newpkg-1.0.dist-info").mkdir()  # an install
+        assert warmstart.key(env, roots=[package]) != with_site
+    finally:
+        sys.path.remove(str(site))
+
+
+def test_when_a_command_starts_a_server():
+    assert warmstart.should_start({}, interactive=True)
+    assert not warmstart.should_start({}, interactive=False)  # scripts and pipes: never by default
+    for batch in ("CI", "SLURM_JOB_ID", "STEEREXP_LAUNCHER_FD"):
+        assert not warmstart.should_start({batch: "1"}, interactive=True)
+    assert warmstart.should_start({"STEEREXP_SERVER": "1"}, interactive=False)
+    assert not warmstart.should_start({"STEEREXP_SERVER": "off"}, interactive=True)
+    with pytest.raises(SystemExit, match="STEEREXP_SERVER='maybe': use auto, 1 .on. or 0 .off."):
+        warmstart.mode({"STEEREXP_SERVER": "maybe"})
+
+
+def test_off_means_fresh_and_servers_retire_or_idle_out(shipped, tmp_path):
+    """STEEREXP_SERVER=0 bypasses a server; `stop` retires one (it exits, its socket and pid file go, the next
+    command runs fresh); one with --idle=1 exits by itself a second after its last run."""
+    env = dict(os.environ, STEEREXP_SERVER="1", STEEREXP_SERVER_DIR=str(tmp_path / "servers"), WANDB_MODE="disabled")
+    folder = warmstart.server_dir(env)  # this installation's subfolder
+
+    def start(idle: str) -> int:
+        subprocess.run([sys.executable, "-m", "steerexp.warmstart", "start", "--wait", f"--idle={idle}"], env=env,
+                       check=True, capture_output=True, timeout=120)
+        assert warmstart.socket_path(warmstart.key(env), env).exists()
+        return int(next(folder.glob("*.pid")).read_text())
+
+    def gone(pid: int) -> bool:
+        deadline = time.time() + 30
+        while Path(f"/proc/{pid}").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        return not Path(f"/proc/{pid}").exists()
+
+    pid = start("300")
+    assert warmstart.serve_command(["--help"], env=dict(env, STEEREXP_SERVER="0")) is None
+    assert warmstart.stop(folder) == [pid] and gone(pid)
+    assert list(folder.glob("*.sock")) == [] and list(folder.glob("*.pid")) == []
+    assert warmstart.serve_command(["--help"], env=env) is None  # nothing serves: the caller runs it fresh
+    pid = start("1")
+    assert gone(pid) and list(folder.glob("*.sock")) == []
+
+
+def test_a_folder_others_can_write_in_is_never_used(tmp_path):
+    env = {"STEEREXP_SERVER": "1", "STEEREXP_SERVER_DIR": str(tmp_path / "shared")}
+    folder = warmstart.server_dir(env)
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)  # e.g. made by someone else in /tmp: a socket there could be theirs
+    assert not warmstart.private(folder)
+    assert warmstart.serve_command(["--help"], env=env) is None  # never connects: the command runs fresh
+    with pytest.raises(SystemExit, match="is not this user's alone; remove it or set STEEREXP_SERVER_DIR"):
+        warmstart.make_private(folder)
+    folder.chmod(0o700)
+    assert warmstart.private(folder)
+    long = {"STEEREXP_SERVER_DIR": str(tmp_path / ("x" * 120))}  # sockets take at most 107 bytes of path
+    assert len(str(warmstart.socket_path(warmstart.key(long), long))) < 100
