@@ -212,3 +212,55 @@ def test_a_folder_others_can_write_in_is_never_used(tmp_path):
     assert warmstart.private(folder)
     long = {"STEEREXP_SERVER_DIR": str(tmp_path / ("x" * 120))}  # sockets take at most 107 bytes of path
     assert len(str(warmstart.socket_path(warmstart.key(long), long))) < 100
+
+
+def test_a_command_from_a_terminal_starts_a_server_and_the_next_is_served_on_that_terminal(shipped, tmp_path):
+    """No settings (STEEREXP_SERVER unset: auto): a fresh command on a terminal starts a server when it ends; the
+    next command is served, and its progress bar (drawn only on a terminal) reaches the terminal."""
+    import pty
+    import threading
+
+    batch = ("CI", "SLURM_JOB_ID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SERVER")
+    env = {k: v for k, v in os.environ.items() if k not in batch}
+    env.update(STEEREXP_SERVER_DIR=str(tmp_path / "servers"), WANDB_MODE="disabled")
+    folder = warmstart.server_dir(env)
+
+    def on_terminal(args):
+        main, sub = pty.openpty()
+        proc = subprocess.Popen([STEERXP, *args], cwd=tmp_path, env=env, stdin=sub, stdout=sub, stderr=sub)
+        os.close(sub)
+        chunks = []
+
+        def read():
+            while True:
+                try:
+                    data = os.read(main, 4096)
+                except OSError:  # EIO: every writer closed the terminal
+                    return
+                if not data:
+                    return
+                chunks.append(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        proc.wait(timeout=300)
+        reader.join(timeout=60)
+        os.close(main)
+        return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+    code, text = on_terminal(["--help"])
+    assert code == 0 and "Configuration groups" in text
+    path = warmstart.socket_path(warmstart.key(env), env)
+    deadline = time.time() + 120
+    while not warmstart._alive(path) and time.time() < deadline:
+        time.sleep(0.1)
+    assert warmstart._alive(path), (folder / f"{path.stem}.log").read_text()[-2000:]
+    try:
+        code, text = on_terminal(["logger=none", "evaluator=[]", "technique.steps=30", "hydra.run.dir=served"])
+        assert code == 0, text[-3000:]
+        # the bar (on a terminal that reports no size: 0 x 0) and the metrics, on the terminal
+        assert "training: 100%" in text and "30/30 steps" in text and "run directory: " in text
+        log = (folder / f"{path.stem}.log").read_text()
+        assert "steerexp logger=none evaluator=[] technique.steps=30 hydra.run.dir=served -> exit 0" in log
+    finally:
+        warmstart.stop(folder)

@@ -60,12 +60,14 @@ def bar(total: float | None, desc: str, unit: str = "it"):
         return None
     from tqdm import tqdm
 
-    try:  # the terminal's width, followed as it changes; a terminal that reports none (0) gets 100 columns
-        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    try:  # the terminal's size, followed as it changes; a terminal that reports none (0 x 0) gets 100 x 24
+        size = os.get_terminal_size(sys.stderr.fileno())
+        sized = size.columns > 0 and size.lines > 0
     except (AttributeError, OSError, ValueError):
         sized = False
     counts = "{n:.0f}/{total:.0f} " + unit if total else "{n:.0f} " + unit
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=sized, ncols=None if sized else 100,
+                nrows=None if sized else 24,  # tqdm hides a bar below a height of 0
                 leave=True, mininterval=0.2,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| " + counts + " [{elapsed}<{remaining}{postfix}]")
 

@@ -404,6 +404,12 @@ def _run_child(request: dict, fds: list[int]) -> None:
         exit_now(code)
 
 
+def _now() -> str:
+    import time
+
+    return time.strftime("%F %T")
+
+
 class Server:
     def __init__(self, k: str, idle: float, folder: Path, lock_fd: int):
         self.key, self.idle, self.folder, self.lock_fd = k, idle, folder, lock_fd
@@ -473,7 +479,7 @@ class Server:
             _run_child(request, fds)
         for fd in fds:
             os.close(fd)
-        self.clients[conn] = {"pid": pid, "pidfd": os.pidfd_open(pid), "buffer": b""}
+        self.clients[conn] = {"pid": pid, "pidfd": os.pidfd_open(pid), "buffer": b"", "argv": request["argv"][1:]}
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         if rest:  # a signal the client sent on the heels of its request
             self.client_message(conn, rest)
@@ -528,8 +534,10 @@ class Server:
         state = self.clients.pop(conn)
         os.close(state["pidfd"])
         _, status = os.waitpid(state["pid"], 0)
+        code = os.waitstatus_to_exitcode(status)
+        print(f"{_now()} served pid {state['pid']}: steerexp {' '.join(state['argv'])} -> exit {code}", flush=True)
         try:
-            conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
         except OSError:
             pass
         conn.close()
@@ -604,7 +612,7 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
     server.bind()
     (folder / f"{k}.pid").write_text(str(os.getpid()))
     stop(folder, keep=k)
-    print(f"{time.strftime('%F %T')} serving {server.path} (pid {os.getpid()}, imports {time.time() - started:.1f} s, "
+    print(f"{_now()} serving {server.path} (pid {os.getpid()}, imports {time.time() - started:.1f} s, "
           f"idle exit after {idle:.0f} s)", flush=True)
     try:
         server.serve()
@@ -612,7 +620,7 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
         server.unbind()
         (folder / f"{k}.pid").unlink(missing_ok=True)
         (folder / f"{k}.lock").unlink(missing_ok=True)
-        print(f"{time.strftime('%F %T')} exiting", flush=True)
+        print(f"{_now()} exiting", flush=True)
     return 0
 
 
