@@ -189,7 +189,9 @@ def start_server(workdir: Path, env: dict) -> tuple[int, float, float]:
     subprocess.run([sys.executable, "-m", "steerexp.warmstart", "start", "--wait", "--idle=120",
                     "--preload=bench_phase_timers"], cwd=workdir, env=env, check=True, capture_output=True)
     seconds = time.time() - started
-    pid = int(next(Path(env["STEEREXP_SERVER_DIR"]).glob("*.pid")).read_text())
+    from steerexp.warmstart import server_dir
+
+    pid = int(next(server_dir(env).glob("*.pid")).read_text())
     rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                if line.startswith("VmRSS")) / 1024
     return pid, seconds, rss

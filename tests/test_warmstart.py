@@ -140,7 +140,10 @@ def test_the_key_follows_sources_installs_and_import_time_environment(tmp_path):
     (package / "sub" / "b.py").write_text("y = 2\n")
     env = {"HOME": "/home/u", "PATH": "/bin", "HF_HOME": "/hf", "PWD": "/x"}
     base = warmstart.key(env, roots=[package])
-    assert warmstart.key(dict(env, PWD="/elsewhere", TERM="xterm"), roots=[package]) == base  # not read at import
+    for other in ({"PWD": "/elsewhere", "TERM": "xterm"}, {"XDG_SESSION_ID": "7"}, {"CUDA_VISIBLE_DEVICES": "1"},
+                  {"WANDB_SILENT": "true"}, {"HYDRA_FULL_ERROR": "1"}):  # per login, or read by the run itself
+        assert warmstart.key(dict(env, **other), roots=[package]) == base, other
+    assert warmstart.key(dict(env, TQDM_DISABLE="1"), roots=[package]) != base  # read when tqdm is imported
     assert warmstart.key(dict(env, HF_HOME="/other"), roots=[package]) != base
     assert warmstart.key(dict(env, OMP_NUM_THREADS="1"), roots=[package]) != base
     st = (package / "sub" / "b.py").stat()
@@ -181,7 +184,7 @@ def test_off_means_fresh_and_servers_retire_or_idle_out(shipped, tmp_path):
     def start(idle: str) -> int:
         subprocess.run([sys.executable, "-m", "steerexp.warmstart", "start", "--wait", f"--idle={idle}"], env=env,
                        check=True, capture_output=True, timeout=120)
-        assert warmstart.socket_path(warmstart.key(env), env).exists()
+        assert client_socket_path(env).exists()
         return int(next(folder.glob("*.pid")).read_text())
 
     def gone(pid: int) -> bool:
@@ -190,26 +193,69 @@ def test_off_means_fresh_and_servers_retire_or_idle_out(shipped, tmp_path):
             time.sleep(0.1)
         return not Path(f"/proc/{pid}").exists()
 
+    def help_served(**extra) -> bool:
+        before = served_lines(folder)
+        out = subprocess.run([STEERXP, "--help"], cwd=tmp_path, env=dict(env, **extra), capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and "Configuration groups" in out.stdout, out.stderr[-2000:]
+        return served_lines(folder) > before
+
     pid = start("300")
-    assert warmstart.serve_command(["--help"], env=dict(env, STEEREXP_SERVER="0")) is None
+    assert help_served() and not help_served(STEEREXP_SERVER="0")
+    assert help_served(STEEREXP_SERVER="auto")  # auto: a server that is up serves scripts too
+    # but not a batch job (the run stays in the job's limits)
+    assert not help_served(STEEREXP_SERVER="auto", SLURM_JOB_ID="12")
     assert warmstart.stop(folder) == [pid] and gone(pid)
     assert list(folder.glob("*.sock")) == [] and list(folder.glob("*.pid")) == []
-    assert warmstart.serve_command(["--help"], env=env) is None  # nothing serves: the caller runs it fresh
+    assert not help_served(STEEREXP_SERVER="auto")  # nothing serves: fresh (and, not on a terminal, starts none)
     pid = start("1")
     assert gone(pid) and list(folder.glob("*.sock")) == []
 
 
+def served_lines(folder: Path) -> int:
+    return sum(log.read_text().count(" served pid ") for log in folder.glob("*.log"))
+
+
+def client_socket_path(env: dict) -> Path:
+    """The socket a `steerexp` with this environment connects to (computed in a fresh process, as the console
+    script's: the pytest process's own sys.path differs)."""
+    out = subprocess.run([sys.executable, "-c", "from steerexp import warmstart; print(warmstart.socket_path("
+                          "warmstart.key()))"], env=env, capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
 def test_a_folder_others_can_write_in_is_never_used(tmp_path):
-    env = {"STEEREXP_SERVER": "1", "STEEREXP_SERVER_DIR": str(tmp_path / "shared")}
+    import socket
+
+    env = dict(os.environ, STEEREXP_SERVER="1", STEEREXP_SERVER_DIR=str(tmp_path / "shared"))
     folder = warmstart.server_dir(env)
-    folder.mkdir(parents=True)
-    folder.chmod(0o777)  # e.g. made by someone else in /tmp: a socket there could be theirs
-    assert not warmstart.private(folder)
-    assert warmstart.serve_command(["--help"], env=env) is None  # never connects: the command runs fresh
+    warmstart.make_private(folder)
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a socket at the very path a command would use
+    planted.bind(str(client_socket_path(env)))
+    planted.listen(1)
+    planted.setblocking(False)
+    folder.chmod(0o777)  # e.g. made by someone else in /tmp: the socket could be theirs
+    out = subprocess.run([STEERXP, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Configuration groups" in out.stdout  # run fresh
+    with pytest.raises(BlockingIOError):
+        planted.accept()  # it never connected
+    folder.chmod(0o700)
+    proc = subprocess.Popen([STEERXP, "--help"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    planted.setblocking(True)
+    planted.settimeout(30)
+    planted.accept()[0].close()  # the same socket in a private folder is connected to (the check above could fail)
+    planted.close()
+    assert proc.communicate(timeout=120)[0].count("Configuration groups") == 1  # hung up on: it ran fresh
+    folder.chmod(0o777)
     with pytest.raises(SystemExit, match="is not this user's alone; remove it or set STEEREXP_SERVER_DIR"):
         warmstart.make_private(folder)
-    folder.chmod(0o700)
-    assert warmstart.private(folder)
+    old = os.umask(0o002)  # a umask that leaves folders group-writable: the ones warmstart makes are 0700 anyway
+    try:
+        made = tmp_path / "a" / "b" / "c"
+        warmstart.make_private(made)
+        assert warmstart.private(made) and all((m.stat().st_mode & 0o777) == 0o700 for m in (made, made.parent))
+    finally:
+        os.umask(old)
     long = {"STEEREXP_SERVER_DIR": str(tmp_path / ("x" * 120))}  # sockets take at most 107 bytes of path
     assert len(str(warmstart.socket_path(warmstart.key(long), long))) < 100
 
@@ -250,7 +296,7 @@ def test_a_command_from_a_terminal_starts_a_server_and_the_next_is_served_on_tha
 
     code, text = on_terminal(["--help"])
     assert code == 0 and "Configuration groups" in text
-    path = warmstart.socket_path(warmstart.key(env), env)
+    path = client_socket_path(env)
     deadline = time.time() + 120
     while not warmstart._alive(path) and time.time() < deadline:
         time.sleep(0.1)
@@ -264,3 +310,31 @@ def test_a_command_from_a_terminal_starts_a_server_and_the_next_is_served_on_tha
         assert "steerexp logger=none evaluator=[] technique.steps=30 hydra.run.dir=served -> exit 0" in log
     finally:
         warmstart.stop(folder)
+
+
+def test_ignored_hangups_stay_ignored_and_a_killed_run_kills_its_client_the_same_way(shipped, server, tmp_path):
+    """`nohup steerexp ... &`: SIGHUP ignored by the client is ignored by the run (a fresh process inherits that),
+    so the run completes. A run killed by a signal (the OOM killer's SIGKILL) ends its client by the same signal."""
+    probe = tmp_path / "probe.json"
+    args = ["logger=none", "evaluator=[]", "technique.steps=60", "trainer.checkpoint_every=5", "hydra.run.dir=nohup"]
+    proc = subprocess.Popen([STEERXP, *args], cwd=tmp_path, env=dict(server["env"], PROBE_FILE=str(probe)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    ckpt = tmp_path / "nohup" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "run directory:" in out, err[-3000:]
+    assert json.loads(probe.read_text())["ppid"] == server["pid"]
+
+    proc = command(["logger=none", "evaluator=[]", "technique.steps=4000", "hydra.run.dir=oom"], tmp_path,
+                   server["env"])
+    deadline = time.time() + 120
+    while not (tmp_path / "oom" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    (run,) = server_children(server["pid"])
+    os.kill(run, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL

@@ -55,10 +55,14 @@ DIR_ENV = "STEEREXP_SERVER_DIR"
 IDLE_DEFAULT = 600.0
 # environment variables read at import by the libraries a server preloads (a server serves only clients whose
 # values match: see key())
+# values match: see key()). Not: what a run reads when it runs (CUDA_VISIBLE_DEVICES, WANDB_*, HYDRA_FULL_ERROR,
+# STEEREXP_*), which each run reads from its own environment, nor per-login variables (XDG_SESSION_ID, SSH_*)
 IMPORT_ENV_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA",
-                       "NVIDIA", "OMP_", "KMP_", "MKL", "OPENBLAS", "GOTO", "LD_", "TOKENIZERS", "HYDRA",
-                       "WANDB", "XDG_", "LANG", "LC_", "TZ", "STEEREXP_ALLOW_TARGETS", "STEEREXP_BUILT")
-IMPORT_ENV_NAMES = ("HOME", "TMPDIR")
+                       "NVIDIA", "OMP_", "KMP_", "MKL", "OPENBLAS", "GOTO", "LD_", "TOKENIZERS", "TQDM_", "USE_",
+                       "LANG", "LC_", "TZ")
+IMPORT_ENV_NAMES = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
+RUN_ENV_NAMES = ("CUDA_VISIBLE_DEVICES",)  # matches a prefix above, read when CUDA starts (in the run)
+BATCH_ENV = ("CI", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SWEEP_DEVICE")
 # what a default run imports (measured: the modules a run adds to these are ~0.1 s); Hydra's plugins are discovered
 # once too (Plugins.instance(), as hydra.main does first)
 PRELOAD = ("torch", "diffusers", "transformers", "hydra.core.utils", "hydra.core.plugins", "steerexp.run",
@@ -83,6 +87,17 @@ def mode(env=os.environ) -> str:
     raise SystemExit(f"steerexp: error: {ENV}={env.get(ENV)!r}: use auto, 1 (on) or 0 (off)")
 
 
+def batch_job(env=os.environ) -> bool:
+    """CI, a SLURM/PBS/LSF job or a sweep worker: a served run would escape the job's limits (its cgroup, CPUs)."""
+    return any(env.get(k) for k in BATCH_ENV)
+
+
+def should_use(env=os.environ) -> bool:
+    """Whether a command looks for a server: on, or auto outside batch jobs."""
+    chosen = mode(env)
+    return chosen == "on" or (chosen == "auto" and not batch_job(env))
+
+
 def should_start(env=os.environ, interactive: bool | None = None) -> bool:
     """Whether a command that found no server starts one when it ends (see the module docstring)."""
     chosen = mode(env)
@@ -90,8 +105,7 @@ def should_start(env=os.environ, interactive: bool | None = None) -> bool:
         return chosen == "on"
     if interactive is None:
         interactive = os.isatty(0) and os.isatty(2)
-    batch = any(env.get(k) for k in ("CI", "SLURM_JOB_ID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SWEEP_DEVICE"))
-    return bool(interactive) and not batch
+    return bool(interactive) and not batch_job(env)
 
 
 def server_dir(env=os.environ) -> Path:
@@ -109,17 +123,29 @@ def server_dir(env=os.environ) -> Path:
 
 
 def private(folder: Path) -> bool:
-    """The folder and its parent are ours and nobody else can write in them: a socket found there is our
-    server's, not one another user put there to receive our commands' environments."""
+    """Nobody else can change what the folder holds: it is ours and writable by us alone, and every folder above
+    it is ours or root's and writable by its owner alone, or sticky (as /tmp: nobody renames what is not theirs).
+    So a socket found there is our server's, not one another user put there to receive our commands'
+    environments."""
     try:
-        stats = (os.stat(folder), os.stat(folder.parent))
-        return all(st.st_uid == os.getuid() and not st.st_mode & 0o022 for st in stats)
+        st = os.stat(folder)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return False
+        for level in folder.parents:
+            st = os.stat(level)
+            if st.st_uid not in (os.getuid(), 0) or (st.st_mode & 0o022 and not st.st_mode & 0o1000):
+                return False
+        return True
     except OSError:
         return False
 
 
 def make_private(folder: Path) -> None:
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the folder and the levels of it that are missing with mode 0700 (whatever the umask), then check."""
+    missing = [level for level in (folder, *folder.parents) if not level.exists()]
+    for level in reversed(missing):
+        level.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(level, 0o700)
     if not private(folder):
         raise SystemExit(f"steerexp: error: {folder} (or its parent) is not this user's alone; remove it or set "
                          f"{DIR_ENV} to a folder of your own")
@@ -156,7 +182,8 @@ def key(env=os.environ, roots=(PACKAGE, PACKAGE.parent / "hydra_plugins")) -> st
                     parts.append(entry.name)
         except OSError:
             parts.append("-")
-    parts += sorted(f"{k}={v}" for k, v in env.items() if k.startswith(IMPORT_ENV_PREFIXES) or k in IMPORT_ENV_NAMES)
+    parts += sorted(f"{k}={v}" for k, v in env.items()
+                    if (k.startswith(IMPORT_ENV_PREFIXES) or k in IMPORT_ENV_NAMES) and k not in RUN_ENV_NAMES)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -192,12 +219,14 @@ def _lines(sock: socket.socket):
 def serve_command(argv: list[str], env=os.environ) -> int | None:
     """Run `steerexp <argv>` in a matching server's fork: its exit code (negative: killed by that signal),
     or None when no server serves this environment (the caller runs it fresh)."""
-    if mode(env) == "off" or not private(server_dir(env)):
+    if not should_use(env) or not private(server_dir(env)):
         return None
     path = socket_path(key(env), env)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
+        if _peer_uid(sock) != os.getuid():
+            raise ConnectionRefusedError
     except OSError:
         sock.close()
         return None
@@ -218,12 +247,13 @@ def serve_command(argv: list[str], env=os.environ) -> int | None:
         signal.signal(signal.SIGTSTP, forward)
         send(signal.SIGCONT)
 
-    previous = {}
+    # signals this process ignores (nohup, `&` in a script) stay ignored in the run, as a fresh process inherits them
+    ignored = [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
+    previous = {s: signal.signal(s, forward) for s in FORWARDED if s not in ignored}  # before the request: no gap
     started = False
     try:
-        request = {"argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(env), "path0": sys.path[0]}
-        _send_message(sock, request, [0, 1, 2])
-        previous = {s: signal.signal(s, forward) for s in FORWARDED}
+        _send_message(sock, {"argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(env), "path0": sys.path[0],
+                             "ignored": ignored, "process": _process_settings()}, [0, 1, 2])
         for message in _lines(sock):
             if "pid" in message:
                 started = True
@@ -244,12 +274,52 @@ def serve_command(argv: list[str], env=os.environ) -> int | None:
     return 1
 
 
+def _peer_uid(sock: socket.socket) -> int:
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+
+
+def _process_settings() -> dict:
+    """What a process inherits besides its environment, for the run to take on: umask, CPUs, niceness, limits."""
+    import resource
+
+    umask = os.umask(0o22)
+    os.umask(umask)
+    limits = {name: resource.getrlimit(getattr(resource, name))[0] for name in
+              ("RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_FSIZE")}
+    return {"umask": umask, "cpus": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+            "limits": limits}
+
+
+def _take_process_settings(settings: dict) -> None:
+    """In the run: the client's umask, CPUs and limits (a soft limit above the server's hard one stays at it), and
+    its niceness where it is higher (lowering it needs privileges a fresh process would not have had either)."""
+    import resource
+
+    os.umask(settings["umask"])
+    os.sched_setaffinity(0, settings["cpus"])
+    if settings["nice"] > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, settings["nice"])
+    for name, soft in settings["limits"].items():
+        which = getattr(resource, name)
+        hard = resource.getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            soft = hard
+        resource.setrlimit(which, (soft, hard))
+
+
 def exit_as(code: int) -> None:
-    """End this process as the served run ended: its exit code, or death by the same signal."""
+    """End this process as the served run ended: its exit code, or death by the same signal (no core file of this
+    client for a signal that dumps core: the run's is the one that counts)."""
     sys.stdout.flush()
     sys.stderr.flush()
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+        import resource
+
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+            signal.signal(-code, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # SIGKILL and SIGSTOP take no handler: they are already the default
         os.kill(os.getpid(), -code)
         code = 128 - code
     os._exit(code)
@@ -265,7 +335,9 @@ def main() -> None:
     if should_start():
         import atexit
 
-        atexit.register(_start_after_run)  # when this run ends (exit_now runs the exit handlers): no contention
+        # when this run ends (exit_now runs the exit handlers: no contention), for the environment the command
+        # started with (the run changes its own: W&B sets WANDB_SILENT, torch TORCHINDUCTOR_CACHE_DIR)
+        atexit.register(_start_after_run, dict(os.environ))
     from steerexp.cli import main as cli_main
 
     cli_main()
@@ -274,25 +346,29 @@ def main() -> None:
 # ---------------------------------------------------------------- starting, listing and stopping servers
 
 
-def start(wait: bool = False, preload: list[str] = (), idle: float | None = None, quiet: bool = False) -> Path:
+def start(wait: bool = False, preload: list[str] = (), idle: float | None = None, quiet: bool = False,
+          env: dict | None = None) -> Path:
     """Start a detached server for this environment (no-op if one is up or starting); its socket path."""
     import subprocess
 
-    make_private(server_dir())  # first: the folder may be on sys.path
-    k = key()
-    path = socket_path(k)
+    env = dict(os.environ if env is None else env)
+    make_private(server_dir(env))  # first: the folder may be on sys.path
+    k = key(env)
+    path = socket_path(k, env)
     log = open(path.with_suffix(".log"), "ab")
     cmd = [sys.executable, "-m", "steerexp.warmstart", "serve", k]
     cmd += [f"--idle={idle}"] if idle is not None else []
     cmd += [f"--preload={m}" for m in preload]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                            cwd="/", close_fds=True)
+                            cwd="/", close_fds=True, env=env)
     log.close()
-    if wait:  # until it serves (or the server for this key that was already starting does)
+    if wait:  # until it serves, or the server for this key that was already starting does
         import time
 
         deadline = time.time() + 300
-        while not _alive(path) and time.time() < deadline and proc.poll() in (None, 0):
+        while not _alive(path) and time.time() < deadline:
+            if proc.poll() is not None and (proc.returncode != 0 or not _locked(path.with_suffix(".lock"))):
+                break  # it failed, or it found another one starting that has since gone
             time.sleep(0.05)
         if not _alive(path):
             raise SystemExit(f"steerexp: the warm-start server did not start; see {path.with_suffix('.log')}")
@@ -301,12 +377,26 @@ def start(wait: bool = False, preload: list[str] = (), idle: float | None = None
     return path
 
 
-def _start_after_run() -> None:
+def _start_after_run(env: dict) -> None:
     """Start a server at the end of a fresh run; a failure is left in the server's log, never in the run's output."""
     try:
-        start(quiet=True)
+        start(quiet=True, env=env)
     except BaseException:
         pass
+
+
+def _locked(lock_path: Path) -> bool:
+    """Whether a server holds this key's lock (it is up, or starting)."""
+    import fcntl
+
+    try:
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
 
 
 def _alive(path: Path) -> bool:
@@ -326,10 +416,11 @@ def _servers(folder: Path) -> list[tuple[str, int]]:
     for pid_file in sorted(folder.glob("*.pid")) if folder.is_dir() else []:
         try:
             pid = int(pid_file.read_text())
-            os.kill(pid, 0)
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        found.append((pid_file.stem, pid))
+        if b"steerexp.warmstart" in command and pid_file.stem.encode() in command:  # not a reused pid
+            found.append((pid_file.stem, pid))
     return found
 
 
@@ -350,15 +441,28 @@ def stop(folder: Path | None = None, keep: str | None = None) -> list[int]:
 
 
 def _reopen_stdio() -> None:
-    """sys.std* for fds 0-2 as a fresh interpreter would open them (line-buffered stdout on a terminal)."""
-    encoding = sys.stdout.encoding if sys.stdout else "utf-8"
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding=encoding, closefd=False)
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding=encoding, closefd=False, buffering=1 if os.isatty(1) else -1)
-    sys.stderr = sys.__stderr__ = open(2, "w", encoding=encoding, errors="backslashreplace", closefd=False, buffering=1)
+    """sys.std* on fds 0-2 as a fresh interpreter opens them: the server's encodings and error handlers (it
+    started with the client's locale and PYTHONIOENCODING: they are in the key), line-buffered stdout on a
+    terminal, and nothing buffered under PYTHONUNBUFFERED (also in the key)."""
+    import io
+
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    streams = []
+    for fd, old in ((0, sys.__stdin__), (1, sys.__stdout__), (2, sys.__stderr__)):
+        encoding, errors = getattr(old, "encoding", None) or "utf-8", getattr(old, "errors", None) or "strict"
+        if fd == 0:
+            streams.append(io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=encoding, errors=errors))
+            continue
+        raw = io.open(fd, "wb", buffering=0, closefd=False)
+        streams.append(io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=encoding,
+                                        errors=errors, line_buffering=fd == 2 or os.isatty(fd),
+                                        write_through=unbuffered))
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
 
 
 def _run_child(request: dict, fds: list[int]) -> None:
-    """In the forked child: become the client's process, run the command, never return."""
+    """In the forked child (every signal blocked since before the fork): become the client's process, run the
+    command, never return."""
     from steerexp.shutdown import exit_now
 
     code = 1
@@ -373,9 +477,13 @@ def _run_child(request: dict, fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        _take_process_settings(request["process"])
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP):
             signal.signal(s, signal.SIG_DFL)
+        for s in request["ignored"]:
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])  # what was sent meanwhile arrives now, to these dispositions
         if "numpy" in sys.modules:  # its global generator from fresh entropy, as in a new process
             sys.modules["numpy"].random.seed()
         sys.argv = list(request["argv"])
@@ -432,8 +540,14 @@ class Server:
         self.inode = os.stat(self.path).st_ino
 
     def unbind(self) -> None:
+        """Stop taking commands: the socket goes, and the key's lock with it (a new server for the key may start
+        while this one finishes its runs)."""
         if self.listener is None:
             return
+        try:
+            os.close(self.lock_fd)
+        except OSError:
+            pass
         try:
             if os.stat(self.path).st_ino == self.inode:
                 self.path.unlink()
@@ -443,9 +557,17 @@ class Server:
         self.listener = None
 
     def accept(self) -> None:
+        """Take one command; whatever the client does (hangs up, sends garbage), the server goes on."""
         conn, _ = self.listener.accept()
-        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        if uid != os.getuid():  # the folder is private; this is the second lock on the door
+        try:
+            self._start_run(conn)
+        except Exception as err:
+            print(f"{_now()} a request failed: {type(err).__name__}: {err}", flush=True)
+            if conn not in self.clients:
+                conn.close()
+
+    def _start_run(self, conn: socket.socket) -> None:
+        if _peer_uid(conn) != os.getuid():  # the folder is private; this is the second lock on the door
             conn.close()
             return
         try:
@@ -467,16 +589,23 @@ class Server:
         assert torch is None or not torch.cuda.is_initialized(), "CUDA started in the warm-start server"
         sys.stdout.flush()
         sys.stderr.flush()
+        # every signal blocked across the fork: one sent to the run before it has its own dispositions (the
+        # server's SIGTERM handler would swallow it) waits, and arrives when the child unblocks
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         pid = os.fork()
         if pid == 0:
-            self.listener.close()
-            conn.close()
-            os.close(self.lock_fd)  # a long run does not hold the key's lock after the server is gone
-            for other, state in self.clients.items():
-                other.close()
-                os.close(state["pidfd"])
-            request["env"].update(self.import_env)
-            _run_child(request, fds)
+            try:  # the child never comes back into the server's loop
+                self.listener.close()
+                conn.close()
+                os.close(self.lock_fd)  # a long run does not hold the key's lock after the server is gone
+                for other, state in self.clients.items():
+                    other.close()
+                    os.close(state["pidfd"])
+                request["env"].update(self.import_env)
+                _run_child(request, fds)
+            finally:
+                os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         for fd in fds:
             os.close(fd)
         self.clients[conn] = {"pid": pid, "pidfd": os.pidfd_open(pid), "buffer": b"", "argv": request["argv"][1:]}
@@ -489,20 +618,23 @@ class Server:
         """The request (a length, then JSON; stdin, stdout and stderr attached), and any bytes after it."""
         conn.settimeout(10)
         data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-        if not data and not fds:
-            raise EOFError  # a probe (start --wait, status): connected and hung up
-        if len(fds) != 3:
-            for fd in fds:
+        try:
+            if not data and not fds:
+                raise EOFError  # a probe (start --wait, status): connected and hung up
+            if len(fds) != 3:
+                raise ValueError(f"expected stdin, stdout and stderr, got {len(fds)} fds")
+            while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
+                more = conn.recv(1 << 16)
+                if not more:
+                    raise ValueError("the client hung up mid-request")
+                data += more
+            conn.settimeout(None)
+            end = 4 + struct.unpack("!I", data[:4])[0]
+            return json.loads(data[4:end]), fds, data[end:]
+        except BaseException:
+            for fd in fds:  # no later run inherits them
                 os.close(fd)
-            raise ValueError(f"expected stdin, stdout and stderr, got {len(fds)} fds")
-        while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
-            more = conn.recv(1 << 16)
-            if not more:
-                raise ValueError("the client hung up mid-request")
-            data += more
-        conn.settimeout(None)
-        end = 4 + struct.unpack("!I", data[:4])[0]
-        return json.loads(data[4:end]), fds, data[end:]
+            raise
 
     def client_message(self, conn: socket.socket, data: bytes | None = None) -> None:
         """A signal to forward, or the client's hangup (it died: SIGHUP to the run, as a terminal would)."""
@@ -525,8 +657,16 @@ class Server:
 
     @staticmethod
     def _signal(state: dict, signum: int) -> None:
-        try:  # the child is unreaped until its pidfd is read, so its pid (= its process group) is still its own
+        """To the run's process group (the run and what it started). The child is unreaped until its pidfd is read,
+        so its pid is still its own; before its setsid() its group is not yet its pid: then to the child alone
+        (it has every signal blocked until it has its own dispositions)."""
+        try:
             os.killpg(state["pid"], signum)
+        except ProcessLookupError:
+            try:
+                os.kill(state["pid"], signum)
+            except OSError:
+                pass
         except OSError:
             pass
 
@@ -580,7 +720,7 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
 
     folder = server_dir()
     make_private(folder)
-    lock = open(folder / f"{k}.lock", "w")
+    lock = os.open(folder / f"{k}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -605,7 +745,7 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
         print("the sources changed while the server imported them; not serving", flush=True)
         return 1
     gc.freeze()  # the children's collector leaves the imported objects alone: their pages stay shared
-    server = Server(k, idle, folder, lock.fileno())
+    server = Server(k, idle, folder, lock)
     # what the imports set in os.environ (torch: TORCHINDUCTOR_CACHE_DIR): a fresh process's imports would set
     # the same in its own environment (the key covers the variables they read), so each run gets them too
     server.import_env = {name: value for name, value in os.environ.items() if environment.get(name) != value}
@@ -617,9 +757,13 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
     try:
         server.serve()
     finally:
+        retired = server.retiring  # then a new server for the key may hold the lock file and write the pid file
+        if not retired:
+            (folder / f"{k}.lock").unlink(missing_ok=True)  # while still held: no server is starting on it
         server.unbind()
-        (folder / f"{k}.pid").unlink(missing_ok=True)
-        (folder / f"{k}.lock").unlink(missing_ok=True)
+        pid_file = folder / f"{k}.pid"
+        if pid_file.is_file() and pid_file.read_text() == str(os.getpid()):
+            pid_file.unlink()
         print(f"{_now()} exiting", flush=True)
     return 0
 
