@@ -93,15 +93,21 @@ def test_stdout_goes_where_the_shell_sent_it_and_errors_keep_their_exit_code(ser
     assert bad.stderr.startswith("steerexp: error: technique: no option 'nope'") and bad.stderr.count("\n") == 1
 
 
-def test_ctrl_c_reaches_the_run_and_the_client_ends_as_a_fresh_run_would(shipped, server, tmp_path):
-    probe = tmp_path / "probe.json"
-    proc = command(["logger=none", "evaluator=[]", "technique.steps=4000", "hydra.run.dir=interrupted"], tmp_path,
-                   dict(server["env"], PROBE_FILE=str(probe)))
-    ckpt = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+def long_run(server, tmp_path, name: str, **kw) -> tuple[subprocess.Popen, Path]:
+    """A served 4000-step run, once it has written its first checkpoint: the client's process and the probe file."""
+    probe = tmp_path / f"{name}.json"
+    proc = command(["logger=none", "evaluator=[]", "technique.steps=4000", f"hydra.run.dir={name}"], tmp_path,
+                   dict(server["env"], PROBE_FILE=str(probe)), **kw)
+    ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert ckpt.exists(), proc.communicate()[1][-3000:]
+    return proc, probe
+
+
+def test_ctrl_c_reaches_the_run_and_the_client_ends_as_a_fresh_run_would(shipped, server, tmp_path):
+    proc, probe = long_run(server, tmp_path, "interrupted")
     proc.send_signal(signal.SIGINT)  # the client's only: the run is in the server's child, its own session
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]  # the run's exit code (tests/test_recovery.py: the fresh run's)
@@ -111,14 +117,8 @@ def test_ctrl_c_reaches_the_run_and_the_client_ends_as_a_fresh_run_would(shipped
 
 
 def test_a_killed_client_takes_its_run_with_it(shipped, server, tmp_path):
-    probe = tmp_path / "probe.json"
-    proc = command(["logger=none", "evaluator=[]", "technique.steps=4000", "hydra.run.dir=orphan"], tmp_path,
-                   dict(server["env"], PROBE_FILE=str(probe)))
-    ckpt = tmp_path / "orphan" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    runs = [p for p in server_children(server["pid"])]
+    proc, _ = long_run(server, tmp_path, "orphan")
+    runs = server_children(server["pid"])
     assert len(runs) == 1, runs
     proc.kill()  # SIGKILL: the client cannot forward anything; the server sees its socket close
     proc.wait()
@@ -329,11 +329,7 @@ def test_ignored_hangups_stay_ignored_and_a_killed_run_kills_its_client_the_same
     assert proc.returncode == 0 and "run directory:" in out, err[-3000:]
     assert json.loads(probe.read_text())["ppid"] == server["pid"]
 
-    proc = command(["logger=none", "evaluator=[]", "technique.steps=4000", "hydra.run.dir=oom"], tmp_path,
-                   server["env"])
-    deadline = time.time() + 120
-    while not (tmp_path / "oom" / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    proc, _ = long_run(server, tmp_path, "oom")
     (run,) = server_children(server["pid"])
     os.kill(run, signal.SIGKILL)
     proc.communicate(timeout=60)

@@ -219,8 +219,9 @@ def _lines(sock: socket.socket):
 def serve_command(argv: list[str], env=os.environ) -> int | None:
     """Run `steerexp <argv>` in a matching server's fork: its exit code (negative: killed by that signal),
     or None when no server serves this environment (the caller runs it fresh)."""
-    if not should_use(env) or not private(server_dir(env)):
-        return None
+    folder = server_dir(env)
+    if not should_use(env) or not private(folder) or not any(folder.glob("*.sock")):
+        return None  # (no socket at all: no key to compute, ~50 ms of listing sys.path folders saved)
     path = socket_path(key(env), env)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
