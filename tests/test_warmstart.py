@@ -140,10 +140,11 @@ def test_the_key_follows_sources_installs_and_import_time_environment(tmp_path):
     (package / "sub" / "b.py").write_text("y = 2\n")
     env = {"HOME": "/home/u", "PATH": "/bin", "HF_HOME": "/hf", "PWD": "/x"}
     base = warmstart.key(env, roots=[package])
-    for other in ({"PWD": "/elsewhere", "TERM": "xterm"}, {"XDG_SESSION_ID": "7"}, {"CUDA_VISIBLE_DEVICES": "1"},
+    for other in ({"PWD": "/elsewhere", "TERM": "xterm"}, {"XDG_SESSION_ID": "7"}, {"LC_TERMINAL": "iTerm2"},
                   {"WANDB_SILENT": "true"}, {"HYDRA_FULL_ERROR": "1"}):  # per login, or read by the run itself
         assert warmstart.key(dict(env, **other), roots=[package]) == base, other
-    assert warmstart.key(dict(env, TQDM_DISABLE="1"), roots=[package]) != base  # read when tqdm is imported
+    for other in ({"TQDM_DISABLE": "1"}, {"CUDA_VISIBLE_DEVICES": "1"}):  # read at import (tqdm; a device count)
+        assert warmstart.key(dict(env, **other), roots=[package]) != base, other
     assert warmstart.key(dict(env, HF_HOME="/other"), roots=[package]) != base
     assert warmstart.key(dict(env, OMP_NUM_THREADS="1"), roots=[package]) != base
     st = (package / "sub" / "b.py").stat()
@@ -178,7 +179,8 @@ def test_when_a_command_starts_a_server():
 def test_off_means_fresh_and_servers_retire_or_idle_out(shipped, tmp_path):
     """STEEREXP_SERVER=0 bypasses a server; `stop` retires one (it exits, its socket and pid file go, the next
     command runs fresh); one with --idle=1 exits by itself a second after its last run."""
-    env = dict(os.environ, STEEREXP_SERVER="1", STEEREXP_SERVER_DIR=str(tmp_path / "servers"), WANDB_MODE="disabled")
+    env = {k: v for k, v in os.environ.items() if k not in warmstart.BATCH_ENV}
+    env.update(STEEREXP_SERVER="1", STEEREXP_SERVER_DIR=str(tmp_path / "servers"), WANDB_MODE="disabled")
     folder = warmstart.server_dir(env)  # this installation's subfolder
 
     def start(idle: str) -> int:
@@ -266,8 +268,7 @@ def test_a_command_from_a_terminal_starts_a_server_and_the_next_is_served_on_tha
     import pty
     import threading
 
-    batch = ("CI", "SLURM_JOB_ID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SERVER")
-    env = {k: v for k, v in os.environ.items() if k not in batch}
+    env = {k: v for k, v in os.environ.items() if k not in (*warmstart.BATCH_ENV, "STEEREXP_SERVER")}
     env.update(STEEREXP_SERVER_DIR=str(tmp_path / "servers"), WANDB_MODE="disabled")
     folder = warmstart.server_dir(env)
 
@@ -324,7 +325,9 @@ def test_ignored_hangups_stay_ignored_and_a_killed_run_kills_its_client_the_same
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGHUP)  # ignored by the client: nothing forwarded
+    (run,) = server_children(server["pid"])
+    os.kill(run, signal.SIGHUP)  # and ignored by the run itself, as a fresh process would inherit it
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "run directory:" in out, err[-3000:]
     assert json.loads(probe.read_text())["ppid"] == server["pid"]
@@ -334,3 +337,22 @@ def test_ignored_hangups_stay_ignored_and_a_killed_run_kills_its_client_the_same
     os.kill(run, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_the_key_follows_what_a_forked_run_could_not_take_on(tmp_path):
+    """Niceness and limits are inherited, and a fork cannot undo a server's (raising them back needs privileges):
+    a command with other settings has another key, so it starts (and gets) a server of its own settings."""
+    import resource
+
+    def key_with(setup) -> str:
+        def preexec():
+            setup()
+        out = subprocess.run([sys.executable, "-c", "from steerexp import warmstart; print(warmstart.key())"],
+                             capture_output=True, text=True, check=True, preexec_fn=preexec)
+        return out.stdout.strip()
+
+    plain = key_with(lambda: None)
+    assert key_with(lambda: None) == plain
+    assert key_with(lambda: os.nice(5)) != plain
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert key_with(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))) != plain

@@ -55,13 +55,15 @@ DIR_ENV = "STEEREXP_SERVER_DIR"
 IDLE_DEFAULT = 600.0
 # environment variables read at import by the libraries a server preloads (a server serves only clients whose
 # values match: see key())
-# values match: see key()). Not: what a run reads when it runs (CUDA_VISIBLE_DEVICES, WANDB_*, HYDRA_FULL_ERROR,
-# STEEREXP_*), which each run reads from its own environment, nor per-login variables (XDG_SESSION_ID, SSH_*)
+# values match: see key()). Not: what a run reads when it runs (WANDB_*, HYDRA_FULL_ERROR, STEEREXP_*), which each
+# run reads from its own environment, nor per-login variables (XDG_SESSION_ID, SSH_*, a terminal's LC_TERMINAL).
+# CUDA_VISIBLE_DEVICES is in: read when CUDA starts, which is in the run, but a device count cached at import
+# would be the server's
 IMPORT_ENV_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA",
                        "NVIDIA", "OMP_", "KMP_", "MKL", "OPENBLAS", "GOTO", "LD_", "TOKENIZERS", "TQDM_", "USE_",
                        "LANG", "LC_", "TZ")
 IMPORT_ENV_NAMES = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
-RUN_ENV_NAMES = ("CUDA_VISIBLE_DEVICES",)  # matches a prefix above, read when CUDA starts (in the run)
+NOT_IMPORT_ENV = ("LC_TERMINAL", "LC_TERMINAL_VERSION")  # match a prefix above; set by terminals, read by none
 BATCH_ENV = ("CI", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SWEEP_DEVICE")
 # what a default run imports (measured: the modules a run adds to these are ~0.1 s); Hydra's plugins are discovered
 # once too (Plugins.instance(), as hydra.main does first)
@@ -119,7 +121,7 @@ def server_dir(env=os.environ) -> Path:
         root = Path(runtime) / "steerexp" if runtime and os.path.isdir(runtime) else shared
     if len(str(root)) > 60:  # a socket's path has at most 107 bytes: a long folder moves to a short one of its own
         root = Path(f"/tmp/steerexp-{os.getuid()}") / hashlib.sha256(str(root).encode()).hexdigest()[:8]
-    return root / hashlib.sha256(f"{sys.executable}\n{PACKAGE}".encode()).hexdigest()[:12]
+    return root / hashlib.sha256(f"{sys.prefix}\n{PACKAGE}".encode()).hexdigest()[:12]
 
 
 def private(folder: Path) -> bool:
@@ -128,6 +130,7 @@ def private(folder: Path) -> bool:
     So a socket found there is our server's, not one another user put there to receive our commands'
     environments."""
     try:
+        folder = folder.resolve()  # the folders that hold it, not those a symlink's name passes through
         st = os.stat(folder)
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
             return False
@@ -143,9 +146,12 @@ def private(folder: Path) -> bool:
 def make_private(folder: Path) -> None:
     """Create the folder and the levels of it that are missing with mode 0700 (whatever the umask), then check."""
     missing = [level for level in (folder, *folder.parents) if not level.exists()]
-    for level in reversed(missing):
-        level.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(level, 0o700)
+    try:
+        for level in reversed(missing):
+            level.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(level, 0o700)
+    except OSError as err:
+        raise SystemExit(f"steerexp: error: cannot make {folder}: {err}; set {DIR_ENV} to a folder of your own")
     if not private(folder):
         raise SystemExit(f"steerexp: error: {folder} (or its parent) is not this user's alone; remove it or set "
                          f"{DIR_ENV} to a folder of your own")
@@ -164,7 +170,7 @@ def _source_stats(root: Path, out: list) -> None:
 def key(env=os.environ, roots=(PACKAGE, PACKAGE.parent / "hydra_plugins")) -> str:
     """The hash of what a server's imported code and state depend on (see the module docstring). Configs and
     weights are read by each run itself, so they are not part of it."""
-    parts = [sys.executable, sys.version, *map(str, roots)]
+    parts = [sys.prefix, sys.base_prefix, sys.version, *map(str, roots)]  # not sys.executable: python = python3
     for root in roots:
         if Path(root).is_dir():
             _source_stats(Path(root), parts)
@@ -183,7 +189,8 @@ def key(env=os.environ, roots=(PACKAGE, PACKAGE.parent / "hydra_plugins")) -> st
         except OSError:
             parts.append("-")
     parts += sorted(f"{k}={v}" for k, v in env.items()
-                    if (k.startswith(IMPORT_ENV_PREFIXES) or k in IMPORT_ENV_NAMES) and k not in RUN_ENV_NAMES)
+                    if (k.startswith(IMPORT_ENV_PREFIXES) or k in IMPORT_ENV_NAMES) and k not in NOT_IMPORT_ENV)
+    parts += _process_identity()
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -238,7 +245,11 @@ def serve_command(argv: list[str], env=os.environ) -> int | None:
         except OSError:
             pass
 
+    queued: list[int] | None = []  # until the request is sent: a signal line must not precede it
+
     def forward(signum, _frame) -> None:
+        if queued is not None:
+            return queued.append(signum)
         if signum != signal.SIGTSTP:
             return send(signum)
         # Ctrl-Z: the run is in a session of its own (no terminal stops it): stop it, stop here; on `fg`, both go on
@@ -254,7 +265,10 @@ def serve_command(argv: list[str], env=os.environ) -> int | None:
     started = False
     try:
         _send_message(sock, {"argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(env), "path0": sys.path[0],
-                             "ignored": ignored, "process": _process_settings()}, [0, 1, 2])
+                             "ignored": ignored, "umask": _umask()}, [0, 1, 2])
+        pending, queued = queued, None
+        for signum in pending:
+            forward(signum, None)
         for message in _lines(sock):
             if "pid" in message:
                 started = True
@@ -279,33 +293,26 @@ def _peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
 
 
-def _process_settings() -> dict:
-    """What a process inherits besides its environment, for the run to take on: umask, CPUs, niceness, limits."""
+def _process_identity() -> list[str]:
+    """The settings a process inherits that a forked run could not take on from its client (raising niceness or a
+    hard limit back needs privileges; a cgroup is joined, not inherited): a server serves only commands whose
+    settings are its own, and the server, started by such a command, inherits them."""
     import resource
 
+    limits = [f"{name}={resource.getrlimit(getattr(resource, name))}" for name in sorted(dir(resource))
+              if name.startswith("RLIMIT_")]
+    try:
+        cgroup = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        cgroup = "-"
+    return [f"nice={os.getpriority(os.PRIO_PROCESS, 0)}", f"cpus={sorted(os.sched_getaffinity(0))}",
+            f"policy={os.sched_getscheduler(0)}", f"cgroup={cgroup}", *limits]
+
+
+def _umask() -> int:
     umask = os.umask(0o22)
     os.umask(umask)
-    limits = {name: resource.getrlimit(getattr(resource, name))[0] for name in
-              ("RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_FSIZE")}
-    return {"umask": umask, "cpus": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
-            "limits": limits}
-
-
-def _take_process_settings(settings: dict) -> None:
-    """In the run: the client's umask, CPUs and limits (a soft limit above the server's hard one stays at it), and
-    its niceness where it is higher (lowering it needs privileges a fresh process would not have had either)."""
-    import resource
-
-    os.umask(settings["umask"])
-    os.sched_setaffinity(0, settings["cpus"])
-    if settings["nice"] > os.getpriority(os.PRIO_PROCESS, 0):
-        os.setpriority(os.PRIO_PROCESS, 0, settings["nice"])
-    for name, soft in settings["limits"].items():
-        which = getattr(resource, name)
-        hard = resource.getrlimit(which)[1]
-        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
-            soft = hard
-        resource.setrlimit(which, (soft, hard))
+    return umask
 
 
 def exit_as(code: int) -> None:
@@ -391,13 +398,16 @@ def _locked(lock_path: Path) -> bool:
     import fcntl
 
     try:
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
         return False
-    except FileNotFoundError:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
     except OSError:
         return True
+    finally:
+        os.close(fd)
 
 
 def _alive(path: Path) -> bool:
@@ -452,7 +462,8 @@ def _reopen_stdio() -> None:
     for fd, old in ((0, sys.__stdin__), (1, sys.__stdout__), (2, sys.__stderr__)):
         encoding, errors = getattr(old, "encoding", None) or "utf-8", getattr(old, "errors", None) or "strict"
         if fd == 0:
-            streams.append(io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=encoding, errors=errors))
+            streams.append(io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding=encoding, errors=errors,
+                                            newline="\n"))
             continue
         raw = io.open(fd, "wb", buffering=0, closefd=False)
         streams.append(io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=encoding,
@@ -478,7 +489,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        _take_process_settings(request["process"])
+        os.umask(request["umask"])
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP):
             signal.signal(s, signal.SIG_DFL)
@@ -593,7 +604,13 @@ class Server:
         # every signal blocked across the fork: one sent to the run before it has its own dispositions (the
         # server's SIGTERM handler would swallow it) waits, and arrives when the child unblocks
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            for fd in fds:
+                os.close(fd)
+            raise
         if pid == 0:
             try:  # the child never comes back into the server's loop
                 self.listener.close()
@@ -687,9 +704,9 @@ class Server:
         import select
         import time
 
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "retiring", True))
         last = time.monotonic()
         while True:
+            self.retiring = self.retiring or _retire_requested
             if self.retiring and self.listener is not None:
                 self.unbind()
             if self.clients:
@@ -712,12 +729,22 @@ class Server:
                     self.client_message(item)
 
 
+_retire_requested = False
+
+
+def _retire(*_) -> None:
+    global _retire_requested
+    _retire_requested = True
+
+
 def serve(k: str, idle: float, preload: list[str]) -> int:
     """The server's process: take the key's lock (one server per key), preload, listen, retire the others."""
     import fcntl
     import gc
     import importlib
     import time
+
+    signal.signal(signal.SIGTERM, _retire)  # from the start: a `stop` during the imports retires it at once
 
     folder = server_dir()
     make_private(folder)
@@ -760,10 +787,7 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
     try:
         server.serve()
     finally:
-        retired = server.retiring  # then a new server for the key may hold the lock file and write the pid file
-        if not retired:
-            (folder / f"{k}.lock").unlink(missing_ok=True)  # while still held: no server is starting on it
-        server.unbind()
+        server.unbind()  # the lock file stays (one inode per key: two servers never hold two locks for one key)
         pid_file = folder / f"{k}.pid"
         if pid_file.is_file() and pid_file.read_text() == str(os.getpid()):
             pid_file.unlink()
