@@ -356,3 +356,29 @@ def test_the_key_follows_what_a_forked_run_could_not_take_on(tmp_path):
     assert key_with(lambda: os.nice(5)) != plain
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert key_with(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))) != plain
+
+
+def test_ctrl_z_stops_the_run_with_its_client_and_fg_resumes_both(shipped, server, tmp_path):
+    """The run is in a session of its own, so no terminal stops it: the client's SIGTSTP stops the run (SIGSTOP),
+    then the client; SIGCONT to the client (`fg`) resumes the run, which then trains on."""
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    def wait_for(check) -> bool:
+        deadline = time.time() + 30
+        while not check() and time.time() < deadline:
+            time.sleep(0.05)
+        return check()
+
+    proc, _ = long_run(server, tmp_path, "paused")
+    (run,) = server_children(server["pid"])
+    proc.send_signal(signal.SIGTSTP)
+    assert wait_for(lambda: state(run) == "T" and state(proc.pid) == "T")
+    ckpt = tmp_path / "paused" / "checkpoints" / "last.ckpt"
+    stopped_at = ckpt.stat().st_mtime_ns
+    proc.send_signal(signal.SIGCONT)
+    assert wait_for(lambda: state(run) != "T" and state(proc.pid) != "T")
+    assert wait_for(lambda: ckpt.stat().st_mtime_ns != stopped_at)  # training goes on: a new checkpoint
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130

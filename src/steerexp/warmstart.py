@@ -14,18 +14,19 @@ command as the fresh process would have:
 - state from a process that only imported modules (numpy's global generator reseeded from fresh
   entropy, Python's `random` reseeds itself at fork; CUDA never starts in the server).
 
-Which server: one per *key*, the hash of what imported code depends on: the interpreter, the
-modification times and sizes of steerexp's and hydra_plugins' .py files, what the sys.path folders
-hold (the names of installed packages and their versions; top-level modules and .pth files with their
-times), and the environment variables that libraries read
-at import (PYTHON*, HF_*, TORCH*, CUDA*, OMP_*, LANG, LC_*, HOME, XDG_*, ...). Edit a source file or
-install a package and the next command starts fresh and starts a new server; the old one retires
-(finishes its runs, then exits).
+Which server: one per *key*, the hash of what imported code and the server's process depend on: the
+installation, the modification times and sizes of steerexp's and hydra_plugins' .py files, what the
+sys.path folders hold (the names of installed packages and their versions; top-level modules and .pth
+files with their times), the environment variables that libraries read at import (PYTHON*, HF_*,
+TORCH*, CUDA*, OMP_*, TQDM_*, LANG, LC_*, HOME, ...), and what a fork could not undo (niceness,
+resource limits, CPUs, scheduler, cgroup). Edit a source file or install a package and the next command
+starts fresh and starts a new server; the old one retires (finishes its runs, then exits).
 
 When (STEEREXP_SERVER):
-    auto (default)  use a matching server when one is up; start one (after this command's fresh run,
-                    detached) only from an interactive terminal (stdin and stderr are TTYs), never in
-                    CI, in a SLURM job or a sweep worker
+    auto (default)  use a matching server when one is up, outside CI and SLURM/PBS/LSF jobs (a served
+                    run would escape the job's limits) and sweep workers; start one (after this
+                    command's fresh run, detached) only from an interactive terminal (stdin and stderr
+                    are TTYs)
     1 / on          use and start one from scripts too
     0 / off         never: every command is a fresh process
 A server exits after STEEREXP_SERVER_IDLE seconds (default 600) with no run; its sockets, pid files
@@ -54,7 +55,6 @@ IDLE_ENV = "STEEREXP_SERVER_IDLE"
 DIR_ENV = "STEEREXP_SERVER_DIR"
 IDLE_DEFAULT = 600.0
 # environment variables read at import by the libraries a server preloads (a server serves only clients whose
-# values match: see key())
 # values match: see key()). Not: what a run reads when it runs (WANDB_*, HYDRA_FULL_ERROR, STEEREXP_*), which each
 # run reads from its own environment, nor per-login variables (XDG_SESSION_ID, SSH_*, a terminal's LC_TERMINAL).
 # CUDA_VISIBLE_DEVICES is in: read when CUDA starts, which is in the run, but a device count cached at import
@@ -212,10 +212,7 @@ def _send_message(sock: socket.socket, message: dict, fds: list[int] = ()) -> No
 def _lines(sock: socket.socket):
     pending = b""
     while True:
-        try:
-            data = sock.recv(4096)
-        except InterruptedError:
-            continue
+        data = sock.recv(4096)  # a signal handled meanwhile: recv goes on by itself (PEP 475)
         if not data:
             return
         *lines, pending = (pending + data).split(b"\n")
@@ -490,11 +487,9 @@ def _run_child(request: dict, fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         os.umask(request["umask"])
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP):
-            signal.signal(s, signal.SIG_DFL)
-        for s in request["ignored"]:
-            signal.signal(s, signal.SIG_IGN)
+        for s in FORWARDED:  # a fresh interpreter's dispositions, and what the client ignores stays ignored
+            signal.signal(s, signal.SIG_IGN if s in request["ignored"] else
+                          signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])  # what was sent meanwhile arrives now, to these dispositions
         if "numpy" in sys.modules:  # its global generator from fresh entropy, as in a new process
             sys.modules["numpy"].random.seed()
@@ -531,13 +526,13 @@ def _now() -> str:
 
 
 class Server:
-    def __init__(self, k: str, idle: float, folder: Path, lock_fd: int):
+    def __init__(self, k: str, idle: float, folder: Path, lock_fd: int, import_env: dict[str, str]):
         self.key, self.idle, self.folder, self.lock_fd = k, idle, folder, lock_fd
+        self.import_env = import_env  # what the imports set in os.environ: each run gets it too (see serve())
         self.path = folder / f"{k}.sock"
         self.listener: socket.socket | None = None
-        self.clients: dict[socket.socket, dict] = {}  # connection -> {"pid", "pidfd", "buffer"}
+        self.clients: dict[socket.socket, dict] = {}  # connection -> {"pid", "pidfd", "buffer", "argv"}
         self.retiring = False
-        self.import_env: dict[str, str] = {}
 
     def bind(self) -> None:
         """Listen on the key's socket path (bound under a temporary name, then renamed: a client that connects
@@ -584,11 +579,7 @@ class Server:
             return
         try:
             request, fds, rest = self._receive(conn)
-        except EOFError:
-            conn.close()
-            return
-        except (OSError, ValueError) as err:
-            print(f"bad request: {err}", flush=True)
+        except EOFError:  # a probe (start --wait): connected and hung up
             conn.close()
             return
         if self.retiring:
@@ -741,8 +732,9 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
     """The server's process: take the key's lock (one server per key), preload, listen, retire the others."""
     import fcntl
     import gc
-    import importlib
     import time
+
+    from hydra_plugins.steerexp_launchers._zygote import preload as import_once  # the sweeps' fork server's
 
     signal.signal(signal.SIGTERM, _retire)  # from the start: a `stop` during the imports retires it at once
 
@@ -758,11 +750,7 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
         return 1
     os.close(os.pidfd_open(os.getpid()))  # Linux >= 5.3, else fail here (clients then run fresh)
     started, environment = time.time(), dict(os.environ)
-    for name in [*PRELOAD, *preload]:
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # the run's own import then fails with the error, in the run's stderr
-            print(f"could not preload {name}: {type(err).__name__}: {err}", flush=True)
+    import_once([*PRELOAD, *preload])  # a module that fails is left to the run, whose own import then fails
     try:
         from hydra.core.plugins import Plugins
 
@@ -772,13 +760,13 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
     if key(environment) != k:  # a file changed while importing: what is imported may not be what the key says
         print("the sources changed while the server imported them; not serving", flush=True)
         return 1
-    # the children's collector leaves the imported objects alone (their pages stay shared, and a run's model load
-    # took 0.30 s served against 0.64 s without it: benchmarks/startup.py)
+    # the children's collector leaves the imported objects (the plugins' too) alone: their pages stay shared, and a
+    # run's model load took 0.30 s served against 0.64 s without it (benchmarks/startup.py)
     gc.freeze()
-    server = Server(k, idle, folder, lock)
     # what the imports set in os.environ (torch: TORCHINDUCTOR_CACHE_DIR): a fresh process's imports would set
     # the same in its own environment (the key covers the variables they read), so each run gets them too
-    server.import_env = {name: value for name, value in os.environ.items() if environment.get(name) != value}
+    server = Server(k, idle, folder, lock, {name: value for name, value in os.environ.items()
+                                            if environment.get(name) != value})
     server.bind()
     (folder / f"{k}.pid").write_text(str(os.getpid()))
     stop(folder, keep=k)
