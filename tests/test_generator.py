@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -116,6 +117,29 @@ def test_generator_sd_config_runs_a_local_pipeline(tmp_path):
     images = g.generate(["a red circle", "a blue square"], [0, 1], steps=3)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert g.unchanged()
+
+
+def test_a_kept_pipeline_is_taken_once_and_only_while_its_files_are_unchanged(tmp_path):
+    from steerexp.generators import frozen, preload
+
+    path = tiny_sd_pipeline(tmp_path)
+    assert not frozen._KEPT
+    try:
+        preload(str(path))  # what the warm-start server does before it forks runs
+        (kept,) = frozen._KEPT.values()
+        first = load_generator(str(path), device="cpu")
+        assert first.unet is kept.unet and not frozen._KEPT  # taken: the files were not read again
+        second = load_generator(str(path), device="cpu")
+        assert second.unet is not kept.unet  # a second load reads the files
+        assert second.fingerprint() == first.fingerprint()
+        preload(str(path))
+        weights = next(path.glob("unet/*.safetensors"))
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))  # rewritten
+        third = load_generator(str(path), device="cpu")
+        assert third.unet is not next(iter(frozen._KEPT.values())).unet  # stale: read from the files
+        assert load_generator(str(path), device="cpu", dtype="bf16").dtype == torch.bfloat16  # another dtype
+    finally:
+        frozen._KEPT.clear()
 
 
 def test_missing_generator_folder_names_the_path(tmp_path):

@@ -4,8 +4,8 @@ shell sent them, its exit code, Ctrl-C), and is used only when nothing its impor
 
 One server for the module (its own folder under tmp_path; STEEREXP_SERVER=1 for these commands only: conftest
 turns servers off for the rest of the suite). A probe module the server preloads records, at each served run's
-exit, its pid, its parent and whether torch was imported before the command started: the proof a command was
-served, not run fresh.
+exit, its pid, its parent, whether torch was imported before the command started (the proof a command was
+served, not run fresh) and how many generators the server loaded ahead are left unused.
 """
 import json
 import os
@@ -27,8 +27,11 @@ import atexit, json, os, sys, time
 imported = time.time()
 def write():
     if os.environ.get("PROBE_FILE"):
+        frozen = sys.modules.get("steerexp.generators.frozen")
+        media = sys.modules.get("wandb.sdk.data_types._private")
         open(os.environ["PROBE_FILE"], "w").write(json.dumps(
-            {"pid": os.getpid(), "ppid": os.getppid(), "imported": imported, "torch": "torch" in sys.modules}))
+            {"pid": os.getpid(), "ppid": os.getppid(), "imported": imported, "torch": "torch" in sys.modules,
+             "kept": None if frozen is None else len(frozen._KEPT), "media": media and media.MEDIA_TMP.name}))
 atexit.register(write)
 """
 
@@ -67,8 +70,12 @@ def test_a_served_run_gives_what_a_fresh_process_gives(shipped, server, tmp_path
     fresh = subprocess.run([STEERXP, *QUICK, "hydra.run.dir=fresh"], cwd=tmp_path, capture_output=True, text=True,
                            env=dict(server["env"], STEEREXP_SERVER="0"), timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    out, _ = served(server, tmp_path, [*QUICK, "hydra.run.dir=warm"])
+    out, seen = served(server, tmp_path, [*QUICK, "hydra.run.dir=warm"])
     assert out.returncode == 0, out.stderr[-3000:]
+    assert seen["kept"] == 0  # it took the generator the server had loaded (the --help test: the server keeps one)
+    # W&B, imported by the server, made its media folder there: a run's exit must leave it to the server (each
+    # run's exit deleted it, and the next served run that logged an image failed)
+    assert seen["media"] and Path(seen["media"]).is_dir()
     assert out.stderr == fresh.stderr == ""  # the quiet console either way
     assert out.stdout.replace("warm", "fresh").splitlines()[-1] == fresh.stdout.splitlines()[-1]  # the run directory
     metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("fresh", "warm")]
@@ -88,6 +95,7 @@ def test_stdout_goes_where_the_shell_sent_it_and_errors_keep_their_exit_code(ser
                               env=dict(server["env"], PROBE_FILE=str(probe)), timeout=120)
     assert proc.returncode == 0 and "Configuration groups" in (tmp_path / "out.txt").read_text()
     assert json.loads(probe.read_text())["ppid"] == server["pid"]
+    assert json.loads(probe.read_text())["kept"] == 1  # the default generator, loaded by the server for its runs
     bad, _ = served(server, tmp_path, ["technique=nope"], name="bad.json")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("steerexp: error: technique: no option 'nope'") and bad.stderr.count("\n") == 1
@@ -141,9 +149,10 @@ def test_the_key_follows_sources_installs_and_import_time_environment(tmp_path):
     env = {"HOME": "/home/u", "PATH": "/bin", "HF_HOME": "/hf", "PWD": "/x"}
     base = warmstart.key(env, roots=[package])
     for other in ({"PWD": "/elsewhere", "TERM": "xterm"}, {"XDG_SESSION_ID": "7"}, {"LC_TERMINAL": "iTerm2"},
-                  {"WANDB_SILENT": "true"}, {"HYDRA_FULL_ERROR": "1"}):  # per login, or read by the run itself
+                  {"HYDRA_FULL_ERROR": "1"}):  # per login, or read by the run itself
         assert warmstart.key(dict(env, **other), roots=[package]) == base, other
-    for other in ({"TQDM_DISABLE": "1"}, {"CUDA_VISIBLE_DEVICES": "1"}):  # read at import (tqdm; a device count)
+    for other in ({"TQDM_DISABLE": "1"}, {"CUDA_VISIBLE_DEVICES": "1"},  # read at import (tqdm; a device count)
+                  {"WANDB_SILENT": "true"}, {"TIMM_USE_OLD_CACHE": "1"}):  # the server imports wandb and timm
         assert warmstart.key(dict(env, **other), roots=[package]) != base, other
     assert warmstart.key(dict(env, HF_HOME="/other"), roots=[package]) != base
     assert warmstart.key(dict(env, OMP_NUM_THREADS="1"), roots=[package]) != base

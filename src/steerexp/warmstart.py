@@ -11,8 +11,9 @@ command as the fresh process would have:
 - its own session: signals the client receives (Ctrl-C, SIGTERM, SIGHUP, ...) are sent on to the
   child's process group; if the client dies, the child gets SIGHUP, as a terminal's hangup would;
 - its exit status returned as the client's own (a run killed by SIGINT kills the client with SIGINT);
-- state from a process that only imported modules (numpy's global generator reseeded from fresh
-  entropy, Python's `random` reseeds itself at fork; CUDA never starts in the server).
+- state from a process that only imported modules and read the default run's files (numpy's global
+  generator reseeded from fresh entropy, Python's `random` reseeds itself at fork, the server's exit-time
+  cleanups left to the server; CUDA never starts in the server).
 
 Which server: one per *key*, the hash of what imported code and the server's process depend on: the
 installation, the modification times and sizes of steerexp's and hydra_plugins' .py files, what the
@@ -55,22 +56,27 @@ IDLE_ENV = "STEEREXP_SERVER_IDLE"
 DIR_ENV = "STEEREXP_SERVER_DIR"
 IDLE_DEFAULT = 600.0
 # environment variables read at import by the libraries a server preloads (a server serves only clients whose
-# values match: see key()). Not: what a run reads when it runs (WANDB_*, HYDRA_FULL_ERROR, STEEREXP_*), which each
-# run reads from its own environment, nor per-login variables (XDG_SESSION_ID, SSH_*, a terminal's LC_TERMINAL).
+# values match: see key()). W&B's and timm's are in (both imported here: timm reads TIMM_* at import). Not: what
+# only a run reads (HYDRA_FULL_ERROR, STEEREXP_*), from its own environment, nor per-login variables
+# (XDG_SESSION_ID, SSH_*, a terminal's LC_TERMINAL).
 # CUDA_VISIBLE_DEVICES is in: read when CUDA starts, which is in the run, but a device count cached at import
 # would be the server's
 IMPORT_ENV_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA",
                        "NVIDIA", "OMP_", "KMP_", "MKL", "OPENBLAS", "GOTO", "LD_", "TOKENIZERS", "TQDM_", "USE_",
-                       "LANG", "LC_", "TZ")
+                       "LANG", "LC_", "TZ", "TIMM_", "WANDB_")
 IMPORT_ENV_NAMES = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
 NOT_IMPORT_ENV = ("LC_TERMINAL", "LC_TERMINAL_VERSION")  # match a prefix above; set by terminals, read by none
 BATCH_ENV = ("CI", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SWEEP_DEVICE")
-# what a default run imports (measured: the modules a run adds to these are ~0.1 s); Hydra's plugins are discovered
-# once too (Plugins.instance(), as hydra.main does first)
+# what a default run imports (the README's main job: textual inversion, its four evaluators, W&B), so a served run
+# imports ~0.1 s more. Without the evaluators' modules (open_clip pulls in timm, torchvision and wandb) and W&B's,
+# each served default run spent 2.5-4 s importing them. A module that is not installed is left to the run. Hydra's
+# plugins are discovered once too (Plugins.instance(), as hydra.main does first)
 PRELOAD = ("torch", "diffusers", "transformers", "hydra.core.utils", "hydra.core.plugins", "steerexp.run",
            "steerexp.cli", "steerexp.generators.sd", "steerexp.trainer", "steerexp.targets",
            "steerexp.objectives.composite", "steerexp.objectives.denoising", "steerexp.techniques.textual_inversion",
-           "diffusers.guiders")
+           "diffusers.guiders", "steerexp.evaluators.concept", "steerexp.evaluators.leakage",
+           "steerexp.evaluators.clip", "steerexp.evaluators.memorisation", "steerexp.worlds.shapes.judge",
+           "steerexp.scorers.clip", "steerexp.logging.wandb", "wandb")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
              signal.SIGTSTP)
 PACKAGE = Path(__file__).resolve().parent
@@ -472,6 +478,7 @@ def _reopen_stdio() -> None:
 def _run_child(request: dict, fds: list[int]) -> None:
     """In the forked child (every signal blocked since before the fork): become the client's process, run the
     command, never return."""
+    from hydra_plugins.steerexp_launchers._zygote import become_new_process
     from steerexp.shutdown import exit_now
 
     code = 1
@@ -491,8 +498,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
             signal.signal(s, signal.SIG_IGN if s in request["ignored"] else
                           signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])  # what was sent meanwhile arrives now, to these dispositions
-        if "numpy" in sys.modules:  # its global generator from fresh entropy, as in a new process
-            sys.modules["numpy"].random.seed()
+        become_new_process()  # numpy's generator reseeded; the server's exit-time cleanups stay the server's
         sys.argv = list(request["argv"])
         sys.path[0] = request["path0"]  # the client's script folder, not the server's
         from steerexp.cli import main as cli_main
@@ -720,6 +726,29 @@ class Server:
                     self.client_message(item)
 
 
+def warm_caches() -> None:
+    """What a default run reads from files, read once here for every run forked after: the default config's
+    validation fills its tokenizer caches (0.3 s), and the default generator's pipeline is loaded and kept for the
+    first run that loads the same files (0.3 s; generators.frozen.keep_loaded). A served run that loads other
+    files reads them itself. A failure here is printed and left to the runs, which meet it themselves."""
+    try:
+        from hydra import compose, initialize_config_dir
+
+        from steerexp import generators
+        from steerexp.cli import conf_dir
+        from steerexp.validate import validate
+
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="steerexp"):
+            cfg = compose(config_name="config")
+        validate(cfg)
+        g = cfg.generator
+        if g.get("_target_") == "steerexp.generators.load_generator":
+            generators.preload(g.get("path"), g.get("dtype", "fp32"), g.get("embedded") or "shapes")
+    except Exception as err:
+        print(f"could not warm the default run's caches: {type(err).__name__}: {str(err).splitlines()[0]}",
+              flush=True)
+
+
 _retire_requested = False
 
 
@@ -757,6 +786,7 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
         Plugins.instance()
     except Exception as err:
         print(f"could not discover Hydra's plugins: {type(err).__name__}: {err}", flush=True)
+    warm_caches()
     if key(environment) != k:  # a file changed while importing: what is imported may not be what the key says
         print("the sources changed while the server imported them; not serving", flush=True)
         return 1
@@ -820,7 +850,8 @@ def _cli(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = _cli(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown of torch & co. (seconds of CPU, and triton's leak reports)
+    from steerexp.shutdown import exit_now
+
+    # no interpreter teardown of torch & co. (seconds of CPU, and triton's leak reports); the exit handlers run: a
+    # server's clean up after the imports it made (W&B's temporary media folder)
+    exit_now(_cli(sys.argv[1:]))

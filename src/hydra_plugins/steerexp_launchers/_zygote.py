@@ -14,9 +14,9 @@ process of its own, as a worker would be:
 - stdout and stderr in the job's stdout.log, no fd of the server's but the launcher's pipe;
 - the launcher-death watch restarted (threads do not survive fork) on that pipe, whose write end only
   the launcher holds: the job still dies with its launcher (_worker.watch_launcher);
-- fresh global state: it starts from the server's, which only imported modules (numpy's global random
-  generator is reseeded from fresh entropy, as Python's `random` reseeds itself at fork); a crash or
-  os._exit in it ends that process only.
+- fresh global state: it starts from the server's, which only imported modules (`become_new_process`:
+  numpy's global random generator reseeded, the server's exit-time cleanups left to the server); a crash
+  or os._exit in it ends that process only.
 
 The server answers each request with the child's pid, reaps its children (a pidfd each) and sends
 each exit code as subprocess reports one (-N: killed by signal N). It starts no thread and holds no
@@ -25,6 +25,7 @@ died) without waiting for children: by then they have ended, or die with the lau
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import json
@@ -32,7 +33,9 @@ import os
 import select
 import socket
 import sys
+import tempfile
 import traceback
+import weakref
 
 from hydra_plugins.steerexp_launchers import _worker
 
@@ -46,6 +49,23 @@ def preload(modules: list[str]) -> None:
         except Exception as err:
             print(f"steerexp fork server: could not preload {name}: {type(err).__name__}: {err}", flush=True)
     gc.freeze()  # the children's garbage collector leaves the imported objects alone: their pages stay shared
+
+
+def become_new_process() -> None:
+    """In a child just forked from a server that imported modules (this one, or steerexp.warmstart's): the
+    process-wide state a new interpreter would have, not the server's.
+    - numpy's global generator from fresh entropy (Python's `random` reseeds itself at fork);
+    - the cleanups the server registered for its own exit stay the server's: its weakref finalizers are detached
+      here, and the exit handlers of its temporary folders unregistered. W&B makes a temporary folder for media
+      when imported and deletes it at exit: run at each child's exit, that deleted the folder the server's later
+      children wrote their images into (the server deletes it when it exits)."""
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    for finalizer in list(weakref.finalize._registry):  # noqa: SLF001 (no public way to list them)
+        owner = finalizer.peek()
+        finalizer.detach()
+        if owner is not None and isinstance(owner[0], tempfile.TemporaryDirectory):
+            atexit.unregister(owner[0].cleanup)
 
 
 def send(sock, **message) -> None:
@@ -75,8 +95,7 @@ def fork_job(request: dict, sock, lifeline: int, pidfds) -> int:
         if request["device"] is not None:
             os.environ.update(CUDA_VISIBLE_DEVICES=request["device"], STEEREXP_SWEEP_DEVICE=request["device"])
         os.environ[_worker.PARENT_FD_ENV] = str(lifeline)
-        if "numpy" in sys.modules:  # its global generator from fresh entropy, as in a new process
-            sys.modules["numpy"].random.seed()
+        become_new_process()
         sys.argv = [_worker.__file__, request["spec"]]
         code = _worker.main([request["spec"]])
     except BaseException:
@@ -120,9 +139,9 @@ def main(argv: list[str]) -> None:
     except BaseException:
         traceback.print_exc()  # into the sweep's .sweep/fork_server.log; the launcher falls back to fresh processes
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown of torch & co. (~1.7 s of CPU)
+    # no interpreter teardown of torch & co. (~1.7 s of CPU); the exit handlers run: the imports' own clean-up (W&B's
+    # temporary media folder, which the jobs no longer use: they have ended by now, or die with the launcher)
+    _worker.exit_now(code)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,13 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hydra_plugins.steerexp_launchers import jobs as J
+from steerexp import warmstart
 
 log = logging.getLogger(__name__)
 
-# what a steerexp job imports that costs (torch ~1.5 s, diffusers ~1.7, transformers ~0.3, steerexp.run with
-# diffusers' models ~1.7 s of CPU here); the rest of a job's imports come to ~0.1 s
-PRELOAD = ("torch", "diffusers", "transformers", "steerexp.run", "steerexp.cli", "steerexp.generators.sd",
-           "hydra.core.utils", "cloudpickle")
+# what a steerexp job imports that costs: the warm-start server's list (torch, diffusers, transformers, steerexp.run,
+# the default evaluators, open_clip, W&B), and cloudpickle for the job's function
+PRELOAD = (*warmstart.PRELOAD, "cloudpickle")
 
 
 @dataclass

@@ -146,6 +146,16 @@ def embedded_path(name: str = "shapes") -> Path:
     return (ASSETS if name in SHIPPED else built_assets()) / name
 
 
+def preload(path: str | None = None, dtype: str = "fp32", embedded: str = "shapes") -> None:
+    """Load now the pipeline `load_generator(path, dtype=dtype, embedded=embedded)` would read, and keep it for this
+    process's (or a forked child's) first load of the same files (frozen.keep_loaded): the warm-start server's."""
+    from steerexp.generators.frozen import keep_loaded
+
+    folder = path or embedded_path(embedded)
+    with keep_loaded():
+        family_class(pipeline_class_of(folder)).load(folder, dtype)
+
+
 def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32", embedded: str = "shapes"):
     """An embedded generator (path None: `embedded`, the shapes UNet or shapes_flow) or any supported pipeline
     folder / hub id. `world` says what it draws: "shapes" for the embedded ones or any pipeline
