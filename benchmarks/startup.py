@@ -3,6 +3,7 @@
     python benchmarks/startup.py                # the breakdown and the targets (median of 3 runs each)
     python benchmarks/startup.py --repeat 5     # more runs per figure
     python benchmarks/startup.py --json out.json
+    python benchmarks/startup.py --main-job     # also the README's main job (evaluators, W&B): where its time goes
 
 Each figure is a real `steerexp` command (the console script's own code path), timed from spawn to
 exit by this script, in two modes, interleaved in one run:
@@ -95,7 +96,7 @@ def load_average() -> float:
 
 def child_env(pythonpath: str | None, workdir: Path, server_dir: Path | None) -> dict:
     """cold: STEEREXP_SERVER=0 (a fresh process, whatever servers run); warm: the benchmark's own server folder."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WANDB_MODE="disabled")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # W&B as the user has it (steerexp's default: offline)
     env.pop("PYTHONWARNINGS", None)
     paths = [str(workdir / "modules")] + ([str(Path(pythonpath) / "src")] if pythonpath else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -231,6 +232,8 @@ def main() -> None:
     ap.add_argument("--pythonpath", default=None, help="measure the checkout in this folder (its src/ first)")
     ap.add_argument("--modes", default="cold,warm", help="cold (fresh processes), warm (a warm-start server), or both")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--main-job", action="store_true", help="also time the README's main job: `steerexp` with its "
+                    "default evaluators and W&B logger, technique.steps=10")
     opts = ap.parse_args()
     modes = [m for m in opts.modes.split(",") if m]
     assert set(modes) <= {"cold", "warm"}, f"--modes takes cold and/or warm, got {opts.modes}"
@@ -250,7 +253,7 @@ def main() -> None:
             pid, seconds, rss = start_server(work, envs["warm"])
             clocks["warm"] = Clock(pid)
             results["server"] = {"start_s": seconds, "rss_mb": rss}
-        runs = {m: {"short": [], "long": [], "help": []} for m in modes}
+        runs = {m: {"short": [], "long": [], "help": [], "main": []} for m in modes}
         try:
             for _ in range(opts.repeat):  # interleaved, so that a change in the machine's load hits every figure
                 for m in modes:
@@ -259,6 +262,8 @@ def main() -> None:
                     runs[m]["short"].append(timed_run(base + ["technique.steps=10"], work, envs[m], clocks[m], warm))
                     runs[m]["long"].append(timed_run(base + [f"technique.steps={opts.steps}"], work, envs[m],
                                                      clocks[m], warm))
+                    if opts.main_job:
+                        runs[m]["main"].append(timed_run(["technique.steps=10"], work, envs[m], clocks[m], warm))
         finally:
             if "warm" in modes:
                 subprocess.run([sys.executable, "-m", "steerexp.warmstart", "stop"], env=envs["warm"],
@@ -270,6 +275,16 @@ def main() -> None:
               "warm": "warm: the commands served by a warm-start server (python -m steerexp.warmstart)"}
     for m in modes:
         results[m] = report(labels[m], *(median_run(runs[m][k]) for k in ("short", "long", "help")), opts.steps)
+        results[m]["runs"] = runs[m]  # every command's figures, not only the medians
+    if opts.main_job:
+        print("\nthe main job (`steerexp technique.steps=10`: its four evaluators, W&B offline), wall seconds")
+        print(f"{'phase':<18}" + "".join(f"{m:>9}" for m in modes))
+        main_runs = {m: median_run(runs[m]["main"]) for m in modes}
+        for k in PHASES:
+            print(f"{k:<18}" + "".join(f"{main_runs[m]['phases'][k]:9.2f}" for m in modes))
+        print(f"{'wall':<18}" + "".join(f"{main_runs[m]['wall']:9.2f}" for m in modes))
+        for m in modes:
+            results[m]["main"] = main_runs[m]
     if "server" in results:
         print(f"\nthe server's own start (imports once, then it serves): {results['server']['start_s']:.2f} s wall; "
               f"its RSS {results['server']['rss_mb']:.0f} MB")

@@ -379,7 +379,9 @@ def test_ctrl_z_stops_the_run_with_its_client_and_fg_resumes_both(shipped, serve
             time.sleep(0.05)
         return check()
 
-    proc, _ = long_run(server, tmp_path, "paused")
+    # the client in a process group of its own in pytest's session, as a shell runs a job: the kernel discards a
+    # SIGTSTP sent to a process of an orphaned group (pytest's own, when pytest was started in the background)
+    proc, _ = long_run(server, tmp_path, "paused", process_group=0)
     (run,) = server_children(server["pid"])
     proc.send_signal(signal.SIGTSTP)
     assert wait_for(lambda: state(run) == "T" and state(proc.pid) == "T")

@@ -106,7 +106,7 @@ def _drop_unused_run_dir() -> None:
 
 def _main(cfg: DictConfig) -> float | None:
     try:
-        # the whole config, before torch, Lightning or any model loads (seconds, not minutes)
+        # the whole config, before torch or any model loads (seconds, not minutes)
         try:
             warnings = validate(cfg)
         except ConfigError:

@@ -68,9 +68,9 @@ IMPORT_ENV_NAMES = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_
 NOT_IMPORT_ENV = ("LC_TERMINAL", "LC_TERMINAL_VERSION")  # match a prefix above; set by terminals, read by none
 BATCH_ENV = ("CI", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SWEEP_DEVICE")
 # what a default run imports (the README's main job: textual inversion, its four evaluators, W&B), so a served run
-# imports ~0.1 s more. Without the evaluators' modules (open_clip pulls in timm, torchvision and wandb) and W&B's,
-# each served default run spent 2.5-4 s importing them. A module that is not installed is left to the run. Hydra's
-# plugins are discovered once too (Plugins.instance(), as hydra.main does first)
+# imports 0.05 s more (measured). Without the evaluators' modules (open_clip pulls in timm, torchvision and wandb)
+# and W&B's, each served default run spent 2.5-4 s importing them. A module that is not installed is left to the
+# run. Hydra's plugins are discovered once too (Plugins.instance(), as hydra.main does first)
 PRELOAD = ("torch", "diffusers", "transformers", "hydra.core.utils", "hydra.core.plugins", "steerexp.run",
            "steerexp.cli", "steerexp.generators.sd", "steerexp.trainer", "steerexp.targets",
            "steerexp.objectives.composite", "steerexp.objectives.denoising", "steerexp.techniques.textual_inversion",
@@ -790,8 +790,9 @@ def serve(k: str, idle: float, preload: list[str]) -> int:
     if key(environment) != k:  # a file changed while importing: what is imported may not be what the key says
         print("the sources changed while the server imported them; not serving", flush=True)
         return 1
-    # the children's collector leaves the imported objects (the plugins' too) alone: their pages stay shared, and a
-    # run's model load took 0.30 s served against 0.64 s without it (benchmarks/startup.py)
+    # the children's collector leaves the imported objects (the plugins' and the kept generator's too) alone: their
+    # pages stay shared, and a run's model load (before the server kept the generator) took 0.30 s served against
+    # 0.64 s without it (benchmarks/startup.py)
     gc.freeze()
     # what the imports set in os.environ (torch: TORCHINDUCTOR_CACHE_DIR): a fresh process's imports would set
     # the same in its own environment (the key covers the variables they read), so each run gets them too
