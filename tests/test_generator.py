@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,9 +139,67 @@ def test_a_kept_pipeline_is_taken_once_and_only_while_its_files_are_unchanged(tm
         os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))  # rewritten
         third = load_generator(str(path), device="cpu")
         assert third.unet is not next(iter(frozen._KEPT.values())).unet  # stale: read from the files
-        assert load_generator(str(path), device="cpu", dtype="bf16").dtype == torch.bfloat16  # another dtype
+        frozen._KEPT.clear()
+        preload(str(path))
+        (kept,) = frozen._KEPT.values()
+        assert load_generator(str(path), device="cpu", dtype="bf16").unet is not kept.unet  # another dtype
+        assert load_generator(str(path), device="cpu").unet is kept.unet
+        linked = tmp_path / "linked"  # a component folder that is a link: its files count too
+        linked.mkdir()
+        for part in path.iterdir():
+            (linked / part.name).symlink_to(part.resolve())
+        preload(str(linked))
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+        assert load_generator(str(linked), device="cpu").unet is not next(iter(frozen._KEPT.values())).unet
     finally:
         frozen._KEPT.clear()
+
+
+def test_a_load_that_draws_random_numbers_is_not_kept(tmp_path):
+    """Weights missing from the files are initialised at random: a run does that after seeding, not the server."""
+    from safetensors.torch import load_file, save_file
+
+    from steerexp.generators import frozen, preload
+
+    path = tiny_sd_pipeline(tmp_path)
+    weights = next((path / "text_encoder").glob("*.safetensors"))
+    tensors = load_file(weights)
+    del tensors[next(k for k in tensors if k.endswith("fc1.weight"))]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    try:
+        preload(str(path))
+        assert not frozen._KEPT
+    finally:
+        frozen._KEPT.clear()
+
+
+FORK_AFTER_PRELOAD = """
+import os, sys, time, torch
+from steerexp.generators import preload
+torch.set_num_threads(2)
+preload(None, "bf16")  # casts on every thread it may use
+pid = os.fork()
+if pid == 0:
+    x = torch.randn(1000, 1000)
+    (x @ x).sum()
+    torch.randn(4000, 4000).to(torch.bfloat16)
+    os._exit(0)
+deadline = time.time() + 60
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        os._exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.05)
+os.kill(pid, 9)
+os._exit(3)
+"""
+
+
+def test_a_child_forked_after_a_preload_runs_multithreaded_ops():
+    """GNU OpenMP's threads do not survive a fork: a child forked after a multi-threaded op hangs at its own first
+    one (it did after a bf16 preload); preload runs on one thread."""
+    out = subprocess.run([sys.executable, "-c", FORK_AFTER_PRELOAD], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
 
 
 def test_missing_generator_folder_names_the_path(tmp_path):

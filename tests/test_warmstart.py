@@ -67,12 +67,14 @@ def served(server, tmp_path, args, name="probe.json", **kw):
 
 
 def test_a_served_run_gives_what_a_fresh_process_gives(shipped, server, tmp_path):
+    _, before = served(server, tmp_path, ["--help"], name="help.json")
+    assert before["kept"] == 1  # the default generator, loaded by the server for its runs
     fresh = subprocess.run([STEERXP, *QUICK, "hydra.run.dir=fresh"], cwd=tmp_path, capture_output=True, text=True,
                            env=dict(server["env"], STEEREXP_SERVER="0"), timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     out, seen = served(server, tmp_path, [*QUICK, "hydra.run.dir=warm"])
     assert out.returncode == 0, out.stderr[-3000:]
-    assert seen["kept"] == 0  # it took the generator the server had loaded (the --help test: the server keeps one)
+    assert seen["kept"] == 0  # it took its copy of the generator the server had loaded
     # W&B, imported by the server, made its media folder there: a run's exit must leave it to the server (each
     # run's exit deleted it, and the next served run that logged an image failed)
     assert seen["media"] and Path(seen["media"]).is_dir()
@@ -149,10 +151,10 @@ def test_the_key_follows_sources_installs_and_import_time_environment(tmp_path):
     env = {"HOME": "/home/u", "PATH": "/bin", "HF_HOME": "/hf", "PWD": "/x"}
     base = warmstart.key(env, roots=[package])
     for other in ({"PWD": "/elsewhere", "TERM": "xterm"}, {"XDG_SESSION_ID": "7"}, {"LC_TERMINAL": "iTerm2"},
-                  {"HYDRA_FULL_ERROR": "1"}):  # per login, or read by the run itself
-        assert warmstart.key(dict(env, **other), roots=[package]) == base, other
+                  {"HYDRA_FULL_ERROR": "1"}, {"WANDB_SILENT": "true"}, {"WANDB_NAME": "a"}):  # per login, or
+        assert warmstart.key(dict(env, **other), roots=[package]) == base, other  # read by the run itself
     for other in ({"TQDM_DISABLE": "1"}, {"CUDA_VISIBLE_DEVICES": "1"},  # read at import (tqdm; a device count)
-                  {"WANDB_SILENT": "true"}, {"TIMM_USE_OLD_CACHE": "1"}):  # the server imports wandb and timm
+                  {"WANDB_DEBUG": "1"}, {"TIMM_USE_OLD_CACHE": "1"}):  # the server imports wandb and timm
         assert warmstart.key(dict(env, **other), roots=[package]) != base, other
     assert warmstart.key(dict(env, HF_HOME="/other"), roots=[package]) != base
     assert warmstart.key(dict(env, OMP_NUM_THREADS="1"), roots=[package]) != base

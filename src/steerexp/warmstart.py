@@ -56,15 +56,16 @@ IDLE_ENV = "STEEREXP_SERVER_IDLE"
 DIR_ENV = "STEEREXP_SERVER_DIR"
 IDLE_DEFAULT = 600.0
 # environment variables read at import by the libraries a server preloads (a server serves only clients whose
-# values match: see key()). W&B's and timm's are in (both imported here: timm reads TIMM_* at import). Not: what
-# only a run reads (HYDRA_FULL_ERROR, STEEREXP_*), from its own environment, nor per-login variables
-# (XDG_SESSION_ID, SSH_*, a terminal's LC_TERMINAL).
+# values match: see key()): timm's TIMM_* and the few WANDB_* that W&B reads when imported. Not: what only a run
+# reads (HYDRA_FULL_ERROR, STEEREXP_*, WANDB_NAME, WANDB_MODE, ...), from its own environment, nor per-login
+# variables (XDG_SESSION_ID, SSH_*, a terminal's LC_TERMINAL).
 # CUDA_VISIBLE_DEVICES is in: read when CUDA starts, which is in the run, but a device count cached at import
 # would be the server's
 IMPORT_ENV_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "CUDA",
                        "NVIDIA", "OMP_", "KMP_", "MKL", "OPENBLAS", "GOTO", "LD_", "TOKENIZERS", "TQDM_", "USE_",
-                       "LANG", "LC_", "TZ", "TIMM_", "WANDB_")
-IMPORT_ENV_NAMES = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
+                       "LANG", "LC_", "TZ", "TIMM_")
+IMPORT_ENV_NAMES = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "WANDB_DEBUG",
+                    "WANDB_INSECURE_DISABLE_SSL", "WANDB_HTTP_TIMEOUT", "WANDB_FILE_PUSHER_TIMEOUT")
 NOT_IMPORT_ENV = ("LC_TERMINAL", "LC_TERMINAL_VERSION")  # match a prefix above; set by terminals, read by none
 BATCH_ENV = ("CI", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "STEEREXP_LAUNCHER_FD", "STEEREXP_SWEEP_DEVICE")
 # what a default run imports (the README's main job: textual inversion, its four evaluators, W&B), so a served run
@@ -728,9 +729,10 @@ class Server:
 
 def warm_caches() -> None:
     """What a default run reads from files, read once here for every run forked after: the default config's
-    validation fills its tokenizer caches (0.3 s), and the default generator's pipeline is loaded and kept for the
-    first run that loads the same files (0.3 s; generators.frozen.keep_loaded). A served run that loads other
-    files reads them itself. A failure here is printed and left to the runs, which meet it themselves."""
+    validation fills its tokenizer caches (0.3 s), and the default generator's pipeline is loaded and kept: each
+    run forked after takes its own copy at its first load of the same files (0.3 s; generators.frozen.keep_loaded).
+    A served run that loads other files reads them itself. A failure here is printed and left to the runs, which
+    meet it themselves."""
     try:
         from hydra import compose, initialize_config_dir
 

@@ -55,10 +55,11 @@ def become_new_process() -> None:
     """In a child just forked from a server that imported modules (this one, or steerexp.warmstart's): the
     process-wide state a new interpreter would have, not the server's.
     - numpy's global generator from fresh entropy (Python's `random` reseeds itself at fork);
-    - the cleanups the server registered for its own exit stay the server's: its weakref finalizers are detached
-      here, and the exit handlers of its temporary folders unregistered. W&B makes a temporary folder for media
-      when imported and deletes it at exit: run at each child's exit, that deleted the folder the server's later
-      children wrote their images into (the server deletes it when it exits)."""
+    - the server's temporary folders stay the server's: its weakref finalizers are detached here, and the exit
+      handlers of its TemporaryDirectory objects unregistered (its other exit handlers still run in each child, as
+      they did). W&B makes a temporary folder for media when imported and deletes it at exit: run at each child's
+      exit, that deleted the folder the server's later children wrote their images into (the server deletes it
+      when it exits)."""
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     for finalizer in list(weakref.finalize._registry):  # noqa: SLF001 (no public way to list them)
@@ -139,6 +140,10 @@ def main(argv: list[str]) -> None:
     except BaseException:
         traceback.print_exc()  # into the sweep's .sweep/fork_server.log; the launcher falls back to fresh processes
         code = 1
+    if code:  # jobs may still run: leave what they use (W&B's temporary media folder) in place
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     # no interpreter teardown of torch & co. (~1.7 s of CPU); the exit handlers run: the imports' own clean-up (W&B's
     # temporary media folder, which the jobs no longer use: they have ended by now, or die with the launcher)
     _worker.exit_now(code)

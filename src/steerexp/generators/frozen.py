@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +136,8 @@ _keeping = False
 def keep_loaded():
     """Pipelines loaded from local folders inside are also kept for this process (and the processes forked from
     it): the first `load_pipeline` of the same class, folder, dtype and options takes the kept one, if no file in
-    the folder changed since (sizes and times); later loads read the files again."""
+    the folder changed since (sizes, times, inodes; linked folders followed); later loads read the files again. A
+    load that drew random numbers (weights missing from the files) is not kept."""
     global _keeping
     _keeping = True
     try:
@@ -145,9 +147,12 @@ def keep_loaded():
 
 
 def _kept_key(cls, local: Path, dtype: str, kwargs: dict) -> tuple:
-    files = sorted((str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in local.rglob("*") if p.is_file())
-    return cls, str(local.resolve()), dtype, repr(sorted(kwargs.items())), tuple(files)
+    files = []
+    for folder, _, names in os.walk(local, followlinks=True):  # a component folder may be a link to another place
+        for name in names:
+            st = os.stat(os.path.join(folder, name))  # the linked file's own size and time
+            files.append((os.path.relpath(os.path.join(folder, name), local), st.st_size, st.st_mtime_ns, st.st_ino))
+    return cls, str(local.resolve()), dtype, repr(sorted(kwargs.items())), tuple(sorted(files))
 
 
 def load_pipeline(cls, path: str | Path, dtype: str = "fp32", **kwargs):
@@ -157,6 +162,7 @@ def load_pipeline(cls, path: str | Path, dtype: str = "fp32", **kwargs):
     key = _kept_key(cls, local, dtype, kwargs) if local.is_dir() and (_KEPT or _keeping) else None
     if key in _KEPT:
         return _KEPT.pop(key)
+    rng = torch.get_rng_state() if _keeping else None
     try:
         with _no_loading_bars():
             pipe = cls.from_pretrained(str(local) if local.exists() else path_str, **{_DTYPE_KWARG: DTYPES[dtype]},
@@ -164,7 +170,9 @@ def load_pipeline(cls, path: str | Path, dtype: str = "fp32", **kwargs):
     except OSError as err:
         raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
                                 f"is unreachable or has no such model): {err}") from err
-    if _keeping and key is not None:
+    # not kept when the load drew random numbers (weights missing from the files, initialised at random): a run
+    # initialises them after seeding, from its own seed
+    if _keeping and key is not None and torch.equal(rng, torch.get_rng_state()):
         _KEPT[key] = pipe
     return pipe
 
