@@ -141,15 +141,21 @@ def config_groups(root: Path) -> list[tuple[str, list[str]]]:
             for d in sorted(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith((".", "__")))]
 
 
+def compose_config(overrides: list[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The config `steerexp <overrides>` composes, outside a run (--help, the warm-start server)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="steerexp"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def print_help(overrides: list[str]) -> None:
     """`steerexp [overrides] --help`: the text of Hydra's help (conf/config.yaml: hydra.help), from one compose
     and a listing of conf/. Hydra's own help composes the config again for each of its ~100 config groups
     (1.1 s here); this takes a fraction of that."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="steerexp"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(overrides, return_hydra_config=True)
     template = cfg.hydra.help.template
     groups = "".join(f"{group}: {', '.join(options)}\n" for group, options in config_groups(conf_dir()) if options)
     with open_dict(cfg):

@@ -734,20 +734,17 @@ def warm_caches() -> None:
     A served run that loads other files reads them itself. A failure here is printed and left to the runs, which
     meet it themselves."""
     try:
-        from hydra import compose, initialize_config_dir
-
         from steerexp import generators
-        from steerexp.cli import conf_dir
+        from steerexp.cli import compose_config
         from steerexp.validate import validate
 
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="steerexp"):
-            cfg = compose(config_name="config")
+        cfg = compose_config()
         validate(cfg)
         g = cfg.generator
         if g.get("_target_") == "steerexp.generators.load_generator":
             generators.preload(g.get("path"), g.get("dtype", "fp32"), g.get("embedded") or "shapes")
     except Exception as err:
-        print(f"could not warm the default run's caches: {type(err).__name__}: {str(err).splitlines()[0]}",
+        print(f"could not warm the default run's caches: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}",
               flush=True)
 
 
