@@ -5,15 +5,9 @@
     python benchmarks/startup.py --json out.json
     python benchmarks/startup.py --main-job     # also the README's main job (evaluators, W&B): where its time goes
 
-Each figure is a real `steerexp` command (the console script's own code path), timed from spawn to
-exit by this script, in two modes, interleaved in one run:
-
-    cold    every command a fresh process (STEEREXP_SERVER=0): the first command of a session, scripts
-    warm    every command served by a warm-start server (steerexp.warmstart, started by this script in a
-            folder of its own): the command forks from a process that has imported everything
-
-Inside the run, timers wrap the phases of steerexp.run (no change to the code measured; a module the
-fresh process imports first, or the server preloads):
+Each figure is a real `steerexp` command (the console script's own code path, a fresh process), timed
+from spawn to exit by this script. Inside the run, timers wrap the phases of steerexp.run (no change to
+the code measured; a module the process imports first):
 
     start + imports    spawn -> run() entered: the interpreter, every import, Hydra's compose, validation
     model load         steerexp.generators.from_pretrained (every family), less its fingerprint
@@ -22,8 +16,7 @@ fresh process imports first, or the server preloads):
     training           steerexp.run.train (the training loop with its checkpoints)
     evaluation         steerexp.run.evaluate
     writing            the rest of run(): deltas, metrics.json, logger (W&B finish), checkpoints dir
-    exit               run() returned -> the command exited (printing, the served run's exit status
-                       back to the client)
+    exit               run() returned -> the command exited (printing, the exit handlers)
 
 Targets (issue 18, on the 2-core development machine):
     fixed overhead per run     <= 4 s   wall minus training and evaluation, of `evaluator=[] logger=none
@@ -34,7 +27,7 @@ Targets (issue 18, on the 2-core development machine):
 The machine is shared: the load average is printed next to every figure; compare figures taken under the
 same load. `--pythonpath DIR` measures another checkout's code with the same interpreter (e.g. a
 `git archive` of an older commit's tree: PYTHONPATH=DIR/src comes first), which is how the README's
-before/after table was made (cold mode only: the older trees have no warm-start server).
+before/after table was made.
 """
 from __future__ import annotations
 
@@ -51,12 +44,11 @@ from pathlib import Path
 
 PHASES = ("start + imports", "model load", "fingerprint", "build rest", "training", "evaluation", "writing", "exit")
 
-# the phase timers: a module the child imports before steerexp.cli (cold) or the warm-start server preloads (warm);
-# it wraps the phases of steerexp.run and writes them, at the run's exit, to the file named by BENCH_PHASES_FILE
+# the phase timers: a module the child imports before steerexp.cli; it wraps the phases of steerexp.run and
+# writes them, at the run's exit, to the file named by BENCH_PHASES_FILE
 TIMERS = r"""
 import atexit, json, os, time
 t, c = {}, {}  # wall and CPU (this process) seconds per phase
-t["imported"] = time.time()  # before the client's spawn: this run was served by a warm-start server
 def timed(owner, name, key):
     inner = getattr(owner, name)
     def wrapper(*args, **kwargs):
@@ -87,60 +79,44 @@ def write():
 atexit.register(write)
 """
 COLD = "import bench_phase_timers; from steerexp.cli import main; main()"  # the console script, fresh
-WARM = "from steerexp.warmstart import main; main()"  # the console script, which the server serves
 
 
 def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def child_env(pythonpath: str | None, workdir: Path, server_dir: Path | None) -> dict:
-    """cold: STEEREXP_SERVER=0 (a fresh process, whatever servers run); warm: the benchmark's own server folder."""
+def child_env(pythonpath: str | None, workdir: Path) -> dict:
+    """The environment of every command: the phase timers importable, `pythonpath`'s src/ first if given."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # W&B as the user has it (steerexp's default: offline)
     env.pop("PYTHONWARNINGS", None)
     paths = [str(workdir / "modules")] + ([str(Path(pythonpath) / "src")] if pythonpath else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    if server_dir:
-        env.update(STEEREXP_SERVER="1", STEEREXP_SERVER_DIR=str(server_dir))
-    else:
-        env.update(STEEREXP_SERVER="0")
     return env
 
 
-class Clock:
-    """CPU seconds (user + system) of the finished children of this process and of the warm-start server (whose
-    runs are its children): one command's is the difference of two readings."""
-
-    def __init__(self, server_pid: int | None = None):
-        self.server_pid = server_pid
-
-    def read(self) -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        total = usage.ru_utime + usage.ru_stime
-        if self.server_pid:
-            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
-        return total
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the finished children of this process: one command's is the difference
+    of two readings."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def timed_run(args: list[str], workdir: Path, env: dict, clock: Clock, warm: bool) -> dict:
+def timed_run(args: list[str], workdir: Path, env: dict) -> dict:
     """One `steerexp <args>`: wall seconds and the phases."""
     phases_file = workdir / f"phases-{time.monotonic_ns()}.json"
     run_dir = workdir / f"run-{time.monotonic_ns()}"
-    cmd = [sys.executable, "-c", WARM if warm else COLD, *args, f"hydra.run.dir={run_dir}"]
-    load, cpu = load_average(), clock.read()
+    cmd = [sys.executable, "-c", COLD, *args, f"hydra.run.dir={run_dir}"]
+    load, cpu = load_average(), children_cpu()
     spawned = time.time()
     out = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
                          env=dict(env, BENCH_PHASES_FILE=str(phases_file)))
     exited = time.time()
-    cpu = clock.read() - cpu
+    cpu = children_cpu() - cpu
     if out.returncode != 0:
         raise SystemExit(f"steerexp {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     recorded = json.loads(phases_file.read_text())
-    if (recorded["wall"]["imported"] < spawned) != warm:
-        raise SystemExit(f"a {'warm' if warm else 'cold'} run was {'not ' if warm else ''}served by the server")
     wall = split(recorded["wall"], start=spawned, end=exited)
-    # the child's CPU clock starts at 0 with its process (cold) or its fork (warm: the CPU of the fork is from 0 too)
+    # the child's CPU clock starts at 0 with its process
     cpu_phases = split(recorded["cpu"], start=0.0, end=cpu)
     return {"wall": exited - spawned, "cpu": cpu, "phases": wall, "cpu_phases": cpu_phases, "load": load}
 
@@ -163,13 +139,13 @@ def split(t: dict, start: float, end: float) -> dict:
     return phases
 
 
-def timed_help(workdir: Path, env: dict, clock: Clock, warm: bool) -> dict:
-    load, cpu = load_average(), clock.read()
+def timed_help(workdir: Path, env: dict) -> dict:
+    load, cpu = load_average(), children_cpu()
     start = time.time()
-    code = WARM if warm else "from steerexp.cli import main; main()"
+    code = "from steerexp.cli import main; main()"
     out = subprocess.run([sys.executable, "-c", code, "--help"], cwd=workdir, capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "Configuration groups" in out.stdout, out.stderr[-2000:]
-    return {"wall": time.time() - start, "cpu": clock.read() - cpu, "load": load}
+    return {"wall": time.time() - start, "cpu": children_cpu() - cpu, "load": load}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -181,21 +157,6 @@ def median_run(runs: list[dict]) -> dict:
                        if "cpu_phases" in runs[0] else {}),
         "load": statistics.mean(r["load"] for r in runs),
     }
-
-
-def start_server(workdir: Path, env: dict) -> tuple[int, float, float]:
-    """A warm-start server for the benchmark (its own folder, the phase timers preloaded): its pid, its start's
-    seconds and its RSS in MB."""
-    started = time.time()
-    subprocess.run([sys.executable, "-m", "steerexp.warmstart", "start", "--wait", "--idle=120",
-                    "--preload=bench_phase_timers"], cwd=workdir, env=env, check=True, capture_output=True)
-    seconds = time.time() - started
-    from steerexp.warmstart import server_dir
-
-    pid = int(next(server_dir(env).glob("*.pid")).read_text())
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-               if line.startswith("VmRSS")) / 1024
-    return pid, seconds, rss
 
 
 def report(label: str, short_m: dict, long_m: dict, help_m: dict, steps: int) -> dict:
@@ -230,13 +191,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steps", type=int, default=400, help="technique.steps of the long TI run")
     ap.add_argument("--pythonpath", default=None, help="measure the checkout in this folder (its src/ first)")
-    ap.add_argument("--modes", default="cold,warm", help="cold (fresh processes), warm (a warm-start server), or both")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--main-job", action="store_true", help="also time the README's main job: `steerexp` with its "
                     "default evaluators and W&B logger, technique.steps=10")
     opts = ap.parse_args()
-    modes = [m for m in opts.modes.split(",") if m]
-    assert set(modes) <= {"cold", "warm"}, f"--modes takes cold and/or warm, got {opts.modes}"
 
     base = ["evaluator=[]", "logger=none"]
     results: dict = {"repeat": opts.repeat, "pythonpath": opts.pythonpath}
@@ -244,50 +202,28 @@ def main() -> None:
         work = Path(tmp)
         (work / "modules").mkdir()
         (work / "modules" / "bench_phase_timers.py").write_text(TIMERS)
-        envs, clocks = {}, {}
-        for mode in modes:
-            envs[mode] = child_env(opts.pythonpath, work, work / "server" if mode == "warm" else None)
-            clocks[mode] = Clock()
-        timed_help(work, envs[modes[0]] if "cold" not in envs else envs["cold"], Clock(), False)  # warm the file cache
-        if "warm" in modes:
-            pid, seconds, rss = start_server(work, envs["warm"])
-            clocks["warm"] = Clock(pid)
-            results["server"] = {"start_s": seconds, "rss_mb": rss}
-        runs = {m: {"short": [], "long": [], "help": [], "main": []} for m in modes}
-        try:
-            for _ in range(opts.repeat):  # interleaved, so that a change in the machine's load hits every figure
-                for m in modes:
-                    warm = m == "warm"
-                    runs[m]["help"].append(timed_help(work, envs[m], clocks[m], warm))
-                    runs[m]["short"].append(timed_run(base + ["technique.steps=10"], work, envs[m], clocks[m], warm))
-                    runs[m]["long"].append(timed_run(base + [f"technique.steps={opts.steps}"], work, envs[m],
-                                                     clocks[m], warm))
-                    if opts.main_job:
-                        runs[m]["main"].append(timed_run(["technique.steps=10"], work, envs[m], clocks[m], warm))
-        finally:
-            if "warm" in modes:
-                subprocess.run([sys.executable, "-m", "steerexp.warmstart", "stop"], env=envs["warm"],
-                               capture_output=True)
+        env = child_env(opts.pythonpath, work)
+        timed_help(work, env)  # warm the file cache
+        runs: dict = {"short": [], "long": [], "help": [], "main": []}
+        for _ in range(opts.repeat):  # interleaved, so that a change in the machine's load hits every figure
+            runs["help"].append(timed_help(work, env))
+            runs["short"].append(timed_run(base + ["technique.steps=10"], work, env))
+            runs["long"].append(timed_run(base + [f"technique.steps={opts.steps}"], work, env))
+            if opts.main_job:
+                runs["main"].append(timed_run(["technique.steps=10"], work, env))
 
     print(f"steerexp start-up ({'code in ' + opts.pythonpath if opts.pythonpath else 'this checkout'}; "
           f"median of {opts.repeat}; {os.cpu_count()} CPUs; torch threads: default)")
-    labels = {"cold": "cold: every command a fresh process (STEEREXP_SERVER=0; the first command of a session)",
-              "warm": "warm: the commands served by a warm-start server (python -m steerexp.warmstart)"}
-    for m in modes:
-        results[m] = report(labels[m], *(median_run(runs[m][k]) for k in ("short", "long", "help")), opts.steps)
-        results[m]["runs"] = runs[m]  # every command's figures, not only the medians
+    results["cold"] = report("every command a fresh process",
+                             *(median_run(runs[k]) for k in ("short", "long", "help")), opts.steps)
+    results["cold"]["runs"] = runs  # every command's figures, not only the medians
     if opts.main_job:
+        main_run = median_run(runs["main"])
         print("\nthe main job (`steerexp technique.steps=10`: its four evaluators, W&B offline), wall seconds")
-        print(f"{'phase':<18}" + "".join(f"{m:>9}" for m in modes))
-        main_runs = {m: median_run(runs[m]["main"]) for m in modes}
         for k in PHASES:
-            print(f"{k:<18}" + "".join(f"{main_runs[m]['phases'][k]:9.2f}" for m in modes))
-        print(f"{'wall':<18}" + "".join(f"{main_runs[m]['wall']:9.2f}" for m in modes))
-        for m in modes:
-            results[m]["main"] = main_runs[m]
-    if "server" in results:
-        print(f"\nthe server's own start (imports once, then it serves): {results['server']['start_s']:.2f} s wall; "
-              f"its RSS {results['server']['rss_mb']:.0f} MB")
+            print(f"{k:<18}{main_run['phases'][k]:9.2f}")
+        print(f"{'wall':<18}{main_run['wall']:9.2f}")
+        results["cold"]["main"] = main_run
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=1))
 

@@ -7,10 +7,8 @@ on its device, not on the CPU) three ways and prints JSON plus a markdown table:
 
 - gpus [0,1]: launcher=gpus over two devices (the concurrent sweep),
 - gpus [0]:   launcher=gpus over one device (sequential, same fresh process per job),
-- basic:      steerexp's basic launcher (sequential, in one process, with the sweep markers: no per-job process).
-
-The gpus sweeps run with hydra.launcher.fork_server=false, a fresh interpreter per job: these jobs import
-none of torch & co., which the fork server would import first (benchmarks/fork_server.py measures it).
+- basic:      Hydra's basic launcher with steerexp's sweep callback (sequential, in one process, with the
+              sweep markers: no per-job process).
 
 Concurrency = N / wall(gpus [0,1]) over N / wall(gpus [0]) (target >= 1.8x). Scheduling overhead
 per job = the launcher-measured time of a job (spawn, imports, unpickling the spec, run_job, markers)
@@ -27,7 +25,6 @@ import time
 from pathlib import Path
 
 APP = Path(__file__).resolve().parents[1] / "tests" / "sweep_app" / "app.py"
-FRESH = "hydra.launcher.fork_server=false"
 
 
 def sweep(args: list[str], jobs: int, wait: float) -> dict:
@@ -58,8 +55,8 @@ def main() -> None:
     parser.add_argument("--wait", type=float, default=2.0)
     a = parser.parse_args()
     runs = {
-        "gpus [0,1]": sweep(["launcher=gpus", "hydra.launcher.devices=[0,1]", FRESH], a.jobs, a.wait),
-        "gpus [0]": sweep(["launcher=gpus", "hydra.launcher.devices=[0]", FRESH], a.jobs, a.wait),
+        "gpus [0,1]": sweep(["launcher=gpus", "hydra.launcher.devices=[0,1]"], a.jobs, a.wait),
+        "gpus [0]": sweep(["launcher=gpus", "hydra.launcher.devices=[0]"], a.jobs, a.wait),
         "basic": sweep(["launcher=basic"], a.jobs, a.wait),
     }
     speedup = runs["gpus [0]"]["wall_s"] / runs["gpus [0,1]"]["wall_s"]

@@ -8,8 +8,6 @@ from steerexp import ASSETS, conf_dir
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
-# every `steerexp` a test starts is a fresh process (test_warmstart.py sets its own)
-os.environ["STEEREXP_SERVER"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -159,12 +159,12 @@ def _train_and_sample(gen, placeholder, steps=4):
     placeholder token each time)."""
     from steerexp.evaluators.base import EvalContext
     from steerexp.techniques.textual_inversion import TextualInversion
-    from steerexp.trainer import Trainer
+    from steerexp.trainer import fit
 
     tech = TextualInversion(gen, steps=steps, batch_size=2, targets={"k": 2}, placeholder=placeholder,
                             sampling={"steps": 2, "guidance_scale": 5.0})
     tech.prepare()
-    Trainer(max_steps=steps).fit(tech)
+    fit({"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 1}, tech, [], None, None, None)
     EvalContext(tech, ["a photo of a {}", "a {}"], [0, 1]).paired()
     return tech
 

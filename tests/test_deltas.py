@@ -33,10 +33,11 @@ def make(gen, extra=(), prepare=True):
 
 
 def fit(technique, steps):
-    from steerexp.trainer import Trainer
+    from steerexp.trainer import fit as lightning_fit
 
     technique.steps = steps
-    Trainer(max_steps=steps).fit(technique)
+    lightning_fit({"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 1}, technique, [], None,
+                  None, None)
 
 
 # ------------------------------------------------------------------ budgets

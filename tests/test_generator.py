@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -119,87 +116,6 @@ def test_generator_sd_config_runs_a_local_pipeline(tmp_path):
     images = g.generate(["a red circle", "a blue square"], [0, 1], steps=3)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert g.unchanged()
-
-
-def test_a_kept_pipeline_is_taken_once_and_only_while_its_files_are_unchanged(tmp_path):
-    from steerexp.generators import frozen, preload
-
-    path = tiny_sd_pipeline(tmp_path)
-    assert not frozen._KEPT
-    try:
-        preload(str(path))  # what the warm-start server does before it forks runs
-        (kept,) = frozen._KEPT.values()
-        first = load_generator(str(path), device="cpu")
-        assert first.unet is kept.unet and not frozen._KEPT  # taken: the files were not read again
-        second = load_generator(str(path), device="cpu")
-        assert second.unet is not kept.unet  # a second load reads the files
-        assert second.fingerprint() == first.fingerprint()
-        preload(str(path))
-        weights = next(path.glob("unet/*.safetensors"))
-        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))  # rewritten
-        third = load_generator(str(path), device="cpu")
-        assert third.unet is not next(iter(frozen._KEPT.values())).unet  # stale: read from the files
-        frozen._KEPT.clear()
-        preload(str(path))
-        (kept,) = frozen._KEPT.values()
-        assert load_generator(str(path), device="cpu", dtype="bf16").unet is not kept.unet  # another dtype
-        assert load_generator(str(path), device="cpu").unet is kept.unet
-        linked = tmp_path / "linked"  # a component folder that is a link: its files count too
-        linked.mkdir()
-        for part in path.iterdir():
-            (linked / part.name).symlink_to(part.resolve())
-        preload(str(linked))
-        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
-        assert load_generator(str(linked), device="cpu").unet is not next(iter(frozen._KEPT.values())).unet
-    finally:
-        frozen._KEPT.clear()
-
-
-def test_a_load_that_draws_random_numbers_is_not_kept(tmp_path):
-    """Weights missing from the files are initialised at random: a run does that after seeding, not the server."""
-    from safetensors.torch import load_file, save_file
-
-    from steerexp.generators import frozen, preload
-
-    path = tiny_sd_pipeline(tmp_path)
-    weights = next((path / "text_encoder").glob("*.safetensors"))
-    tensors = load_file(weights)
-    del tensors[next(k for k in tensors if k.endswith("fc1.weight"))]
-    save_file(tensors, weights, metadata={"format": "pt"})
-    try:
-        preload(str(path))
-        assert not frozen._KEPT
-    finally:
-        frozen._KEPT.clear()
-
-
-FORK_AFTER_PRELOAD = """
-import os, sys, time, torch
-from steerexp.generators import preload
-torch.set_num_threads(2)
-preload(None, "bf16")  # casts on every thread it may use
-pid = os.fork()
-if pid == 0:
-    x = torch.randn(1000, 1000)
-    (x @ x).sum()
-    torch.randn(4000, 4000).to(torch.bfloat16)
-    os._exit(0)
-deadline = time.time() + 60
-while time.time() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        os._exit(os.waitstatus_to_exitcode(status))
-    time.sleep(0.05)
-os.kill(pid, 9)
-os._exit(3)
-"""
-
-
-def test_a_child_forked_after_a_preload_runs_multithreaded_ops():
-    """GNU OpenMP's threads do not survive a fork: a child forked after a multi-threaded op hangs at its own first
-    one (it did after a bf16 preload); preload runs on one thread."""
-    out = subprocess.run([sys.executable, "-c", FORK_AFTER_PRELOAD], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
 
 
 def test_missing_generator_folder_names_the_path(tmp_path):

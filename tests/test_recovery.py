@@ -139,3 +139,83 @@ def test_ctrl_c_prints_the_last_good_deltas_and_the_exact_resume_command(shipped
     assert command[0] == "steerexp" and f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in command
     assert set(a for a in args if not a.startswith("hydra.")) <= set(command[1:])  # the same overrides (a new run dir)
     assert json.loads((run_dir / "metrics.json").read_text())["run/failed"] is True
+
+
+def _default_signals() -> None:
+    # the child must not inherit an ignored SIGTERM/SIGINT (nohup, background jobs): the test sends them
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def test_sigterm_during_training_keeps_a_whole_step_and_says_how_to_resume(shipped, tmp_path):
+    """What SLURM, Kubernetes and `timeout` send: the run stops at the end of its step, writes last.ckpt there,
+    keeps the last good deltas and its metrics, prints the resume command and exits 143."""
+    args = QUICK + ["technique.steps=4000", "hydra.run.dir=termed"]
+    proc = subprocess.Popen([STEERXP, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+    run_dir = tmp_path / "termed"
+    assert _wait_for(run_dir / "checkpoints" / "last.ckpt", proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM at step" in err
+    step = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert saved == step   # the checkpoint of the step reached, not the last multiple of checkpoint_every
+    assert (run_dir / "deltas.safetensors").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["run/failed"] is True
+    line = [l for l in err.splitlines() if "resume exactly" in l][0]
+    assert f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in line
+
+
+def test_sigterm_during_evaluation_writes_the_metrics_so_far(shipped, tmp_path):
+    args = ["logger=none", "technique.steps=2", "technique.batch_size=1", "sampling.steps=2",
+            "evaluator=[concept]", f"eval.seeds=[{','.join(map(str, range(2000)))}]", "hydra.run.dir=eval_termed"]
+    proc = subprocess.Popen([STEERXP, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+    run_dir = tmp_path / "eval_termed"
+    assert _wait_for(run_dir / "deltas.safetensors", proc), proc.communicate()[1][-3000:]  # learned: evaluating now
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run/failed"] is True and metrics["generator/unchanged"] is True
+    assert "delta_norm/embeddings" in metrics and "params/trainable" in metrics   # learned before the signal
+
+
+def test_preemption_checkpoints_and_the_next_start_resumes_exactly(shipped, tmp_path):
+    """preempt_signal=USR1: stop at the end of the step, PREEMPTED, exit 138; the same command started again in
+    the same run directory resumes there and ends bit-identical to a run never interrupted."""
+    args = QUICK + ["technique.steps=60", "preempt_signal=USR1", "hydra.run.dir=pre"]
+    proc = subprocess.Popen([STEERXP, *args, "technique.steps=4000"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    run_dir = tmp_path / "pre"
+    assert _wait_for(run_dir / "checkpoints" / "last.ckpt", proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert (run_dir / "PREEMPTED").is_file() and "pre-empted" in err
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 60, "stop earlier in the run for this test to mean anything"
+    again = subprocess.run([STEERXP, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the pre-empted run" in again.stderr and not (run_dir / "PREEMPTED").exists()
+    whole = subprocess.run([STEERXP, *QUICK, "technique.steps=60", "hydra.run.dir=whole"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = load_file(run_dir / "deltas.safetensors"), load_file(tmp_path / "whole" / "deltas.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_dir_that_holds_a_run_is_never_replaced(shipped, tmp_path):
+    args = QUICK + ["technique.steps=2", "hydra.run.dir=once"]
+    first = subprocess.run([STEERXP, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (tmp_path / "once" / "metrics.json").read_bytes()
+    second = subprocess.run([STEERXP, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2 and second.stderr.startswith("steerexp: error: hydra.run.dir:"), second.stderr
+    assert (tmp_path / "once" / "metrics.json").read_bytes() == before
+    third = subprocess.run([STEERXP, *args, "overwrite=true"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra_plugins.steerexp_launchers.resolvers import register_resolvers
 from omegaconf import DictConfig, OmegaConf
 
 from steerexp import conf_dir
@@ -22,7 +23,7 @@ from steerexp.errors import ConfigError
 from steerexp.shutdown import exit_now
 from steerexp.validate import check_group_overrides, validate
 
-OmegaConf.register_new_resolver("steerexp_suffix", lambda name: f"_{name}" if name else "", replace=True)
+register_resolvers()  # steerexp_unique_dir, steerexp_suffix (conf/config.yaml: hydra.run.dir)
 
 
 def run_identity(cfg: DictConfig) -> tuple[Path, str, str]:
@@ -104,15 +105,38 @@ def _drop_unused_run_dir() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+_CHECKED: list[str] | None = None   # a single run's warnings: the pre-flight validated its config already
+
+
+def _resume_preempted(cfg: DictConfig) -> None:
+    """A run directory left by a pre-empted run (PREEMPTED, steerexp.shutdown) resumes from its last.ckpt."""
+    from omegaconf import open_dict
+
+    from steerexp.preflight import PREEMPTED
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    marker, last = run_dir / PREEMPTED, run_dir / "checkpoints" / "last.ckpt"
+    if marker.is_file() and not cfg.get("ckpt_path"):
+        if last.is_file():
+            with open_dict(cfg):
+                cfg.ckpt_path = str(last)
+            print(f"steerexp: resuming the pre-empted run from {last}", file=sys.stderr, flush=True)
+        marker.unlink()
+
+
 def _main(cfg: DictConfig) -> float | None:
+    from steerexp import shutdown
+
     try:
         # the whole config, before torch or any model loads (seconds, not minutes)
         try:
-            warnings = validate(cfg)
+            warnings = _CHECKED if _CHECKED is not None and not _is_multirun() else validate(cfg)
         except ConfigError:
             if not _is_multirun():
                 _drop_unused_run_dir()
             raise
+        shutdown.install(cfg.get("preempt_signal"))
+        _resume_preempted(cfg)
         for warning in warnings:
             print(f"steerexp: warning: {warning}", file=sys.stderr, flush=True)
         from steerexp import progress
@@ -128,6 +152,10 @@ def _main(cfg: DictConfig) -> float | None:
             print(f"steerexp: error: job {HydraConfig.get().job.num}: {err}", file=sys.stderr, flush=True)
             raise
         _config_error(err, cfg)
+    from steerexp.ranks import worker_rank
+
+    if worker_rank():  # a data-parallel rank other than 0: rank 0 reports the run
+        return None
     keys = [k for k in cfg.get("print_metrics", []) if k in metrics]
     print(json.dumps({k: metrics[k] for k in keys}, indent=1))
     print(f"run directory: {run_dir}")
@@ -142,7 +170,7 @@ def config_groups(root: Path) -> list[tuple[str, list[str]]]:
 
 
 def compose_config(overrides: list[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """The config `steerexp <overrides>` composes, outside a run (--help, the warm-start server)."""
+    """The config `steerexp <overrides>` composes, outside a run (--help)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="steerexp"):
@@ -164,6 +192,9 @@ def print_help(overrides: list[str]) -> None:
 
 
 def main() -> None:
+    from steerexp import preflight, safety
+
+    safety.freeze_environment()  # the allowlist opt-in as the shell gave it, before Hydra applies any env_set
     args = sys.argv[1:]
     try:  # group=option overrides name existing files: one line listing the options, before Hydra composes
         check_group_overrides(args)
@@ -183,9 +214,18 @@ def main() -> None:
             print(f"steerexp: error: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
             sys.exit(2)
         return
-    from steerexp.safety import install_guard
-
-    install_guard()  # Hydra's own instantiations (callbacks, launcher, sweeper) are allowlisted too
+    global _CHECKED
+    plan = None
+    try:  # what Hydra itself does with the config (logging, env, run dir, launcher), checked before it does it
+        plan = preflight.check_argv(args)
+        if plan is not None and plan.cfg is not None:  # a single run: the whole config, before anything is written
+            _CHECKED = validate(plan.cfg)
+    except ConfigError as err:
+        _config_error(err, plan.cfg if plan is not None else None)
+    if plan is not None:
+        preflight.apply(plan)
+    safety.install_guard()  # Hydra's own instantiations (callbacks, launcher, sweeper) are allowlisted too
+    preflight.install_logging_guard()  # and every logging config it applies (a sweep's later jobs)
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_main)()
     exit_now(0)
 

@@ -13,6 +13,8 @@ images) the same way everywhere, tensors, grids, saving PNGs and RMS distances.
 One policy (the `images:` config node; run.py calls `configure(**cfg.images)` once per run) says
 how a file becomes an RGB uint8 array:
 
+0. Only a regular file is opened: a FIFO, a device (a symlink to /dev/zero named x.png), a socket
+   or a folder is refused from `os.stat` alone, without opening it (opening a FIFO blocks).
 1. Opened lazily and size-checked first: more than `images.max_pixels` pixels is refused with a
    one-line error (the decompression-bomb guard). Pillow's own guard stays on; the setting only
    ever *raises* Pillow's limit, for the duration of one open, when it is above Pillow's.
@@ -21,24 +23,33 @@ how a file becomes an RGB uint8 array:
    (65535 -> 255), not clipped; float grey `F` in [0, 1] is scaled by 255 (other ranges are
    min-max scaled); transparency (RGBA, LA, PA, premultiplied modes, P or L/RGB with a tRNS key)
    is composited onto `images.background`; other modes go through Pillow's `convert("RGB")`.
-4. Images with a side below `images.min_side` are refused (a 1x1 file is almost always a mistake).
+4. Images with a side below `images.min_side` are refused (a 1x1 file is almost always a mistake),
+   and so are thin ones: a longer side more than `images.max_aspect` times the shorter (default 4,
+   so 1024x256 passes and 5000x1 or 5000x100 does not; a centre crop of a thinner image keeps too
+   little of it, a pad is mostly background). `image_size` applies 0, 1 and 4 to a file's header
+   alone: the config validator checks every user image with it before any model loads.
 5. Fitted to the model's square resolution when one is asked for: `images.fit` = crop (centre
    square, the default), pad (onto `images.background`) or stretch (aspect ratio not kept), then
    resized bicubically.
 
 Everything that changed the pixels (scaled bit depth, composited transparency, EXIF rotation,
 a lossy mode conversion, crop/pad/stretch, up- or downscaling) is reported in ONE warning line
-per image on the `steerexp.images` logger, naming the file. Lossless conversions (L, 1, P without
+per image on the `steerexp.images` logger, naming the file; a folder (`read_images`) says it once
+per kind of change, with the count and an example file. Lossless conversions (L, 1, P without
 transparency, fully opaque RGBA/LA) and an RGB image already at the target size say nothing.
+A folder holds at most MAX_IMAGES (1,000) images: more is refused (10,000 target images took 3.7 GB).
 
-Errors are ValueError (FileNotFoundError for a missing file) with one line naming the config key
-the caller passed and the fix. Importing this module imports only PIL and numpy; the tensor helpers
-import torch when they are called.
+Errors are ValueError (steerexp.errors.ConfigError, or FileNotFoundError for a missing file) with one
+line naming the config key the caller passed and the fix. Importing this module imports only PIL and
+numpy; the tensor helpers import torch when they are called.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+import stat
 import threading
 import warnings
 from collections.abc import Sequence
@@ -49,6 +60,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
+from steerexp.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,6 +71,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FITS = ("crop", "pad", "stretch")
 PILLOW_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
 UPSCALE_WARN = 2.0  # upscaling by this factor or more adds "expect a blurry image" to the report
+MAX_IMAGES = 1000   # image files one setting (a folder or a list) may hold
 EXIF_ORIENTATION = {2: "mirrored", 3: "rotated 180°", 4: "flipped", 5: "transposed",
                     6: "rotated 90° clockwise", 7: "transversed", 8: "rotated 90° counter-clockwise"}
 
@@ -69,17 +83,24 @@ class ImagePolicy:
     background: str | tuple[int, int, int] = "white"      # colour name/#hex, or [r, g, b] in 0-255
     min_side: int = 8                                     # smaller images are refused
     max_pixels: int = PILLOW_MAX_PIXELS                   # larger images are refused (bomb guard)
+    max_aspect: float = 4.0                               # longer side / shorter side above this is refused
 
     def __post_init__(self):
         if self.fit not in FITS:
-            raise ValueError(f"images.fit: {self.fit!r} is not one of {list(FITS)}; use crop (centre square), "
-                             "pad (onto images.background) or stretch (aspect ratio not kept)")
+            raise ConfigError("images.fit", f"{self.fit!r} is not one of {list(FITS)}", "use crop (centre square), "
+                              "pad (onto images.background) or stretch (aspect ratio not kept)")
         object.__setattr__(self, "background", _colour(self.background))
         for name, lo in (("min_side", 1), ("max_pixels", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-                raise ValueError(f"images.{name}: must be an integer >= {lo}, got {value!r}")
+                raise ConfigError(f"images.{name}", f"must be an integer >= {lo}, got {value!r}")
             object.__setattr__(self, name, int(value))
+        aspect = self.max_aspect
+        if isinstance(aspect, bool) or not isinstance(aspect, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(aspect) or aspect < 1:
+            raise ConfigError("images.max_aspect", f"must be a number >= 1 (longer side / shorter side), got "
+                              f"{aspect!r}", "set e.g. images.max_aspect=4")
+        object.__setattr__(self, "max_aspect", float(aspect))
 
     @property
     def background_name(self) -> str:
@@ -95,15 +116,15 @@ def _colour(value) -> tuple[int, int, int]:
         try:
             return tuple(ImageColor.getrgb(value)[:3])
         except ValueError:
-            raise ValueError(f"images.background: unknown colour {value!r}; use a name (white, black, grey), "
-                             "'#rrggbb' or [r, g, b] in 0-255") from None
+            raise ConfigError("images.background", f"unknown colour {value!r}", "use a name (white, black, grey), "
+                              "'#rrggbb' or [r, g, b] in 0-255") from None
     if isinstance(value, Sequence) or hasattr(value, "__iter__"):
         rgb = list(value)
         if len(rgb) == 3 and all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255
                                  for c in rgb):
             return tuple(int(c) for c in rgb)
-    raise ValueError(f"images.background: {value!r} is not a colour; use a name (white), '#rrggbb' "
-                     "or [r, g, b] with integers in 0-255")
+    raise ConfigError("images.background", f"{value!r} is not a colour", "use a name (white), '#rrggbb' "
+                      "or [r, g, b] with integers in 0-255")
 
 
 _policy = ImagePolicy()
@@ -116,7 +137,7 @@ def configure(**settings) -> ImagePolicy:
     known = [f.name for f in fields(ImagePolicy)]
     for name in settings:
         if name not in known:
-            raise ValueError(f"images.{name}: unknown setting; the images node has {known}")
+            raise ConfigError(f"images.{name}", "is not a setting of the images node", f"its settings are {known}")
     _policy = ImagePolicy(**settings)
     return _policy
 
@@ -128,6 +149,79 @@ def policy() -> ImagePolicy:
 
 # ---------------------------------------------------------------------------- decoding
 _pillow_limit_lock = threading.Lock()
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(path: str | Path) -> str | None:
+    """What `path` is when it is no regular file ("a FIFO (named pipe)", "a character device"...), from os.stat
+    (symlinks followed) alone: nothing is opened, so a FIFO cannot block. None for a regular file; a missing
+    path (or a broken link) raises FileNotFoundError."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return kind + (f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else "")
+
+
+def _regular_file(path: Path, key: str) -> None:
+    """A missing file is FileNotFoundError, anything but a regular file one ConfigError (nothing is opened)."""
+    try:
+        kind = not_regular(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{key}: image not found: {path}; give an existing PNG/JPG file") from None
+    except OSError as err:
+        raise ConfigError(key, f"cannot read image file {path} ({err.strerror or err})",
+                          "check the file and its permissions") from None
+    if kind is not None:
+        raise ConfigError(key, f"{path} is {kind}, not an image file",
+                          "replace it with a PNG/JPG file, or move it out of the folder")
+
+
+def check_size(path: str | Path, key: str, w: int, h: int, pol: ImagePolicy | None = None) -> None:
+    """The size rules of the policy: at most images.max_pixels pixels, at least images.min_side a side, and a
+    longer side at most images.max_aspect times the shorter. One ConfigError naming the file and the limit."""
+    pol = pol or _policy
+    if w * h > pol.max_pixels:
+        raise ConfigError(key, f"image {path} is {w}x{h} = {w * h} pixels, over images.max_pixels={pol.max_pixels} "
+                          "(a decompression-bomb guard)", f"downscale the file, or raise images.max_pixels (now "
+                          f"{pol.max_pixels}) above its pixel count if you trust it")
+    if min(w, h) < pol.min_side:
+        raise ConfigError(key, f"image {path} is {w}x{h}, below images.min_side={pol.min_side} px",
+                          f"use a larger image (at least {pol.min_side} px a side) or lower images.min_side")
+    if max(w, h) > pol.max_aspect * min(w, h):
+        ratio = max(w, h) / min(w, h)
+        raise ConfigError(key, f"image {path} is {w}x{h}, its longer side {ratio:.3g} times the shorter, above "
+                          f"images.max_aspect={pol.max_aspect:g}", f"crop it to at most {pol.max_aspect:g}:1 (a "
+                          "centre crop of it would keep too little), or raise images.max_aspect")
+
+
+def image_size(path: str | Path, key: str, pol: ImagePolicy | None = None) -> tuple[int, int]:
+    """(width, height) from the file's header alone (no pixel is decoded), after the checks that need no pixels:
+    a regular file (os.stat: a FIFO or /dev/zero is never opened), an image Pillow can identify, and check_size
+    (EXIF rotation only swaps the sides). The config validator runs this on every user image before any model
+    loads. Errors as open_image's."""
+    pol = pol or _policy
+    path = Path(path).expanduser()
+    _regular_file(path, key)
+    try:
+        with warnings.catch_warnings(), _pillow_limit_lock:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # the header only: check_size applies images.max_pixels
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except UnidentifiedImageError:
+        raise ConfigError(key, f"cannot read image file {path}: not an image Pillow can identify",
+                          "remove it or replace it with a valid PNG/JPG") from None
+    except OSError as err:
+        raise ConfigError(key, f"cannot read image file {path} ({err.strerror or err})",
+                          "remove it or replace it with a valid PNG/JPG") from None
+    check_size(path, key, w, h, pol)
+    return w, h
 
 
 def _open(path: Path, key: str, pol: ImagePolicy) -> tuple[Image.Image, int]:
@@ -147,10 +241,7 @@ def _open(path: Path, key: str, pol: ImagePolicy) -> tuple[Image.Image, int]:
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
         with src:
-            w, h = src.size
-            if w * h > pol.max_pixels:
-                raise ValueError(f"{key}: image {path} is {w}x{h} = {w * h} pixels, over images.max_pixels="
-                                 f"{pol.max_pixels} (a decompression-bomb guard); {fix}")
+            check_size(path, key, *src.size, pol)  # before decoding (EXIF rotation below only swaps the sides)
             src.load()
             orientation = src.getexif().get(0x0112, 1)
             if orientation not in EXIF_ORIENTATION:
@@ -168,16 +259,13 @@ def _open(path: Path, key: str, pol: ImagePolicy) -> tuple[Image.Image, int]:
 
 def open_image(path: str | Path, key: str, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
     """A loaded image in its file's mode with EXIF orientation applied, and notes of what was done.
-    Refuses missing, unreadable, too large (images.max_pixels) and too small (images.min_side) files."""
+    Refuses missing, unreadable, non-regular (a FIFO, a device), too large (images.max_pixels), too small
+    (images.min_side) and too thin (images.max_aspect) files."""
     pol = pol or _policy
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: image not found: {path}; give an existing PNG/JPG file")
+    _regular_file(path, key)
     im, orientation = _open(path, key, pol)
     notes = [f"applied EXIF orientation {orientation} ({EXIF_ORIENTATION[orientation]})"] if orientation != 1 else []
-    if min(im.size) < pol.min_side:
-        raise ValueError(f"{key}: image {path} is {im.width}x{im.height}, below images.min_side={pol.min_side} px; "
-                         f"use a larger image (at least {pol.min_side} px a side) or lower images.min_side")
     return im, notes
 
 
@@ -256,6 +344,27 @@ def report(path: str | Path, key: str, notes: list[str]) -> None:
         log.warning("image %s (%s): %s", path, key, "; ".join(notes))
 
 
+def _kind_of_change(notes: list[str]) -> tuple[str, ...]:
+    """What was done to an image, without its numbers: images changed the same way share one warning line."""
+    return tuple(re.sub(r"[\d.]+", "#", n.split(":")[0]) for n in notes)
+
+
+def report_many(changed: list[tuple[Path, list[str]]], key: str, total: int) -> None:
+    """One warning line per kind of change over a folder's images (the count and an example file), not one per
+    image: 10,000 images downscaled the same way are one line."""
+    groups: dict[tuple[str, ...], list[tuple[Path, list[str]]]] = {}
+    for path, notes in changed:
+        if notes:
+            groups.setdefault(_kind_of_change(notes), []).append((path, notes))
+    for items in groups.values():
+        path, notes = items[0]
+        if len(items) == 1:
+            report(path, key, notes)
+        else:
+            log.warning("%d of %d images (%s) were changed the same way, e.g. %s: %s", len(items), total, key, path,
+                        "; ".join(notes))
+
+
 def read_image(path: str | Path, key: str, resolution: int | None = None, pol: ImagePolicy | None = None, *,
                switches: str | None = None, convert: bool = False, resize: bool = False) -> np.ndarray:
     """One image file as RGB uint8 [H, W, 3] (at its own size, or fitted to resolution x resolution),
@@ -266,6 +375,14 @@ def read_image(path: str | Path, key: str, resolution: int | None = None, pol: I
     modes are refused unless `convert`, other sizes unless `resize` (EXIF orientation is applied first,
     so the size checked is the displayed one); a fix opted into is also warned about (warnings.warn)
     naming its switch."""
+    array, notes = _read(path, key, resolution, pol, switches=switches, convert=convert, resize=resize)
+    report(path, key, notes)
+    return array
+
+
+def _read(path: str | Path, key: str, resolution: int | None = None, pol: ImagePolicy | None = None, *,
+          switches: str | None = None, convert: bool = False, resize: bool = False) -> tuple[np.ndarray, list[str]]:
+    """read_image without its warning line: the array and the notes of what was changed."""
     pol = pol or _policy
     im, notes = open_image(path, key, pol)
     if switches is not None and im.mode != "RGB":
@@ -287,15 +404,24 @@ def read_image(path: str | Path, key: str, resolution: int | None = None, pol: I
                           f"{switches}.resize=true; non-square images: images.fit={pol.fit})")
         im, more = fit_square(im, resolution, pol)
         notes += more
-    report(path, key, notes)
-    return np.asarray(im)
+    return np.asarray(im), notes
 
 
 def read_images(paths: Sequence[str | Path], key: str, resolution: int,
                 pol: ImagePolicy | None = None) -> np.ndarray:
-    """Several image files fitted to resolution x resolution, as uint8 [K, R, R, 3]."""
-    return np.stack([read_image(p, key, resolution, pol) for p in paths]) if paths else \
-        np.zeros((0, resolution, resolution, 3), np.uint8)
+    """Several image files fitted to resolution x resolution, as uint8 [K, R, R, 3]: at most MAX_IMAGES of them
+    (one ConfigError naming `key` otherwise), written into one preallocated array, and one warning line per kind
+    of change (report_many)."""
+    if len(paths) > MAX_IMAGES:
+        raise ConfigError(key, f"lists {len(paths)} images, over the cap of {MAX_IMAGES}",
+                          f"use at most {MAX_IMAGES} (3-10 is typical for a concept)")
+    out = np.zeros((len(paths), resolution, resolution, 3), np.uint8)
+    changed = []
+    for i, p in enumerate(paths):
+        out[i], notes = _read(p, key, resolution, pol)
+        changed.append((Path(p), notes))
+    report_many(changed, key, len(paths))
+    return out
 
 
 def settings() -> dict:
@@ -333,6 +459,9 @@ def load_folder(folder: str | Path, resolution: int, key: str) -> tuple[torch.Te
     files = image_files_in(folder)
     if not files:
         raise ValueError(f"{key}: no PNG/JPG images in {folder} (K = 0); add some")
+    if len(files) > MAX_IMAGES:
+        raise ConfigError(key, f"{folder} holds {len(files)} PNG/JPG images, over the cap of {MAX_IMAGES}",
+                          f"use a folder of at most {MAX_IMAGES} (3-10 is typical for a concept)")
     return to_tensor(read_images(files, key, resolution)), [f.name for f in files]
 
 

@@ -15,6 +15,9 @@ embedded), CSVs and, for a sweep, a W&B summary run, comparing the runs found un
 Files written to the directory (or --out): report.html, report.csv (every metric of every run),
 report_plots.csv (every plotted point with its CI) and, for two runs or more, a W&B summary run
 under wandb/ (the sweep plots as W&B line / bar charts and images; see docs/wandb.md).
+
+A directory it cannot report on (missing, empty: no metrics.json under it, or a run's metrics.json or
+other record corrupt) is one line, `steerexp-report: error: <what>: <problem>; <fix>`, exit code 2.
 """
 from __future__ import annotations
 
@@ -26,12 +29,14 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from steerexp.errors import ConfigError
 from steerexp.report_plots import Panel, Point, histogram_png, panels_png
 
 log = logging.getLogger("steerexp.report")
@@ -64,7 +69,9 @@ def find_runs(root: Path) -> list[Path]:
     runs = sorted({p.parent for p in Path(root).rglob("metrics.json")},
                   key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])
     if not runs:
-        raise FileNotFoundError(f"no run directories (with metrics.json) under {root}")
+        raise ConfigError("directory", f"no run directories (with metrics.json) under {root}",
+                          "pass a run directory (outputs/<date>/<time>) or a multirun directory "
+                          "(outputs/multirun/<date>/<time>) that steerexp wrote")
     return runs
 
 
@@ -90,23 +97,44 @@ def parse_overrides(lines) -> dict[str, str]:
     return out
 
 
-def _json(path: Path, default):
-    return json.loads(path.read_text()) if path.is_file() else default
+def _corrupt(path: Path, problem: str) -> ConfigError:
+    return ConfigError(str(path), problem, f"re-run that job, or move its run directory ({path.parent.name}) out of "
+                       "the folder and report on the rest")
+
+
+def _read(path: Path, parse, kind: dict | type):
+    """A run's record (JSON or YAML) of the expected kind, or one ConfigError naming the file."""
+    try:
+        value = parse(path.read_text())
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise _corrupt(path, f"is corrupt ({first})") from None
+    except OSError as err:
+        raise _corrupt(path, f"cannot be read ({err.strerror or err})") from None
+    if not isinstance(value, kind):
+        raise _corrupt(path, f"is corrupt: a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _json(path: Path, default, kind: type = dict):
+    return _read(path, json.loads, kind) if path.is_file() else default
+
+
+def _yaml(path: Path, default, kind: type = dict):
+    return _read(path, lambda text: yaml.safe_load(text) or kind(), kind) if path.is_file() else default
 
 
 def load_run(path: Path, root: Path) -> dict:
-    cfg_file = path / ".hydra" / "config.yaml"
-    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
-    overrides_file = path / ".hydra" / "overrides.yaml"
+    cfg = _yaml(path / ".hydra" / "config.yaml", {})
+    overrides = _yaml(path / ".hydra" / "overrides.yaml", None, list)
     samples = sorted((path / "samples").glob("*.png")) if (path / "samples").is_dir() else []
     grids = _json(path / "grids.json", None)  # {"samples/grid.png": labels} for runs that wrote it
     return {
         "name": str(path.relative_to(root)) if path != root else path.name,
         "path": path,
         "config": flatten(cfg),
-        "overrides": parse_overrides(yaml.safe_load(overrides_file.read_text())) if overrides_file.is_file()
-        else None,
-        "metrics": json.loads((path / "metrics.json").read_text()),
+        "overrides": parse_overrides(overrides) if overrides is not None else None,
+        "metrics": _json(path / "metrics.json", {}),
         "grids": [(p, (grids or {}).get(p.relative_to(path).as_posix(), {})) for p in samples
                   if grids is None or p.relative_to(path).as_posix() in grids],
         "plots": [p for p in samples if grids is not None and p.relative_to(path).as_posix() not in grids],
@@ -510,7 +538,8 @@ def write_report(root: str | Path, out: str | Path | None = None, wandb: str = "
     W&B summary run (`wandb`: offline, online or disabled) under <out>/wandb. Returns (html, csv)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"not a directory: {root}; pass a run or multirun directory")
+        raise ConfigError("directory", f"{root} is not a directory" if root.exists() else f"no such directory: {root}",
+                          "pass a run directory or a multirun directory that steerexp wrote")
     if wandb not in ("offline", "online", "disabled"):
         raise ValueError(f"--wandb must be offline, online or disabled, got {wandb!r}")
     runs = [load_run(p, root) for p in find_runs(root)]
@@ -661,7 +690,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wandb", default="offline", choices=("offline", "online", "disabled"),
                    help="the W&B summary run of a sweep (default: offline, under <out>/wandb; `wandb sync` uploads it)")
     a = p.parse_args(argv)
-    html_path, csv_path = write_report(a.directory, a.out, wandb=a.wandb)
+    try:
+        html_path, csv_path = write_report(a.directory, a.out, wandb=a.wandb)
+    except ConfigError as err:  # a directory it cannot report on: one line, as argparse's own errors
+        if os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0"):
+            raise
+        print(f"steerexp-report: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(f"wrote {html_path}, {csv_path} and {csv_path.with_name('report_plots.csv')}")
 
 

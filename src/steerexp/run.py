@@ -17,11 +17,12 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from steerexp import images, safety, scorers
+from steerexp import combine, images, safety, scorers, shutdown
 from steerexp.errors import ConfigError
 from steerexp.evaluators.base import EvalContext
 from steerexp.images import save_png
 from steerexp.logging.wandb import RunLogger
+from steerexp.preflight import PREEMPTED
 from steerexp.techniques.base import NaNLossError
 
 safety.install_guard()  # every instantiation (ours and Hydra's) checks its _target_ against the allowlist
@@ -51,6 +52,7 @@ def build(cfg: DictConfig):
     sampling settings) and evaluators; validates config first.
     The run's scorers (cfg.scorers) and image policy (cfg.images) are set first: objectives, techniques and
     evaluators all use them."""
+    combine.expand(cfg)  # objective=auto and the rest the technique decides (run() did it already: a no-op then)
     safety.check_targets(cfg)
     scorers.configure(cfg.get("scorers"))
     images.configure(**(cfg.get("images") or {}))  # how user image files are read (conf/config.yaml: images)
@@ -72,23 +74,43 @@ def build(cfg: DictConfig):
     return generator, technique, evaluators
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+def read_checkpoint(path: str | Path, technique=None) -> tuple[dict, dict]:
     """(deltas, identity) of a training checkpoint (.ckpt, loaded with weights_only=True: no pickle
-    code runs) or of a run's deltas.safetensors."""
+    code runs) or of a run's deltas.safetensors. Only a regular file is opened (a FIFO or a link to /dev/zero
+    is refused from os.stat). Given the `technique`, a deltas.safetensors is checked against it from its header
+    alone (the technique, then every tensor's shape: expected vs found) before any value is read."""
+    from steerexp.images import not_regular
+    from steerexp.validate import read_safetensors_header
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            "ckpt_path",
-            f"checkpoint not found: {path}",
-            "give <run dir>/checkpoints/last.ckpt or <run dir>/deltas.safetensors of an earlier run",
-        )
+    fix = "give <run dir>/checkpoints/last.ckpt or <run dir>/deltas.safetensors of an earlier run"
+    try:
+        kind = not_regular(path)
+    except OSError:
+        raise ConfigError("ckpt_path", f"checkpoint not found: {path}", fix) from None
+    if kind is not None:
+        raise ConfigError("ckpt_path", f"{path} is {kind}, not a checkpoint file", fix)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        try:
+            header = read_safetensors_header(path)
+        except ValueError as err:
+            raise ConfigError("ckpt_path", str(err), "use another checkpoint") from None
+        meta = header.get("__metadata__") or {}
+        try:
+            ident = {"technique": meta.get("technique"), "structure": json.loads(meta.get("structure") or "{}")}
+        except ValueError:
+            ident = {"technique": meta.get("technique"), "structure": {}}
+        if technique is not None:
+            _check_identity(path, ident, technique)
+            from steerexp.techniques.base import check_compatible
+
+            shapes = {k: list(v.get("shape") or []) for k, v in header.items() if k != "__metadata__"}
+            check_compatible(technique, shapes, str(path), ident.get("structure"))
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
             deltas = {k: f.get_tensor(k) for k in f.keys()}
-        return deltas, {"technique": meta.get("technique"), "structure": json.loads(meta.get("structure", "{}"))}
+        return deltas, ident
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a checkpoint, truncated, or holding objects a weights-only load refuses
@@ -115,16 +137,21 @@ def load_checkpoint_deltas(cfg: DictConfig, technique) -> bool:
             f"{type(technique).__name__} computes its deltas, it does not train them",
             "drop ckpt_path, or use it with a trainable technique (textual_inversion, prompt_delta, ...)",
         )
-    deltas, ident = read_checkpoint(cfg.ckpt_path)
+    deltas, ident = read_checkpoint(cfg.ckpt_path, technique)
+    _check_identity(cfg.ckpt_path, ident, technique)
+    technique.check_loaded(deltas, str(cfg.ckpt_path))  # floating point, finite, sane norms (before sampling)
+    technique.load_deltas(deltas, str(cfg.ckpt_path), ident.get("structure"))  # shapes: expected vs found
+    return technique.steps == 0 or str(cfg.ckpt_path).endswith(".safetensors")
+
+
+def _check_identity(path, ident: dict, technique) -> None:
     mine = technique.identity()["technique"]
     if ident.get("technique") and ident["technique"] != mine:
         raise ConfigError(
             "ckpt_path",
-            f"{cfg.ckpt_path} was written by {ident['technique']}, this run's technique is {mine}",
+            f"{path} was written by {ident['technique']}, this run's technique is {mine}",
             "choose the technique= it was trained with, or another checkpoint",
         )
-    technique.load_deltas(deltas, str(cfg.ckpt_path), ident.get("structure"))
-    return technique.steps == 0 or str(cfg.ckpt_path).endswith(".safetensors")
 
 
 def seed_everything(seed: int) -> None:
@@ -153,35 +180,37 @@ def set_threads(threads, generator) -> None:
         torch.set_num_threads(int(threads))
 
 
-def callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """conf/callbacks/ by _target_ (steerexp.trainer callbacks). `model_checkpoint` writes into
+def callbacks(cfg: DictConfig, run_dir: Path, logged: bool) -> list:
+    """conf/callbacks/ by _target_ (Lightning's callbacks, or a steerexp one). `model_checkpoint` writes into
     <run_dir>/checkpoints: the layout that resume (ckpt_path=.../last.ckpt), the Ctrl-C hint and the final
-    save rely on."""
+    save rely on. Lightning's LearningRateMonitor needs a logger: without one (logger=none) it is left out."""
     nodes = cfg.get("callbacks") or {}
-    return [
-        _instantiate(node, **({"dirpath": run_dir / "checkpoints"} if name == "model_checkpoint" else {}))
-        for name, node in nodes.items()
-    ]
+    made = []
+    for name, node in nodes.items():
+        if node is None:
+            continue
+        if not logged and str(node.get("_target_", "")).endswith(".LearningRateMonitor"):
+            continue
+        made.append(_instantiate(node, **({"dirpath": str(run_dir / "checkpoints")}
+                                          if name == "model_checkpoint" else {})))
+    return made
 
 
 def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
-    """conf/trainer/ by _target_ (a steerexp.trainer.Trainer), with what the rest of the run decides:
-    the steps, the generator's device, the logger and the callbacks."""
-    from steerexp.trainer import TrainingInterrupted
+    """conf/trainer/ by _target_ (lightning.pytorch.Trainer: steerexp.trainer.fit), with what the rest of the
+    run decides: the steps, the logger (the run's W&B run, through Lightning's WandbLogger) and the callbacks."""
+    from steerexp.trainer import TrainingInterrupted, fit
 
-    trainer = _instantiate(
-        OmegaConf.to_container(cfg.trainer, resolve=True),
-        max_steps=technique.steps,
-        device=technique.generator.device,
-        logger=logger if logger.active else None,
-        callbacks=callbacks(cfg, run_dir),
-    )
+    lightning_logger = logger.lightning() if logger.active else None
     try:
-        trainer.fit(technique, ckpt_path=cfg.ckpt_path)
+        trainer = fit(OmegaConf.to_container(cfg.trainer, resolve=True), technique,
+                      callbacks(cfg, run_dir, lightning_logger is not None), lightning_logger, cfg.get("ckpt_path"),
+                      run_dir / "checkpoints")
     except TrainingInterrupted as stop:
         raise Interrupted(stop.args[0]) from None
-    if technique.nan_step is None:  # last.ckpt holds the final deltas, whatever the checkpoint interval
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", technique)
+    if technique.nan_step is None:  # (every rank calls it: a collective; rank 0 writes)
+        # last.ckpt holds the final deltas, whatever the checkpoint interval
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
 
 
 def resume_hint(cfg: DictConfig, run_dir: Path, technique, step: int | None) -> str:
@@ -192,7 +221,8 @@ def resume_hint(cfg: DictConfig, run_dir: Path, technique, step: int | None) -> 
     overrides = [o for o in overrides if not o.split("=")[0].lstrip("+~") == "ckpt_path"]
     last = run_dir / "checkpoints" / "last.ckpt"
     at = f" at step {step} of {technique.steps}" if step is not None else ""
-    lines = [f"steerexp: interrupted{at}.", f"  last good deltas: {run_dir / 'deltas.safetensors'}"]
+    how = "interrupted" if shutdown.received is None else f"stopped by {_signal_name(shutdown.received)}"
+    lines = [f"steerexp: {how}{at}.", f"  last good deltas: {run_dir / 'deltas.safetensors'}"]
     if last.is_file():
         saved = torch.load(last, map_location="cpu", weights_only=True).get("global_step")
         command = " ".join(["steerexp", *map(shlex.quote, overrides), shlex.quote(f"ckpt_path={last}")])
@@ -203,6 +233,15 @@ def resume_hint(cfg: DictConfig, run_dir: Path, technique, step: int | None) -> 
             f"  no checkpoint was written yet (every {cfg.trainer.checkpoint_every} steps); start again: {command}"
         )
     return "\n".join(lines)
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def learn(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
@@ -254,16 +293,26 @@ def evaluate(cfg: DictConfig, technique, evaluators: list, logger: RunLogger, ru
 def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
     start = time.time()
     run_dir = Path(run_dir)
+    for note in combine.expand(cfg):  # objective=auto, the evaluators the technique decides (the CLI did it already)
+        print(f"steerexp: warning: {note}", file=sys.stderr, flush=True)
     config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():  # Hydra's CLI writes it; runs started from Python get the same file
+    from steerexp.ranks import worker_rank as _worker  # rank 0 alone writes the run directory
+
+    # Hydra's CLI writes it as composed; the run records what it runs (the expanded objective), as do runs from Python
+    if not _worker() and (not config_file.is_file() or config_file.read_text() != OmegaConf.to_yaml(cfg)):
         config_file.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, config_file)
     seed_everything(cfg.seed)
     generator, technique, evaluators = build(cfg)
     set_threads(cfg.get("threads", "auto"), generator)
     technique.prepare()  # loads and validates targets before any heavy work
+    from steerexp.ranks import worker_rank
+
+    if worker_rank():  # a data-parallel rank other than 0 (steerexp/ranks.py): its share of training, nothing else
+        train(cfg, technique, RunLogger("disabled", run_dir, name, group, [], {}), run_dir)
+        return {}
     tags = [t for t in (cfg.technique._target_.split(".")[-2], cfg.get("experiment_name")) if t]
-    logger = RunLogger(cfg.logger.mode, run_dir, name, group, tags, OmegaConf.to_container(cfg, resolve=True),
+    logger = RunLogger(cfg.logger.mode, run_dir, name, group, tags, safety.loggable_config(cfg),
                        project=cfg.logger.project, entity=cfg.logger.get("entity"), job_type=technique.job_type)
     metrics: dict = {f"params/{k}": v for k, v in technique.parameter_counts().items()}
     try:
@@ -286,7 +335,12 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
         if isinstance(err, KeyboardInterrupt):
             step = err.args[0] if isinstance(err, Interrupted) else None
             print(resume_hint(cfg, run_dir, technique, step), file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            if shutdown.received is not None and shutdown.received == shutdown.preempt:
+                (run_dir / PREEMPTED).write_text(f"stopped by signal {shutdown.received} at step {step}\n")
+                done = shutdown.requeue()
+                print(f"  pre-empted: {done or 'not requeued (no scheduler found)'}; the next start of this "
+                      f"run directory resumes it", file=sys.stderr, flush=True)
+            raise SystemExit(shutdown.exit_code()) from None
         raise
     metrics["generator/unchanged"] = generator.unchanged()
     metrics["run/seconds"] = time.time() - start

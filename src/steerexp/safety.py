@@ -47,15 +47,37 @@ ALLOWED_TARGETS = frozenset({
     "optuna.samplers.GridSampler",
     "optuna.samplers.NSGAIISampler",
     "optuna.samplers.QMCSampler",
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    "lightning.pytorch.callbacks.LearningRateMonitor",
+    "lightning.pytorch.callbacks.EarlyStopping",
+    "lightning.pytorch.callbacks.TQDMProgressBar",
 })
 
 FIX = (f"use a steerexp class, or if you trust this config, allow it from the environment: "
        f"{ALLOW_ENV}=<prefix.>,<exact.Name> (see steerexp/safety.py)")
 
 
+_FROZEN: str | None = None   # the opt-in as the user's shell gave it (freeze_environment)
+
+
+def freeze_environment() -> None:
+    """Read the opt-in once, from the environment the user's shell started this process with, before Hydra
+    applies anything of the config (`hydra.job.env_set` is set around the job; a config must not be able to
+    allow itself). The console script calls this first."""
+    global _FROZEN
+    _FROZEN = os.environ.get(ALLOW_ENV, "")
+
+
 def user_allowed() -> tuple[str, ...]:
     """The user's opt-in entries from the environment (never from a config)."""
-    return tuple(e.strip() for e in os.environ.get(ALLOW_ENV, "").split(",") if e.strip())
+    raw = os.environ.get(ALLOW_ENV, "") if _FROZEN is None else _FROZEN
+    return tuple(e.strip() for e in raw.split(",") if e.strip())
+
+
+def user_allows(name: str) -> bool:
+    """The user opted in to this name (exactly, or by a prefix ending in '.')."""
+    return _by_prefix(name, user_allowed())
 
 
 def _by_prefix(name: str, prefixes) -> bool:
@@ -68,12 +90,42 @@ def is_allowed(target: str) -> bool:
             or _by_prefix(target, user_allowed()))
 
 
+def _resolved(node: Any, key: str):
+    """(key, value) of every leaf of a config, interpolations resolved where they can be (a value that cannot be
+    resolved yet, like ${hydra.job.num} before a sweep starts, gives its raw text). A dict made by an
+    interpolation (${oc.decode:...}, ${oc.create:...}) is walked too: a config cannot assemble a _target_."""
+    from omegaconf import DictConfig, ListConfig
+
+    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    for k in keys:
+        sub = f"{key}[{k}]" if isinstance(k, int) else (f"{key}.{k}" if key else str(k))
+        try:
+            value = node[k]
+        except Exception:
+            try:
+                value = node._get_node(k)._value()
+            except Exception:
+                value = None
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from _resolved(value, sub)
+        else:
+            yield sub, value
+
+
 def targets_in(node: Any, key: str = ""):
-    """(key, target) for every `_target_` in a config or plain container, depth first."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    """(key, target) for every `_target_` in a config or plain container, depth first; a config's
+    interpolations are resolved first (Hydra's own node without claiming its run directory)."""
+    from omegaconf import DictConfig, ListConfig, open_dict, read_write
 
     if isinstance(node, (DictConfig, ListConfig)):
-        node = OmegaConf.to_container(node, resolve=False)
+        if isinstance(node, DictConfig) and "hydra" in node and not key:
+            node = node.copy()
+            with read_write(node), open_dict(node):
+                node.hydra.mode = None   # resolving hydra.run.dir must not claim it
+        for sub, value in _resolved(node, key):
+            if sub.rsplit(".", 1)[-1] == "_target_":
+                yield sub, value
+        return
     if isinstance(node, dict):
         for k, v in node.items():
             sub = f"{key}.{k}" if key else str(k)
@@ -86,13 +138,18 @@ def targets_in(node: Any, key: str = ""):
             yield from targets_in(v, f"{key}[{i}]")
 
 
+def check_target(key: str, target: Any) -> None:
+    if not isinstance(target, str):
+        raise ConfigError(key, f"_target_ must be a dotted name, got {type(target).__name__}", FIX)
+    if not is_allowed(target):
+        raise ConfigError(key, f"_target_ {target!r} is not allowlisted and was not run", FIX)
+
+
 def check_targets(cfg: Any, root: str = "") -> None:
-    """Raise a ConfigError for the first `_target_` that is not allowlisted; imports nothing."""
+    """Raise a ConfigError for the first `_target_` that is not allowlisted (after interpolation); imports
+    nothing."""
     for key, target in targets_in(cfg, root):
-        if not isinstance(target, str):
-            raise ConfigError(key, f"_target_ must be a dotted name, got {type(target).__name__}", FIX)
-        if not is_allowed(target):
-            raise ConfigError(key, f"_target_ {target!r} is not allowlisted and was not run", FIX)
+        check_target(key, target)
 
 
 def check_resolved(target: str, obj: Any, key: str) -> None:
@@ -136,3 +193,31 @@ def check_callable(name: str, key: str) -> None:
     """A 'module.path:callable' setting (e.g. a user classifier factory) is code too: same allowlist."""
     if not is_allowed(name):
         raise ConfigError(key, f"{name!r} is not allowlisted and was not imported", FIX)
+
+
+ENV_READERS = ("${oc.env:", "${env:")   # interpolations that read the process environment
+
+
+def loggable_config(cfg: Any) -> dict:
+    """The config as plain data for W&B and other records: every interpolation resolved, except those that read
+    the environment (`${oc.env:VAR}`, and every value built from one), which are recorded as their text
+    ("${oc.env:VAR}"), never as the value: a preset cannot copy a secret into what is uploaded."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
+
+    copy = cfg.copy()
+
+    def redact(node) -> None:
+        keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+        for k in keys:
+            child = node._get_node(k)
+            if isinstance(child, (DictConfig, ListConfig)):
+                if not child._is_none() and not child._is_missing() and not child._is_interpolation():
+                    redact(child)
+                    continue
+            raw = child._value() if child is not None else None
+            if isinstance(raw, str) and any(r in raw for r in ENV_READERS):
+                node[k] = raw.replace("${", "\\${")   # the text itself, escaped: it resolves to "${oc.env:VAR}"
+
+    with read_write(copy), open_dict(copy):
+        redact(copy)
+    return OmegaConf.to_container(copy, resolve=True)

@@ -1,4 +1,4 @@
-"""`steerexp-sweep`: look after a sweep run with launcher=basic (the default) or launcher=gpus.
+"""`steerexp-sweep`: look after a sweep, whatever its launcher (basic, gpus, slurm/submitit, ray).
 
     steerexp-sweep status <sweep dir>                  completed / failed / running / pending / missing jobs
     steerexp-sweep rerun <sweep dir>                   relaunch only the failed and missing jobs
@@ -10,16 +10,19 @@
 (`technique/train_objective`, lowest first), which looks at no evaluation seed. Ranking by an evaluation
 metric picks on the seeds that metric was measured on; `best` says so when --by names one.
 
-A rerun starts each job from its saved spec in `<sweep dir>/.sweep/jobs/` (the same composed config,
-job number and run dir, so a W&B run resumes under its deterministic id) in a process of its own,
-exactly as launcher=gpus does (forked from a new fork server if the sweep's jobs were): over the
-sweep's device pool for a gpus sweep; one after another, on this process's devices, for a basic
-sweep. Jobs are "failed" with a FAILED marker in their run dir and "missing" without COMPLETED (never
-started, or killed with the sweep). A job whose process is alive (its RUNNING marker, checked) is
-"running", and a job the live sweep has yet to start is "pending": a rerun refuses both, with one line
-each, so a job never runs twice into one directory. Code is imported anew, so a fix in the package
-applies to the rerun; the config does not change. Exit code 1 if any job is still not completed
-afterwards (running and pending ones included), 2 on a usage error.
+The state comes from `<sweep dir>/.sweep/` and the markers in each job dir: launcher=gpus writes it, and
+the Hydra callback of conf/config.yaml (hydra_plugins/steerexp_launchers/sweep_callback.py) for every other
+launcher, in the job's own process. A rerun starts each job from its saved spec (the same composed config,
+job number and run dir, so a W&B run resumes under its deterministic id) in a fresh process of its own:
+over the sweep's device pool for a gpus sweep; one after another, on this process's devices (or over
+--devices), for the others (a SLURM or Ray sweep's jobs are rerun here, not on the cluster). Jobs are
+"failed" with a FAILED marker in their run dir and "missing" without COMPLETED (killed with the sweep, a
+damaged COMPLETED marker, or, for launcher=gpus, never started). A job whose process is alive (its RUNNING
+marker, checked) is "running", and a job the live gpus sweep has yet to start is "pending": a rerun refuses
+both, with one line each, so a job never runs twice into one directory. Code is imported anew, so a fix in
+the package applies to the rerun; the config does not change. Exit code 1 if any job is still not completed
+afterwards (running and pending ones included), 2 when the directory is not a sweep or its state is damaged
+(one line saying which).
 """
 from __future__ import annotations
 
@@ -35,8 +38,16 @@ def _devices(text: str | None):
     return None if text is None else [d for d in text.split(",") if d.strip()]
 
 
+def _no_jobs(sweep_dir: Path) -> int:
+    print(f"sweep {sweep_dir}: no job has started (the sweep was stopped before its first job, or is starting "
+          "now): relaunch it with steerexp -m ...")
+    return 1
+
+
 def status(sweep_dir: Path) -> int:
     jobs = sweepstate.read(sweep_dir)
+    if not jobs:
+        return _no_jobs(sweep_dir)
     for job in jobs:
         print(f"#{job.num:<4} {job.state:<9} {' '.join(job.overrides)}" + (f"   {job.detail}" if job.detail else ""))
     print(sweepstate.summary(sweep_dir, jobs))
@@ -45,6 +56,8 @@ def status(sweep_dir: Path) -> int:
 
 def rerun(sweep_dir: Path, devices=None, jobs_per_device: int | None = None) -> int:
     jobs = sweepstate.read(sweep_dir)
+    if not jobs:
+        return _no_jobs(sweep_dir)
     busy = [j for j in jobs if j.busy]
     for job in busy:
         print(f"steerexp-sweep: {job.busy}; not rerunning it", file=sys.stderr)
@@ -78,7 +91,9 @@ def best(sweep_dir: Path, by: str = "technique/train_objective", largest: bool =
             continue
         try:
             value = json.loads(metrics_file.read_text()).get(by)
-        except ValueError:  # a damaged file: that job is not ranked
+        except (ValueError, AttributeError):  # a damaged file: that job is not ranked, and we say so
+            print(f"steerexp-sweep: job #{job.num}'s {metrics_file} is damaged (not a JSON object of metrics): "
+                  "not ranked", file=sys.stderr)
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             scored.append((value, job))
@@ -123,15 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
     if not args.sweep_dir.is_dir():
-        parser.error(f"{args.sweep_dir} is not a directory: give the sweep dir, e.g. outputs/multirun/<date>/<time>")
+        print(f"steerexp-sweep: {args.sweep_dir} is not a directory: give the sweep's dir, e.g. "
+              "outputs/multirun/<date>/<time>", file=sys.stderr)
+        return 2
     try:
         if args.command == "status":
             return status(args.sweep_dir)
         if args.command == "best":
             return best(args.sweep_dir, args.by, args.max)
         return rerun(args.sweep_dir, _devices(args.devices), args.jobs_per_device)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"steerexp-sweep: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # not a sweep, its state damaged or unreadable: one line, no traceback
+        lines = str(err).splitlines() or [type(err).__name__]
+        print(f"steerexp-sweep: {lines[0]}", file=sys.stderr)
         return 2
 
 

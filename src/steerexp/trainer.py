@@ -1,184 +1,230 @@
-"""The training loop of trainable techniques (conf/trainer/, conf/callbacks/): plain PyTorch, one file.
+"""Training with Lightning (conf/trainer/, conf/callbacks/): what steerexp adds around `lightning.pytorch.Trainer`.
 
-A technique's deltas are one small parameter group, so a step is: zero the gradients, the
-technique's loss for the step, backward, (clip), AdamW step, the budget's projection. That is
-all `Trainer.fit` does, plus what a run needs around it:
+A trainable technique is a LightningModule (steerexp/techniques/trainable.py); `fit` builds Lightning's Trainer
+from conf/trainer/ by its _target_ (accelerator, devices, strategy, precision, accumulate_grad_batches,
+gradient_clip_val, log_every_n_steps, deterministic, ...) with what the rest of the run decides: max_steps (the
+technique's steps), the logger (Lightning's WandbLogger on the run's own W&B run), the callbacks (conf/callbacks/:
+Lightning's ModelCheckpoint writing <run dir>/checkpoints/last.ckpt every `trainer.checkpoint_every` steps,
+its LearningRateMonitor) and the progress bar (`Bar`, in Lightning's progress-bar slot, drawn by
+steerexp.progress: bars only on a terminal). The other callback of ours is `Stop`:
 
-- checkpoints (`Checkpoint` callback, conf/callbacks/default.yaml): `<run dir>/checkpoints/last.ckpt`
-  every `trainer.checkpoint_every` steps, written atomically (a run killed mid-write keeps the previous
-  one) and read with torch.load(weights_only=True). The layout is Lightning's (`state_dict`,
-  `optimizer_states`, `global_step`, `epoch`) plus `steerexp` (the technique's identity), so checkpoints
-  written by earlier, Lightning-trained versions resume too;
-- exact resume: the state is the deltas, the optimizer's state and the step; the batch and the
-  randomness of step k are functions of k (techniques/base.py), so a run resumed from the
-  checkpoint of step k ends with the same deltas, bit for bit, as one never interrupted;
-- a NaN/inf loss or delta norm stops training (the technique keeps its last good deltas);
-- metrics to the run's logger every `log_every_n_steps` steps (train/loss, delta_norm/*, and what
-  the objective reports), and a progress bar with loss and delta norm on a terminal
-  (steerexp.progress);
-- Ctrl-C: `TrainingInterrupted(step)`, after which the run prints how to resume.
+- SIGTERM and the pre-emption signal (steerexp.shutdown) set `shutdown.pending` while training; `Stop` ends
+  training at the end of the current optimizer step, after writing last.ckpt at that step. Lightning installs
+  a SIGTERM handler of its own during `fit` that calls the one installed before it (ours), so both run; the
+  stop is ours (it comes before Lightning's own SIGTERMException, which would write no checkpoint);
+- Ctrl-C: Lightning turns KeyboardInterrupt into sys.exit(1); `Stop` remembers the step it came at, and `fit`
+  raises `TrainingInterrupted(step)`, after which the run prints how to resume.
 
-Lightning is not imported: it cost about 3.6 s of imports per run (it imports all of torchmetrics),
-more than the whole fixed cost of a run on the embedded generator today, for a loop this size.
+Checkpoints are Lightning's (`state_dict`: only the deltas, `optimizer_states`, `lr_schedulers`, `loops`,
+`global_step`, `epoch`, plus `steerexp`: the technique's identity), read with weights_only=True. Those of the
+earlier plain-PyTorch loop (the same layout without Lightning's loop state) are converted on resume
+(`legacy_checkpoint`).
+
+This module imports Lightning: the run imports it only when a technique trains.
 """
 from __future__ import annotations
 
-import math
+import logging
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
+import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from steerexp import progress
+from steerexp import progress, shutdown
+
+# steerexp's own keys of conf/trainer/, not Lightning Trainer arguments
+STEEREXP_KEYS = ("checkpoint_every", "lr_scheduler", "warmup_steps")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; args[0] is the number of optimizer steps done."""
+    """Ctrl-C or a stopping signal during training; args[0] is the number of optimizer steps done."""
 
 
-class Callback:
-    """Hooks of the training loop (conf/callbacks/ instantiates them by _target_)."""
-
-    def on_train_start(self, trainer: "Trainer", technique) -> None:
-        pass
-
-    def on_step_end(self, trainer: "Trainer", technique) -> None:
-        """After optimizer step `trainer.global_step` (counted from 1) and the budget's projection."""
-
-    def on_train_end(self, trainer: "Trainer", technique) -> None:
-        pass
+class _SignalStop(Exception):
+    """Raised by `Stop` to end `fit` after the step's checkpoint (not a KeyboardInterrupt: Lightning would turn
+    that into sys.exit(1))."""
 
 
-class Checkpoint(Callback):
-    """`<dirpath>/last.ckpt` every `every_n_steps` optimizer steps (the run sets dirpath to
-    <run dir>/checkpoints): the deltas, the optimizer's state and the step, enough to resume exactly."""
+class Stop(L.Callback):
+    """SIGTERM / pre-emption: stop at the end of the current optimizer step with last.ckpt written at it;
+    Ctrl-C: remember the step (see the module docstring)."""
 
-    def __init__(self, every_n_steps: int = 100, dirpath: str | Path | None = None):
-        if int(every_n_steps) < 1:
-            raise ValueError(f"callbacks.model_checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps, self.dirpath = int(every_n_steps), dirpath
+    def __init__(self, dirpath: str | Path | None):
+        self.dirpath = None if dirpath is None else Path(dirpath)
+        self.step: int | None = None
 
-    def on_step_end(self, trainer: "Trainer", technique) -> None:
-        if self.dirpath is not None and trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt")
+    def _check(self, trainer) -> None:
+        if shutdown.pending is not None:
+            if self.dirpath is not None:
+                trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
+            raise _SignalStop(int(trainer.global_step))
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # between two optimizer steps
+            self._check(trainer)
 
-class Trainer:
-    """Trains a `Trainable` technique for `max_steps` optimizer steps (see the module docstring).
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # the step and its projection are done
+            self._check(trainer)
 
-    log_every_n_steps   metrics to the logger every this many steps (and at the last step)
-    gradient_clip_val   clip the deltas' gradient norm to this (null: no clipping)
-    checkpoint_every    steps between checkpoints; read by callbacks.model_checkpoint, not here
-    """
-
-    def __init__(self, max_steps: int = 0, log_every_n_steps: int = 10, gradient_clip_val: float | None = None,
-                 checkpoint_every: int | None = None, device: str | torch.device = "cpu", logger=None,
-                 callbacks: list[Callback] | None = None):
-        if int(log_every_n_steps) < 1:
-            raise ValueError(f"trainer.log_every_n_steps must be >= 1, got {log_every_n_steps}")
-        if gradient_clip_val is not None and not float(gradient_clip_val) > 0:
-            raise ValueError(f"trainer.gradient_clip_val must be positive or null, got {gradient_clip_val}")
-        self.max_steps, self.log_every_n_steps = int(max_steps), int(log_every_n_steps)
-        self.gradient_clip_val = None if gradient_clip_val is None else float(gradient_clip_val)
-        self.device, self.logger, self.callbacks = torch.device(device), logger, list(callbacks or [])
-        self.global_step = 0
-        self.should_stop = False
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._technique = None  # the one `fit` trains
-        self.logged: dict[str, float] = {}  # what the technique logged during the current step
-
-    # ------------------------------------------------------------------ what the technique calls
-    def record(self, metrics: dict) -> None:
-        """The technique's `log_dict`: metrics of the current step (tensors or numbers)."""
-        self.logged.update({k: _number(v) for k, v in metrics.items()})
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self, technique) -> dict:
-        ckpt = {
-            "epoch": 0,
-            "global_step": self.global_step,
-            "state_dict": {k: v.detach().cpu().clone() for k, v in technique.state_dict().items()},
-            "optimizer_states": [self.optimizer.state_dict()] if self.optimizer is not None else [],
-        }
-        technique.on_save_checkpoint(ckpt)
-        return ckpt
-
-    def save_checkpoint(self, path: str | Path, technique=None) -> None:
-        """Write the checkpoint atomically: a reader (or a kill) never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.checkpoint(technique if technique is not None else self._technique), tmp)
-        os.replace(tmp, path)
-
-    def _resume(self, technique, ckpt_path) -> None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        technique.load_state_dict(ckpt["state_dict"])
-        if ckpt.get("optimizer_states"):
-            self.optimizer.load_state_dict(ckpt["optimizer_states"][0])
-        self.global_step = int(ckpt.get("global_step", 0))
-
-    # ------------------------------------------------------------------ the loop
-    def fit(self, technique, ckpt_path: str | Path | None = None) -> None:
-        self._technique = technique
-        technique.to(self.device)
-        technique._trainer = self
-        self.optimizer = technique.configure_optimizers()
-        if ckpt_path:
-            self._resume(technique, ckpt_path)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        technique.train()
-        technique.on_train_start()
-        for cb in self.callbacks:
-            cb.on_train_start(self, technique)
-        bar = progress.bar(self.max_steps, "training", unit="steps")
-        if bar is not None:
-            bar.update(self.global_step)
-        try:
-            while self.global_step < self.max_steps and not self.should_stop:
-                technique.global_step = self.global_step
-                self.logged = {}
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = technique.training_step(self.global_step)
-                if loss is None or self.should_stop:  # NaN/inf: no step; the technique keeps its last good deltas
-                    break
-                loss.backward()
-                if self.gradient_clip_val is not None:
-                    torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val)
-                self.optimizer.step()
-                with torch.no_grad():
-                    technique.apply_budget()  # part of the step: a checkpoint written after it holds projected deltas
-                self.global_step += 1
-                technique.global_step = self.global_step
-                norms = technique.on_train_batch_end()
-                if self.should_stop:  # a delta norm went NaN/inf
-                    break
-                for cb in self.callbacks:
-                    cb.on_step_end(self, technique)
-                self._report(_number(loss), norms, bar)
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(self.global_step) from None
-        finally:
-            if bar is not None:
-                bar.close()
-            technique.eval()
-            technique._trainer = None
-            technique.to("cpu")
-        for cb in self.callbacks:
-            cb.on_train_end(self, technique)
-
-    def _report(self, loss: float, norms: dict[str, float], bar) -> None:
-        step = self.global_step
-        if bar is not None:
-            shown = {"loss": f"{loss:.4g}"}
-            if norms:
-                shown["|delta|"] = f"{max(norms.values()):.3g}"
-            bar.set_postfix(shown, refresh=False)
-            bar.update(1)
-        if self.logger is not None and (step % self.log_every_n_steps == 0 or step == self.max_steps):
-            metrics = {"train/loss": loss, **{f"delta_norm/{k}": v for k, v in norms.items()}, **self.logged}
-            self.logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.step = int(trainer.global_step)
 
 
-def _number(value) -> float:
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+class Bar(ProgressBar):
+    """Lightning's progress bar slot, drawn by steerexp.progress: a bar only on a terminal (and never in a sweep's
+    jobs), on stderr, counting optimizer steps, with the loss and the largest delta norm."""
+
+    def __init__(self):
+        super().__init__()
+        self._bar = None
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._enabled:
+            self._bar = progress.bar(trainer.max_steps, "training", unit="steps")
+            if self._bar is not None and trainer.global_step:
+                self._bar.update(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        shown = {}
+        loss = trainer.progress_bar_metrics.get("train/loss")
+        if loss is not None:
+            shown["loss"] = f"{float(loss):.4g}"
+        norms = pl_module.delta_norms()
+        if norms:
+            shown["|delta|"] = f"{max(norms.values()):.3g}"
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(int(trainer.global_step) - self._bar.n)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()
+
+
+class _Quiet(logging.Filter):
+    """Lightning's INFO lines that say nothing a steerexp user acts on: the device inventory (steerexp runs on
+    the generator's device), the end of fit at max_steps (the run goes on to evaluate), its Ctrl-C line (the run
+    prints the resume command instead) and its unconditional advertisements for its cloud services ("Tip")."""
+
+    DROP = ("GPU available:", "TPU available:", "HPU available:", "`Trainer.fit` stopped: `max_steps=",
+            "Detected KeyboardInterrupt", "Restoring states from the checkpoint path",
+            "Restored all states from the checkpoint", "\N{ELECTRIC LIGHT BULB} Tip:",
+            "Lightning automatically upgraded your loaded checkpoint")  # (a pre-Lightning one: legacy_checkpoint)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(self.DROP)
+
+
+def _quiet_lightning() -> None:
+    # Lightning 2.6's CombinedLoader builds a torch LeafSpec for every dataloader (ours is one placeholder
+    # iterable), which torch >= 2.10 reports as deprecated on each fit: Lightning's to fix, nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric",
+                 "lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.migration.utils"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Quiet) for f in logger.filters):
+            logger.addFilter(_Quiet())
+
+
+def legacy_checkpoint(path: str | Path, into: Path) -> Path:
+    """A checkpoint of the earlier plain-PyTorch loop (no `pytorch-lightning_version`, no loop state) as one
+    Lightning resumes from: the same deltas, optimizer state and step, with the version that makes Lightning's
+    own migration rebuild its loop state from `global_step`. Written to `into`; other checkpoints pass as is."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "pytorch-lightning_version" in ckpt:
+        return Path(path)
+    ckpt["pytorch-lightning_version"] = "1.5.0"  # before loop state: Lightning migrates global_step into it
+    ckpt.setdefault("callbacks", {})
+    ckpt.setdefault("lr_schedulers", [])
+    into.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, into)
+    return into
+
+
+def fit(trainer_cfg: dict, technique, callbacks: list, logger, ckpt_path: str | Path | None,
+        checkpoint_dir: Path | None) -> L.Trainer:
+    """Train `technique` with Lightning's Trainer built from `trainer_cfg` (conf/trainer/, resolved); returns the
+    trainer. Raises TrainingInterrupted(step) on Ctrl-C or a stopping signal."""
+    from hydra.utils import instantiate
+
+    _quiet_lightning()
+    args = dict(trainer_cfg)
+    technique.lr_scheduler = args.pop("lr_scheduler", "constant")
+    technique.warmup_steps = int(args.pop("warmup_steps", 0) or 0)
+    for key in STEEREXP_KEYS:
+        args.pop(key, None)
+    if args.get("accelerator", "auto") == "auto":
+        args["accelerator"] = technique.generator.device.type  # where the frozen generator is
+    if args["accelerator"] == "cpu" and str(args.get("precision")) in ("16-mixed", "16"):
+        from steerexp.errors import ConfigError  # (validate refuses it when the config names the CPU)
+
+        raise ConfigError("trainer.precision", "16-mixed needs CUDA (its GradScaler); this run trains on the CPU",
+                          "set trainer.precision=bf16-mixed on the CPU (or train on a GPU)")
+    steps = int(technique.steps)
+    # log every n steps, but not more rarely than once per run (Lightning warns when n exceeds the batches)
+    accumulate = int(args.get("accumulate_grad_batches", 1) or 1)
+    args["log_every_n_steps"] = max(1, min(int(args.get("log_every_n_steps", 50)), steps * accumulate))
+    stop = Stop(checkpoint_dir)
+    bars = progress.enabled()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # no ModelCheckpoint configured (callbacks=none): none of Lightning's default either (it would write into the
+    # working directory); the run writes the final state to checkpoints/last.ckpt itself
+    args["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = instantiate(
+        args,
+        max_steps=steps,
+        logger=logger if logger is not None else False,
+        callbacks=[*callbacks, stop, *([Bar()] if bars else [])],
+        enable_progress_bar=bars,
+        enable_model_summary=False,  # the parameter counts go to the logger (params/*), not a table on the console
+        default_root_dir=str(checkpoint_dir.parent) if checkpoint_dir is not None else None,
+        _convert_="all",
+    )
+    legacy = Path(checkpoint_dir or tempfile.gettempdir()) / f".resume-from-legacy-{os.getpid()}.ckpt"
+    if ckpt_path:
+        ckpt_path = legacy_checkpoint(ckpt_path, legacy)
+    shutdown.training = True
+    try:
+        trainer.fit(technique, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except _SignalStop as err:
+        raise TrainingInterrupted(err.args[0]) from None
+    except SIGTERMException:
+        # Lightning's own stop for a SIGTERM that came after our check: the step is whole, write it
+        if checkpoint_dir is not None:
+            trainer.save_checkpoint(checkpoint_dir / "last.ckpt", weights_only=False)
+        raise TrainingInterrupted(int(trainer.global_step)) from None
+    except SystemExit:
+        if stop.step is not None:  # Lightning's exit after Ctrl-C
+            raise TrainingInterrupted(stop.step) from None
+        raise
+    finally:
+        shutdown.training = False
+        technique.eval()
+        technique.trainer = None  # detached: the technique's later calls (diagnostics) log nothing
+        technique.to("cpu")
+        if legacy.is_file():
+            os.remove(legacy)
+    return trainer

@@ -8,17 +8,22 @@ that names the key and the fix; the CLI prints it as one line.
 What is checked, cheapest first:
 
 1. every value resolves (no `???`, no broken `${...}`), and `_target_`s pass `steerexp.safety`;
-2. plain values: seeds (ints), eval.prompts / eval.seeds (non-empty lists), the `{}` slot of
-   prompt templates (exactly one for textual inversion, no other format fields), sampling
-   steps and guidance scale, learning rates, batch sizes, step counts, trainer intervals, the
-   placeholder token;
+2. plain values: seeds (every seed of the config an integer in 0..MAX_SEED), eval.prompts /
+   eval.seeds (non-empty lists of at most MAX_LIST entries), prompts without control characters
+   (a newline), the `{}` slot of prompt templates (exactly one for textual inversion, no other
+   format fields), sampling steps and guidance scale, learning rates, batch sizes, step counts,
+   trainer intervals, the placeholder token;
 3. the generator: its folder (model_index.json and component configs parse, safetensors files
    are complete) or hub id, the device (a GPU is looked for without importing torch) and dtype;
    then sampling steps against the scheduler's num_train_timesteps;
 4. every file or folder setting (scorers.*: classifiers, a user's model, CLIP weights; target
-   images, objective images, prompt files);
-5. `ckpt_path`: exists, and (read without torch and without running any pickle code) was
-   trained with this technique and the same delta-shaping settings;
+   images, objective images, prompt files): user images from their headers (a regular file, not
+   a FIFO or a device; images.min_side, images.max_aspect, images.max_pixels; at most
+   images.MAX_IMAGES per setting);
+5. `ckpt_path`: a regular file, and (read without torch and without running any pickle code) was
+   trained with this technique and the same delta-shaping settings; a deltas.safetensors also
+   holds floating-point, finite values of a sane size (MAX_DELTA_NORM) and, for textual
+   inversion, rows as wide as this generator's token embeddings;
 6. prompts against the generator's tokenizer (the `tokenizers` library on the folder's files,
    exactly as transformers' CLIPTokenizer splits): a `{}` slot cut off by the tokenizer's
    length is an error, a prompt truncated after its slot a warning.
@@ -43,8 +48,9 @@ from typing import Any, Callable, Iterable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from steerexp import ASSETS, conf_dir
-from steerexp.errors import ConfigError
+from steerexp import ASSETS, combine, conf_dir, spec
+from steerexp import scorer_kinds as kinds
+from steerexp.errors import ConfigError, shorten
 from steerexp.generators import EMBEDDED, embedded_path  # (no torch import)
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -53,29 +59,69 @@ DEFAULT_MAX_TOKENS = 77
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 _ABSENT = object()
+# Every seed is an integer in 0..MAX_SEED: numpy's legacy seeding takes no more, and the seeds derived from it
+# (seed * 1000 + r, seed * 1_000_003 + step) stay inside torch's 64-bit range.
+MAX_SEED = 2**32 - 1
+# eval.seeds, eval.prompts and a technique's seed lists hold at most this many entries (200,000 evaluation seeds
+# ran for minutes without a line of output; 10,000 seeds x 8 prompts is already 160,000 images)
+MAX_LIST = 10_000
+# a checkpoint's deltas: the largest row norm (over the last dimension, as metrics.json's delta_norm/*) allowed.
+# Token embeddings have norms near 1, latents about sqrt(width); 1e4 is far above any edit and below nonsense (1e30)
+MAX_DELTA_NORM = 1e4
+MAX_VALUE_CHECK_BYTES = 256 * 2**20  # deltas files up to this size have their values read here (bigger: at load)
 
 # techniques whose '{}' carries the edit: the baseline fills it with a word, the edit with learned tokens
 SLOT_EDIT_TECHNIQUES = ("steerexp.techniques.textual_inversion.",)
-# techniques whose '{}' is each target image's source prompt (inversion / editing of real images)
-INVERSION_TECHNIQUES = ("steerexp.techniques.ddim_inversion.", "steerexp.techniques.null_text_inversion.",
-                        "steerexp.techniques.negative_prompt_inversion.", "steerexp.techniques.direct_inversion.")
 
 
 # ============================================================================ entry points
 def validate(cfg: DictConfig) -> list[str]:
     """Check the composed config; raise the first problem as a ConfigError. Returns warnings
     (one line each) for things that run but probably not as meant."""
+    cfg = combine.expanded(cfg)  # what the run will run: objective=auto, the evaluators the technique decides
     c = plain(cfg)
     warnings: list[str] = []
     _check_targets(cfg)
     _check_values(c)
     gen = _check_generator(c)
     _check_family(c, gen)
+    _check_parts(cfg, gen)
     _check_sampling_limits(c, gen)
     _check_paths(c)
-    _check_checkpoint(c)
+    _check_checkpoint(c, gen)
     _check_prompt_lengths(c, gen, warnings)
     return warnings
+
+
+def facts_of(c: dict, gen: "GeneratorInfo") -> spec.Facts:
+    """What the specs may know about the generator (steerexp/spec.py)."""
+    family = None
+    if gen.folder is not None:
+        index = _read_json(gen.folder / "model_index.json", "generator.path", required=False)
+        from steerexp import generators
+
+        name = index.get("_class_name") if isinstance(index, dict) else None
+        family = generators.FAMILIES.get(name, (None,))[0]
+    embedded = get(c, "generator.embedded", None) if get(c, "generator.path", None) is None else None
+    return spec.Facts(family=family, folder=gen.folder, embedded=embedded, num_train_timesteps=gen.train_timesteps)
+
+
+def _check_parts(cfg: DictConfig, gen: "GeneratorInfo") -> None:
+    """Every part's own rules, from its spec (steerexp/spec.py): the technique, each objective term, each
+    evaluator."""
+    facts = facts_of({"generator": OmegaConf.to_container(cfg.generator, resolve=True)}, gen)
+    steps, table = OmegaConf.select(cfg, "sampling.steps", default=None), cfg.get("scorers")
+    facts.sampling_steps = steps if _is_int(steps) else None
+    facts.scorers = kinds.table(OmegaConf.to_container(table, resolve=True) if isinstance(table, DictConfig) else {})
+    nodes = [("technique", cfg.get("technique"))]
+    objective = cfg.get("objective")
+    if isinstance(objective, DictConfig) and isinstance(objective.get("terms"), DictConfig):
+        nodes += [(f"objective.terms.{k}", objective.terms[k]) for k in objective.terms]
+    evaluators = cfg.get("evaluator")
+    if isinstance(evaluators, DictConfig):
+        nodes += [(f"evaluator.{k}", evaluators[k]) for k in evaluators]
+    specs = {key: spec.check_node(node, key, facts) for key, node in nodes if node is not None}
+    combine.check(specs, facts, cfg)  # across parts: what the technique cannot use (steerexp/combine.py)
 
 
 def plain(cfg: DictConfig) -> dict:
@@ -149,9 +195,16 @@ def technique_kind(c: dict) -> str:
     tech = c.get("technique") or {}
     if t.startswith(SLOT_EDIT_TECHNIQUES) or ("placeholder" in tech and "slot_word" in tech):
         return "slot"
-    if t.startswith(INVERSION_TECHNIQUES) or isinstance(tech.get("targets"), dict) and "files" in tech["targets"]:
+    cls = technique_spec(c)  # invertible: '{}' is each target image's source prompt (inversion of real images)
+    if cls.invertible if cls is not None else isinstance(tech.get("targets"), dict) and "files" in tech["targets"]:
         return "inversion"
     return "fill"
+
+
+def technique_spec(c: dict) -> type | None:
+    """The spec class of the run's technique (the registered spec with its _target_), or None."""
+    t = _target(c, "technique")
+    return next((cls for cls in spec.registered("technique").values() if getattr(cls, "_target_", None) == t), None)
 
 
 def _short(text: str, n: int = 60) -> str:
@@ -170,20 +223,16 @@ def _check_targets(cfg: DictConfig) -> None:
 # ============================================================================ 2. plain values
 def _check_values(c: dict) -> None:
     seed = c.get("seed", _ABSENT)
-    if seed is not _ABSENT and (not _is_int(seed) or not 0 <= seed < 2 ** 32):
-        raise ConfigError("seed", f"must be an integer in 0..2**32-1, got {seed!r}", "set e.g. seed=0")
+    if seed is not _ABSENT:
+        _check_seed("seed", seed, "set e.g. seed=0")
     _check_eval(c)
+    _check_all_seeds(c)
+    _check_control_characters(c)
     _check_sampling(c)
     _check_technique(c)
-    _check_edit(c)
-    _check_edit_bench(c)
     _check_trainer(c)
     _check_listed_entries(c)
     _check_scorers(c)
-    border = get(c, "objective.terms.proximity.border", None)
-    if border is not None and (not _is_int(border) or border < 1):
-        raise ConfigError("objective.terms.proximity.border", f"must be null (the whole image) or a number of pixels "
-                          f">= 1, got {border!r}", "set e.g. objective.terms.proximity.border=3")
 
 
 def _check_listed_entries(c: dict) -> None:
@@ -212,147 +261,31 @@ def _check_scorers(c: dict) -> None:
             raise ConfigError("scorers.user.classes", f"must list the names of the model's outputs, got {classes!r}",
                               "set e.g. scorers.user.classes=[dark,bright] (in the order of its logits)")
     _check_model_folders(c)
-    _check_guidance_scorer(c)
-    _check_noise_optimisation(c)
-    _check_judges(c)
-
-
-JUDGES = ("analytic", "classifier", "clip", "user")  # the judges every run has (conf/config.yaml: scorers)
-
-
-def _check_judges(c: dict) -> None:
-    """evaluator.<name>.judge names a scorer of the run that reads attributes; objective.terms.concept_score.scorer
-    and .attribute_keep.scorer one with gradients (steerexp/evaluators/base.py: judges kept apart from objectives)."""
-    table = get(c, "scorers", None) or {}
-    names = sorted(set(JUDGES) | set(table))
-
-    def known(name) -> bool:
-        if isinstance(name, str) and name in names:
-            return True
-        from steerexp.scorers.factory import DEFAULTS  # scorers every run has without a config entry (rare path)
-
-        return isinstance(name, str) and name in DEFAULTS
-
-    for ev_name, ev in (c.get("evaluator") or {}).items():
-        if not isinstance(ev, dict):
-            continue
-        if "scorer" in ev and ev_name == "concept":
-            raise ConfigError(f"evaluator.{ev_name}.scorer", "was renamed: the judge is now one key, judge",
-                              f"set evaluator.{ev_name}.judge={ev['scorer']} instead")
-        judge = ev.get("judge")
-        if judge is None:
-            continue
-        key = f"evaluator.{ev_name}.judge"
-        if not known(judge):
-            raise ConfigError(key, f"names no scorer of the run: {judge!r}",
-                              f"choose one of {names} (or null: analytic on the shapes world)")
-        if _scorer_kind(judge, table.get(judge)) == "noisy":
-            raise ConfigError(key, f"scorers.{judge} reads noisy latents, not images", f"choose one of {JUDGES}")
-        if judge == "user" and not (get(c, "scorers.user.path", None)):
-            raise ConfigError(key, "is user, but scorers.user.path is not set",
-                              "set scorers.user.path (and scorers.user.classes), or choose another judge")
-    for term in ("concept_score", "attribute_keep"):  # the terms that optimise a classifier's reading
-        key = f"objective.terms.{term}.scorer"
-        score = get(c, key, None)
-        if score is None:
-            continue
-        if not known(score):
-            raise ConfigError(key, f"names no scorer of the run: {score!r}", "choose e.g. classifier or robust")
-        kind = _scorer_kind(score, table.get(score))
-        if kind in ("analytic", "clip", "noisy"):
-            why = {"analytic": "the analytic judge has no gradients", "clip": "clip reads text similarity, not heads",
-                   "noisy": "the noisy classifier reads noisy latents, not images"}[kind]
-            raise ConfigError(key, f"scorers.{score} is no image classifier to optimise ({why})",
-                              "choose a classifier, e.g. classifier or robust")
-    _check_attribute_keep(c, table)
-
-
-def _check_attribute_keep(c: dict, table: dict) -> None:
-    """attribute_keep keeps named heads of the classifier; the head concept_score moves cannot be one of them.
-    technique.keep (nudging) is the same term on the nudge's initial output."""
-    terms = get(c, "objective.terms", None) or {}
-    keep = terms.get("attribute_keep") if isinstance(terms, dict) else None
-    if isinstance(keep, dict) and "_target_" in keep:
-        moved = terms.get("concept_score", {}).get("head") if isinstance(terms.get("concept_score"), dict) else None
-        _check_keep(keep, "objective.terms.attribute_keep", table, moved)
-    tech = c.get("technique") if isinstance(c.get("technique"), dict) else {}
-    nudge_keep = tech.get("keep")
-    if nudge_keep is None or not str(tech.get("_target_", "")).endswith("nudging.Nudging"):
-        return
-    base = "technique.keep"
-    if not isinstance(nudge_keep, dict) or set(nudge_keep) - {"heads", "weight", "scorer"}:
-        raise ConfigError(base, f"must be null or {{heads, weight, scorer}}, got {nudge_keep!r}",
-                          f"set e.g. '{base}={{heads:[colour,shape],weight:1.0,scorer:robust}}'")
-    if tech.get("mode", "nudge") != "nudge":
-        raise ConfigError(base, f"holds the nudge's objective; mode={tech.get('mode')} has none",
-                          f"set {base}=null or technique.mode=nudge")
-    weight = nudge_keep.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ConfigError(base + ".weight", f"must be a number >= 0, got {weight!r}", f"set e.g. {base}.weight=1.0")
-    scorer = nudge_keep.get("scorer", "classifier")
-    if not isinstance(scorer, str) or scorer not in set(JUDGES) | set(table):
-        raise ConfigError(base + ".scorer", f"names no scorer of the run: {scorer!r}",
-                          "choose e.g. classifier or robust")
-    if _scorer_kind(scorer, table.get(scorer)) in ("analytic", "clip", "noisy"):
-        raise ConfigError(base + ".scorer", f"scorers.{scorer} is no image classifier to optimise",
-                          "choose a classifier, e.g. classifier or robust")
-    _check_keep({"scorer": scorer, **nudge_keep}, base, table, None)
-
-
-def _check_keep(keep: dict, base: str, table: dict, moved: str | None) -> None:
-    key, heads = f"{base}.heads", keep.get("heads")
-    if not isinstance(heads, list) or not heads or not all(isinstance(h, str) for h in heads):
-        raise ConfigError(key, f"must list the classifier heads to keep, got {heads!r}",
-                          f"set e.g. {key}=[shape,colour]")
-    if keep.get("reference", "start") not in ("start", "prompt"):
-        raise ConfigError(f"{base}.reference", f"must be start or prompt, got "
-                          f"{keep.get('reference')!r}", "start keeps the zero-delta image's reading, prompt the "
-                          "class the prompt names")
-    if moved in heads:
-        rest = [h for h in heads if h != moved]
-        raise ConfigError(key, f"includes {moved!r}, the head concept_score moves: the two terms would pull "
-                          "against each other", f"keep the other heads: {key}=[{','.join(rest) or 'shape'}]")
-    scorer = keep.get("scorer", "classifier")
-    if _scorer_kind(scorer, table.get(scorer)) == "user":
-        raise ConfigError(f"{base}.scorer", "is the user's one-head model, which answers every "
-                          "head name with the same output", "keep heads with a classifier that has named heads, "
-                          "e.g. robust")
-    spec = table.get(scorer)
-    users_folder = spec if isinstance(spec, str) and spec else isinstance(spec, dict) and spec.get("path")
-    if _scorer_kind(scorer, spec) == "classifier" and not users_folder:  # a shipped concept classifier
-        from steerexp.worlds.shapes.world import HEADS  # their heads (numpy only)
-
-        unknown = [h for h in heads if h not in HEADS]
-        if unknown:
-            raise ConfigError(key, f"names {unknown}, which scorers.{scorer} has no head for",
-                              f"choose among {sorted(HEADS)}")
 
 
 FOLDER_KINDS = {"classifier": "an image classifier", "noisy": "a timestep-aware classifier (noisy latents)"}
-GUIDING_KINDS = ("classifier", "user", "noisy", "clip")  # = techniques.energy_guidance.GUIDING_KINDS
 
 
-def _scorer_kind(name: str, spec: Any) -> str:
-    return str(spec["kind"]) if isinstance(spec, dict) and spec.get("kind") else name
+_scorer_kind = kinds.kind   # (steerexp/scorer_kinds.py)
 
 
 def _check_model_folders(c: dict) -> None:
     """A classifier or noisy scorer is a folder: `path`, or `asset` (a folder shipped in steerexp/assets)."""
-    for name, spec in (get(c, "scorers", None) or {}).items():
-        kind, key = _scorer_kind(name, spec), f"scorers.{name}"
-        if kind not in FOLDER_KINDS or not isinstance(spec, dict):
+    for name, entry in (get(c, "scorers", None) or {}).items():
+        kind, key = _scorer_kind(name, entry), f"scorers.{name}"
+        if kind not in FOLDER_KINDS or not isinstance(entry, dict):
             continue
-        if spec.get("path") and spec.get("asset"):
+        if entry.get("path") and entry.get("asset"):
             raise ConfigError(key, "gives both path and asset", f"keep one: {key}.path=<folder> or {key}.asset=<name>")
-        if spec.get("asset"):
-            folder = ASSETS / str(spec["asset"])
+        if entry.get("asset"):
+            folder = ASSETS / str(entry["asset"])
             shipped = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
             if not (folder / "config.json").is_file():
-                raise ConfigError(f"{key}.asset", f"no shipped model {spec['asset']!r}",
+                raise ConfigError(f"{key}.asset", f"no shipped model {entry['asset']!r}",
                                   f"choose one of {shipped}, or give {key}.path=<folder>")
-        elif spec.get("path"):
-            folder = Path(str(spec["path"])).expanduser()
-            _classifier_folder(f"{key}.path", str(spec["path"]), folder)
+        elif entry.get("path"):
+            folder = Path(str(entry["path"])).expanduser()
+            _classifier_folder(f"{key}.path", str(entry["path"]), folder)
         else:
             continue
         found = _read_json(folder / "config.json", key)
@@ -362,97 +295,94 @@ def _check_model_folders(c: dict) -> None:
                               f"set {key}.kind={found}, or point it at {FOLDER_KINDS[kind]}")
 
 
-def _check_guidance_scorer(c: dict) -> None:
-    """energy_guidance: technique.scorer names a scorer of the run that has gradients."""
-    if not _target(c, "technique").endswith("energy_guidance.EnergyGuidance"):
-        return
-    name, table = get(c, "technique.scorer", None), get(c, "scorers", None)
-    if not isinstance(table, dict) or name is None:
-        return
-    name = "classifier" if name == "concept" else name  # the option's old name
-    usable = sorted(n for n, s in table.items() if _scorer_kind(n, s) in GUIDING_KINDS
-                    and (_scorer_kind(n, s) != "user" or isinstance(s, dict) and s.get("path")))
-    fix = f"set technique.scorer to one of {usable}"
-    if not isinstance(name, str) or name not in table:
-        raise ConfigError("technique.scorer", f"no scorer named {name!r} in scorers (conf/config.yaml)", fix)
-    kind = _scorer_kind(name, table[name])
-    if kind not in GUIDING_KINDS:
-        raise ConfigError("technique.scorer", f"scorers.{name} is of kind {kind!r}, which gives no gradient to guide "
-                          "with", fix)
-    if kind == "user" and not (isinstance(table[name], dict) and table[name].get("path")):
-        raise ConfigError("technique.scorer", f"names scorers.{name}, which has no path",
-                          f"set scorers.{name}.path (and .classes), or {fix}")
-
-
-NOISE_TECHNIQUES = ("steerexp.techniques.reno.", "steerexp.techniques.noise_search.")
-
-
-def _check_noise_optimisation(c: dict) -> None:
-    """reno / noise_search (steerexp/techniques/noise.py): rewards name scorers of the run with weights >= 0 (reno's
-    with gradients), the settings are in range, and max_calls pays for at least one step of the method."""
-    t = _target(c, "technique")
-    if not t.startswith(NOISE_TECHNIQUES):
-        return
-    tech, table = c.get("technique") or {}, get(c, "scorers", None) or {}
-    reno = t.startswith(NOISE_TECHNIQUES[0])
-    rewards = tech.get("rewards")
-    if not isinstance(rewards, dict) or not rewards:
-        raise ConfigError("technique.rewards", f"must map scorer names to weights, got {rewards!r}",
-                          "set e.g. technique.rewards={classifier:1.0}")
-    names = sorted(set(JUDGES) | set(table))
-    if any(n not in names for n in rewards):  # e.g. robust: scorers every run has without a config entry (rare path)
-        from steerexp.scorers.factory import DEFAULTS
-
-        names = sorted(set(names) | set(DEFAULTS))
-    for name, w in rewards.items():
-        key = f"technique.rewards.{name}"
-        if not _is_number(w) or not math.isfinite(w) or w < 0:
-            raise ConfigError(key, f"must be a finite weight >= 0, got {w!r}", f"set e.g. {key}=1.0 (0 leaves it out)")
-        if w == 0:
-            continue
-        if name not in names:
-            raise ConfigError(key, f"names no scorer of the run: {name!r}", f"choose from {names}")
-        kind = _scorer_kind(name, table.get(name))
-        if kind == "noisy" or (reno and kind == "analytic"):
-            why = "reads noisy latents, not images" if kind == "noisy" else "has no gradients to follow"
-            raise ConfigError(key, f"scorers.{name} {why}", "use a classifier (classifier, robust) or clip"
-                              + ("; or technique=noise_search, which needs no gradient" if kind == "analytic" else ""))
-    if not any(_is_number(w) and w > 0 for w in rewards.values()):
-        raise ConfigError("technique.rewards", "has no positive weight: nothing to optimise",
-                          "set e.g. technique.rewards.classifier=1.0")
-    _finite(c, "technique.grad_clip", 0.0, strict=True, fix="set e.g. technique.grad_clip=1.0 (null: no clipping)")
-    _finite(c, "technique.norm_weight", 0.0, fix="set e.g. technique.norm_weight=0.01 (0: no chi-norm term)")
-    for k in ("iterations", "neighbours", "max_calls"):
-        if tech.get(k) is not None:
-            _check_int(c, f"technique.{k}", 1)
-    m = tech.get("momentum")
-    if m is not None and not (_is_number(m) and 0 <= m < 1):
-        raise ConfigError("technique.momentum", f"must be in [0, 1), got {m!r}", "set e.g. technique.momentum=0.9")
-    r = tech.get("radius")
-    if r is not None and not (_is_number(r) and 0 < r <= 1):
-        raise ConfigError("technique.radius", f"must be in (0, 1] (the share of fresh noise in a neighbour), got {r!r}",
-                          "set e.g. technique.radius=0.5")
-    if "keep" in tech and tech["keep"] not in ("best", "last"):
-        raise ConfigError("technique.keep", f"must be best or last, got {tech['keep']!r}", "set technique.keep=best")
-    steps, calls = get(c, "sampling.steps", 25), tech.get("max_calls")
-    if not (_is_int(steps) and _is_int(calls)):
-        return
-    if reno:
-        k = tech.get("opt_sampling_steps") or steps
-        need = k + (3 + bool(tech.get("checkpoint"))) * k + (steps if k != steps else 0)
-        what = f"one gradient step through {k} DDIM steps (+ the final sample at sampling.steps={steps})"
-    else:
-        need, what = tech.get("candidates", 1) * steps, f"best-of-{tech.get('candidates', 1)} at sampling.steps={steps}"
-    if _is_int(need) and calls < need:
-        raise ConfigError("technique.max_calls", f"is {calls} generator calls per output, but {what} needs {need}",
-                          f"set technique.max_calls={need} or more")
-
-
 def _non_empty_list(value: Any, key: str, what: str, why_empty: str, fix: str) -> None:
     if not isinstance(value, list):
-        raise ConfigError(key, f"must be a list of {what}, got {value!r}", fix)
+        raise ConfigError(key, f"must be a list of {what}, got {_short(repr(value))}", fix)
     if not value:
         raise ConfigError(key, f"is empty: {why_empty}", fix)
+    _check_list_cap(key, value, what)
+
+
+def _check_list_cap(key: str, value: list, what: str) -> None:
+    if len(value) > MAX_LIST:
+        raise ConfigError(key, f"holds {len(value)} {what}, over the limit of {MAX_LIST}",
+                          f"use at most {MAX_LIST} (split a bigger evaluation into several runs: a sweep over "
+                          "seed ranges)")
+
+
+def _check_seed(key: str, value: Any, fix: str) -> None:
+    """An integer in 0..MAX_SEED (not a bool, not a float, not above 2**32 - 1)."""
+    if not _is_int(value):
+        raise ConfigError(key, f"must be an integer in 0..{MAX_SEED} (2**32-1), got {_short(repr(value))}", fix)
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(key, f"must be an integer in 0..{MAX_SEED} (2**32-1), got {shorten(str(value), 60)}", fix)
+
+
+def _is_seed_key(name: str) -> bool:
+    return name == "seed" or name.endswith("seeds")
+
+
+def _check_all_seeds(c: dict) -> None:
+    """Every `seed` and `*seeds` setting of the config (technique.seed, technique.train_seeds,
+    technique.targets.seed, evaluator.edit_bench.seed...): integers in 0..MAX_SEED (null where a default applies),
+    lists of at most MAX_LIST."""
+    def walk(node: Any, key: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if isinstance(v, dict):
+                walk(v, sub)
+                continue
+            if not _is_seed_key(str(k)) or v is None or sub in ("seed", "eval.seeds"):
+                continue
+            fix = f"set e.g. {sub}=0" if k == "seed" else f"set e.g. {sub}=[0,1,2,3]"
+            if str(k) == "seed":
+                _check_seed(sub, v, fix)
+            elif isinstance(v, list):
+                _check_list_cap(sub, v, "seeds")
+                for i, s_ in enumerate(v):
+                    _check_seed(f"{sub}[{i}]", s_, fix)
+            elif not isinstance(v, str):  # a string: an option of its own (e.g. 'eval'), read by its technique
+                _check_seed(sub, v, fix)
+
+    walk({k: v for k, v in c.items() if k != "hydra"}, "")
+
+
+# prompt-like settings: their keys' last part matches this (prompts, templates, the slot word, edit words...)
+_PROMPT_KEY = re.compile(r"prompt|template|slot_word|initializer|placeholder|replace|words|negative|caption")
+PROMPT_FIX = "write each prompt on one line, a space instead of the newline, tab or other control character"
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _control_problem(text: str) -> str | None:
+    m = _CONTROL_CHARS.search(text)
+    if m is None:
+        return None
+    ch = m.group()
+    name = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab"}.get(ch, "a control character")
+    return f"{_short(text)} holds {name} ({ch.encode('unicode_escape').decode()}) at character {m.start()}"
+
+
+def _check_control_characters(c: dict) -> None:
+    """No prompt, template or prompt word holds a control character: a newline in a prompt splits the lines of
+    the run's logs, tables and labels (and the tokenizer reads it as a space), so it is never what was meant."""
+    def check(key: str, v: Any) -> None:
+        if isinstance(v, str):
+            problem = _control_problem(v)
+            if problem:
+                raise ConfigError(key, problem, PROMPT_FIX)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                check(f"{key}[{i}]", x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                check(f"{key}.{k}", x)
+
+    for key, value in _leaves({k: c.get(k) for k in ("eval", "technique", "evaluator", "objective", "concept")
+                               if isinstance(c.get(k), dict)}):
+        if _PROMPT_KEY.search(key.rsplit(".", 1)[-1]):
+            check(key, value)
 
 
 def _check_eval(c: dict) -> None:
@@ -461,15 +391,13 @@ def _check_eval(c: dict) -> None:
         return
     seeds = ev.get("seeds", _ABSENT)
     if seeds is not _ABSENT:
-        _non_empty_list(seeds, "eval.seeds", "integers", "the paired comparison needs at least one seed",
+        _non_empty_list(seeds, "eval.seeds", "seeds", "the paired comparison needs at least one seed",
                         "set e.g. eval.seeds=[0,1,2,3]")
         for i, s in enumerate(seeds):
-            if not _is_int(s) or s < 0:
-                raise ConfigError(f"eval.seeds[{i}]", f"seeds must be non-negative integers, got {s!r}",
-                                  "set e.g. eval.seeds=[0,1,2,3]")
+            _check_seed(f"eval.seeds[{i}]", s, "set e.g. eval.seeds=[0,1,2,3]")
     prompts = ev.get("prompts", _ABSENT)
     if prompts is not _ABSENT:
-        _non_empty_list(prompts, "eval.prompts", "prompt templates", "give at least one prompt template",
+        _non_empty_list(prompts, "eval.prompts", "prompts", "give at least one prompt template",
                         "set e.g. eval.prompts=['a photo of a {}','a red {}']")
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
@@ -524,6 +452,9 @@ def _check_prompt_templates(c: dict) -> None:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise ConfigError(f"{key}[{i}]", f"prompts must be strings, got {p!r}", f"quote it: {key}=['...']")
+            problem = _control_problem(p)  # (a prompt file's lines; the config's own prompts are checked earlier)
+            if problem:
+                raise ConfigError(f"{key}[{i}]", problem, PROMPT_FIX)
             if kind == "inversion":
                 continue
             fields = _fields(p)
@@ -574,12 +505,14 @@ def _check_sampling(c: dict) -> None:
 
 
 def _check_technique(c: dict) -> None:
+    """The generic checks of a technique WITHOUT a spec (a researcher's own, outside the package): common keys by
+    name. A technique with a spec (every shipped one) owns its rules (steerexp/spec.py) and skips these."""
     tech = c.get("technique")
-    if not isinstance(tech, dict):
+    if not isinstance(tech, dict) or technique_spec(c) is not None:
         return
     t = "technique."
-    for k in ("train_sampling_steps", "opt_sampling_steps"):
-        if k == "train_sampling_steps" or tech.get(k) is not None:  # opt_sampling_steps: null = sampling.steps
+    for k in ("opt_sampling_steps",):
+        if tech.get(k) is not None:  # opt_sampling_steps: null = sampling.steps
             _check_int(c, t + k, 1, fix=f"set e.g. {t}{k}=10")
     for k in ("guidance_scale",):
         _finite(c, t + k, 0.0, fix=f"set e.g. {t}{k}=5.0 (1 = no guidance)")
@@ -591,11 +524,7 @@ def _check_technique(c: dict) -> None:
         "nudge_batch",
         "num_vectors",
         "candidates",
-        "top_k",
-        "beam_width",
-        "proposals",
         "inner_steps",
-        "max_words",
         "max_calls",
     ):
         if tech.get(k) is not None:
@@ -605,15 +534,7 @@ def _check_technique(c: dict) -> None:
     for k in ("opt_steps", "rounds"):
         if tech.get(k) is not None and not isinstance(tech[k], dict):
             _check_int(c, t + k, 0)
-    if "seed" in tech and tech["seed"] is not None and (not _is_int(tech["seed"]) or tech["seed"] < 0):
-        raise ConfigError("technique.seed", f"must be a non-negative integer, got {tech['seed']!r}", "set e.g. seed=0")
-    for k in ("seeds", "train_seeds"):
-        seeds = tech.get(k)
-        if isinstance(seeds, list):
-            for i, s in enumerate(seeds):
-                if not _is_int(s) or s < 0:
-                    raise ConfigError(f"{t}{k}[{i}]", f"seeds must be non-negative integers, got {s!r}",
-                                      f"set e.g. {t}{k}=[100,101,102,103]")
+    # (technique.seed, .seeds, .train_seeds: _check_all_seeds)
     if "placeholder" in tech:
         p = tech["placeholder"]
         if not isinstance(p, str) or not p or any(ch.isspace() for ch in p) or "{" in p or "}" in p:
@@ -627,127 +548,89 @@ def _check_technique(c: dict) -> None:
             raise ConfigError(t + k, f"must be a non-empty word, got {tech[k]!r}", f"set e.g. {t}{k}=object")
 
 
-# technique.edit of the inversion techniques (techniques/ddim_inversion.py; P2P: generators/attention.py)
-EDIT_KEYS = ("replace", "prompts", "control", "blend", "cross_steps", "self_steps", "mode", "reweight", "blend_words",
-             "blend_threshold", "blend_start", "blend_dilate", "control_uncond", "self_full_res")
-EDIT_TYPES = ("colour", "shape", "size", "background", "position")  # evaluators/edit_bench.py
-
-
-def _edit_method(m: Any) -> bool:
-    """An edit method name: <inversion>[+p2p[+blend]] or sdedit_s<strength> (evaluators, edit_bench)."""
-    return isinstance(m, str) and re.fullmatch(
-        r"(vae|npi|nti|di|ddim_w\d+(\.\d+)?)(\+p2p(\+blend)?)?|sdedit_s(0?\.\d+|1(\.0*)?)", m) is not None
-
-
-def _check_edit(c: dict) -> None:
-    """technique.edit of an inversion technique: the prompt swap and its Prompt-to-Prompt control."""
-    edit = get(c, "technique.edit", None)
-    if technique_kind(c) != "inversion" or not isinstance(edit, dict):
-        return
-    k = "technique.edit."
-    unknown = sorted(set(edit) - set(EDIT_KEYS))
-    if unknown:
-        raise ConfigError(k + unknown[0], "is not a setting of technique.edit",
-                          f"use one of {', '.join(EDIT_KEYS)} (see conf/technique/ddim_inversion.yaml)")
-    if edit.get("control") not in (None, "p2p"):
-        raise ConfigError(k + "control", f"must be null (a bare prompt swap) or p2p, got {edit['control']!r}",
-                          f"set {k}control=p2p (Prompt-to-Prompt attention control) or {k}control=null")
-    for flag in ("blend", "control_uncond", "self_full_res"):
-        if flag in edit and not isinstance(edit[flag], bool):
-            raise ConfigError(k + flag, f"must be true or false, got {edit[flag]!r}", f"set {k}{flag}=true")
-    if edit.get("blend") and edit.get("control") != "p2p":
-        raise ConfigError(k + "blend", "is true but technique.edit.control is not p2p: the blend mask comes from "
-                          "P2P's attention maps", f"set {k}control=p2p, or {k}blend=false")
-    for w in ("cross_steps", "self_steps"):
-        v = edit.get(w)
-        ok = (_is_number(v) and 0 <= v <= 1) or (
-            isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and 0 <= v[0] <= v[1] <= 1)
-        if w in edit and not ok:
-            raise ConfigError(k + w, f"must be a fraction of the steps in [0, 1] or [start, end] within it, got {v!r}",
-                              f"set e.g. {k}{w}=0.8 or {k}{w}=[0.1,0.8]")
-    if "mode" in edit and edit["mode"] not in ("auto", "replace", "refine"):
-        raise ConfigError(k + "mode", f"must be auto, replace or refine, got {edit['mode']!r}", f"set {k}mode=auto")
-    reweight = edit.get("reweight")
-    if reweight is not None and not isinstance(reweight, dict):
-        raise ConfigError(k + "reweight", f"must map words to attention scales, got {reweight!r}",
-                          f"set e.g. {k}reweight={{blue:2.0}}")
-    for word, scale in (reweight or {}).items():
-        if not _is_number(scale) or scale < 0 or not math.isfinite(scale):
-            raise ConfigError(f"{k}reweight.{word}", f"must be a number >= 0 (the word's attention scale), got "
-                              f"{scale!r}", f"set e.g. {k}reweight.{word}=2.0")
-    if edit.get("blend_threshold") is not None:
-        v = edit["blend_threshold"]
-        if not _is_number(v) or not 0 < v < 1:
-            raise ConfigError(k + "blend_threshold", f"must be in (0, 1), got {v!r}",
-                              f"set e.g. {k}blend_threshold=0.3")
-    if edit.get("blend_start") is not None:
-        v = edit["blend_start"]
-        if not _is_number(v) or not 0 <= v <= 1:
-            raise ConfigError(k + "blend_start", f"must be a fraction of the steps in [0, 1], got {v!r}",
-                              f"set e.g. {k}blend_start=0.2")
-    if edit.get("blend_dilate") is not None:
-        _check_int(c, k + "blend_dilate", 0, fix=f"set e.g. {k}blend_dilate=1 (latent cells)")
-    words = edit.get("blend_words")
-    lists = list(words.values()) if isinstance(words, dict) else [words]
-    if words is not None and (not all(isinstance(x, list) and all(isinstance(w, str) for w in x) for x in lists)
-                              or isinstance(words, dict) and set(words) - {"source", "target"}):
-        raise ConfigError(k + "blend_words", f"must be null, a list of words or {{source: [...], target: [...]}}, "
-                          f"got {words!r}", f"set e.g. {k}blend_words=[circle] (null: the words the edit changes)")
-
-
-def _check_edit_bench(c: dict) -> None:
-    bench = get(c, "evaluator.edit_bench", None)
-    if not isinstance(bench, dict):
-        return
-    k = "evaluator.edit_bench."
-    types = bench.get("types")
-    if types is not None:
-        bad = [t for t in types if t not in EDIT_TYPES] if isinstance(types, list) else [types]
-        if bad or not types:
-            raise ConfigError(k + "types", f"must be a non-empty list of edit types, got {types!r}",
-                              f"choose from {list(EDIT_TYPES)}, e.g. {k}types=[colour,shape]")
-        template = bench.get("prompt_template")
-        fields = _fields(template) if isinstance(template, str) else []
-        missing = [t for t in types if t not in (fields or [])]
-        if missing:
-            raise ConfigError(k + "prompt_template", f"{_short(str(template))} has no {{{missing[0]}}}, so a "
-                              f"{missing[0]} edit would not change the prompt",
-                              f"add {{{missing[0]}}} to it (and to technique.targets.prompt_template), "
-                              "or drop the type")
-    methods = bench.get("methods")
-    if methods is not None:
-        if not isinstance(methods, list) or not methods:
-            raise ConfigError(k + "methods", f"must be a non-empty list of edit methods, got {methods!r}",
-                              f"set e.g. {k}methods=[ddim_w7.5,di+p2p] (null: every inversion method)")
-        for i, m in enumerate(methods):
-            if not _edit_method(m):
-                raise ConfigError(f"{k}methods[{i}]", f"{m!r} is not an edit method",
-                                  "use <inversion>[+p2p[+blend]] (inversion: ddim_w<w>, npi, nti, di) or "
-                                  "sdedit_s<strength in (0, 1]>, e.g. nti+p2p+blend")
-    att = bench.get("attention_maps")
-    if att is not None and not isinstance(att, bool) and not (_edit_method(att) and "+p2p" in str(att)):
-        raise ConfigError(k + "attention_maps", f"must be a +p2p method (or true: the first one), got {att!r}",
-                          f"set e.g. {k}attention_maps=di+p2p, or null")
-
-
-TRAINER_KEYS = ("_target_", "log_every_n_steps", "gradient_clip_val", "checkpoint_every")  # steerexp.trainer.Trainer
+# conf/trainer/: Lightning's Trainer arguments a run may set, and steerexp's own keys (steerexp/trainer.py)
+TRAINER_KEYS = ("_target_", "accelerator", "devices", "num_nodes", "strategy", "precision", "accumulate_grad_batches",
+                "gradient_clip_val", "gradient_clip_algorithm", "log_every_n_steps", "deterministic", "benchmark",
+                "detect_anomaly", "max_time", "sync_batchnorm", "inference_mode",
+                "checkpoint_every", "lr_scheduler", "warmup_steps")
+# Trainer arguments the run sets itself: the setting to use instead
+TRAINER_SET_BY_RUN = {
+    "max_steps": "technique.steps", "min_steps": "technique.steps", "max_epochs": "technique.steps",
+    "min_epochs": "technique.steps", "enable_progress_bar": "progress=true|false|auto",
+    "logger": "logger=wandb|none", "callbacks": "callbacks=default|none (or +callbacks.<name>=...)",
+    "enable_checkpointing": "callbacks=none", "default_root_dir": "hydra.run.dir",
+    "enable_model_summary": "nothing (the parameter counts go to the logger as params/*)",
+}
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "16", "bf16")
+LR_SCHEDULERS = ("constant", "warmup", "cosine")  # steerexp.techniques.trainable
 
 
 def _check_trainer(c: dict) -> None:
-    for k in ("checkpoint_every", "log_every_n_steps"):
-        _check_int(c, f"trainer.{k}", 1, fix=f"set e.g. trainer.{k}=100 (steps)")
+    import difflib
+
+    for k in ("checkpoint_every", "log_every_n_steps", "accumulate_grad_batches", "num_nodes"):
+        _check_int(c, f"trainer.{k}", 1, fix=f"set e.g. trainer.{k}={100 if k == 'checkpoint_every' else 1}")
+    _check_int(c, "trainer.warmup_steps", 0, fix="set e.g. trainer.warmup_steps=10 (optimizer steps)")
     trainer = get(c, "trainer", None)
-    if isinstance(trainer, dict) and trainer.get("_target_") == "steerexp.trainer.Trainer":
+    if isinstance(trainer, dict) and trainer.get("_target_") in ("lightning.pytorch.Trainer",
+                                                                 "pytorch_lightning.Trainer"):
         unknown = sorted(set(trainer) - set(TRAINER_KEYS))
         if unknown:
-            fix = ("progress bars follow the top-level setting: set progress=true|false|auto"
-                   if "progress" in unknown[0] else f"drop it; the trainer's settings are {list(TRAINER_KEYS[1:])}")
-            raise ConfigError(f"trainer.{unknown[0]}", "is not a setting of steerexp's trainer (steerexp/trainer.py)",
-                              fix)
+            key = unknown[0]
+            if key in TRAINER_SET_BY_RUN:
+                raise ConfigError(f"trainer.{key}", "is set by the run, not in conf/trainer/",
+                                  f"drop it; use {TRAINER_SET_BY_RUN[key]}")
+            close = difflib.get_close_matches(key, TRAINER_KEYS[1:], n=1)
+            raise ConfigError(f"trainer.{key}", "is not a setting of the trainer (conf/trainer/: Lightning's Trainer)",
+                              f"did you mean trainer.{close[0]}?" if close else
+                              f"drop it; the trainer's settings are {list(TRAINER_KEYS[1:])}")
+    elif isinstance(trainer, dict) and trainer.get("_target_") == "steerexp.trainer.Trainer":
+        raise ConfigError("trainer._target_", "steerexp.trainer.Trainer is gone: training runs on Lightning's Trainer",
+                          "set trainer=default (_target_: lightning.pytorch.Trainer)")
     clip = get(c, "trainer.gradient_clip_val")
     if clip is not _ABSENT and clip is not None and not (_is_number(clip) and clip > 0):
         raise ConfigError("trainer.gradient_clip_val", f"must be a positive number or null, got {clip!r}",
                           "set e.g. trainer.gradient_clip_val=1.0, or null for no clipping")
+    acc = get(c, "trainer.accelerator")
+    if acc is not _ABSENT and str(acc).lower() not in ACCELERATORS:
+        raise ConfigError("trainer.accelerator", f"must be one of {list(ACCELERATORS)}, got {acc!r}",
+                          "set trainer.accelerator=auto (the generator's device), cpu or gpu")
+    devices = get(c, "trainer.devices")
+    if devices is not _ABSENT and not (devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1))
+                                       or (isinstance(devices, list) and devices and all(map(_is_int, devices)))):
+        raise ConfigError("trainer.devices", f"must be a positive integer, -1, auto or a list of device indices, "
+                          f"got {devices!r}", "set e.g. trainer.devices=2 (with trainer.strategy=ddp)")
+    strategy = get(c, "trainer.strategy")
+    if strategy is not _ABSENT and not isinstance(strategy, str):
+        raise ConfigError("trainer.strategy", f"must be a strategy's name, got {strategy!r}",
+                          "set trainer.strategy=auto, ddp or ddp_spawn")
+    precision = get(c, "trainer.precision")
+    if precision is not _ABSENT:
+        if str(precision) not in PRECISIONS:
+            raise ConfigError("trainer.precision", f"must be one of {list(PRECISIONS[:5])}, got {precision!r}",
+                              "set e.g. trainer.precision=bf16-mixed")
+        device = str(get(c, "generator.device", "")).lower()
+        where = "auto" if acc is _ABSENT else str(acc).lower()
+        on_cpu = where == "cpu" or (where == "auto" and device == "cpu")
+        if str(precision) in ("16-mixed", "16") and on_cpu:
+            raise ConfigError("trainer.precision", "16-mixed needs CUDA (its GradScaler); this run trains on the CPU",
+                              "set trainer.precision=bf16-mixed on the CPU (or train on a GPU)")
+    det = get(c, "trainer.deterministic")
+    if det is not _ABSENT and det is not None and not (isinstance(det, bool) or det == "warn"):
+        raise ConfigError("trainer.deterministic", f"must be true, false or warn, got {det!r}",
+                          "set trainer.deterministic=true or false")
+    sched = get(c, "trainer.lr_scheduler")
+    if sched is not _ABSENT and sched not in LR_SCHEDULERS:
+        close = difflib.get_close_matches(str(sched), LR_SCHEDULERS, n=1)
+        raise ConfigError("trainer.lr_scheduler", f"must be one of {list(LR_SCHEDULERS)}, got {sched!r}",
+                          f"set trainer.lr_scheduler={close[0] if close else 'constant'}")
+    accumulate, batch = get(c, "trainer.accumulate_grad_batches", 1), get(c, "technique.batch_size", None)
+    world = devices if _is_int(devices) and devices > 0 else len(devices) if isinstance(devices, list) else 1
+    if _is_int(accumulate) and _is_int(batch) and batch % (accumulate * world):
+        raise ConfigError("trainer.accumulate_grad_batches", f"technique.batch_size={batch} (the batch of one "
+                          f"optimizer step) does not split into {accumulate} micro-batches x {world} devices",
+                          f"set technique.batch_size to a multiple of {accumulate * world}")
     threads = get(c, "threads")
     if threads is not _ABSENT and threads != "auto" and not (_is_int(threads) and threads >= 1):
         raise ConfigError("threads", f"must be auto or a positive integer, got {threads!r}",
@@ -879,7 +762,6 @@ def _check_family(c: dict, gen: GeneratorInfo) -> None:
     family = generators.FAMILIES[pipeline_class][0]
     if family == "sd":
         return
-    generators.check_edit_methods(c.get("evaluator") or {}, family)
     target = _target(c, "technique")
     if not target:
         return
@@ -903,8 +785,8 @@ def check_pipeline_folder(folder: Path, key: str = "generator.path") -> None:
                           "point generator.path at the folder that holds model_index.json")
     if not isinstance(index, dict):
         raise ConfigError(key, f"{folder / 'model_index.json'} is not a JSON object", "restore that file")
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+    for name, component in index.items():
+        if name.startswith("_") or not isinstance(component, list) or len(component) != 2 or component[0] is None:
             continue
         sub = folder / name
         if not sub.is_dir():
@@ -1016,7 +898,7 @@ def _check_device(device: Any) -> None:
 def _check_sampling_limits(c: dict, gen: GeneratorInfo) -> None:
     top = gen.train_timesteps
     where = "the scheduler's num_train_timesteps" if gen.folder is not None else "the default num_train_timesteps"
-    for key in ("sampling.steps", "technique.train_sampling_steps", "technique.opt_sampling_steps"):
+    for key in ("sampling.steps", "technique.opt_sampling_steps"):
         v = get(c, key)
         if _is_int(v) and v > top:
             raise ConfigError(key, f"is {v}, more than {where} ({top})", f"set {key} in 1..{top} (e.g. 25)")
@@ -1048,24 +930,107 @@ PATH_RULES: tuple[tuple[str, str], ...] = (
 )
 
 
+IMAGE_KINDS = ("image_folder", "image_files", "folder", "image_file")  # their checks take the images policy too
+
+
+def _policy_of(c: dict):
+    """The run's steerexp.images.ImagePolicy (conf/config.yaml: images); a bad setting is its ConfigError."""
+    from steerexp import images
+
+    node = c.get("images")
+    if node is None:
+        return images.ImagePolicy()
+    if not isinstance(node, dict):
+        raise ConfigError("images", f"must be a mapping of settings, got {node!r}", "see conf/config.yaml: images")
+    known = {f.name for f in images.fields(images.ImagePolicy)}
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise ConfigError(f"images.{unknown[0]}", "is not a setting of the images node", f"its settings are "
+                          f"{sorted(known)}")
+    return images.ImagePolicy(**node)
+
+
 def _check_paths(c: dict) -> None:
+    pol = None
     for key, value in _leaves(c):
         if value is None or value == "" or key.startswith("hydra."):
             continue
         kind = next((k for pattern, k in PATH_RULES if fnmatchcase(key, pattern)), None)
         if kind is None:
             continue
+        if kind in IMAGE_KINDS and pol is None:
+            pol = _policy_of(c)
         if kind == "image_files" and isinstance(value, list):
             if not value:
                 raise ConfigError(key, "is an empty list", f"give image paths or a folder, or set {key}=null")
+            _check_image_count(key, len(value), "lists")
             for i, f in enumerate(value):
-                if not isinstance(f, str) or not Path(f).expanduser().is_file():
-                    raise ConfigError(f"{key}[{i}]", f"image file not found: {f}", "give existing PNG/JPG files")
+                if not isinstance(f, str):
+                    raise ConfigError(f"{key}[{i}]", f"must be an image path, got {f!r}", "give existing PNG/JPG files")
+                _user_image(f"{key}[{i}]", Path(f).expanduser(), pol)
             continue
         if not isinstance(value, str):
             continue
         p = Path(value).expanduser()
-        CHECKS[kind](key, value, p)
+        if kind in IMAGE_KINDS:
+            CHECKS[kind](key, value, p, pol)
+        else:
+            CHECKS[kind](key, value, p)
+
+
+def _file_kind(p: Path) -> str | None:
+    """None for a regular file (symlinks followed), else what it is ("a FIFO (named pipe)", "a folder"...), from
+    os.stat alone: nothing is opened, so a FIFO or /dev/zero cannot block or fill memory. Missing: FileNotFoundError."""
+    from steerexp.images import not_regular
+
+    return not_regular(p)
+
+
+def _regular_file(key: str, p: Path, missing: str, fix: str) -> None:
+    """`p` is a regular file, or one ConfigError: `missing` (e.g. "prompt file not found") or what it is instead."""
+    try:
+        kind = _file_kind(p)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(key, f"{missing}: {p}", fix) from None
+    except OSError as err:
+        raise ConfigError(key, f"cannot read {p} ({err.strerror or err})", "check the file and its permissions") \
+            from None
+    if kind is not None:
+        raise ConfigError(key, f"{p} is {kind}, not a regular file", fix)
+
+
+def _check_image_count(key: str, n: int, verb: str = "holds") -> None:
+    from steerexp.images import MAX_IMAGES
+
+    if n > MAX_IMAGES:
+        raise ConfigError(key, f"{verb} {n} PNG/JPG images, over the cap of {MAX_IMAGES}",
+                          f"use at most {MAX_IMAGES} (3-10 is typical for a concept)")
+
+
+def _user_image(key: str, f: Path, pol, missing: str = "image file not found",
+                fix: str = "give existing PNG/JPG files") -> None:
+    """One user image, from its header: a regular file Pillow reads, within images.min_side / max_aspect /
+    max_pixels of the policy `pol` (steerexp.images.image_size: the same rules the run applies)."""
+    from steerexp import images
+
+    try:
+        images.image_size(f, key, pol)
+    except FileNotFoundError:
+        raise ConfigError(key, f"{missing}: {f}", fix) from None
+
+
+def _folder_images(key: str, p: Path, pol, allow_empty: bool = False) -> None:
+    """Every PNG/JPG file of a folder (as steerexp.images.image_files_in lists them): at most MAX_IMAGES, each
+    one a readable image within the policy's size rules."""
+    try:
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as err:
+        raise ConfigError(key, f"cannot list {p} ({err.strerror or err})", "check the folder's permissions") from None
+    if not files and not allow_empty:
+        raise ConfigError(key, f"no PNG/JPG images in {p}", "add some (3-10 is typical)")
+    _check_image_count(key, len(files))
+    for f in files:
+        _user_image(key, f, pol)
 
 
 def _classifier_folder(key: str, value: str, p: Path) -> None:
@@ -1121,52 +1086,48 @@ def _classifier_spec(key: str, value: str, p: Path) -> None:
 
 
 def _weights(key: str, value: str, p: Path) -> None:
-    if value.endswith((".pt", ".bin", ".safetensors", ".pth")) and not p.is_file():
-        raise ConfigError(
-            key, f"weights file not found: {p}", f"give an existing file or an open_clip tag, or {key}=null"
-        )
+    if value.endswith((".pt", ".bin", ".safetensors", ".pth")):
+        _regular_file(key, p, "weights file not found", f"give an existing file or an open_clip tag, or {key}=null")
     if value.endswith(".safetensors") and p.is_file():
         check_safetensors(p, key)
 
 
-def _image_folder(key: str, value: str, p: Path) -> None:
+def _image_folder(key: str, value: str, p: Path, pol) -> None:
     if not p.is_dir():
         raise ConfigError(key, f"image folder not found: {p}", "point it at a folder of PNG/JPG images")
-    if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()):
-        raise ConfigError(key, f"no PNG/JPG images in {p}", "add some (3-10 is typical)")
+    _folder_images(key, p, pol)
 
 
-def _image_files(key: str, value: str, p: Path) -> None:
+def _image_files(key: str, value: str, p: Path, pol) -> None:
     if not p.exists():
         raise ConfigError(key, f"no such folder or file: {p}", "give a folder of PNG/JPG images or a list of files")
     if p.is_dir():
-        _image_folder(key, value, p)
+        _image_folder(key, value, p, pol)
+    else:
+        _user_image(key, p, pol)
 
 
-def _folder(key: str, value: str, p: Path) -> None:
+def _folder(key: str, value: str, p: Path, pol) -> None:
     if not p.is_dir():
         raise ConfigError(key, f"folder not found: {p}", f"point it at a folder of PNG/JPG images, or {key}=null")
+    _folder_images(key, p, pol, allow_empty=True)
 
 
-def _image_file(key: str, value: str, p: Path) -> None:
-    if not p.is_file():
-        raise ConfigError(key, f"image not found: {p}", "give an existing PNG/JPG file")
+def _image_file(key: str, value: str, p: Path, pol) -> None:
+    _user_image(key, p, pol, "image not found", "give an existing PNG/JPG file")
 
 
 def _manifest_file(key: str, value: str, p: Path) -> None:
-    if not p.is_file():
-        raise ConfigError(key, f"edit manifest not found: {p}",
-                          "give a CSV (header: image,source,target[,mask]) or a JSON list of such rows, or "
-                          f"{key}=null")
+    _regular_file(key, p, "edit manifest not found",
+                  f"give a CSV (header: image,source,target[,mask]) or a JSON list of such rows, or {key}=null")
 
 
 def _prompt_file(key: str, value: str, p: Path) -> None:
-    if not p.is_file():
-        raise ConfigError(key, f"prompt file not found: {p}",
-                          f"give a text file (one prompt per line), a list of prompts, or {key}=null")
+    _regular_file(key, p, "prompt file not found",
+                  f"give a text file (one prompt per line), a list of prompts, or {key}=null")
 
 
-CHECKS: dict[str, Callable[[str, str, Path], None]] = {
+CHECKS: dict[str, Callable[..., None]] = {
     "classifier_folder": _classifier_folder,
     "classifier_spec": _classifier_spec,
     "weights": _weights,
@@ -1322,7 +1283,7 @@ def _fmt(v: Any) -> str:
     )
 
 
-def _check_checkpoint(c: dict) -> None:
+def _check_checkpoint(c: dict, gen: GeneratorInfo | None = None) -> None:
     ckpt = c.get("ckpt_path")
     if ckpt is None or ckpt == "":
         return
@@ -1331,17 +1292,20 @@ def _check_checkpoint(c: dict) -> None:
             "ckpt_path", f"must be a file path, got {ckpt!r}", "set ckpt_path=<run dir>/checkpoints/last.ckpt"
         )
     p = Path(ckpt).expanduser()
-    if not p.is_file():
-        what = "is a folder, not a checkpoint file" if p.is_dir() else "does not exist"
-        raise ConfigError("ckpt_path", f"{p} {what}",
-                          "set ckpt_path=<run dir>/checkpoints/last.ckpt, or ckpt_path=null to start fresh")
+    fix = "set ckpt_path=<run dir>/checkpoints/last.ckpt, or ckpt_path=null to start fresh"
+    if p.is_dir():
+        raise ConfigError("ckpt_path", f"{p} is a folder, not a checkpoint file", fix)
+    _regular_file("ckpt_path", p, "no such checkpoint file", fix)  # a FIFO or /dev/zero is never opened
     try:
         info = read_checkpoint_info(p)
     except ValueError as err:  # a broken safetensors file
         raise ConfigError("ckpt_path", str(err), "use another checkpoint") from None
     except OSError as err:
         raise ConfigError("ckpt_path", f"cannot read {p} ({err.strerror or err})", "check the file") from None
-    if info is None:
+    if info is None:  # no steerexp record (a file of other origin): a safetensors' values and shapes are still read
+        if p.suffix == ".safetensors":
+            _check_delta_values(p)
+            _check_delta_shapes(c, p, {}, gen)
         return
     tech = c.get("technique") or {}
     want = str(tech.get("_target_", ""))
@@ -1350,18 +1314,123 @@ def _check_checkpoint(c: dict) -> None:
         raise ConfigError("ckpt_path", f"{p} was trained with technique {have}, this run uses {want}",
                           "choose the technique it was trained with, or another checkpoint")
     structure = info.get("structure") or {}
-    if not isinstance(structure, dict):
-        return
-    for k, v in structure.items():
-        mine = get(tech, str(k))
-        if mine is _ABSENT:
+    if isinstance(structure, dict):
+        for k, v in structure.items():
+            mine = get(tech, str(k))
+            if mine is _ABSENT:
+                continue
+            if not _same(mine, v):
+                raise ConfigError(
+                    f"technique.{k}",
+                    f"the checkpoint was trained with technique.{k}={_fmt(v)}, this run has {_fmt(mine)}",
+                    f"set technique.{k}={_fmt(v)} or use another checkpoint",
+                )
+    if p.suffix == ".safetensors":
+        _check_delta_values(p)
+    _check_delta_shapes(c, p, info, gen)
+
+
+# safetensors dtypes of deltas (floating point) and how numpy reads them (BF16: by hand; F8: not read here)
+_FLOAT_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": None, "F8_E4M3": None, "F8_E5M2": None}
+
+
+def _check_delta_values(p: Path) -> None:
+    """A deltas.safetensors holds floating-point tensors whose values are finite and whose largest row norm (over
+    the last dimension, as metrics.json's delta_norm/*) is at most MAX_DELTA_NORM. Read without torch: the header,
+    then (files up to MAX_VALUE_CHECK_BYTES) the raw values with numpy."""
+    header = read_safetensors_header(p)
+    fix = "use the deltas.safetensors a steerexp run wrote (or retrain: technique.steps > 0, ckpt_path=null)"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    for name, info in tensors.items():
+        dtype = info.get("dtype")
+        if dtype not in _FLOAT_DTYPES:
+            raise ConfigError("ckpt_path", f"{p} holds {name!r} as {dtype} values; deltas are floating point "
+                              "(F32, F16 or BF16)", fix)
+    if p.stat().st_size > MAX_VALUE_CHECK_BYTES:
+        return  # the run checks the values when it loads them
+    import numpy as np
+
+    with open(p, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        data = f.read()
+    for name, info in tensors.items():
+        dtype, shape = info["dtype"], info.get("shape") or []
+        lo, hi = info["data_offsets"]
+        raw = data[lo:hi]
+        if _FLOAT_DTYPES[dtype] is None and dtype != "BF16":
             continue
-        if not _same(mine, v):
-            raise ConfigError(
-                f"technique.{k}",
-                f"the checkpoint was trained with technique.{k}={_fmt(v)}, this run has {_fmt(mine)}",
-                f"set technique.{k}={_fmt(v)} or use another checkpoint",
-            )
+        width = shape[-1] if shape and shape[-1] else max(math.prod(shape), 1)
+        try:
+            if dtype == "BF16":
+                values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                values = np.frombuffer(raw, _FLOAT_DTYPES[dtype])
+            if values.size != math.prod(shape):
+                raise ValueError(f"{values.size} values for the shape {shape}")
+            rows = values.astype(np.float64).reshape(-1, width)
+        except ValueError as err:
+            raise ConfigError("ckpt_path", f"{p} is corrupt: {name!r} ({err})", "use another checkpoint") from None
+        if rows.size == 0:
+            continue
+        bad = ~np.isfinite(rows)
+        if bad.any():
+            raise ConfigError("ckpt_path", f"{p} holds {int(bad.sum())} non-finite values (NaN/inf) in {name!r} "
+                              f"{list(shape)}", fix)
+        norm = float(np.sqrt(np.square(rows).sum(-1)).max())
+        if norm > MAX_DELTA_NORM:
+            raise ConfigError("ckpt_path", f"{p} holds {name!r} {list(shape)} with a row of norm {norm:.3g}, over "
+                              f"the limit of {MAX_DELTA_NORM:g} for deltas (a diverged or corrupted file)", fix)
+
+
+def text_encoder_widths(folder: Path) -> dict[str, int] | None:
+    """The token-embedding width of each text encoder of a pipeline folder, from its configs (CLIP: hidden_size,
+    T5: d_model); None when one cannot be read. Added tokens are packed as these widths side by side."""
+    index = _read_json(folder / "model_index.json", "generator.path", required=False)
+    if not isinstance(index, dict):
+        return None
+    widths = {}
+    for name, component in sorted(index.items()):
+        if not re.fullmatch(r"text_encoder(_\d+)?", name) or not isinstance(component, list) or component[:1] == [None]:
+            continue
+        conf = _read_json(folder / name / "config.json", "generator.path", required=False)
+        conf = conf.get("text_config", conf) if isinstance(conf, dict) else None
+        width = conf.get("hidden_size", conf.get("d_model")) if isinstance(conf, dict) else None
+        if not _is_int(width):
+            return None
+        widths[name] = width
+    return widths or None
+
+
+def _checkpoint_shapes(p: Path, info: dict) -> dict[str, list[int]]:
+    """The deltas' shapes a checkpoint records: a safetensors header's, or a .ckpt's steerexp record."""
+    if p.suffix == ".safetensors":
+        header = read_safetensors_header(p)
+        return {k: list(v.get("shape") or []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    deltas = info.get("deltas")
+    return {str(k): list(v) for k, v in deltas.items() if isinstance(v, (list, tuple))} \
+        if isinstance(deltas, dict) else {}
+
+
+def _check_delta_shapes(c: dict, p: Path, info: dict, gen: GeneratorInfo | None) -> None:
+    """Textual inversion's rows are as wide as this generator's token embeddings (every text encoder's width side
+    by side): a checkpoint of another generator is one line naming the shapes, before any model loads. (Every
+    technique's shapes are checked again against the loaded technique, before sampling: run.load_checkpoint_deltas.)"""
+    if gen is None or gen.folder is None or technique_kind(c) != "slot":
+        return
+    widths = text_encoder_widths(gen.folder)
+    if not widths:
+        return
+    want = sum(widths.values())
+    n = get(c, "technique.num_vectors", 1)
+    for name, shape in _checkpoint_shapes(p, info).items():
+        if name in ("embeddings", "initial") and len(shape) == 2 and shape[1] != want:
+            expected = [n if _is_int(n) else shape[0], want]
+            parts = " + ".join(f"{k} {w}" for k, w in widths.items())
+            raise ConfigError("ckpt_path", f"{p} holds {name!r} of shape {shape}, but this generator's token "
+                              f"embeddings need {expected} ({parts}): it was trained with another generator",
+                              "use a checkpoint trained with this generator, or set generator (generator.path) "
+                              "to the one it was trained with")
 
 
 # ============================================================================ 6. prompts vs the tokenizer
@@ -1522,6 +1591,10 @@ def _check_prompt_lengths(c: dict, gen: GeneratorInfo, warnings: list[str]) -> N
     if kind == "slot":
         learned = fills["the learned token(s)"].split()
         base = slot_tokenizer(folder)
+        if len(learned) > base.max_length - 2:  # they could never all fit in a prompt (and 10,000 would be added)
+            raise ConfigError("technique.num_vectors", f"is {len(learned)}, but a prompt holds at most "
+                              f"{base.max_length - 2} tokens besides its start and end",
+                              "set e.g. technique.num_vectors=1 (1-8 is typical)")
         for token in learned:
             if base.in_vocab(token):
                 raise ConfigError("technique.placeholder", f"{token!r} is already in the tokenizer's vocabulary",
@@ -1559,7 +1632,7 @@ def _check_prompt_lengths(c: dict, gen: GeneratorInfo, warnings: list[str]) -> N
                     raise ConfigError(
                         f"{key}[{i}]",
                         f"{_short(p)} puts its '{{}}' slot (filled with {what} "
-                        f"{fill!r}) at token {last}, past the tokenizer's {limit}-token limit, so the "
+                        f"{_short(fill)}) at token {last}, past the tokenizer's {limit}-token limit, so the "
                         "concept is cut off and the edit vanishes",
                         "shorten the prompt or move '{}' nearer the start",
                     )
@@ -1614,9 +1687,54 @@ def _option_strings(value: Any) -> Iterable[str] | None:
     return [str(value)]
 
 
+def _list_length(text: str) -> int:
+    """How many entries the first [...] list of an override's value holds (top-level commas, outside quotes and
+    nested brackets), counted without Hydra's parser: it takes 15 s for a list of 10,000 seeds."""
+    depth, quote, n, seen = 0, "", 0, False
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote, seen = ch, True
+        elif ch in "[{(":
+            depth += 1
+            if depth > 1:
+                seen = True
+        elif ch in "]})":
+            depth -= 1
+            if depth == 0:
+                break
+        elif ch == "," and depth == 1:
+            n += 1
+        elif not ch.isspace() and depth >= 1:
+            seen = True
+    return n + 1 if seen else 0
+
+
+def check_list_sizes(argv: list[str]) -> None:
+    """Before Hydra parses the command line: a seeds or prompts list over MAX_LIST entries is one line at once
+    (Hydra's parser needs 15 s for 10,001 seeds, and a run of 200,000 seeds printed nothing for minutes)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or arg.startswith("-") or not value.lstrip().startswith("["):
+            continue
+        last = key.rsplit(".", 1)[-1]
+        if not (last.endswith("seeds") or last.endswith("prompts")):
+            continue
+        n = _list_length(value)
+        if n > MAX_LIST:
+            what = "seeds" if last.endswith("seeds") else "prompts"
+            raise ConfigError(key, f"holds {n} {what}, over the limit of {MAX_LIST}",
+                              f"use at most {MAX_LIST} (split a bigger evaluation into several runs: a sweep over "
+                              "seed ranges)")
+
+
 def check_group_overrides(argv: list[str]) -> None:
     """Before Hydra composes: every `group=option` (also `group=[a,b]`, `+group=...`, sweeps
-    `group=a,b`) on the command line names a file in conf/<group>/ (or --config-dir)."""
+    `group=a,b`) on the command line names a file in conf/<group>/ (or --config-dir); seeds and prompts lists
+    hold at most MAX_LIST entries (check_list_sizes)."""
+    check_list_sizes(argv)
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

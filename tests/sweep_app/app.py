@@ -1,9 +1,8 @@
 """A tiny Hydra app for the sweep tests and benchmarks: its jobs wait instead of computing.
 
-Each job appends a JSON line to <job dir>/runs.txt per execution (pid, parent pid and command line,
-CUDA_VISIBLE_DEVICES, sweep dir, job number, the pid of its child process if `child`, whether torch was
-imported before the job (a fork server's preload) and CUDA started, a draw of numpy's global generator;
-written before a deliberate failure or crash), waits while `hold_flag` exists, sleeps `sleep_s`, records
+Each job appends a JSON line to <job dir>/runs.txt per execution (pid, parent pid, CUDA_VISIBLE_DEVICES,
+sweep dir, job number, the pid of its child process if `child`; written before a deliberate failure or
+crash), waits while `hold_flag` exists, sleeps `sleep_s`, records
 what it saw in <job dir>/job.json (also start/end times), and returns x, or an objective computed like
 steerexp's (`sweep_objective` over fake metrics that depend on technique.alpha). Run without -m, it is a
 single run in hydra.run.dir.
@@ -35,14 +34,7 @@ def main(cfg: DictConfig):
     start = time.time()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) if cfg.child else None
     with open(job_dir / "runs.txt", "a") as f:  # one line per execution: who ran it, where, as which job
-        torch = sys.modules.get("torch")  # this app never imports it: only a fork server's preload does
-        parent = Path(f"/proc/{os.getppid()}/cmdline")  # Linux: which process started this job
         f.write(json.dumps({"pid": os.getpid(), "ppid": os.getppid(),
-                            "parent_cmd": parent.read_bytes().decode().split("\0") if parent.exists() else None,
-                            "torch_preloaded": torch is not None,
-                            "cuda_initialized": torch is not None and torch.cuda.is_initialized(),
-                            "numpy_draw": int(sys.modules["numpy"].random.randint(2**31)) if "numpy" in sys.modules
-                            else None,
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                             "sweep_dir": hc.sweep.dir if hc.mode.name == "MULTIRUN" else None,
                             "job_num": hc.job.get("num"), "child_pid": child and child.pid,
@@ -53,8 +45,6 @@ def main(cfg: DictConfig):
         os._exit(3)  # no traceback, no verdict: the process just ends
     if cfg.x == cfg.kill_x:
         os.kill(os.getpid(), signal.SIGKILL)
-    if cfg.x == cfg.kill_parent_x:
-        os.kill(os.getppid(), signal.SIGKILL)  # the fork server (never use it with a fresh worker: the launcher)
     while cfg.hold_flag and Path(cfg.hold_flag).exists() and time.time() - start < 120:
         time.sleep(0.05)
     time.sleep(cfg.sleep_s)

@@ -1,20 +1,20 @@
-"""One sweep job in its own process: `python -m hydra_plugins.steerexp_launchers._worker <spec.pkl>`,
-or `main` called in a child forked by the sweep's fork server (_zygote.py), which sets the child up as
-this command line would have been started.
+"""One sweep job in a fresh process: `python -m hydra_plugins.steerexp_launchers._worker <spec.pkl>`.
 
-The launcher (or the fork server, in its child) sets CUDA_VISIBLE_DEVICES before the job starts, so the
-job only ever sees its own device. Loads the spec (Hydra context, task function, the job's config,
-Hydra's singleton state), runs the job exactly as Hydra's own launchers do (`run_job`), and leaves next
-to the spec: `<num>.status.json` (COMPLETED / FAILED + the error) and `<num>.return.pkl` (the JobReturn,
-whose return value the sweeper reads, e.g. Optuna's objective). A failing job also writes its traceback
-to `<job dir>/traceback.txt`. Exit code 0 if the job completed, 1 if it failed.
+Started by launcher=gpus for each job, and by `steerexp-sweep rerun` for each job it redoes (jobs.run_jobs).
+The launcher sets CUDA_VISIBLE_DEVICES before the process starts, so the job only ever sees its own device.
+Loads the spec (the job's composed config, the task function, Hydra's singleton state; launcher=gpus also
+saves its Hydra context, the sweep callback does not: the callbacks are built again from the config), runs
+the job exactly as Hydra's own launchers do (`run_job`), and leaves next to the spec: `<num>.status.json`
+(COMPLETED / FAILED + the error) and `<num>.return.pkl` (the JobReturn, whose return value the sweeper
+reads, e.g. Optuna's objective). A failing job also writes its traceback to `<job dir>/traceback.txt`.
+Exit code 0 if the job completed, 1 if it failed. The launcher writes the job's markers from these: the
+sweep callback (sweep_callback.py) is left out of this process's Hydra callbacks.
 
-The job dies with its launcher: the launcher passes the read end of a pipe (fd in STEEREXP_LAUNCHER_FD;
-to a forked job through the fork server) whose write end only it holds. A daemon thread blocks reading
-it; EOF means the launcher is gone (exited, crashed or SIGKILLed: the kernel closes its fds), and the
-thread kills this process's group (the worker leads its own session: the job and every process it
-started). main starts that thread, so a forked job starts its own (threads do not survive fork). Nothing
-is saved at that point: the job stays without COMPLETED and `steerexp-sweep rerun` redoes it.
+The job dies with its launcher: the launcher passes the read end of a pipe (fd in STEEREXP_LAUNCHER_FD)
+whose write end only it holds. A daemon thread blocks reading it; EOF means the launcher is gone (exited,
+crashed or SIGKILLed: the kernel closes its fds), and the thread kills this process's group (the worker
+leads its own session: the job and every process it started). Nothing is saved at that point: the job
+stays without COMPLETED and `steerexp-sweep rerun` redoes it.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from pathlib import Path
 from steerexp.shutdown import exit_now  # standard library only
 
 PARENT_FD_ENV = "STEEREXP_LAUNCHER_FD"  # = jobs.PARENT_FD_ENV (not imported: this runs before any import)
+SWEEP_CALLBACK = "SweepStateCallback"  # sweep_callback.py's class
 
 
 def watch_launcher() -> None:
@@ -77,7 +78,18 @@ def main(argv: list[str]) -> int:
         job_dir = Path(spec["job_dir"])
         setup_globals()
         Singleton.set_state(spec["singleton_state"])
-        ret = run_job(hydra_context=spec["hydra_context"], task_function=spec["task_function"],
+        hydra_context = spec.get("hydra_context")
+        if hydra_context is None:  # a spec saved by the sweep callback, in the job's own process
+            from hydra._internal.callbacks import Callbacks
+            from hydra.types import HydraContext
+
+            # run_job composes nothing (no config loader needed); the callbacks are built again from the config
+            hydra_context = HydraContext(config_loader=None, callbacks=Callbacks(spec["config"]))
+        # the launcher of this process writes the job's markers, not the sweep callback (matched by name: the spec
+        # may hold the class by value, when Hydra's plugin scan had reloaded its module in the sweep's process)
+        hydra_context.callbacks.callbacks = [c for c in hydra_context.callbacks.callbacks
+                                             if type(c).__name__ != SWEEP_CALLBACK]
+        ret = run_job(hydra_context=hydra_context, task_function=spec["task_function"],
                       config=spec["config"], job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         if ret.status == JobStatus.FAILED:
             error = _write_failure(job_dir, ret._return_value)

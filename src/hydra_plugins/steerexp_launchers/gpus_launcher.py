@@ -3,26 +3,23 @@
 Hydra's basic launcher runs jobs one after another in one process; joblib's reused workers keep the
 first job's CUDA_VISIBLE_DEVICES; submitit's local executor puts every job on the same GPU. Here:
 
-- every job runs in a process of its own whose CUDA_VISIBLE_DEVICES is a slot from the pool
-  `devices` x `jobs_per_device`; jobs run concurrently across the pool;
-- that process is forked from a fork server (`_zygote.py`, one per launch: a sweep, or a sweeper's batch)
-  that imported torch, diffusers, transformers and steerexp once (`preload`), so a job does not pay ~5-6 s
-  of CPU of imports first; with `fork_server: false`, or a server that fails, each job starts as a fresh
-  interpreter (`_worker.py`) instead: the same job, the same files;
+- every job runs in a fresh process (`python -m hydra_plugins.steerexp_launchers._worker <spec>`) whose
+  CUDA_VISIBLE_DEVICES is a slot from the pool `devices` x `jobs_per_device`; jobs run concurrently across
+  the pool (each pays its own imports: torch & co., a few seconds of CPU);
 - a failing job (an exception, or a process that dies) is recorded in its run dir (FAILED marker +
-  traceback.txt) and the others go on; the launcher logs a summary at the end and the sweep exits
-  non-zero if any job failed;
+  traceback.txt) and the others go on; the launcher logs each job's end, and the sweep ends with the
+  summary and exit code 1 if any job failed (SweepJobFailed, sweep_callback.py);
 - the sweep's job specs stay in `<sweep dir>/.sweep/`, so `steerexp-sweep rerun <sweep dir>`
   relaunches only the failed or missing jobs (same configs, same job numbers and run dirs), and
   `steerexp-sweep status <sweep dir>` shows each job completed / failed / running / pending / missing;
-- a job's process dies with the launcher (killed, crashed): no job outlives its sweep (jobs.py).
+- a job's process dies with the launcher (killed, crashed): no job outlives its sweep (jobs.py, _worker.py).
 
     steerexp -m launcher=gpus hydra.launcher.devices=[0,1,2,3] technique.alpha=0.25,0.5,1,2
 """
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -35,13 +32,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hydra_plugins.steerexp_launchers import jobs as J
-from steerexp import warmstart
+from hydra_plugins.steerexp_launchers.sweep_callback import SweepJobFailed
 
 log = logging.getLogger(__name__)
-
-# what a steerexp job imports that costs: the warm-start server's list (torch, diffusers, transformers, steerexp.run,
-# the default evaluators, open_clip, W&B), and cloudpickle for the job's function
-PRELOAD = (*warmstart.PRELOAD, "cloudpickle")
 
 
 @dataclass
@@ -51,16 +44,9 @@ class GPUsLauncherConf:
     # null: the GPUs this process sees (CUDA_VISIBLE_DEVICES, else nvidia-smi)
     devices: Optional[List[str]] = None
     jobs_per_device: int = 1  # jobs sharing one device at a time
-    # fork each job from a server that imported `preload` once (_zygote.py); false: a fresh interpreter per job
-    fork_server: bool = True
-    preload: List[str] = field(default_factory=lambda: list(PRELOAD))
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="gpus", node=GPUsLauncherConf, provider="steerexp")
-
-
-class SweepJobFailed(RuntimeError):
-    """A job of the sweep failed; the message names the job, its error and the sweep's summary."""
 
 
 def job_output_dir(config: DictConfig) -> Path:
@@ -84,17 +70,14 @@ def prepare_jobs(
     job_overrides: Sequence[Sequence[str]],
     initial_job_idx: int,
     sweep_dir: Path,
-    strict: bool = True,
-) -> tuple:
-    """Compose every job's config and save its spec under `<sweep dir>/.sweep/jobs/`; returns (jobs,
-    configs). strict=False: a spec that cannot be pickled is logged and skipped (its job still runs,
-    in this process, but `steerexp-sweep rerun` cannot redo it)."""
+) -> List[J.Job]:
+    """Compose every job's config and save its spec and record under `<sweep dir>/.sweep/jobs/`."""
     import cloudpickle
 
     specs = J.state_dir(sweep_dir).absolute() / "jobs"
     specs.mkdir(parents=True, exist_ok=True)
     singleton_state = Singleton.get_state()
-    jobs, configs = [], []
+    jobs = []
     for i, overrides in enumerate(job_overrides):
         num = initial_job_idx + i
         config = hydra_context.config_loader.load_sweep_config(master, list(overrides))
@@ -102,33 +85,21 @@ def prepare_jobs(
             config.hydra.job.id = num
             config.hydra.job.num = num
         job = J.Job(num, list(filter_overrides(overrides)), job_output_dir(config), specs / f"{num}.pkl")
-        try:
-            payload = cloudpickle.dumps(
-                {
-                    "hydra_context": hydra_context,
-                    "task_function": task_function,
-                    "config": config,
-                    "singleton_state": singleton_state,
-                    "job_dir": str(job.job_dir),
-                }
-            )
-        except Exception as err:
-            if strict:
-                raise
-            log.warning(
-                f"#{num}: its spec could not be saved ({type(err).__name__}: {err}); "
-                "the job runs, but `steerexp-sweep rerun` cannot redo it"
-            )
-        else:
-            job.spec.write_bytes(payload)
+        job.spec.write_bytes(cloudpickle.dumps({
+            "hydra_context": hydra_context,
+            "task_function": task_function,
+            "config": config,
+            "singleton_state": singleton_state,
+            "job_dir": str(job.job_dir),
+        }))
+        J.write_record(job)
         jobs.append(job)
-        configs.append(config)
-    return jobs, configs
+    return jobs
 
 
-def returns_for_sweeper(jobs: List[J.Job], returns: List[Optional[JobReturn]], sweep_summary: str) -> List[JobReturn]:
+def returns_for_sweeper(jobs: List[J.Job], returns: List[Optional[JobReturn]], sweep_dir: Path) -> List[JobReturn]:
     """Each job's JobReturn with the status from its markers; a failed or unfinished job's return
-    value raises SweepJobFailed (with the sweep's summary) when the sweeper reads it."""
+    value raises SweepJobFailed (the sweep's summary) when the sweeper reads it."""
     out = []
     for job, ret in zip(jobs, returns):
         if ret is None:
@@ -138,20 +109,15 @@ def returns_for_sweeper(jobs: List[J.Job], returns: List[Optional[JobReturn]], s
         else:
             ret.status = JobStatus.FAILED
             what = job.error or "did not run (the sweep was interrupted)"
-            ret._return_value = SweepJobFailed(
-                f"job #{job.num} ({' '.join(job.overrides)}) failed: {what}\n{sweep_summary}"
-            )
+            ret._return_value = SweepJobFailed(str(sweep_dir), job.num, job.overrides, what)
         out.append(ret)
     return out
 
 
 class GPUsLauncher(Launcher):
-    def __init__(self, devices: Optional[List[Any]] = None, jobs_per_device: int = 1, fork_server: bool = True,
-                 preload: Sequence[str] = PRELOAD) -> None:
+    def __init__(self, devices: Optional[List[Any]] = None, jobs_per_device: int = 1) -> None:
         self.devices = None if devices is None else [str(d) for d in devices]
         self.jobs_per_device = int(jobs_per_device)
-        self.fork_server = bool(fork_server)
-        self.preload = [str(m) for m in preload]
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None
@@ -166,22 +132,19 @@ class GPUsLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         J.slots(self.devices, self.jobs_per_device)  # bad devices fail here, before any job is written
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        jobs, _ = prepare_jobs(
-            self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx, sweep_dir
-        )
-        J.write_manifest(sweep_dir, jobs, self.devices, self.jobs_per_device, os.getcwd(), launcher="gpus",
-                         fork_server=self.fork_server, preload=self.preload)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        J.write_manifest(sweep_dir, "gpus", os.getcwd(), self.devices, self.jobs_per_device)
+        jobs = prepare_jobs(self.hydra_context, self.task_function, self.config, job_overrides, initial_job_idx,
+                            sweep_dir)
         pool = ", ".join(J.slots(self.devices, 1))
         log.info(f"launcher=gpus: {len(jobs)} jobs on devices [{pool}] x {self.jobs_per_device}, sweep dir {sweep_dir}")
 
         J.launcher_started(sweep_dir)
         try:
-            J.run_jobs(jobs, self.devices, self.jobs_per_device, cwd=os.getcwd(), fork_server=self.fork_server,
-                       preload=self.preload)
+            J.run_jobs(jobs, self.devices, self.jobs_per_device, cwd=os.getcwd())
         finally:
             J.launcher_finished(sweep_dir)
-        text = J.summary(jobs, sweep_dir)
-        (log.error if any(j.status != J.COMPLETED for j in jobs) else log.info)(text)
+        if all(j.status == J.COMPLETED for j in jobs):
+            log.info(J.summary(jobs, sweep_dir))  # else the sweeper raises SweepJobFailed: the summary, on stderr
         returns = [cloudpickle.loads(j.job_return.read_bytes()) if j.job_return.is_file() else None for j in jobs]
-        return returns_for_sweeper(jobs, returns, text)
+        return returns_for_sweeper(jobs, returns, sweep_dir)

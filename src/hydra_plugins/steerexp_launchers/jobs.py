@@ -1,37 +1,40 @@
-"""Run sweep jobs in processes of their own over a pool of devices, isolating failures; the sweep's state.
+"""A sweep's state on disk, and running sweep jobs in processes of their own over a pool of devices.
 
-A job is a pickled spec (Hydra context, task function, the job's composed config) that _worker.main runs
-in a new process whose CUDA_VISIBLE_DEVICES is one slot of the pool (`devices` x `jobs_per_device`). That
-process is forked from the sweep's fork server (_zygote.py, ForkServer below), which imported torch & co.
-once, or, with fork_server off or when the server is gone, a fresh interpreter
-(`python -m hydra_plugins.steerexp_launchers._worker <spec>`): the same job, files and exit codes either
-way, only the start is cheaper. A thread per slot keeps its device busy; a slot returns to the pool when
-its job's process exits. The basic launcher (basic_launcher.py) runs its jobs in its own process instead
-but keeps the same state on disk, so `steerexp-sweep status|rerun` treat both alike.
+Two writers keep the same state, so `steerexp-sweep status|rerun` treat every sweep alike:
+
+- launcher=gpus (gpus_launcher.py) runs each job in a fresh process (`python -m
+  hydra_plugins.steerexp_launchers._worker <spec>`) whose CUDA_VISIBLE_DEVICES is one slot of the pool
+  (`devices` x `jobs_per_device`); a thread per slot keeps its device busy, and a slot returns to the pool
+  when its job's process exits. It writes every job's record and spec before the first job starts (so
+  queued jobs show as pending) and the markers from the worker's verdict and exit code (run_jobs below).
+- every other launcher (Hydra's basic launcher, submitit, Ray) gets it from the Hydra callback in
+  sweep_callback.py: each job writes its record, spec and markers itself, in whatever process runs it.
+
+A rerun (`steerexp-sweep rerun`, sweepstate.rerun) runs the failed and missing jobs through run_jobs, each
+in a fresh worker process: over a device pool, or one after another on this process's devices.
 
 On disk (the sweep dir holds `.sweep/`, each job dir the markers):
 
-    <sweep dir>/.sweep/manifest.json        launcher kind, cwd, devices, fork_server, preload,
-                                            jobs: num -> overrides, job dir, spec
-    <sweep dir>/.sweep/jobs/<num>.pkl       the job spec (what `steerexp-sweep rerun` relaunches)
+    <sweep dir>/.sweep/manifest.json        the launcher, cwd, devices, jobs_per_device (written once per launch)
+    <sweep dir>/.sweep/jobs/<num>.json      the job's record: overrides, job dir, spec
+    <sweep dir>/.sweep/jobs/<num>.pkl       the job's spec (what `steerexp-sweep rerun` relaunches)
     <sweep dir>/.sweep/LAUNCHER             JSON: pid, host of the launching process while it runs
-    <sweep dir>/.sweep/fork_server.log      the fork server's own output (empty unless it failed)
     <job dir>/RUNNING                       JSON: pid, host, start time of the job's process while it runs
     <job dir>/COMPLETED                     JSON: device, seconds, finished-at
     <job dir>/FAILED                        the error in one line (+ device, exit code)
     <job dir>/traceback.txt                 the job's traceback (or the log tail if the process died)
-    <job dir>/stdout.log                    the job process's stdout and stderr (not for in-process jobs)
+    <job dir>/stdout.log                    a worker process's stdout and stderr (not for in-process jobs)
 
 A job is running while its RUNNING marker names a live process (checked: same host, pid alive and
 started when the marker says, so a reused pid does not count), pending while it has no marker and
 the sweep's LAUNCHER is alive, and otherwise completed (COMPLETED), failed (FAILED) or missing
-(never ran, or was killed; a RUNNING marker whose process is gone).
+(never ran, or was killed: a RUNNING marker whose process is gone; or a COMPLETED marker that is
+damaged). Damaged state files are read as such, never as a traceback: a job's damaged marker makes
+it missing (with the reason), a damaged manifest or record is a ValueError naming the file.
 
-A job process dies with its launcher: it inherits the read end of a pipe whose only write end the
-launching process holds (through the fork server for a forked job); when that process dies (even by
-SIGKILL) the kernel closes the write end, the job reads EOF and kills its own process group (the job and
-everything it started). See _worker.py. The fork server itself ends when the launcher's end of its socket
-closes.
+A worker process dies with its launcher: it inherits the read end of a pipe whose only write end the
+launching process holds; when that process dies (even by SIGKILL) the kernel closes the write end, the
+worker reads EOF and kills its own process group (the job and everything it started). See _worker.py.
 """
 
 import json
@@ -46,7 +49,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +60,6 @@ TRACEBACK, LOG = "traceback.txt", "stdout.log"
 STATE_DIR = ".sweep"
 LAUNCHER = "LAUNCHER"
 WORKER = "hydra_plugins.steerexp_launchers._worker"
-ZYGOTE = "hydra_plugins.steerexp_launchers._zygote"
-FORK_SERVER_LOG = "fork_server.log"
 PARENT_FD_ENV = "STEEREXP_LAUNCHER_FD"  # the worker's end of the pipe to its launcher (see _worker.py)
 
 
@@ -75,6 +75,7 @@ class Job:
     seconds: float = 0.0
     started: float = 0.0
     running: dict | None = None  # the RUNNING marker (live, or stale when status is None)
+    damaged: str | None = None   # a marker that could not be read (the job then counts as missing)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -264,41 +265,53 @@ def state_dir(sweep_dir: Path) -> Path:
 
 
 def read_manifest(sweep_dir: Path) -> dict:
+    """The sweep's manifest; FileNotFoundError (not a sweep dir, with a hint) or ValueError (damaged)."""
+    sweep_dir = Path(sweep_dir)
     path = state_dir(sweep_dir) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: `steerexp-sweep` works on sweeps run with launcher=basic or launcher=gpus "
-            f"(slurm and ray keep no job specs; older sweeps had none either); check the sweep directory {sweep_dir}")
-    return json.loads(path.read_text())
+        hint = ""
+        for parent in sweep_dir.absolute().parents:
+            if (state_dir(parent) / "manifest.json").is_file():
+                hint = f" (it lies inside the sweep {parent}: give that directory)"
+                break
+        else:
+            if (sweep_dir / "multirun.yaml").is_file():
+                hint = " (a Hydra sweep that kept no steerexp sweep state: it ran before steerexp kept one)"
+        raise FileNotFoundError(f"{sweep_dir} is not a steerexp sweep directory: it has no .sweep/manifest.json{hint}; "
+                                "give the sweep's dir, e.g. outputs/multirun/<date>/<time>")
+    manifest = _read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cwd"), str):
+        raise ValueError(f"{path} is damaged (not the JSON a launcher writes): the sweep's state cannot be read")
+    return manifest
 
 
-def write_manifest(sweep_dir: Path, jobs: list[Job], devices, jobs_per_device: int, cwd: str,
-                   launcher: str = "gpus", fork_server: bool = False, preload: Sequence[str] = ()) -> None:
-    """Add `jobs` to the sweep's manifest (a sweeper may launch several batches into one sweep dir);
-    fork_server and preload: how its jobs start (a rerun starts them the same way)."""
+def write_manifest(sweep_dir: Path, launcher: str, cwd: str, devices=None, jobs_per_device: int = 1) -> None:
+    """Record how the sweep launches its jobs (a rerun runs them the same way); a sweeper may launch several
+    batches into one sweep dir: the last launch's settings are kept, the jobs' records are their own files."""
     path = state_dir(sweep_dir) / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.is_file() else {"jobs": {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = (_read_json(path) if path.is_file() else None) or {}
     manifest.update(
         {
             "launcher": launcher,
-            "cwd": cwd,
+            "cwd": str(cwd),
             "devices": None if devices is None else [str(d) for d in devices],
             "jobs_per_device": int(jobs_per_device),
-            "fork_server": bool(fork_server),
-            "preload": list(preload),
             "python": sys.executable,
         }
     )
-    for job in jobs:
-        manifest["jobs"][str(job.num)] = {
-            "overrides": list(job.overrides),
-            "job_dir": str(job.job_dir),
-            "spec": str(job.spec),
-        }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(path)
+    _write_json(path, manifest)
+
+
+def record_path(job: Job) -> Path:
+    return job.spec.with_suffix(".json")
+
+
+def write_record(job: Job) -> None:
+    """The job's record (`.sweep/jobs/<num>.json`, beside its spec): what status and rerun list."""
+    job.spec.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(record_path(job), {"num": job.num, "overrides": list(job.overrides), "job_dir": str(job.job_dir),
+                                   "spec": str(job.spec)})
 
 
 def launcher_started(sweep_dir: Path) -> None:
@@ -320,22 +333,45 @@ def live_launcher(sweep_dir: Path) -> dict | None:
     return record if record is not None and is_alive(record) is not False else None
 
 
+def _records(sweep_dir: Path, manifest: dict) -> dict[int, dict]:
+    """Each job's record by number: `.sweep/jobs/<num>.json` (and the `jobs` of an older manifest)."""
+    records = {int(num): entry for num, entry in (manifest.get("jobs") or {}).items()}
+    for path in (state_dir(sweep_dir) / "jobs").glob("*.json"):
+        if path.name.endswith(".status.json"):
+            continue  # a worker's verdict, not a record
+        entry = _read_json(path)
+        if not isinstance(entry, dict) or not {"num", "overrides", "job_dir", "spec"} <= set(entry):
+            raise ValueError(f"{path} is damaged (not the JSON a launcher writes): delete it (its job is then not "
+                             "listed) or relaunch the sweep")
+        records[int(entry["num"])] = entry
+    return records
+
+
+def _failed_reason(path: Path) -> str:
+    lines = path.read_text(errors="replace").splitlines()
+    return lines[0].strip() if lines and lines[0].strip() else f"(no error recorded: {path} is empty)"
+
+
 def jobs_of(sweep_dir: Path) -> list[Job]:
     """Every job of a sweep with its status read from the markers in its job dir."""
+    sweep_dir = Path(sweep_dir)
     manifest = read_manifest(sweep_dir)
     launcher = live_launcher(sweep_dir)
     jobs = []
-    for num, entry in sorted(manifest["jobs"].items(), key=lambda kv: int(kv[0])):
-        job = Job(int(num), entry["overrides"], Path(entry["job_dir"]), Path(entry["spec"]))
+    for num, entry in sorted(_records(sweep_dir, manifest).items()):
+        job = Job(num, list(entry["overrides"]), Path(entry["job_dir"]), Path(entry["spec"]))
         marker = _read_json(job.job_dir / RUNNING) if (job.job_dir / RUNNING).exists() else None
         job.running = marker
         if marker is not None and is_alive(marker) is not False:
             job.status = RUNNING
         elif (job.job_dir / COMPLETED).is_file():
-            job.status = COMPLETED
+            if isinstance(_read_json(job.job_dir / COMPLETED), dict):
+                job.status = COMPLETED
+            else:  # not what a launcher writes: do not count the job as done
+                job.damaged = f"its {COMPLETED} marker is damaged ({job.job_dir / COMPLETED}): not counted as completed"
         elif (job.job_dir / FAILED).is_file():
-            job.status, job.error = FAILED, (job.job_dir / FAILED).read_text().splitlines()[0]
-        elif launcher is not None and marker is None:
+            job.status, job.error = FAILED, _failed_reason(job.job_dir / FAILED)
+        elif launcher is not None and marker is None and not (job.job_dir / RUNNING).exists():
             job.status, job.extra["launcher"] = PENDING, launcher
         jobs.append(job)
     return jobs
@@ -391,140 +427,13 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-class ForkServerGone(RuntimeError):
-    """The fork server is not running (any more): the job was not started, start it as a fresh process."""
-
-
-class ForkServer:
-    """The launcher's end of the fork server (_zygote.py): one per run_jobs, started before the first job.
-
-    It imports `preload` once; each job then starts as a fork of it instead of a fresh interpreter (~5-6 s
-    of CPU less per job). Requests and replies are JSON lines on a socket pair: {id, spec, device, log} ->
-    {id, pid} when the job's process started, {id, exit} when the server reaped it. A reader thread hands
-    each reply to the job's thread. The server also gets the read end of a pipe whose write end only this
-    process holds, for every job's launcher-death watch (closed here once every job has ended).
-
-    If the server dies, the jobs not started yet raise ForkServerGone (run_jobs starts them as fresh
-    processes, after one warning); a job already running goes on, orphaned, and is watched by its pid
-    until it ends (its exit code is lost: its status.json decides)."""
-
-    def __init__(self, cwd: str, preload: Sequence[str], log_path: Path):
-        self.sock, theirs = socket.socketpair()
-        lifeline, self.lifeline = os.pipe()
-        self.log_path = log_path
-        try:
-            with open(log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", ZYGOTE, str(theirs.fileno()), str(lifeline), *preload],
-                    cwd=cwd,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,  # a Ctrl-C in the terminal reaches the launcher only, as with workers
-                    pass_fds=(theirs.fileno(), lifeline),
-                )
-        except BaseException:
-            self.sock.close()
-            os.close(self.lifeline)
-            raise
-        finally:
-            theirs.close()
-            os.close(lifeline)
-        self.lock = threading.Lock()
-        self.replies: dict[int, queue.Queue] = {}
-        self.next_id = 0
-        self.gone = False
-        self.warned = False
-        threading.Thread(target=self._read, name="steerexp-fork-server", daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for line in self.sock.makefile("rb"):
-                if not line.endswith(b"\n"):
-                    break  # cut off: the server died while writing
-                reply = json.loads(line)
-                with self.lock:
-                    self.replies[reply["id"]].put(reply)
-        except OSError:
-            pass  # ECONNRESET: the server died with requests unread
-        finally:  # the server exited (or this process closed the socket): no reply will come
-            with self.lock:
-                self.gone = True
-                for replies in self.replies.values():
-                    replies.put(None)
-
-    def run(self, job: Job, device: str | None, running: _Running) -> int | None:
-        """Run the job in a child of the server to its end: its exit code, or None if the server died while the
-        job ran (the job ran on to its end). ForkServerGone: the job did not start."""
-        replies: queue.Queue = queue.Queue()
-        with self.lock:
-            key, self.next_id = self.next_id, self.next_id + 1
-            self.replies[key] = replies
-            request = {"id": key, "spec": str(job.spec), "device": device, "log": str(job.job_dir / LOG)}
-            try:
-                if self.gone:
-                    raise ForkServerGone
-                self.sock.sendall(json.dumps(request).encode() + b"\n")
-            except (OSError, ForkServerGone):
-                del self.replies[key]
-                raise ForkServerGone from None
-        try:
-            started = replies.get()
-            if started is None:
-                raise ForkServerGone
-            pid = started["pid"]
-            start = process_start(pid)
-            running.add(pid)
-            try:
-                set_running_pid(job, pid)
-                ended = replies.get()
-                if ended is not None:
-                    return ended["exit"]
-                while pid_alive(pid, start):  # orphaned when the server died: wait for it by its pid
-                    time.sleep(0.2)
-                return None
-            finally:
-                running.discard(pid)
-        finally:
-            with self.lock:
-                del self.replies[key]
-
-    def fell_back(self) -> None:
-        """Say once that the server is gone and jobs start as fresh processes from now on."""
-        with self.lock:
-            if self.warned:
-                return
-            self.warned = True
-        try:
-            code = self.proc.wait(timeout=10)  # it closed the socket: it has exited, or is about to
-        except subprocess.TimeoutExpired:
-            code = None
-        log.warning(f"launcher=gpus: the fork server stopped (exit code {code}, see {self.log_path}); "
-                    "starting each job in a fresh process instead")
-
-    def close(self) -> None:
-        """After the last job: the server sees EOF and exits (reaped here); the jobs' lifeline closes."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        os.close(self.lifeline)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _finish(job: Job, code: int | None) -> None:
-    """Mark the job from its exit code (None: lost with the fork server) and its worker's verdict."""
-    verdict = json.loads(job.result.read_text()) if job.result.is_file() else {}
-    if code in (0, None) and verdict.get("status") == COMPLETED:
+def _finish(job: Job, code: int) -> None:
+    """Mark the job from its worker's exit code and verdict."""
+    verdict = _read_json(job.result) or {}
+    if code == 0 and verdict.get("status") == COMPLETED:
         mark_completed(job)
         return
-    ended = "exited with code " + str(code) if code is not None else "ended without a verdict"
-    error = verdict.get("error") or f"the job process {ended} (killed, out of memory, or crashed)"
+    error = verdict.get("error") or f"the job process exited with code {code} (killed, out of memory, or crashed)"
     text = None
     if not (job.job_dir / TRACEBACK).is_file():
         tail = (job.job_dir / LOG).read_text(errors="replace")[-8000:] if (job.job_dir / LOG).is_file() else ""
@@ -532,14 +441,8 @@ def _finish(job: Job, code: int | None) -> None:
     mark_failed(job, error, code, text)
 
 
-def _spawn(job: Job, device: str | None, running: _Running, cwd: str, server: ForkServer | None) -> int | None:
-    """Run the job's process to its end, forked by the fork server if there is one, else a fresh worker
-    process; the exit code (None: lost with the fork server, which died while the job ran)."""
-    if server is not None:
-        try:
-            return server.run(job, device, running)
-        except ForkServerGone:
-            server.fell_back()
+def _spawn(job: Job, device: str | None, running: _Running, cwd: str) -> int:
+    """Run the job in a fresh worker process to its end; its exit code."""
     env = dict(os.environ)
     if device is not None:
         env.update(CUDA_VISIBLE_DEVICES=device, STEEREXP_SWEEP_DEVICE=device)
@@ -555,8 +458,8 @@ def _spawn(job: Job, device: str | None, running: _Running, cwd: str, server: Fo
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                    pass_fds=(read_fd,),
+                    start_new_session=True,  # its own process group (what the lifeline and SIGTERM stop); a Ctrl-C
+                    pass_fds=(read_fd,),     # in the terminal reaches the launcher only
                 )
             finally:
                 os.close(read_fd)
@@ -570,8 +473,7 @@ def _spawn(job: Job, device: str | None, running: _Running, cwd: str, server: Fo
         os.close(write_fd)
 
 
-def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: str,
-             server: ForkServer | None) -> Job:
+def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: str) -> Job:
     device = pool.get()
     try:
         if running.stop.is_set():
@@ -584,7 +486,7 @@ def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: 
             log.error(f"#{job.num} not started: {job.error}")
             return job
         try:
-            if selected != COMPLETED and (job.job_dir / COMPLETED).is_file():
+            if selected != COMPLETED and isinstance(_read_json(job.job_dir / COMPLETED), dict):
                 job.status = COMPLETED  # completed since it was selected (by another rerun)
                 return job
             clear_markers(job)
@@ -593,9 +495,9 @@ def _run_one(job: Job, pool: "queue.Queue[str | None]", running: _Running, cwd: 
                 f"#{job.num}" + (f" on device {device}" if device is not None else "") + f": {' '.join(job.overrides)}"
             )
             job.started = time.time()
-            code = _spawn(job, device, running, cwd, server)
+            code = _spawn(job, device, running, cwd)
             job.seconds = time.time() - job.started
-            if running.stop.is_set() and code not in (0, None):
+            if running.stop.is_set() and code != 0:
                 job.status, job.error = None, "stopped"  # interrupted: missing, not failed
                 return job
             _finish(job, code)
@@ -620,25 +522,21 @@ def run_jobs(
     jobs_per_device: int = 1,
     cwd: str | None = None,
     inherit_devices: bool = False,
-    fork_server: bool = False,
-    preload: Sequence[str] = (),
 ) -> list[Job]:
-    """Run `jobs` (specs already written) concurrently over the device pool; never raises for a
-    failing job: each Job comes back with status COMPLETED, FAILED, RUNNING (another process runs it:
-    not started here) or None if interrupted. inherit_devices: one job at a time, each seeing this
-    process's CUDA_VISIBLE_DEVICES (reruns of launcher=basic sweeps). fork_server: each job is forked
-    from a server that imported `preload` once (ForkServer), else started as a fresh interpreter."""
+    """Run `jobs` (specs already written) concurrently over the device pool, each in a fresh worker process;
+    never raises for a failing job: each Job comes back with status COMPLETED, FAILED, RUNNING (another
+    process runs it: not started here) or None if interrupted. inherit_devices: one job at a time, each
+    seeing this process's CUDA_VISIBLE_DEVICES (reruns of sweeps of the other launchers)."""
     pool_slots = [None] if inherit_devices else slots(devices, jobs_per_device)
     pool: "queue.Queue[str | None]" = queue.Queue()
     for s in pool_slots:
         pool.put(s)
     running = _Running()
     cwd = cwd or os.getcwd()
-    server = _start_fork_server(jobs, cwd, preload) if fork_server and jobs and not inherit_devices else None
     executor = ThreadPoolExecutor(max_workers=min(len(pool_slots), max(len(jobs), 1)))
     previous = _on_sigterm_raise()
     try:
-        futures = [executor.submit(_run_one, job, pool, running, cwd, server) for job in jobs]
+        futures = [executor.submit(_run_one, job, pool, running, cwd) for job in jobs]
         for future in futures:
             future.result()
     except BaseException:  # Ctrl-C, SIGTERM (scancel, kill): stop the job processes, leave them missing
@@ -646,21 +544,10 @@ def run_jobs(
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
-        if server is not None:
-            server.close()  # every job has ended by now (an interrupted sweep waited for its stopped jobs)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     executor.shutdown(wait=True)
     return jobs
-
-
-def _start_fork_server(jobs: list[Job], cwd: str, preload: Sequence[str]) -> ForkServer | None:
-    log_path = jobs[0].spec.parents[1] / FORK_SERVER_LOG  # <sweep dir>/.sweep/ (the specs are in .sweep/jobs/)
-    try:
-        return ForkServer(cwd, preload, log_path)
-    except OSError as err:
-        log.warning(f"launcher=gpus: the fork server did not start ({err}); starting each job in a fresh process")
-        return None
 
 
 def _on_sigterm_raise():
@@ -694,6 +581,8 @@ def summary(jobs: list[Job], sweep_dir: Path) -> str:
             lines.append(f"  #{job.num} running ({what}): {describe(job.running or {})}")
         elif job.status == PENDING:
             lines.append(f"  #{job.num} pending ({what}): queued in the running sweep")
+        elif job.damaged:
+            lines.append(f"  #{job.num} missing ({what}): {job.damaged}")
         elif job.status is None and job.running:
             lines.append(f"  #{job.num} was stopped ({what}): its process ({describe(job.running)}) is gone")
         elif job.status is None:

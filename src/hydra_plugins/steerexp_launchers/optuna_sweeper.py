@@ -1,8 +1,8 @@
 """`hydra/sweeper=steerexp_optuna` (steerexp: `hparams_search=optuna`): Optuna through its own API.
 
-Why not the released hydra-optuna-sweeper: every release (1.2.0, 1.3.0) requires optuna<3
-(2.10, 2021), whose SQLite/RDB storage needs SQLAlchemy<2; pinning both would downgrade them for
-everything installed beside steerexp. This sweeper does the same job in one short file with the
+This sweeper is ours, not the released hydra-optuna-sweeper, because every release of that plugin
+(1.2.0, 1.3.0) pins optuna < 3 (2.10, 2021), whose SQLite/RDB storage needs SQLAlchemy < 2; pinning both
+would downgrade them for everything installed beside steerexp. This sweeper does the same job in one short file with the
 current Optuna (ask/tell), keeps the released plugin's config keys (sampler, direction, storage,
 study_name, n_trials, n_jobs, params), and runs each batch of trials through the configured
 launcher, so `launcher=gpus` evaluates n_jobs trials at once, one per GPU.

@@ -114,3 +114,5 @@ def _resolve(path, _node_, _root_) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver(NAME):
         OmegaConf.register_new_resolver(NAME, _resolve)
+    if not OmegaConf.has_resolver("steerexp_suffix"):  # `_<name>` after a run dir's time, or nothing
+        OmegaConf.register_new_resolver("steerexp_suffix", lambda name: f"_{name}" if name else "")

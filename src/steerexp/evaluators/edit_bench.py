@@ -55,13 +55,13 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from steerexp import progress
 from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.evaluators.edit import border_mask, dilate, scene_mask
+from steerexp.evaluators.edit_bench_spec import TYPES  # the edit types (its settings' rules read them too)
 from steerexp.evaluators.inversion import pick_methods, require_inversion
 from steerexp.generators.attention import token_grid
 from steerexp.images import GridLabels, image_grid, image_grid_labels, to_tensor
 from steerexp.techniques.protocols import AttentionMaps, EditMasks, TimedInversion
 from steerexp.worlds.shapes import world
 
-TYPES = ("colour", "shape", "size", "background", "position")
 HEADS = ("shape", "colour", "size", "position", "background")
 METRICS = ("success", "kept", "success_and_kept", "kept_vae", "iou_source", "iou_target", "bg_psnr", "bg_ssim",
            "gt_psnr", "perceptual", "seconds")

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.memorisation_spec import REFERENCES
 from steerexp.images import nn_rms, to_tensor
 from steerexp.techniques.protocols import HasTargets
 from steerexp.worlds.shapes import world
@@ -15,13 +16,21 @@ from steerexp.worlds.shapes import world
 class Memorisation:
     name = "memorisation"
 
-    def __init__(self, reference: str = "targets", threshold: float = 0.1, prompts: list[str] | None = None):
-        if reference not in ("targets", "protected"):
-            raise ValueError(f"evaluator.memorisation.reference must be 'targets' or 'protected', got {reference!r}")
+    def __init__(self, reference: str = "auto", threshold: float = 0.1, prompts: list[str] | None = None):
+        if reference not in REFERENCES:
+            raise ValueError(f"evaluator.memorisation.reference must be one of {REFERENCES}, got {reference!r}")
         self.reference, self.threshold, self.prompts = reference, threshold, prompts
 
-    def references(self, ctx: EvalContext) -> torch.Tensor:
-        if self.reference == "protected":
+    def resolve(self, technique) -> str:
+        """targets or protected: `auto` is targets when the technique has target images (a run decides it from the
+        technique's spec before it starts: steerexp/combine.py; here for techniques without a spec)."""
+        if self.reference != "auto":
+            return self.reference
+        has = isinstance(technique, HasTargets) and technique.target_images is not None
+        return "targets" if has else "protected"
+
+    def references(self, ctx: EvalContext, reference: str) -> torch.Tensor:
+        if reference == "protected":
             return to_tensor(world.protected_set()[0])
         refs = ctx.technique.target_images if isinstance(ctx.technique, HasTargets) else None
         if refs is None:
@@ -30,9 +39,10 @@ class Memorisation:
         return refs
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        prompts = self.prompts or (list(world.PROTECTED_CAPTIONS) if self.reference == "protected" else None)
+        reference = self.resolve(ctx.technique)
+        prompts = self.prompts or (list(world.PROTECTED_CAPTIONS) if reference == "protected" else None)
         paired = ctx.paired(prompts)
-        refs = self.references(ctx)
+        refs = self.references(ctx, reference)
         with torch.no_grad():
             rms = nn_rms(paired.edited, refs).numpy()
             cos = (ctx.clip.encode_images(paired.edited) @ ctx.clip.encode_images(refs).T).max(-1).values.numpy()

@@ -146,23 +146,6 @@ def embedded_path(name: str = "shapes") -> Path:
     return (ASSETS if name in SHIPPED else built_assets()) / name
 
 
-def preload(path: str | None = None, dtype: str = "fp32", embedded: str = "shapes") -> None:
-    """Load now the pipeline `load_generator(path, dtype=dtype, embedded=embedded)` would read, and keep it for this
-    process's (or a forked child's) first load of the same files (frozen.keep_loaded): the warm-start server's."""
-    import torch
-
-    from steerexp.generators.frozen import keep_loaded
-
-    folder = path or embedded_path(embedded)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # GNU OpenMP's threads do not survive a fork: a child forked after a multi-threaded
-    try:  # op (a bf16 cast, say) hung at its own first one
-        with keep_loaded():
-            family_class(pipeline_class_of(folder)).load(folder, dtype)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32", embedded: str = "shapes"):
     """An embedded generator (path None: `embedded`, the shapes UNet or shapes_flow) or any supported pipeline
     folder / hub id. `world` says what it draws: "shapes" for the embedded ones or any pipeline

@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from steerexp.generators import Guidance
+from steerexp.techniques.ddim_inversion_spec import P2P_MODES
 
-MODES = ("auto", "replace", "refine")
+MODES = P2P_MODES   # technique.edit.mode
 
 
 # ---------------------------------------------------------------------------- settings

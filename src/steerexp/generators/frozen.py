@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import inspect
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,16 +30,13 @@ from diffusers import DiffusionPipeline
 
 from steerexp import progress
 from steerexp.generators import sampling
+from steerexp.techniques.guidance_spec import NEGATIVE_MODES, SCHEDULES  # the guidance settings' values (torch-free)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class GeneratorChangedError(RuntimeError):
     pass
-
-
-SCHEDULES = ("constant", "interval", "weak_strong_weak")
-NEGATIVE_MODES = ("uncond", "subtract")
 
 
 @dataclass
@@ -126,55 +122,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-# pipelines loaded ahead (`keep_loaded`): the warm-start server loads the default generator before it forks a run,
-# and the run's first load of the same files takes it instead of reading them (0.3 s of a served run's 1.1 s)
-_KEPT: dict[tuple, object] = {}
-_keeping = False
-
-
-@contextlib.contextmanager
-def keep_loaded():
-    """Pipelines loaded from local folders inside are also kept for this process (and the processes forked from
-    it): the first `load_pipeline` of the same class, folder, dtype and options takes the kept one, if no file in
-    the folder changed since (sizes, times, inodes; linked folders followed); later loads read the files again. A
-    load that drew random numbers (weights missing from the files) is not kept."""
-    global _keeping
-    _keeping = True
-    try:
-        yield
-    finally:
-        _keeping = False
-
-
-def _kept_key(cls, local: Path, dtype: str, kwargs: dict) -> tuple:
-    files = []
-    for folder, _, names in os.walk(local, followlinks=True):  # a component folder may be a link to another place
-        for name in names:
-            st = os.stat(os.path.join(folder, name))  # the linked file's own size and time
-            files.append((os.path.relpath(os.path.join(folder, name), local), st.st_size, st.st_mtime_ns, st.st_ino))
-    return cls, str(local.resolve()), dtype, repr(sorted(kwargs.items())), tuple(sorted(files))
-
-
 def load_pipeline(cls, path: str | Path, dtype: str = "fp32", **kwargs):
     """A diffusers pipeline of class `cls` from a local folder or a hub id, in `dtype`, with a clear error."""
     path_str = str(path)
     local = Path(path_str).expanduser()
-    key = _kept_key(cls, local, dtype, kwargs) if local.is_dir() and (_KEPT or _keeping) else None
-    if key in _KEPT:
-        return _KEPT.pop(key)
-    rng = torch.get_rng_state() if _keeping else None
     try:
         with _no_loading_bars():
-            pipe = cls.from_pretrained(str(local) if local.exists() else path_str, **{_DTYPE_KWARG: DTYPES[dtype]},
+            return cls.from_pretrained(str(local) if local.exists() else path_str, **{_DTYPE_KWARG: DTYPES[dtype]},
                                        **kwargs)
     except OSError as err:
         raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
                                 f"is unreachable or has no such model): {err}") from err
-    # not kept when the load drew random numbers (weights missing from the files, initialised at random): a run
-    # initialises them after seeding, from its own seed
-    if _keeping and key is not None and torch.equal(rng, torch.get_rng_state()):
-        _KEPT[key] = pipe
-    return pipe
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""W&B through `wandb.init` (no Lightning): offline by default under <run_dir>/wandb, online
+"""W&B through `wandb.init` (training logs into the same run through Lightning's WandbLogger: `lightning()`):
+offline by default under <run_dir>/wandb, online
 only when `logger.mode=online`, nothing with `logger.mode=disabled`. Every run, including
 each job of a multirun, starts and finishes its own W&B run.
 
@@ -210,6 +211,15 @@ class RunLogger:
         settings.mode = "offline" if offline else "online"
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         return wandb.init(dir=save_dir, resume="allow", settings=settings, **init)
+
+    def lightning(self):
+        """Lightning's WandbLogger on this same W&B run (training metrics and the evaluation's results land in
+        one run); None when W&B is off. Built only when a technique trains (it imports Lightning)."""
+        if self.run is None:
+            return None
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(experiment=self.run, save_dir=str(self.run_dir), log_model=False)
 
     @property
     def active(self) -> bool:

@@ -48,6 +48,10 @@ class ObjectiveInputs:
     latents: torch.Tensor | None = None                           # [B, C, h, w] the training images' VAE latents
     cond: torch.Tensor | None = None                              # the prompts' conditioning for the denoiser
     rng: torch.Generator | None = None                            # seeded per step: noise and timesteps
+    # (start, stop, full): this batch is rows [start, stop) of its optimizer step's batch of `full` (a step split
+    # by gradient accumulation or across data-parallel ranks); random draws are made for all `full` rows and
+    # sliced, so a split step draws what the whole one does. None: the whole step's batch.
+    rows: tuple[int, int, int] | None = None
 
     def filled(self) -> set[str]:
         return {f.name for f in fields(self) if getattr(self, f.name) is not None and not (

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from steerexp import scorers
 from steerexp.objectives.composite import ObjectiveInputs, Term
+from steerexp.objectives.concept_score_spec import REFERENCES
 
 
 class ConceptScore(Term):
@@ -60,7 +61,7 @@ class AttributeKeep(Term):
     def __init__(self, heads: list[str] | tuple[str, ...] = ("shape", "colour"), weight: float = 1.0,
                  scorer: str = "classifier", reference: str = "start"):
         super().__init__(weight)
-        if reference not in ("start", "prompt"):
+        if reference not in REFERENCES:
             raise ValueError(f"objective attribute_keep.reference must be start or prompt, got {reference!r}")
         self.reference = reference
         self.needs = frozenset({"images", "start_images"} | ({"prompts"} if reference == "prompt" else set()))

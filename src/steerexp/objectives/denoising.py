@@ -28,8 +28,9 @@ class Denoising(Term):
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         generator, latents, rng = inputs.generator, inputs.latents, inputs.rng
         hi = min(self.max_timestep, generator.scheduler.config.num_train_timesteps)
-        noise = torch.randn(latents.shape, generator=rng).to(latents)
-        t = torch.randint(self.min_timestep, hi, (len(latents),), generator=rng).to(latents.device)
+        start, stop, full = inputs.rows or (0, len(latents), len(latents))  # draws for the whole step's batch
+        noise = torch.randn((full, *latents.shape[1:]), generator=rng)[start:stop].to(latents)
+        t = torch.randint(self.min_timestep, hi, (full,), generator=rng)[start:stop].to(latents.device)
         noisy, t_model, target = generator.training_pair(latents, noise, t)
         pred = generator.denoise(noisy, t_model, inputs.cond)
         return F.mse_loss(pred.float(), target.float())

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from steerexp.images import load_image, to_tensor
 from steerexp.objectives.composite import ObjectiveInputs, Term
+from steerexp.objectives.reconstruction_spec import DISTANCES  # (its settings' rules read them too)
 from steerexp.worlds.shapes import world
 
-DISTANCES = ("mse", "l1")
 SCENE_CHOICES = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "size": tuple(world.SIZES),
                  "position": world.POSITIONS, "background": tuple(world.BACKGROUNDS)}
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from steerexp import ASSETS, built_assets, conf_dir
+from steerexp.safety import loggable_config
 from steerexp.pretrain import flow_generator, noisy, robust, scorers
 from steerexp.pretrain.generator import pretrain_generator
 
@@ -59,7 +60,7 @@ def run(cfg: DictConfig) -> Path:
         timings[stage] = time.time() - t
     recipe_file = out / "recipe.json"
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = loggable_config(cfg)   # ${oc.env:...} recorded as its text, never its value
     # a stage not rerun keeps the recipe and the time it was built with (its section of the earlier recipe)
     kept = {k: v for k, v in previous.get("config", {}).items() if k in STAGES and k not in cfg.stages}
     recipe = {"config": {**config, **kept}, "seconds": {**previous.get("seconds", {}), **timings}}

@@ -28,13 +28,9 @@ from typing import Any, Callable
 import torch
 
 from steerexp import ASSETS
+from steerexp.scorer_kinds import DEFAULTS  # the scorers every run has (torch-free: the specs read them too)
 from steerexp.scorers.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER, ConceptClassifier, HeadClassifier
 
-DEFAULTS: dict[str, Any] = {"classifier": None, "clip": {"model": None, "pretrained": None},
-                            "user": {"path": None, "classes": None},
-                            "robust": {"kind": "classifier", "asset": "classifier_robust"},
-                            "noisy": {"kind": "noisy", "asset": "classifier_noisy"},
-                            "analytic": None}
 
 
 def _device(device) -> str:

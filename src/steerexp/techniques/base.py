@@ -9,8 +9,9 @@ how to sample with and without the edit (`generate`, `fill`).
                   (prepare, compute, generate, fill, deltas, load_deltas, identity, delta_norms,
                   parameter_counts, export, diagnostics; `trainable`, `job_type`)
     TrainingFree  computes its deltas in `compute()`; the run flow never starts a Trainer
-    Trainable     learns its deltas with `lr`, `steps`, `batch_size` and an objective; the run
-                  flow trains it with steerexp.trainer.Trainer (a plain PyTorch loop: no Lightning)
+    Trainable     (steerexp.techniques.trainable) a LightningModule as well: learns its deltas with
+                  `lr`, `steps`, `batch_size` and an objective; the run flow trains it with Lightning's
+                  Trainer (conf/trainer/). Lightning is imported only there.
 
 Sampling settings (`sampling: {steps, guidance_scale}`, the run's `sampling` config) come in
 once, to the base. Evaluators see techniques only through steerexp.techniques.protocols.
@@ -30,14 +31,12 @@ Checkpoints describe themselves (`checkpoint["steerexp"]`: technique, delta shap
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from steerexp.generators import FrozenGenerator, Guidance
-from steerexp.techniques.budgets import Budget
 
 # conf/config.yaml's `sampling`: what a technique built without the run's config samples with
 SAMPLING = {"steps": 25, "guidance_scale": 5.0}
@@ -118,6 +117,13 @@ class Technique(nn.Module):
         check_compatible(self, {k: list(v.shape) for k, v in deltas.items()}, source, structure)
         self.load_state_dict(deltas)
 
+    @staticmethod
+    def check_loaded(deltas: Mapping[str, torch.Tensor], source: str) -> None:
+        """Deltas read from a file (`ckpt_path`) are floating point, finite and of a sane size (every row's norm
+        over the last dimension at most steerexp.validate.MAX_DELTA_NORM), or one ConfigError naming ckpt_path:
+        integer, NaN or 1e30 deltas would otherwise sample noise, or fail deep inside the generator."""
+        check_delta_values(deltas, source)
+
     def identity(self) -> dict:
         """What a checkpoint records about the technique that wrote it."""
         return {
@@ -149,112 +155,47 @@ class TrainingFree(Technique):
     """Computes its deltas in `compute()` (nothing is trained; the run flow starts no Trainer)."""
 
 
-class Trainable(Technique):
-    """Learns its deltas: `steps` optimizer steps of AdamW at `lr` on batches of `batch_size`, through
-    steerexp.trainer.Trainer, with the deltas projected onto `budget` after every step (exact resume:
-    module docstring). While training, `global_step` is the number of optimizer steps done and `_trainer`
-    the trainer (None otherwise); `log_dict` hands metrics of the step to the trainer's logger."""
+def __getattr__(name: str):
+    """`Trainable` lives in steerexp.techniques.trainable (it is a LightningModule: importing it imports
+    Lightning, which training-free techniques never do)."""
+    if name == "Trainable":
+        from steerexp.techniques.trainable import Trainable
 
-    trainable = True
+        return Trainable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(
-        self,
-        generator: FrozenGenerator,
-        budget: Mapping | Budget | None = None,
-        lr: float = 1e-3,
-        steps: int = 100,
-        batch_size: int = 4,
-        sampling: Mapping | None = None,
-    ):
-        super().__init__(generator, sampling)
-        if lr <= 0:
-            raise ValueError(f"technique.lr must be positive, got {lr}")
-        if steps < 0:
-            raise ValueError(f"technique.steps must be >= 0, got {steps}")
-        self.budget = Budget.from_config(budget)
-        self.lr, self.steps, self.batch_size = lr, steps, batch_size
 
-    @property
-    def job_type(self) -> str:
-        return "train" if self.steps > 0 else "eval"
+def check_delta_values(deltas: Mapping[str, torch.Tensor], source: str) -> None:
+    """See Technique.check_loaded."""
+    from steerexp.errors import ConfigError
+    from steerexp.validate import MAX_DELTA_NORM
 
-    # ----------------------------------------------------------------- what subclasses provide
-    def project(self, name: str, value: torch.Tensor) -> None:
-        """Write a projected value back into the delta called `name`."""
-        raise NotImplementedError
-
-    def training_loss(self, batch) -> torch.Tensor:
-        raise NotImplementedError
-
-    def train_order(self) -> torch.Tensor:
-        """The training-sample index of every (step, slot), [steps * batch_size], a pure function of the
-        config (seeded)."""
-        raise NotImplementedError
-
-    # ----------------------------------------------------------------- the training loop's hooks
-    global_step: int = 0   # optimizer steps done (the trainer sets it before each step)
-    _trainer = None        # the steerexp.trainer.Trainer while training
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["steerexp"] = self.identity()
-
-    def apply_budget(self) -> None:
-        """After every optimizer step: project each budgeted delta onto ||row|| <= max_norm.
-        Techniques with other budgets (e.g. a norm over the whole tensor) override this."""
-        if self.budget.max_norm is None:
-            return
-        for name, value in self.budgeted().items():
-            self.project(name, self.budget.clip(value))
-
-    def batch_at(self, step: int):
-        """The batch of optimizer step `step` (see the module docstring: exact resume)."""
-        if getattr(self, "_order", None) is None:
-            self._order = self.train_order()
-        return (self._order[step * self.batch_size : (step + 1) * self.batch_size],)
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-
-    def log_dict(self, metrics: dict) -> None:
-        """Metrics of the current training step, to the run's logger (nothing outside training)."""
-        if self._trainer is not None:
-            self._trainer.record(metrics)
-
-    def on_train_start(self) -> None:
-        counts = self.parameter_counts()
-        logger = self._trainer.logger if self._trainer is not None else None
-        if logger is not None:
-            logger.log_metrics({"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}, step=0)
-        self.last_good = self.deltas()
-
-    def training_step(self, step: int) -> torch.Tensor | None:
-        """The loss of optimizer step `step`; None (and training stops) when it is NaN/inf."""
-        loss = self.training_loss(self.batch_at(step))
-        if not torch.isfinite(loss):
-            self.nan_step = step
-            if self._trainer is not None:
-                self._trainer.should_stop = True
-            return None  # no optimizer step: the last good deltas stay
-        return loss
-
-    def on_train_batch_end(self) -> dict[str, float]:
-        """After the step and its projection: the delta norms; a NaN/inf one stops training, else the
-        deltas become the last good ones."""
-        norms = self.delta_norms()
-        if any(not math.isfinite(v) for v in norms.values()):
-            self.nan_step = int(self.global_step)
-            if self._trainer is not None:
-                self._trainer.should_stop = True
-            return norms
-        self.last_good = self.deltas()
-        return norms
+    fix = "use the deltas a steerexp run wrote (or retrain: technique.steps > 0, ckpt_path=null)"
+    for name, value in deltas.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError("ckpt_path", f"{source} holds {name!r} as {type(value).__name__}, not a tensor", fix)
+        if not value.is_floating_point():
+            raise ConfigError("ckpt_path", f"{source} holds {name!r} as {str(value.dtype).replace('torch.', '')} "
+                              "values; deltas are floating point (float32, float16 or bfloat16)", fix)
+        if value.numel() == 0:
+            continue
+        v = value.detach().double()
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise ConfigError("ckpt_path", f"{source} holds {bad} non-finite values (NaN/inf) in {name!r} "
+                              f"{list(value.shape)}", fix)
+        norm = float(v.reshape(-1, v.shape[-1] if v.dim() and v.shape[-1] else v.numel()).norm(dim=-1).max())
+        if norm > MAX_DELTA_NORM:
+            raise ConfigError("ckpt_path", f"{source} holds {name!r} {list(value.shape)} with a row of norm "
+                              f"{norm:.3g}, over the limit of {MAX_DELTA_NORM:g} for deltas (a diverged or corrupted "
+                              "file)", fix)
 
 
 def check_compatible(
     technique: Technique, shapes: dict[str, list[int]], source: str, structure: dict | None = None
 ) -> None:
-    """Deltas of these shapes (from a checkpoint) fit this technique, or one clear error."""
+    """Deltas of these shapes (from a checkpoint) fit this technique, or one clear error naming ckpt_path and the
+    first tensor whose shape differs (expected vs found)."""
     from steerexp.errors import ConfigError
 
     own = {k: list(v.shape) for k, v in technique.state_dict().items()}
@@ -268,11 +209,15 @@ def check_compatible(
     fix = (
         "set " + " and ".join(d.split(" there")[0] for d in differs)
         if differs
-        else "use a checkpoint written by this technique with the same settings"
+        else "use a checkpoint written by this technique with the same settings and generator"
     )
-    raise ConfigError(
-        "ckpt_path",
-        f"{source} holds deltas {shapes}, but {type(technique).__name__} has {own}"
-        + (f" ({'; '.join(differs)})" if differs else ""),
-        fix,
-    )
+    name = type(technique).__name__
+    missing, extra = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+    wrong = [k for k in own if k in shapes and own[k] != shapes[k]]
+    if wrong:
+        what = f"holds {wrong[0]!r} of shape {shapes[wrong[0]]}, but {name} on this generator expects {own[wrong[0]]}"
+    elif missing:
+        what = f"has no {missing[0]!r} (expected {own[missing[0]]}); it holds {sorted(shapes)}"
+    else:
+        what = f"holds {extra[0]!r}, which {name} does not have (it expects {sorted(own)})"
+    raise ConfigError("ckpt_path", f"{source} {what}" + (f" ({'; '.join(differs)})" if differs else ""), fix)

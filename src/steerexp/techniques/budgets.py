@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-TEXT_NORMS = ("tensor", "token")
+from steerexp.techniques.input_delta_spec import TEXT_NORMS  # declared once, torch-free
+
 EPS = 1e-12  # smallest norm divided by: a zero delta is inside every ball
 
 

@@ -15,7 +15,8 @@ and the reconstruction drifts, which is what null-text inversion (null_text_inve
 and negative-prompt inversion (negative_prompt_inversion.py) repair.
 
 Editing is a prompt swap from the same x*_T: "a red circle on the left" -> "a blue circle
-on the left" (`edit.replace: {red: blue}`), sampled with the target prompt. With
+on the left" (`edit.replace: {red: blue}`; by default, `edit.replace: auto`, the source prompt's word for the
+run's concept.head becomes concept.target: ddim_inversion_spec.py), sampled with the target prompt. With
 `edit.control: p2p` the swap runs under Prompt-to-Prompt attention control
 (steerexp/generators/attention.py): the source branch (source prompt) and the target branch
 sample side by side from x*_T, and the target's cross- and self-attention maps are injected
@@ -46,20 +47,22 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from steerexp.generators import FrozenGenerator, Guidance, attention, sampling
 from steerexp.images import image_files_in, read_image, to_tensor
 from steerexp.techniques.base import TrainingFree
+from steerexp.techniques.ddim_inversion_spec import (CONTROLS, MANIFEST_COLUMNS, WORLD_PROMPT, EditSpec,
+                                                     InversionTargetsSpec, check_targets, edit_prompts)
 from steerexp.worlds.shapes import world
 
-WORLD_PROMPT = "a {colour} {shape} {position}"
-CONTROLS = (None, "p2p")
-MANIFEST_COLUMNS = ("image", "source", "target")
+EDIT_KEYS = tuple(f.name for f in fields(EditSpec))   # technique.edit's settings (ddim_inversion_spec.EditSpec)
 
 
 # ---------------------------------------------------------------------------- targets
@@ -128,19 +131,9 @@ def parse_method(method: str) -> tuple[str, bool, bool]:
     return base, "p2p" in flags, "blend" in flags
 
 
-def world_prompt(scene: world.Scene, template: str = WORLD_PROMPT) -> str:
-    return template.format(shape=scene.shape, colour=scene.colour, size=scene.size,
-                           position=world.POSITION_PHRASES[scene.position], background=scene.background)
-
-
-def swap_words(prompt: str, replace: dict[str, str]) -> str:
-    """Word-level replacement; the prompt must change."""
-    words = [replace.get(w, w) for w in prompt.split()]
-    out = " ".join(words)
-    if out == prompt:
-        raise ValueError(f"technique.edit.replace {dict(replace)} changes no word of the source prompt {prompt!r}; "
-                         "name a word the prompt uses (e.g. {red: blue}) or give technique.edit.prompts")
-    return out
+def plain(node):
+    """A config node (Hydra passes the technique's nested settings as DictConfig) as plain Python."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -183,12 +176,13 @@ class DDIMInversion(TrainingFree):
             self.guidance = Guidance(scale=guidance_scale)  # this technique's own reconstruction / edit scale
         self.batch_size = batch_size  # images inverted and sampled together
         self.targets_cfg = dict(files=None, prompts=None, manifest=None, k=16, seed=0, shapes=None, fixed={},
-                                prompt_template=WORLD_PROMPT, resize=False, convert=False) | dict(targets or {})
-        self.edit_cfg = dict(replace={"red": "blue"}, prompts=None, control=None, blend=False) | dict(edit or {})
-        unknown = sorted(set(self.edit_cfg) - {"replace", "prompts", "control", "blend", *attention.EditControl.KEYS})
+                                prompt_template=WORLD_PROMPT, resize=False, convert=False) | dict(plain(targets) or {})
+        # (built directly, without the spec's defaults: a plain red -> blue swap; replace=auto needs head and target)
+        self.edit_cfg = dict(replace={"red": "blue"}, head=None, target=None, prompts=None, control=None,
+                             blend=False) | dict(plain(edit) or {})
+        unknown = sorted(set(self.edit_cfg) - set(EDIT_KEYS))
         if unknown:
-            raise ValueError(f"technique.edit has no setting {unknown[0]!r}; its settings are replace, prompts, "
-                             f"control, blend and {', '.join(attention.EditControl.KEYS)}")
+            raise ValueError(f"technique.edit has no setting {unknown[0]!r}; its settings are {', '.join(EDIT_KEYS)}")
         if self.targets_cfg["files"] is None and int(self.targets_cfg["k"]) < 1:
             raise ValueError(f"technique.targets.k must be >= 1 world images, got {self.targets_cfg['k']}")
         if self.edit_cfg["control"] not in CONTROLS:
@@ -258,16 +252,12 @@ class DDIMInversion(TrainingFree):
             self.images, self.names, self.scenes = to_tensor(np.stack(arrays)), [p.name for p in paths], None
             self.source_prompts = prompts
         else:
+            spec = InversionTargetsSpec(**{f.name: tc[f.name] for f in fields(InversionTargetsSpec)})
+            self.source_prompts = check_targets(spec, "technique.targets")  # (the settings' rules, e.g. fixed)
             shapes, fixed = tuple(tc["shapes"] or world.SEEN_SHAPES), dict(tc["fixed"] or {})
-            choices = dict(world.HEADS, background=tuple(world.BACKGROUNDS))
-            for key, value in fixed.items():
-                if key not in choices or value not in choices[key]:
-                    raise ValueError(f"technique.targets.fixed: {key}={value!r} is not a world attribute value; "
-                                     f"choose from {({k: list(v) for k, v in choices.items()})}")
             arrays, scenes = world.dataset(int(tc["seed"]), int(tc["k"]), shapes=shapes, res=r, **fixed)
             self.images, self.scenes = to_tensor(arrays), scenes
             self.names = [f"world{tc['seed']}_{i}" for i in range(len(scenes))]
-            self.source_prompts = [world_prompt(s, tc["prompt_template"]) for s in scenes]
 
     def target_prompts(self) -> list[str]:
         prompts = self.edit_cfg["prompts"]
@@ -279,7 +269,8 @@ class DDIMInversion(TrainingFree):
             return prompts
         if self.manifest_targets is not None:
             return list(self.manifest_targets)
-        return [swap_words(p, dict(self.edit_cfg["replace"] or {})) for p in self.source_prompts]
+        e = self.edit_cfg
+        return edit_prompts(self.source_prompts, e["replace"], e["head"], e["target"], world=self.scenes is not None)
 
     def prepare(self) -> None:
         self.load_targets()

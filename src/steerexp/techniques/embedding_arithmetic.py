@@ -23,6 +23,7 @@ from torch import nn
 
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
+from steerexp.techniques.embedding_arithmetic_spec import MODES, WORLD_DIRECTIONS
 from steerexp.worlds.shapes import world
 
 
@@ -36,7 +37,7 @@ def world_contexts(direction: str) -> tuple[list[str], list[str]]:
         pairs = [(f"a {c} {s} {positions[p]}", f"a red {s} {positions[p]}")
                  for c in world.COLOURS if c != "red" for s in shapes for p in ("left", "center")]
     else:
-        raise ValueError(f"unknown world direction {direction!r}; choose 'size->large' or 'colour->red', "
+        raise ValueError(f"unknown world direction {direction!r}; choose one of {WORLD_DIRECTIONS}, "
                          "or give technique.base_contexts and technique.target_contexts")
     return [b for b, _ in pairs], [t for _, t in pairs]
 
@@ -57,8 +58,8 @@ class EmbeddingArithmetic(TrainingFree):
         if len(base_contexts) != len(target_contexts):
             raise ValueError(f"mismatched context pairs: {len(base_contexts)} base contexts vs "
                              f"{len(target_contexts)} target contexts; they are paired one to one")
-        if mode not in ("pooled", "aligned"):
-            raise ValueError(f"technique.mode must be 'pooled' or 'aligned', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"technique.mode must be one of {MODES}, got {mode!r}")
         if gate is not None and not -1 <= gate <= 1:
             raise ValueError(f"technique.gate is a cosine similarity threshold in [-1, 1] (or null), got {gate}")
         self.base_contexts, self.target_contexts = base_contexts, target_contexts

@@ -22,9 +22,7 @@ from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.generators import sampling
 from steerexp.techniques.base import TrainingFree
-
-NAMES = {"concept": "classifier"}  # the option's old name
-GUIDING_KINDS = {"classifier", "user", "noisy", "clip"}  # scorer kinds with a gradient to guide with
+from steerexp.techniques.energy_guidance_spec import GUIDING_KINDS, NAMES  # declared once, torch-free
 
 
 class EnergyGuidance(TrainingFree):

@@ -39,10 +39,9 @@ from torch import nn
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.composite import Composite, ObjectiveInputs
 from steerexp.objectives.regularisers import chi_penalty
-from steerexp.techniques.base import Trainable
+from steerexp.techniques.trainable import Trainable
 from steerexp.techniques.budgets import DeltaBudget
-
-LATENT_MODES = ("shared", "per_seed")
+from steerexp.techniques.input_delta_spec import LATENT_MODES
 
 
 class InputDelta(Trainable):
@@ -225,8 +224,7 @@ class InputDelta(Trainable):
         return out
 
     def training_loss(self, batch) -> torch.Tensor:
-        (idx,) = batch
-        pair_idx = idx.tolist()
+        pair_idx = batch[0].tolist()  # (a split step's rows: no random draws here to align)
         if not self._cache:
             self.prepare()
         images, z = self.render(pair_idx)

@@ -20,6 +20,7 @@ from torch import nn
 from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
+from steerexp.techniques.latent_priming_spec import COMBINES
 
 CANDIDATE_SEED_OFFSET = 10_000
 
@@ -43,8 +44,8 @@ class LatentPriming(TrainingFree):
         super().__init__(generator, sampling)
         if candidates < 1 or not 1 <= top_k <= candidates:
             raise ValueError(f"technique needs candidates >= 1 and 1 <= top_k <= candidates, got {candidates}, {top_k}")
-        if combine not in ("mean", "slerp"):
-            raise ValueError(f"technique.combine must be 'mean' or 'slerp', got {combine!r}")
+        if combine not in COMBINES:
+            raise ValueError(f"technique.combine must be one of {COMBINES}, got {combine!r}")
         if not 0 <= mix <= 1:
             raise ValueError(f"technique.mix (the mixing weight) must be in [0, 1], got {mix}")
         self.prompts = list(prompts or ["a red circle", "a blue square", "a green triangle", "a yellow ring"])

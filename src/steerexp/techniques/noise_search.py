@@ -28,6 +28,7 @@ import torch
 
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.noise import NoiseOptimiser, NoiseRecord
+from steerexp.techniques.noise_search_spec import min_calls
 
 RANDOM, LOCAL = 1, 2  # streams of candidate noise per seed: best-of-N candidates, local-search perturbations
 
@@ -46,7 +47,7 @@ class NoiseSearch(NoiseOptimiser):
             raise ValueError(f"technique.radius must be in (0, 1] (the share of fresh noise in a neighbour), "
                              f"got {radius}; set e.g. technique.radius=0.5")
         self.candidates, self.neighbours, self.radius, self.seed = candidates, neighbours, float(radius), seed
-        self.check_budget(candidates * self.sampling_steps,
+        self.check_budget(min_calls(candidates, self.sampling_steps),
                           f"best-of-{candidates} at sampling.steps={self.sampling_steps}")
         self.evaluations = max_calls // self.sampling_steps  # noises scored per output
 

@@ -55,13 +55,9 @@ import torch
 from steerexp.generators import FrozenGenerator
 from steerexp.images import image_files_in, load_folder, nn_rms, rms_distances, to_tensor
 from steerexp.techniques.base import TrainingFree
+from steerexp.techniques.nudging_spec import LATENTS, MODES, PREFERRED, UNDESIRED
 from steerexp.techniques.protocols import OutputRecord
 from steerexp.worlds.shapes import world
-
-MODES = ("nudge", "noise", "wen")
-LATENTS = ("z_T", "prompt")
-PREFERRED = ("prompt", "exemplars", "both")
-UNDESIRED = ("all", "nearest")
 
 
 def load_images(source, what: str, resolution: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
+from steerexp.techniques.prompt_search_spec import SCORERS
 from steerexp.worlds.shapes import world
 
 DEFAULT_VOCAB = (list(world.COLOURS) + list(world.SIZES) + list(world.SEEN_SHAPES) + list(world.GENERIC_WORDS)
@@ -37,8 +38,8 @@ class PromptSearch(TrainingFree):
             raise ValueError(f"technique.max_calls (scorer calls) must be >= 1, got {max_calls}")
         if proposals < 1:
             raise ValueError(f"technique.proposals must be >= 1, got {proposals}")
-        if scorer not in ("concept", "clip"):
-            raise ValueError(f"technique.scorer must be 'concept' or 'clip', got {scorer!r}")
+        if scorer not in SCORERS:
+            raise ValueError(f"technique.scorer must be one of {SCORERS}, got {scorer!r}")
         if not prompt.strip():
             raise ValueError("technique.prompt is empty: give the prompt to improve")
         self.prompt, self.vocabulary = prompt, list(vocabulary or DEFAULT_VOCAB)

@@ -31,8 +31,7 @@ import torch
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.regularisers import chi_penalty
 from steerexp.techniques.noise import NoiseOptimiser, NoiseRecord
-
-KEEP = ("best", "last")
+from steerexp.techniques.reno_spec import KEEP, final_calls, min_calls, step_calls
 
 
 class ReNO(NoiseOptimiser):
@@ -63,15 +62,16 @@ class ReNO(NoiseOptimiser):
         self.opt_steps = int(opt_sampling_steps or self.sampling_steps)
         self.checkpoint, self.keep = bool(checkpoint), keep
         k = self.opt_steps
-        self.final_calls = 0 if k == self.sampling_steps else self.sampling_steps
+        self.final_calls = final_calls(k, self.sampling_steps)
         self.iterations = (max_calls - k - self.final_calls) // (self.step_calls())
         if iterations is not None:
             self.iterations = min(self.iterations, iterations)
-        self.check_budget(k + self.step_calls() + self.final_calls, f"one gradient step through {k} sampling steps")
+        self.check_budget(min_calls(k, self.sampling_steps, self.checkpoint),
+                          f"one gradient step through {k} sampling steps")
 
     def step_calls(self) -> int:
         """Calls of one gradient step: its forward, backward (2) and recomputation (checkpointing)."""
-        return (3 + self.checkpoint) * self.opt_steps
+        return step_calls(self.opt_steps, self.checkpoint)
 
     def planned_calls(self) -> int:
         return self.opt_steps + self.iterations * self.step_calls() + self.final_calls

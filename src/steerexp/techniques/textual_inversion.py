@@ -24,7 +24,7 @@ from torch import nn
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.denoising import Denoising
 from steerexp.targets import load_targets
-from steerexp.techniques.base import Trainable
+from steerexp.techniques.trainable import Trainable
 from steerexp.worlds.shapes import world
 
 # Prompt templates of Gal et al. (object and style), and short ones in the shapes world's idiom.
@@ -160,9 +160,10 @@ class TextualInversion(Trainable):
 
     # ------------------------------------------------------------------ training
     def training_loss(self, batch) -> torch.Tensor:
-        (idx,) = batch
+        idx, rows = batch[0], (batch[1] if len(batch) > 1 else None)  # rows: a split step (Trainable.batch_at)
+        start, stop, full = rows or (0, len(idx), len(idx))
         rng = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.global_step))
-        which = torch.randint(1 << 30, (len(idx),), generator=rng).tolist()
+        which = torch.randint(1 << 30, (full,), generator=rng)[start:stop].tolist()
         k = len(self.target_images)
         pools = [self.target_templates[i % k] if self.target_templates else self.templates for i in idx.tolist()]
         prompts = [self.fill(pool[w % len(pool)], edited=True) for pool, w in zip(pools, which)]
@@ -177,6 +178,7 @@ class TextualInversion(Trainable):
             cond=cond,
             rng=rng,
             deltas=self.budgeted(),
+            rows=rows,
         )
         loss = self.objective(inputs)
         if self._trainer is not None:

@@ -202,10 +202,14 @@ def world_words() -> set[str]:
     return words
 
 
+def scene_of(seed: int, index: int, shapes=SHAPES, **fixed) -> Scene:
+    """The scene of image `index` of the stream of world `seed` (without rendering it)."""
+    return random_scene(np.random.default_rng([seed, index]), shapes=shapes, **fixed)
+
+
 def sample(seed: int, index: int, shapes=SHAPES, res: int = 32, **fixed) -> tuple[np.ndarray, Scene]:
     """Image `index` of the stream of world `seed`: deterministic, independent of other indices."""
-    rng = np.random.default_rng([seed, index])
-    scene = random_scene(rng, shapes=shapes, **fixed)
+    scene = scene_of(seed, index, shapes, **fixed)
     return render(scene, res), scene
 
 
