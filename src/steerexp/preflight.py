@@ -229,14 +229,7 @@ def check_logging(log_cfg: Any, key: str, run_dir: str | None) -> None:
             raise ConfigError(sub, f"{node!r} would import or look up an object", fix)
 
     scan_ext(conf, key)
-    for name, spec in (conf.get("handlers") or {}).items():
-        sub = f"{key}.handlers.{name}"
-        if not isinstance(spec, dict):
-            raise ConfigError(sub, "must be a mapping", fix)
-        extra = sorted(set(map(str, spec)) - HANDLER_KEYS)
-        if extra:
-            raise ConfigError(f"{sub}.{extra[0]}", "is not a setting of a standard handler (a factory or an "
-                              "attribute setter runs code)", fix)
+    for sub, spec in _entries(conf, "handlers", key, HANDLER_KEYS, "handler", fix):
         cls = spec.get("class")
         if not allowed(cls, LOG_HANDLERS):
             raise ConfigError(f"{sub}.class", f"handler class {cls!r} is not allowed in a config", fix)
@@ -249,20 +242,27 @@ def check_logging(log_cfg: Any, key: str, run_dir: str | None) -> None:
                               fix)
         if "mode" in spec and spec["mode"] not in ("a", "w"):
             raise ConfigError(f"{sub}.mode", f"must be 'a' or 'w', got {spec['mode']!r}", fix)
-    for name, spec in (conf.get("formatters") or {}).items():
-        sub = f"{key}.formatters.{name}"
-        if not isinstance(spec, dict):
-            raise ConfigError(sub, "must be a mapping", fix)
-        extra = sorted(set(map(str, spec)) - FORMATTER_KEYS)
-        if extra:
-            raise ConfigError(f"{sub}.{extra[0]}", "is not a setting of a standard formatter (a factory runs code)",
-                              fix)
+    for sub, spec in _entries(conf, "formatters", key, FORMATTER_KEYS, "formatter", fix):
         if "class" in spec and not allowed(spec["class"], LOG_FORMATTERS):
             raise ConfigError(f"{sub}.class", f"formatter class {spec['class']!r} is not allowed in a config", fix)
     for name, spec in (conf.get("filters") or {}).items():
         sub = f"{key}.filters.{name}"
         if not isinstance(spec, dict) or set(map(str, spec)) - {"name"}:
             raise ConfigError(sub, "only name filters ({name: logger.name}) are allowed; a factory runs code", fix)
+
+
+def _entries(conf: dict, section: str, key: str, keys: frozenset, what: str, fix: str):
+    """(key, mapping) of each entry of a dictConfig section, refusing any setting a standard `what` does not have
+    (a `()` factory or an attribute setter runs code)."""
+    for name, entry in (conf.get(section) or {}).items():
+        sub = f"{key}.{section}.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(sub, "must be a mapping", fix)
+        extra = sorted(set(map(str, entry)) - keys)
+        if extra:
+            raise ConfigError(f"{sub}.{extra[0]}", f"is not a setting of a standard {what} (a factory or an "
+                              "attribute setter runs code)", fix)
+        yield sub, entry
 
 
 def _check_log_file(filename: str, key: str, run_dir: str | None) -> None:

@@ -78,15 +78,6 @@ class EvaluatorSpec(Spec):
             node = {"methods": getattr(self, "methods", None), "attention_maps": getattr(self, "attention_maps", None)}
             check_edit_methods({key.split(".", 1)[1]: node}, facts.family)
 
-    def strings(self, key: str, name: str, what: str, example: str, optional: bool = True) -> None:
-        """`name` is null (optional) or a non-empty list of non-empty strings."""
-        v = getattr(self, name)
-        if v is None and optional:
-            return
-        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
-            raise ConfigError(f"{key}.{name}", f"must be {'null or ' if optional else ''}a non-empty list of {what}, "
-                              f"got {v!r}", f"set e.g. {key}.{name}={example}")
-
 
 def needs(capability: str, what: str, technique: TechniqueSpec | None, examples: str) -> str | None:
     """The usual `applies`: the technique's spec has the capability (a TechniqueSpec class attribute), or why not."""
