@@ -13,8 +13,8 @@ import pytest
 
 from steerexp import ASSETS
 from steerexp.errors import ConfigError
-from steerexp.validate import (SlotTokenizer, check_group_overrides, gpu_count, read_checkpoint_info, slot_tokenizer,
-                               validate)
+from steerexp.generators.checks import gpu_count
+from steerexp.validate import SlotTokenizer, check_group_overrides, read_checkpoint_info, slot_tokenizer, validate
 from tests.helpers import compose_config
 from tests.helpers.pipelines import pipeline_copy
 
@@ -235,7 +235,7 @@ def test_cuda_without_a_gpu(monkeypatch):
     err = error(["generator.device=cuda"], "generator.device")
     assert "cpu" in str(err)
     error(["generator.device=cuda:0"], "generator.device")
-    monkeypatch.setattr("steerexp.validate.gpu_count", lambda: 1)
+    monkeypatch.setattr("steerexp.generators.checks.gpu_count", lambda: 1)
     ok(["generator.device=cuda:0"])
     error(["generator.device=cuda:1"], "generator.device")
     error(["generator.device='cuda 0'"], "generator.device")

@@ -431,6 +431,94 @@ def settings() -> dict:
     return d
 
 
+# ---------------------------------------------------------------------------- config-time file checks
+# The config validator (steerexp.validate) runs these on every file and folder setting before any model loads:
+# from os.stat and the images' headers alone, one ConfigError naming the key. No torch here either.
+def check_regular_file(key: str, p: Path, missing: str, fix: str) -> None:
+    """`p` is a regular file, or one ConfigError: `missing` (e.g. "prompt file not found") or what it is instead
+    (not_regular: from os.stat alone, so a FIFO or /dev/zero cannot block or fill memory)."""
+    try:
+        kind = not_regular(p)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(key, f"{missing}: {p}", fix) from None
+    except OSError as err:
+        raise ConfigError(key, f"cannot read {p} ({err.strerror or err})", "check the file and its permissions") \
+            from None
+    if kind is not None:
+        raise ConfigError(key, f"{p} is {kind}, not a regular file", fix)
+
+
+def check_image_count(key: str, n: int, verb: str = "holds") -> None:
+    if n > MAX_IMAGES:
+        raise ConfigError(key, f"{verb} {n} PNG/JPG images, over the cap of {MAX_IMAGES}",
+                          f"use at most {MAX_IMAGES} (3-10 is typical for a concept)")
+
+
+def check_user_image(key: str, f: Path, pol: ImagePolicy, missing: str = "image file not found",
+                     fix: str = "give existing PNG/JPG files") -> None:
+    """One user image, from its header: a regular file Pillow reads, within images.min_side / max_aspect /
+    max_pixels of the policy `pol` (image_size: the same rules the run applies)."""
+    try:
+        image_size(f, key, pol)
+    except FileNotFoundError:
+        raise ConfigError(key, f"{missing}: {f}", fix) from None
+
+
+def check_folder_images(key: str, p: Path, pol: ImagePolicy, allow_empty: bool = False) -> None:
+    """Every PNG/JPG file of a folder (as image_files_in lists them): at most MAX_IMAGES, each one a readable
+    image within the policy's size rules."""
+    try:
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as err:
+        raise ConfigError(key, f"cannot list {p} ({err.strerror or err})", "check the folder's permissions") from None
+    if not files and not allow_empty:
+        raise ConfigError(key, f"no PNG/JPG images in {p}", "add some (3-10 is typical)")
+    check_image_count(key, len(files))
+    for f in files:
+        check_user_image(key, f, pol)
+
+
+def check_image_list(key: str, value: list, pol: ImagePolicy) -> None:
+    """A list of image files (technique.targets.files as a list): not empty, at most MAX_IMAGES, each a user image."""
+    if not value:
+        raise ConfigError(key, "is an empty list", f"give image paths or a folder, or set {key}=null")
+    check_image_count(key, len(value), "lists")
+    for i, f in enumerate(value):
+        if not isinstance(f, str):
+            raise ConfigError(f"{key}[{i}]", f"must be an image path, got {f!r}", "give existing PNG/JPG files")
+        check_user_image(f"{key}[{i}]", Path(f).expanduser(), pol)
+
+
+def check_image_folder(key: str, value: str, p: Path, pol: ImagePolicy) -> None:
+    if not p.is_dir():
+        raise ConfigError(key, f"image folder not found: {p}", "point it at a folder of PNG/JPG images")
+    check_folder_images(key, p, pol)
+
+
+def check_image_files(key: str, value: str, p: Path, pol: ImagePolicy) -> None:
+    if not p.exists():
+        raise ConfigError(key, f"no such folder or file: {p}", "give a folder of PNG/JPG images or a list of files")
+    if p.is_dir():
+        check_image_folder(key, value, p, pol)
+    else:
+        check_user_image(key, p, pol)
+
+
+def check_folder(key: str, value: str, p: Path, pol: ImagePolicy) -> None:
+    if not p.is_dir():
+        raise ConfigError(key, f"folder not found: {p}", f"point it at a folder of PNG/JPG images, or {key}=null")
+    check_folder_images(key, p, pol, allow_empty=True)
+
+
+def check_image_file(key: str, value: str, p: Path, pol: ImagePolicy) -> None:
+    check_user_image(key, p, pol, "image not found", "give an existing PNG/JPG file")
+
+
+# the validator's path kinds (steerexp.validate.PATH_RULES) whose settings are images: kind -> check(key, value, p, pol)
+FILE_CHECKS = {"image_folder": check_image_folder, "image_files": check_image_files, "folder": check_folder,
+               "image_file": check_image_file}
+
+
 # ---------------------------------------------------------------------------- tensors and loading
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""

@@ -79,8 +79,8 @@ def read_checkpoint(path: str | Path, technique=None) -> tuple[dict, dict]:
     code runs) or of a run's deltas.safetensors. Only a regular file is opened (a FIFO or a link to /dev/zero
     is refused from os.stat). Given the `technique`, a deltas.safetensors is checked against it from its header
     alone (the technique, then every tensor's shape: expected vs found) before any value is read."""
+    from steerexp.generators.checks import read_safetensors_header
     from steerexp.images import not_regular
-    from steerexp.validate import read_safetensors_header
 
     path = Path(path).expanduser()
     fix = "give <run dir>/checkpoints/last.ckpt or <run dir>/deltas.safetensors of an earlier run"

@@ -13,13 +13,13 @@ What is checked, cheapest first:
    (a newline), the `{}` slot of prompt templates (exactly one for textual inversion, no other
    format fields), sampling steps and guidance scale, learning rates, batch sizes, step counts,
    trainer intervals, the placeholder token;
-3. the generator: its folder (model_index.json and component configs parse, safetensors files
-   are complete) or hub id, the device (a GPU is looked for without importing torch) and dtype;
-   then sampling steps against the scheduler's num_train_timesteps;
+3. the generator (steerexp.generators.checks): its folder (model_index.json and component configs
+   parse, safetensors files are complete) or hub id, the device (a GPU is looked for without
+   importing torch) and dtype; then sampling steps against the scheduler's num_train_timesteps;
 4. every file or folder setting (scorers.*: classifiers, a user's model, CLIP weights; target
    images, objective images, prompt files): user images from their headers (a regular file, not
    a FIFO or a device; images.min_side, images.max_aspect, images.max_pixels; at most
-   images.MAX_IMAGES per setting);
+   images.MAX_IMAGES per setting: steerexp.images' file checks);
 5. `ckpt_path`: a regular file, and (read without torch and without running any pickle code) was
    trained with this technique and the same delta-shaping settings; a deltas.safetensors also
    holds floating-point, finite values of a sane size (MAX_DELTA_NORM) and, for textual
@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import pickle
 import re
 import string
@@ -51,13 +50,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from steerexp import ASSETS, combine, conf_dir, spec
 from steerexp import scorer_kinds as kinds
 from steerexp.errors import ConfigError, shorten
-from steerexp.generators import EMBEDDED, embedded_path  # (no torch import)
+from steerexp.generators.checks import (GeneratorInfo, check_family, check_generator,  # (no torch import)
+                                       check_safetensors, read_json, read_safetensors_header, text_encoder_widths)
 
-DTYPES = ("fp32", "fp16", "bf16")
-DEFAULT_TRAIN_TIMESTEPS = 1000
 DEFAULT_MAX_TOKENS = 77
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
 _ABSENT = object()
 # Every seed is an integer in 0..MAX_SEED: numpy's legacy seeding takes no more, and the seeds derived from it
 # (seed * 1000 + r, seed * 1_000_003 + step) stay inside torch's 64-bit range.
@@ -83,8 +79,8 @@ def validate(cfg: DictConfig) -> list[str]:
     warnings: list[str] = []
     _check_targets(cfg)
     _check_values(c)
-    gen = _check_generator(c)
-    _check_family(c, gen)
+    gen = check_generator(c)
+    check_family(c, gen)
     _check_parts(cfg, gen)
     _check_sampling_limits(c, gen)
     _check_paths(c)
@@ -97,7 +93,7 @@ def facts_of(c: dict, gen: "GeneratorInfo") -> spec.Facts:
     """What the specs may know about the generator (steerexp/spec.py)."""
     family = None
     if gen.folder is not None:
-        index = _read_json(gen.folder / "model_index.json", "generator.path", required=False)
+        index = read_json(gen.folder / "model_index.json", "generator.path", required=False)
         from steerexp import generators
 
         name = index.get("_class_name") if isinstance(index, dict) else None
@@ -288,7 +284,7 @@ def _check_model_folders(c: dict) -> None:
             _classifier_folder(f"{key}.path", str(entry["path"]), folder)
         else:
             continue
-        found = _read_json(folder / "config.json", key)
+        found = read_json(folder / "config.json", key)
         found = found.get("kind", "classifier") if isinstance(found, dict) else "classifier"
         if found != kind and found in FOLDER_KINDS:
             raise ConfigError(key, f"is kind {kind} but {folder.name} holds {FOLDER_KINDS[found]}",
@@ -642,259 +638,7 @@ def _check_trainer(c: dict) -> None:
 
 
 # ============================================================================ 3. generator
-class GeneratorInfo:
-    """What the checks after this one need: the local pipeline folder (None for an unresolved
-    hub id), its scheduler's num_train_timesteps, and the tokenizer folder."""
-
-    def __init__(self, folder: Path | None):
-        self.folder = folder
-        self.train_timesteps = DEFAULT_TRAIN_TIMESTEPS
-        if folder is not None:
-            sched = _read_json(folder / "scheduler" / "scheduler_config.json", "generator.path", required=False)
-            if isinstance(sched, dict) and _is_int(sched.get("num_train_timesteps")):
-                self.train_timesteps = sched["num_train_timesteps"]
-
-    @property
-    def tokenizer_folder(self) -> Path | None:
-        return self.folder / "tokenizer" if self.folder is not None and (self.folder / "tokenizer").is_dir() else None
-
-
-def _read_json(path: Path, key: str, required: bool = True) -> Any:
-    if not path.is_file():
-        if required:
-            raise ConfigError(key, f"{path} is missing", "point the setting at a complete folder")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            key, f"{path} is not valid JSON ({err})", "restore that file (re-download or re-export the pipeline)"
-        ) from None
-    except OSError as err:
-        raise ConfigError(key, f"cannot read {path} ({err.strerror or err})", "check the file's permissions") from None
-
-
-def looks_like_hub_id(value: str) -> bool:
-    return (
-        value.count("/") == 1
-        and not value.startswith((".", "/", "~"))
-        and re.fullmatch(r"[\w.\-]+/[\w.\-]+", value) is not None
-    )
-
-
-def hub_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot of a hub model in the Hugging Face cache, if one was downloaded."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if not cache:
-        cache = str(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
-    repo = Path(cache).expanduser() / ("models--" + repo_id.replace("/", "--"))
-    try:
-        commit = (repo / "refs" / "main").read_text().strip()
-    except OSError:
-        return None
-    snap = repo / "snapshots" / commit
-    return snap if (snap / "model_index.json").is_file() else None
-
-
-def _check_generator(c: dict) -> GeneratorInfo:
-    gen = c.get("generator")
-    if not isinstance(gen, dict):
-        return GeneratorInfo(None)
-    path = gen.get("path")
-    embedded = gen.get("embedded") or "shapes"
-    if embedded not in EMBEDDED:
-        raise ConfigError("generator.embedded", f"must be shapes or shapes_flow, got {embedded!r}",
-                          "set generator=shapes or generator=shapes_flow (or generator.path to a pipeline folder)")
-    if path is None or path == "":
-        folder: Path | None = embedded_path(embedded)
-    elif not isinstance(path, str):
-        raise ConfigError("generator.path", f"must be a folder or a hub id, got {path!r}",
-                          "set generator.path=/models/sd-v1-5 or org/name (null: the shipped shapes generator)")
-    else:
-        local = Path(path).expanduser()
-        if local.exists():
-            folder = local
-        elif looks_like_hub_id(path):
-            folder = hub_snapshot(path)  # None: the loader downloads it (or says the hub is unreachable)
-        else:
-            raise ConfigError(
-                "generator.path",
-                f"generator folder not found: {local}",
-                "set generator.path to a Stable Diffusion pipeline folder (with model_index.json) "
-                "or a hub id such as org/name",
-            )
-    if path is None and not (folder / "model_index.json").is_file():
-        stage = {"shapes": "generator", "shapes_flow": "generator_flow"}.get(str(embedded), "generator")
-        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is not built: {folder} is missing",
-                          f"build it with steerexp-pretrain 'stages=[{stage}]' threads=1 (shapes_flow is not shipped: "
-                          "the shipped models stay under 50 MB; it is built into $STEEREXP_BUILT or ~/.cache/steerexp)")
-    if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
-        check_pipeline_folder(folder)
-    device = gen.get("device", "auto")
-    _check_device(device)
-    dtype = gen.get("dtype", "fp32")
-    if dtype not in DTYPES:
-        raise ConfigError(
-            "generator.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}", "set generator.dtype=fp32"
-        )
-    on_cpu = device == "cpu" or device == "auto" and gpu_count() == 0
-    if dtype == "fp16" and on_cpu:
-        why = "generator.device=auto found no GPU" if device == "auto" else "generator.device=cpu"
-        raise ConfigError("generator.dtype", f"fp16 does not run on the CPU ({why})",
-                          "set generator.dtype=fp32 (or bf16), or run on a CUDA device")
-    return GeneratorInfo(folder)
-
-
-def _check_family(c: dict, gen: GeneratorInfo) -> None:
-    """A pipeline class steerexp supports, and a technique its family can run: one line, before any model loads.
-    The sd family (the shapes generator among it) runs every technique, so only other families import the
-    technique's class to ask what it needs."""
-    if gen.folder is None or _target(c, "generator") != "steerexp.generators.load_generator":
-        return
-    from steerexp import generators
-
-    index = _read_json(gen.folder / "model_index.json", "generator.path", required=False)
-    pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
-    if pipeline_class not in generators.FAMILIES:
-        supported = ", ".join(generators.FAMILIES)
-        raise ConfigError("generator.path", f"holds a {pipeline_class} pipeline, which steerexp does not support",
-                          f"use a pipeline of a supported class: {supported}")
-    family = generators.FAMILIES[pipeline_class][0]
-    if family == "sd":
-        return
-    target = _target(c, "technique")
-    if not target:
-        return
-    from hydra.utils import get_class
-
-    why = generators.inapplicable(get_class(target), c.get("technique") or {}, family)
-    if why:
-        raise ConfigError("technique", why)
-
-
-def check_pipeline_folder(folder: Path, key: str = "generator.path") -> None:
-    """A diffusers pipeline folder: model_index.json and each listed component's config parse, each
-    model component has weights, and every safetensors file is complete."""
-    if not folder.is_dir():
-        raise ConfigError(
-            key, f"{folder} is a file, not a pipeline folder", "set it to the folder that holds model_index.json"
-        )
-    index = _read_json(folder / "model_index.json", key, required=False)
-    if index is None:
-        raise ConfigError(key, f"{folder} is not a diffusers pipeline folder: model_index.json is missing",
-                          "point generator.path at the folder that holds model_index.json")
-    if not isinstance(index, dict):
-        raise ConfigError(key, f"{folder / 'model_index.json'} is not a JSON object", "restore that file")
-    for name, component in index.items():
-        if name.startswith("_") or not isinstance(component, list) or len(component) != 2 or component[0] is None:
-            continue
-        sub = folder / name
-        if not sub.is_dir():
-            raise ConfigError(key, f"{sub} is missing (model_index.json lists the component {name!r})",
-                              "restore the folder (re-download or re-export the pipeline)")
-        for cfg_file in ("config.json", "scheduler_config.json", "tokenizer_config.json", "special_tokens_map.json"):
-            _read_json(sub / cfg_file, key, required=False)
-        files = [p for p in sub.iterdir() if p.is_file()]
-        if (sub / "config.json").is_file() and not any(
-            p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json") for p in files
-        ):
-            raise ConfigError(key, f"{sub} has a config.json but no weights file", "restore its weights")
-        for p in files:
-            if p.suffix == ".safetensors":
-                check_safetensors(p, key)
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file; ValueError says what is wrong (no tensor is read)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is {size} bytes, too short for a safetensors file (truncated)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file: its header claims {n} bytes, the file has {size}"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{path} has a corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} has a corrupt safetensors header (not a JSON object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offs = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
-            raise ValueError(f"{path} has a corrupt safetensors header (tensor {name!r} has no data_offsets)")
-        end = max(end, offs[1])
-    if 8 + n + end > size:
-        raise ValueError(f"{path} is truncated: its header says {8 + n + end} bytes, the file has {size}")
-    return header
-
-
-def check_safetensors(path: Path, key: str) -> dict:
-    try:
-        return read_safetensors_header(path)
-    except ValueError as err:
-        raise ConfigError(key, str(err), "re-download or re-export that file") from None
-    except OSError as err:
-        raise ConfigError(key, f"cannot read {path} ({err.strerror or err})", "check the file") from None
-
-
-# ---------------------------------------------------------------------------- GPUs without torch
-def gpu_count() -> int | None:
-    """CUDA GPUs this process can use, found without importing torch: 0 when there surely is none,
-    None when it cannot tell (e.g. a ROCm device)."""
-    physical = None
-    proc = Path("/proc/driver/nvidia/gpus")
-    try:
-        if proc.is_dir():
-            physical = len(list(proc.iterdir()))
-        else:
-            devs = [p for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name)]
-            physical = len(devs) if devs or not Path("/dev/nvidiactl").exists() else None
-    except OSError:
-        physical = None
-    if not physical and Path("/dev/kfd").exists():  # AMD ROCm: torch.cuda runs on HIP
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        n = 0
-        for entry in visible.split(","):
-            entry = entry.strip()
-            if not entry or entry.startswith("-"):
-                break  # CUDA stops at the first invalid entry
-            n += 1
-        return n if physical is None else min(n, physical)
-    return physical
-
-
-def _check_device(device: Any) -> None:
-    if not isinstance(device, str) or not re.fullmatch(r"auto|[a-z]+(:\d+)?", device):
-        raise ConfigError(
-            "generator.device", f"must be auto, cpu, cuda or cuda:<index>, got {device!r}", "set generator.device=auto"
-        )
-    if not device.startswith("cuda"):
-        return
-    n = gpu_count()
-    if n == 0:
-        hint = (
-            "CUDA_VISIBLE_DEVICES hides every GPU"
-            if os.environ.get("CUDA_VISIBLE_DEVICES") is not None
-            else "no NVIDIA GPU or driver was found"
-        )
-        raise ConfigError("generator.device", f"is {device} but this machine has no usable GPU ({hint})",
-                          "set generator.device=cpu (or auto: a GPU when there is one)")
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if n is not None and index >= n:
-        raise ConfigError("generator.device", f"is {device} but only {n} GPU(s) are visible (cuda:0..cuda:{n - 1})",
-                          "set generator.device=cuda:0 (or auto)")
-
-
+# (its folder, device and dtype: steerexp.generators.checks; the scheduler's limits here)
 def _check_sampling_limits(c: dict, gen: GeneratorInfo) -> None:
     top = gen.train_timesteps
     where = "the scheduler's num_train_timesteps" if gen.folder is not None else "the default num_train_timesteps"
@@ -958,79 +702,24 @@ def _check_paths(c: dict) -> None:
         kind = next((k for pattern, k in PATH_RULES if fnmatchcase(key, pattern)), None)
         if kind is None:
             continue
-        if kind in IMAGE_KINDS and pol is None:
-            pol = _policy_of(c)
-        if kind == "image_files" and isinstance(value, list):
-            if not value:
-                raise ConfigError(key, "is an empty list", f"give image paths or a folder, or set {key}=null")
-            _check_image_count(key, len(value), "lists")
-            for i, f in enumerate(value):
-                if not isinstance(f, str):
-                    raise ConfigError(f"{key}[{i}]", f"must be an image path, got {f!r}", "give existing PNG/JPG files")
-                _user_image(f"{key}[{i}]", Path(f).expanduser(), pol)
-            continue
-        if not isinstance(value, str):
-            continue
-        p = Path(value).expanduser()
         if kind in IMAGE_KINDS:
-            CHECKS[kind](key, value, p, pol)
-        else:
-            CHECKS[kind](key, value, p)
+            from steerexp import images  # PIL and numpy (no torch), only when a config names images
 
-
-def _file_kind(p: Path) -> str | None:
-    """None for a regular file (symlinks followed), else what it is ("a FIFO (named pipe)", "a folder"...), from
-    os.stat alone: nothing is opened, so a FIFO or /dev/zero cannot block or fill memory. Missing: FileNotFoundError."""
-    from steerexp.images import not_regular
-
-    return not_regular(p)
+            if pol is None:
+                pol = _policy_of(c)
+            if kind == "image_files" and isinstance(value, list):
+                images.check_image_list(key, value, pol)
+            elif isinstance(value, str):
+                images.FILE_CHECKS[kind](key, value, Path(value).expanduser(), pol)
+        elif isinstance(value, str):
+            CHECKS[kind](key, value, Path(value).expanduser())
 
 
 def _regular_file(key: str, p: Path, missing: str, fix: str) -> None:
-    """`p` is a regular file, or one ConfigError: `missing` (e.g. "prompt file not found") or what it is instead."""
-    try:
-        kind = _file_kind(p)
-    except (FileNotFoundError, NotADirectoryError):
-        raise ConfigError(key, f"{missing}: {p}", fix) from None
-    except OSError as err:
-        raise ConfigError(key, f"cannot read {p} ({err.strerror or err})", "check the file and its permissions") \
-            from None
-    if kind is not None:
-        raise ConfigError(key, f"{p} is {kind}, not a regular file", fix)
+    """steerexp.images.check_regular_file (os.stat alone: nothing is opened), imported when a path is checked."""
+    from steerexp.images import check_regular_file
 
-
-def _check_image_count(key: str, n: int, verb: str = "holds") -> None:
-    from steerexp.images import MAX_IMAGES
-
-    if n > MAX_IMAGES:
-        raise ConfigError(key, f"{verb} {n} PNG/JPG images, over the cap of {MAX_IMAGES}",
-                          f"use at most {MAX_IMAGES} (3-10 is typical for a concept)")
-
-
-def _user_image(key: str, f: Path, pol, missing: str = "image file not found",
-                fix: str = "give existing PNG/JPG files") -> None:
-    """One user image, from its header: a regular file Pillow reads, within images.min_side / max_aspect /
-    max_pixels of the policy `pol` (steerexp.images.image_size: the same rules the run applies)."""
-    from steerexp import images
-
-    try:
-        images.image_size(f, key, pol)
-    except FileNotFoundError:
-        raise ConfigError(key, f"{missing}: {f}", fix) from None
-
-
-def _folder_images(key: str, p: Path, pol, allow_empty: bool = False) -> None:
-    """Every PNG/JPG file of a folder (as steerexp.images.image_files_in lists them): at most MAX_IMAGES, each
-    one a readable image within the policy's size rules."""
-    try:
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    except OSError as err:
-        raise ConfigError(key, f"cannot list {p} ({err.strerror or err})", "check the folder's permissions") from None
-    if not files and not allow_empty:
-        raise ConfigError(key, f"no PNG/JPG images in {p}", "add some (3-10 is typical)")
-    _check_image_count(key, len(files))
-    for f in files:
-        _user_image(key, f, pol)
+    check_regular_file(key, p, missing, fix)
 
 
 def _classifier_folder(key: str, value: str, p: Path) -> None:
@@ -1043,7 +732,7 @@ def _classifier_folder(key: str, value: str, p: Path) -> None:
     if not (p / "config.json").is_file():
         raise ConfigError(key, f"{p} has no config.json (a classifier folder has config.json and model.safetensors)",
                           f"point it at a classifier folder, or set {key}=null for the shipped one")
-    _read_json(p / "config.json", key)
+    read_json(p / "config.json", key)
     if (p / "model.safetensors").is_file():
         check_safetensors(p / "model.safetensors", key)
 
@@ -1092,31 +781,6 @@ def _weights(key: str, value: str, p: Path) -> None:
         check_safetensors(p, key)
 
 
-def _image_folder(key: str, value: str, p: Path, pol) -> None:
-    if not p.is_dir():
-        raise ConfigError(key, f"image folder not found: {p}", "point it at a folder of PNG/JPG images")
-    _folder_images(key, p, pol)
-
-
-def _image_files(key: str, value: str, p: Path, pol) -> None:
-    if not p.exists():
-        raise ConfigError(key, f"no such folder or file: {p}", "give a folder of PNG/JPG images or a list of files")
-    if p.is_dir():
-        _image_folder(key, value, p, pol)
-    else:
-        _user_image(key, p, pol)
-
-
-def _folder(key: str, value: str, p: Path, pol) -> None:
-    if not p.is_dir():
-        raise ConfigError(key, f"folder not found: {p}", f"point it at a folder of PNG/JPG images, or {key}=null")
-    _folder_images(key, p, pol, allow_empty=True)
-
-
-def _image_file(key: str, value: str, p: Path, pol) -> None:
-    _user_image(key, p, pol, "image not found", "give an existing PNG/JPG file")
-
-
 def _manifest_file(key: str, value: str, p: Path) -> None:
     _regular_file(key, p, "edit manifest not found",
                   f"give a CSV (header: image,source,target[,mask]) or a JSON list of such rows, or {key}=null")
@@ -1127,14 +791,11 @@ def _prompt_file(key: str, value: str, p: Path) -> None:
                   f"give a text file (one prompt per line), a list of prompts, or {key}=null")
 
 
+# the other kinds (IMAGE_KINDS) are steerexp.images.FILE_CHECKS, which take the images policy too
 CHECKS: dict[str, Callable[..., None]] = {
     "classifier_folder": _classifier_folder,
     "classifier_spec": _classifier_spec,
     "weights": _weights,
-    "image_folder": _image_folder,
-    "image_files": _image_files,
-    "folder": _folder,
-    "image_file": _image_file,
     "prompt_file": _prompt_file,
     "manifest_file": _manifest_file,
 }
@@ -1383,25 +1044,6 @@ def _check_delta_values(p: Path) -> None:
                               f"the limit of {MAX_DELTA_NORM:g} for deltas (a diverged or corrupted file)", fix)
 
 
-def text_encoder_widths(folder: Path) -> dict[str, int] | None:
-    """The token-embedding width of each text encoder of a pipeline folder, from its configs (CLIP: hidden_size,
-    T5: d_model); None when one cannot be read. Added tokens are packed as these widths side by side."""
-    index = _read_json(folder / "model_index.json", "generator.path", required=False)
-    if not isinstance(index, dict):
-        return None
-    widths = {}
-    for name, component in sorted(index.items()):
-        if not re.fullmatch(r"text_encoder(_\d+)?", name) or not isinstance(component, list) or component[:1] == [None]:
-            continue
-        conf = _read_json(folder / name / "config.json", "generator.path", required=False)
-        conf = conf.get("text_config", conf) if isinstance(conf, dict) else None
-        width = conf.get("hidden_size", conf.get("d_model")) if isinstance(conf, dict) else None
-        if not _is_int(width):
-            return None
-        widths[name] = width
-    return widths or None
-
-
 def _checkpoint_shapes(p: Path, info: dict) -> dict[str, list[int]]:
     """The deltas' shapes a checkpoint records: a safetensors header's, or a .ckpt's steerexp record."""
     if p.suffix == ".safetensors":
@@ -1467,8 +1109,8 @@ class SlotTokenizer:
         from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
         from tokenizers.models import BPE
 
-        special = _read_json(folder / "special_tokens_map.json", "generator.path", required=False) or {}
-        conf = _read_json(folder / "tokenizer_config.json", "generator.path", required=False) or {}
+        special = read_json(folder / "special_tokens_map.json", "generator.path", required=False) or {}
+        conf = read_json(folder / "tokenizer_config.json", "generator.path", required=False) or {}
 
         def tok_str(name, default):
             v = conf.get(name) or special.get(name) or default
@@ -1514,11 +1156,11 @@ class SlotTokenizer:
 
     @staticmethod
     def _max_length(folder: Path) -> int:
-        conf = _read_json(folder / "tokenizer_config.json", "generator.path", required=False) or {}
+        conf = read_json(folder / "tokenizer_config.json", "generator.path", required=False) or {}
         n = conf.get("model_max_length")
         if _is_number(n) and 0 < n < 1_000_000:
             return int(n)
-        enc = _read_json(folder.parent / "text_encoder" / "config.json", "generator.path", required=False) or {}
+        enc = read_json(folder.parent / "text_encoder" / "config.json", "generator.path", required=False) or {}
         n = enc.get("max_position_embeddings")
         return int(n) if _is_int(n) and n > 0 else DEFAULT_MAX_TOKENS
 

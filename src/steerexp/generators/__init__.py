@@ -6,7 +6,8 @@
     flux   FLUX: flow matching with distilled guidance, CLIP pooled + T5  (flux.py)
 
 `load_generator` reads the family from the pipeline folder's model_index.json (`_class_name`). This module
-is light (no torch until a generator loads): config validation reads the family table below.
+is light (no torch until a generator loads): config validation reads the family table below, and
+checks.py holds the generator's checks before loading (folder, safetensors headers, device), torch-free.
 """
 from __future__ import annotations
 
