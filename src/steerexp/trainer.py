@@ -33,6 +33,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from steerexp import progress, shutdown
@@ -74,6 +75,27 @@ class Stop(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.step = int(trainer.global_step)
+
+
+class Sidecar(TorchCheckpointIO):
+    """Lightning's checkpoint writer, plus `<checkpoint>.json` beside each checkpoint: what the technique records
+    about itself (its class, the settings that shape its deltas, their shapes) and the step. Validation reads a
+    checkpoint's identity from this JSON before anything loads (steerexp/validate.py), so a steerexp checkpoint is
+    never unpickled to be checked; the checkpoint itself loads with torch.load(weights_only=True)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        import json
+
+        super().save_checkpoint(checkpoint, path, storage_options)
+        record = {"steerexp": checkpoint.get("steerexp"), "global_step": checkpoint.get("global_step")}
+        side = Path(f"{path}.json")
+        tmp = side.with_name(f".{side.name}.tmp")
+        tmp.write_text(json.dumps(record, default=str))
+        os.replace(tmp, side)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        Path(f"{path}.json").unlink(missing_ok=True)
 
 
 class Bar(ProgressBar):
@@ -200,6 +222,7 @@ def fit(trainer_cfg: dict, technique, callbacks: list, logger, ckpt_path: str | 
         callbacks=[*callbacks, stop, *([Bar()] if bars else [])],
         enable_progress_bar=bars,
         enable_model_summary=False,  # the parameter counts go to the logger (params/*), not a table on the console
+        plugins=[Sidecar()],  # <checkpoint>.json: the checkpoint's identity, read by validation without unpickling
         default_root_dir=str(checkpoint_dir.parent) if checkpoint_dir is not None else None,
         _convert_="all",
     )

@@ -899,7 +899,18 @@ class CheckpointUnpickler(pickle.Unpickler):
 
 def read_checkpoint_info(path: Path) -> dict | None:
     """The "steerexp" record of a checkpoint ({technique, structure, deltas}), without torch and
-    without running any code from the file; None when the file has none or cannot be read safely."""
+    without running any code from the file; None when the file has none or cannot be read safely.
+    A .ckpt's record is read from its JSON sidecar (`<ckpt>.json`, written beside every checkpoint by
+    steerexp.trainer.Sidecar); only a checkpoint without one (written before the sidecar existed) is read by the
+    restricted unpickler below, which rebuilds nothing but plain containers and tensor stubs."""
+    side = Path(f"{path}.json")
+    if path.suffix != ".safetensors" and side.is_file():
+        try:
+            info = json.loads(side.read_text()).get("steerexp")
+        except (ValueError, OSError, AttributeError):
+            info = None
+        if isinstance(info, dict) and "technique" in info:
+            return info
     if path.suffix == ".safetensors":
         meta = read_safetensors_header(path).get("__metadata__") or {}
         if "technique" not in meta:
