@@ -300,6 +300,8 @@ def test_more_than_the_cap_of_seeds_on_the_command_line_is_refused_before_hydra_
     assert f"holds {MAX_LIST + 1} seeds, over the limit of {MAX_LIST}" in line
 
 
+# slow: Hydra alone builds a 10,001-seed config for ~20 s; the command-line cap is tested unmarked
+@pytest.mark.slow
 def test_more_than_the_cap_of_seeds_in_a_config_file_is_refused(tmp_path):
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "many.yaml").write_text(

@@ -208,6 +208,8 @@ def test_preemption_checkpoints_and_the_next_start_resumes_exactly(shipped, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# slow: three real runs; the refusal itself is tested in-process in tests/test_preflight.py
+@pytest.mark.slow
 def test_a_run_dir_that_holds_a_run_is_never_replaced(shipped, tmp_path):
     args = QUICK + ["technique.steps=2", "hydra.run.dir=once"]
     first = subprocess.run([STEERXP, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
