@@ -227,7 +227,10 @@ def test_a_preempted_run_dir_resumes_in_place(tmp_path, monkeypatch):
     old = _fake_run(tmp_path / "old")
     (old / preflight.PREEMPTED).write_text("")
     monkeypatch.chdir(tmp_path)
-    assert preflight.check_argv([f"hydra.run.dir={old}"]).resume == old / "checkpoints" / "last.ckpt"
+    assert preflight.check_argv([f"hydra.run.dir={old}"]).run_dir == old   # allowed: the run resumes it
+    (old / preflight.PREEMPTED).unlink()
+    with pytest.raises(ConfigError):   # the same folder without the marker is refused
+        preflight.check_argv([f"hydra.run.dir={old}"])
 
 
 # ============================================================================ interpolations

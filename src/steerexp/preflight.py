@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerexp import conf_dir
+from steerexp import conf_dir, safety
 from steerexp.errors import ConfigError
 
 OUTPUT_ROOT = "outputs"
@@ -75,10 +75,7 @@ class Plan:
     """What the pre-flight decided for a single run (None fields: nothing to do)."""
     run_dir: Path | None = None          # an explicit hydra.run.dir (the default is claimed by Hydra)
     overwrite: bool = False              # remove the old run's files first
-    resume: Path | None = None           # a pre-empted run's last.ckpt to resume from
     cfg: Any = field(default=None, repr=False)   # the composed config of a single run
-    multirun: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 # ============================================================================ composing as Hydra will
@@ -188,13 +185,6 @@ def _sweep_jobs(overrides: list[str], limit: int = 64) -> list[list[str]]:
 
 
 # ============================================================================ the checks
-def check_targets_resolved(cfg) -> None:
-    """Every `_target_`, after interpolation (a config cannot assemble one from ${...})."""
-    from steerexp import safety
-
-    safety.check_targets(cfg)
-
-
 def _plain(node, resolve: bool = True):
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -206,8 +196,6 @@ def _plain(node, resolve: bool = True):
 def check_logging(log_cfg: Any, key: str, run_dir: str | None) -> None:
     """A logging dictConfig builds only allowlisted objects, reads no `ext://` but the standard streams and
     opens files only inside `run_dir` (None: no files at all)."""
-    from steerexp import safety
-
     if log_cfg is None:
         return
     conf = log_cfg if isinstance(log_cfg, dict) else _plain(log_cfg)
@@ -406,9 +394,7 @@ def check_dirs(cfg, overrides: list[str], multirun: bool, plan: Plan) -> None:
     if ckpt and _under(str(Path(str(ckpt)).expanduser()), str(path)):
         return  # resuming (or evaluating) the run that lives there
     if (path / PREEMPTED).is_file() and not ckpt:
-        last = path / "checkpoints" / "last.ckpt"
-        plan.resume = last if last.is_file() else None
-        return
+        return  # a pre-empted run: the run resumes it in place (cli._resume_preempted)
     if overwrite:
         plan.overwrite = True
         return
@@ -434,9 +420,9 @@ def check_preempt(cfg) -> None:
 
 def check_config(cfg, overrides: list[str], multirun: bool, plan: Plan | None = None) -> Plan:
     """Every rule of this module on one composed config (Hydra's node included)."""
-    plan = plan or Plan(multirun=multirun)
+    plan = plan or Plan()
     check_env(cfg)
-    check_targets_resolved(cfg)
+    safety.check_targets(cfg)   # after interpolation: a config cannot assemble one
     check_launcher(cfg, overrides)
     check_dirs(cfg, overrides, multirun, plan)
     check_preempt(cfg)
@@ -486,7 +472,7 @@ def _check_args(args) -> Plan:
     config_name = args.config_name or "config"
     overrides = list(args.overrides)
     if args.multirun:
-        plan = Plan(multirun=True)
+        plan = Plan()
         base = _compose(hydra, config_name, overrides, multirun=True)
         check_config(base, overrides, True, plan)
         if "hydra/sweeper" not in " ".join(overrides) and base.hydra.sweeper.get("_target_", "").endswith(
@@ -494,7 +480,7 @@ def _check_args(args) -> Plan:
             fixed = [o for o in overrides if not _is_sweep(o)]
             for job in _sweep_jobs([o for o in overrides if _is_sweep(o)] or []):
                 cfg = _compose(hydra, config_name, fixed + job, multirun=True)
-                check_targets_resolved(cfg)
+                safety.check_targets(cfg)   # after interpolation: a config cannot assemble one
                 check_env(cfg)
                 check_name(cfg)
                 check_logging(_logging_with_sentinel(cfg), "hydra.job_logging", SENTINEL)
