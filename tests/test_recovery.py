@@ -221,3 +221,23 @@ def test_a_run_dir_that_holds_a_run_is_never_replaced(shipped, tmp_path):
     third = subprocess.run([STEERXP, *args, "overwrite=true"], cwd=tmp_path, capture_output=True, text=True,
                            timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
+
+
+def test_installing_twice_keeps_the_scheduler_s_handler(monkeypatch):
+    """Every job of an in-process sweep installs the stop handlers; the handler a scheduler had installed before
+    (submitit's requeue) is still the one a pre-emption hands over to."""
+    from steerexp import shutdown
+
+    calls = []
+    scheduler = lambda signum, frame: calls.append(signum)  # noqa: E731
+    monkeypatch.setattr(shutdown, "_previous", {})
+    old = signal.signal(signal.SIGUSR1, scheduler)
+    old_term = signal.getsignal(signal.SIGTERM)
+    try:
+        shutdown.install("USR1")
+        shutdown.install("USR1")
+        monkeypatch.setattr(shutdown, "preempt", signal.SIGUSR1)
+        assert shutdown.requeue() == "handed to the scheduler's handler" and calls == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        signal.signal(signal.SIGTERM, old_term)

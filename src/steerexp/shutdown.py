@@ -73,7 +73,8 @@ def install(preempt_signal=None) -> None:
         previous = signal.getsignal(number)
         if previous is signal.SIG_IGN and number == signal.SIGTERM:
             continue
-        _previous[number] = previous
+        if previous is not _handle:  # a later job of an in-process sweep finds ours: keep the one from before it
+            _previous[number] = previous
         signal.signal(number, _handle)
 
 
