@@ -231,6 +231,8 @@ def test_installing_twice_keeps_the_scheduler_s_handler(monkeypatch):
     calls = []
     scheduler = lambda signum, frame: calls.append(signum)  # noqa: E731
     monkeypatch.setattr(shutdown, "_previous", {})
+    for name, value in (("training", True), ("pending", None), ("received", None)):  # our handler would only
+        monkeypatch.setattr(shutdown, name, value)                                 # mark a pending stop
     old = signal.signal(signal.SIGUSR1, scheduler)
     old_term = signal.getsignal(signal.SIGTERM)
     try:
