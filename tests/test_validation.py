@@ -368,6 +368,8 @@ def test_missing_files_and_folders(tmp_path):
 
 # ---------------------------------------------------------------------------- checkpoints
 def fake_ckpt(path: Path, technique: str = TI, num_vectors: int = 1, steerexp: bool = True) -> Path:
+    """A checkpoint as steerexp writes one: last.ckpt plus its JSON sidecar (trainer.Sidecar), which holds the
+    identity validation reads; steerexp=False: a checkpoint without one (of other origin, or older)."""
     torch = pytest.importorskip("torch")
     entry = {"steerexp": {"technique": technique, "deltas": {"embeddings": [num_vectors, 64]},
                           "structure": {"num_vectors": num_vectors}}} if steerexp else {}
@@ -377,6 +379,8 @@ def fake_ckpt(path: Path, technique: str = TI, num_vectors: int = 1, steerexp: b
                 "optimizer_states": [{"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.zeros(3)}},
                                       "param_groups": [{"lr": 0.005, "betas": (0.9, 0.999), "params": [0]}]}],
                 "loops": {"fit_loop": {"state_dict": {}}}, "callbacks": {}, "lr_schedulers": [], **entry}, path)
+    if steerexp:
+        Path(f"{path}.json").write_text(json.dumps({"global_step": 4, **entry}))
     return path
 
 
@@ -410,17 +414,19 @@ class _Evil:
         return (os.system, ("touch PWNED",))
 
 
-def test_checkpoint_reader_never_runs_code_from_the_file(tmp_path, monkeypatch):
+def test_checkpoint_checks_never_unpickle_the_file(tmp_path, monkeypatch):
+    """Identity comes from the JSON sidecar only: a checkpoint whose pickle would run code is never unpickled
+    before loading (and the load itself is torch.load(weights_only=True))."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"
     payload = pickle.dumps({"steerexp": {"technique": "x", "structure": {}}, "boom": _Evil()}, protocol=2)
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", payload)
-    assert read_checkpoint_info(path) is None  # refused: the deep check is skipped
+    assert read_checkpoint_info(path) is None  # no sidecar: nothing is read from the file before loading
     ok([f"ckpt_path={path}"])
     assert not (tmp_path / "PWNED").exists()
-    (tmp_path / "not_a_zip.ckpt").write_bytes(b"\x80\x02}q\x00.")
-    assert read_checkpoint_info(tmp_path / "not_a_zip.ckpt") is None
+    Path(f"{path}.json").write_text("not json")
+    assert read_checkpoint_info(path) is None
 
 
 # ---------------------------------------------------------------------------- group overrides before Hydra

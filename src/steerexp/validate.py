@@ -20,7 +20,7 @@ What is checked, cheapest first:
    images, objective images, prompt files): user images from their headers (a regular file, not
    a FIFO or a device; images.min_side, images.max_aspect, images.max_pixels; at most
    images.MAX_IMAGES per setting: steerexp.images' file checks);
-5. `ckpt_path`: a regular file, and (read without torch and without running any pickle code) was
+5. `ckpt_path`: a regular file, and (from its JSON sidecar or safetensors header: nothing is unpickled) was
    trained with this technique and the same delta-shaping settings; a deltas.safetensors also
    holds floating-point, finite values of a sane size (MAX_DELTA_NORM) and, for textual
    inversion, rows as wide as this generator's token embeddings;
@@ -35,11 +35,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-import pickle
 import re
 import string
 import struct
-import zipfile
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -802,115 +800,12 @@ CHECKS: dict[str, Callable[..., None]] = {
 
 
 # ============================================================================ 5. checkpoints
-class _Stub:
-    """Stands for anything the checkpoint builds that we do not need (storages, devices)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        pass
-
-
-class TensorStub:
-    """A tensor read from a checkpoint: only its shape (its data is never read)."""
-
-    def __init__(self, shape):
-        self.shape = tuple(int(s) for s in shape)
-
-    def __repr__(self):
-        return f"TensorStub{self.shape}"
-
-
-def _rebuild_tensor(storage, offset, size, stride, *rest):
-    return TensorStub(size)
-
-
-def _rebuild_parameter(data, *rest):
-    return data
-
-
-_TORCH_DTYPES = {
-    "float16",
-    "float32",
-    "float64",
-    "bfloat16",
-    "half",
-    "float",
-    "double",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "bool",
-    "complex64",
-    "complex128",
-    "long",
-    "int",
-}
-_SAFE_BUILTINS = {
-    "set": set,
-    "frozenset": frozenset,
-    "list": list,
-    "dict": dict,
-    "tuple": tuple,
-    "int": int,
-    "float": float,
-    "complex": complex,
-    "bool": bool,
-    "str": str,
-    "bytes": bytes,
-    "bytearray": bytearray,
-    "slice": slice,
-    "range": range,
-}
-
-
-class CheckpointUnpickler(pickle.Unpickler):
-    """Reads a Lightning checkpoint's data.pkl with only what such a file needs: plain containers,
-    OrderedDict, and torch's tensor/parameter rebuild functions and storage types mapped to stubs.
-    Everything else is refused (pickle.UnpicklingError): nothing from the file ever runs."""
-
-    def find_class(self, module: str, name: str):
-        if module == "collections" and name == "OrderedDict":
-            from collections import OrderedDict
-
-            return OrderedDict
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return _SAFE_BUILTINS[name]
-        if module == "_codecs" and name == "encode":  # how protocol 2 writes bytes
-            return lambda text, encoding="latin1": text.encode(encoding)
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
-            return _rebuild_parameter
-        if module == "torch" and (name.endswith("Storage") or name == "device"):
-            return _Stub
-        if module == "torch" and name == "Size":
-            return tuple
-        if module == "torch" and name in _TORCH_DTYPES:
-            return f"torch.{name}"
-        raise pickle.UnpicklingError(f"refused {module}.{name}")
-
-    def persistent_load(self, pid):
-        return _Stub(pid)
-
-
 def read_checkpoint_info(path: Path) -> dict | None:
-    """The "steerexp" record of a checkpoint ({technique, structure, deltas}), without torch and
-    without running any code from the file; None when the file has none or cannot be read safely.
-    A .ckpt's record is read from its JSON sidecar (`<ckpt>.json`, written beside every checkpoint by
-    steerexp.trainer.Sidecar); only a checkpoint without one (written before the sidecar existed) is read by the
-    restricted unpickler below, which rebuilds nothing but plain containers and tensor stubs."""
-    side = Path(f"{path}.json")
-    if path.suffix != ".safetensors" and side.is_file():
-        try:
-            info = json.loads(side.read_text()).get("steerexp")
-        except (ValueError, OSError, AttributeError):
-            info = None
-        if isinstance(info, dict) and "technique" in info:
-            return info
+    """The "steerexp" record of a checkpoint ({technique, structure, deltas}), without torch and without unpickling
+    anything; None when it has none. A .ckpt's record is its JSON sidecar (`<ckpt>.json`, written beside every
+    checkpoint by steerexp.trainer.Sidecar); a deltas.safetensors' is its header's metadata. A checkpoint without
+    a sidecar (written before the sidecar existed) is checked where it loads (torch.load(weights_only=True), then
+    techniques.base.check_compatible): the same one-line errors, after the model has loaded."""
     if path.suffix == ".safetensors":
         meta = read_safetensors_header(path).get("__metadata__") or {}
         if "technique" not in meta:
@@ -922,20 +817,9 @@ def read_checkpoint_info(path: Path) -> dict | None:
             structure = None
         return {"technique": meta["technique"], "structure": structure if isinstance(structure, dict) else {}}
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            if not names:
-                return None
-            data = zf.read(min(names, key=len))
-    except (zipfile.BadZipFile, OSError, KeyError):
-        return None  # a legacy (non-zip) torch file: the load itself checks it
-    import io
-
-    try:
-        obj = CheckpointUnpickler(io.BytesIO(data)).load()
-    except Exception:  # refused or malformed: skip the deep check, never run anything
+        info = json.loads(Path(f"{path}.json").read_text()).get("steerexp")
+    except (ValueError, OSError, AttributeError):
         return None
-    info = obj.get("steerexp") if isinstance(obj, dict) else None
     return info if isinstance(info, dict) and "technique" in info else None
 
 
