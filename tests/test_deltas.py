@@ -238,9 +238,9 @@ def test_strength_zero_is_exactly_the_baseline(gen):
 @pytest.mark.parametrize(
     "extra, error, match",
     [
-        (["technique.budget.eps_text=-1"], ValueError, "eps_text must be positive"),
-        (["technique=latent_offset", "technique.budget.eps_z=-0.5"], ValueError, "eps_z must be positive"),
-        (["technique.train_sampling_steps=0"], ValueError, "train_sampling_steps must be >= 1"),
+        (["technique.budget.eps_text=-1"], ValueError, "eps_text: must be a positive"),
+        (["technique=latent_offset", "technique.budget.eps_z=-0.5"], ValueError, "eps_z: must be a positive"),
+        (["technique.train_sampling_steps=0"], ValueError, "train_sampling_steps: must be a number >= 1"),
         (["sampling.steps=0"], ValueError, "sampling.steps must be >= 1"),
         (["objective.terms.concept_score.head=hue"], ValueError, r"unknown head 'hue'.*colour"),
         (["objective.terms.concept_score.target=crimson"], ValueError, r"unknown colour 'crimson'.*red"),

@@ -60,9 +60,9 @@ def test_arithmetic_gate_leaves_dissimilar_prompts_alone(gen):
 def test_arithmetic_bad_contexts(gen):
     with pytest.raises(ValueError, match="empty"):
         EmbeddingArithmetic(gen, base_contexts=[], target_contexts=[])
-    with pytest.raises(ValueError, match="mismatched context pairs"):
+    with pytest.raises(ValueError, match="paired one to one"):
         EmbeddingArithmetic(gen, base_contexts=["a"], target_contexts=["b", "c"])
-    with pytest.raises(ValueError, match="together"):
+    with pytest.raises(ValueError, match="or neither"):
         EmbeddingArithmetic(gen, base_contexts=["a"])
 
 

@@ -236,6 +236,18 @@ def registered(group: str) -> dict[str, type]:
     return {name: cls for (g, name), cls in _REGISTERED.items() if g == group}
 
 
+def check_settings(cls: type, settings: dict, key: str = "technique") -> None:
+    """The spec's rules for a part built from Python instead of a config (pass its constructor's `locals()`): the
+    same rules, as the same one-line ConfigError, that validate runs on a config, so a constructor keeps no rules
+    of its own. Arguments the spec does not declare (the generator, an objective object) are not its business."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    names = {f.name for f in fields(cls)}
+    plain = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig))
+             else list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k in names}
+    cls(**plain).check(key)
+
+
 def check_node(node: Any, key: str, facts: Facts | None = None) -> Spec | None:
     """Every rule of the node's spec (None: the node has no spec)."""
     spec = build(node, key)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from steerexp.techniques.input_delta_spec import TEXT_NORMS  # declared once, torch-free
 
 EPS = 1e-12  # smallest norm divided by: a zero delta is inside every ball
 
@@ -52,12 +51,7 @@ def _from_config(cls, spec, key: str):
 @dataclass
 class Budget:
     """A ball per row of the last dimension: ||row|| <= max_norm (None: no ball)."""
-    max_norm: float | None = None
-
-    def __post_init__(self):
-        if self.max_norm is not None and not self.max_norm > 0:
-            raise ValueError(f"technique.budget.max_norm must be positive (or null for no clip), got {self.max_norm}; "
-                             "set e.g. technique.budget.max_norm=1.0")
+    max_norm: float | None = None   # (its rules: textual_inversion_spec.py)
 
     @classmethod
     def from_config(cls, spec: Mapping | Budget | None, key: str = "technique.budget") -> Budget:
@@ -76,17 +70,7 @@ class DeltaBudget:
     text_norm: str = "tensor"       # tensor: ||delta_text|| over all its entries | token: per token row
     joint: bool = False             # one budget: (||dt|| / eps_text)^2 + (||dz|| / eps_z)^2 <= 1
     chi: float = 0.0                # + chi * chi-norm penalty on z + dz (ReNO's Gaussian shell)
-
-    def __post_init__(self):
-        for name in ("eps_text", "eps_z"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"technique.budget.{name} must be positive (or null for no ball), got {value}; "
-                                 f"set e.g. technique.budget.{name}=2.0")
-        if self.chi < 0:
-            raise ValueError(f"technique.budget.chi must be >= 0, got {self.chi}; set 0 to disable")
-        if self.text_norm not in TEXT_NORMS:
-            raise ValueError(f"technique.budget.text_norm must be one of {TEXT_NORMS}, got {self.text_norm!r}")
+    # (the rules of these settings, joint's included: input_delta_spec.py)
 
     @classmethod
     def from_config(cls, spec: Mapping | DeltaBudget | None, key: str = "technique.budget") -> DeltaBudget:
@@ -95,18 +79,6 @@ class DeltaBudget:
     @property
     def radii(self) -> dict[str, float | None]:
         return {"text": self.eps_text, "latent": self.eps_z}
-
-    def check(self, text: bool, latent: bool, per_seed: bool) -> None:
-        """The joint budget needs both radii of the enabled deltas and one norm per delta."""
-        if not self.joint:
-            return
-        if (text and self.eps_text is None) or (latent and self.eps_z is None):
-            raise ValueError("technique.budget.joint shares one budget between delta_text and delta_z: set "
-                             "budget.eps_text and budget.eps_z (the radius each would have alone)")
-        if (latent and per_seed) or self.text_norm != "tensor":
-            raise ValueError(
-                "technique.budget.joint needs latent_mode=shared and budget.text_norm=tensor (one norm each)"
-            )
 
     def norms(self, deltas: dict[str, torch.Tensor], per_seed: bool) -> dict[str, torch.Tensor]:
         """||delta_text|| (whole, or per token row) and ||delta_z|| (per seed, or the shared one)."""

@@ -23,7 +23,8 @@ from torch import nn
 
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
-from steerexp.techniques.embedding_arithmetic_spec import MODES, WORLD_DIRECTIONS
+from steerexp.spec import check_settings
+from steerexp.techniques.embedding_arithmetic_spec import WORLD_DIRECTIONS, EmbeddingArithmeticSpec
 from steerexp.worlds.shapes import world
 
 
@@ -47,21 +48,11 @@ class EmbeddingArithmetic(TrainingFree):
                  base_contexts: list[str] | None = None, target_contexts: list[str] | None = None,
                  alpha: float = 1.0, mode: str = "pooled", gate: float | None = None, slot_word: str = "object",
                  sampling: dict | None = None):
+        check_settings(EmbeddingArithmeticSpec, locals())
         super().__init__(generator, sampling)
-        if (base_contexts is None) != (target_contexts is None):
-            raise ValueError("technique.base_contexts and technique.target_contexts must be given together")
         if base_contexts is None:
             base_contexts, target_contexts = world_contexts(world_direction)
         base_contexts, target_contexts = list(base_contexts), list(target_contexts)
-        if not base_contexts:
-            raise ValueError("technique.base_contexts is empty: give at least one pair of contexts")
-        if len(base_contexts) != len(target_contexts):
-            raise ValueError(f"mismatched context pairs: {len(base_contexts)} base contexts vs "
-                             f"{len(target_contexts)} target contexts; they are paired one to one")
-        if mode not in MODES:
-            raise ValueError(f"technique.mode must be one of {MODES}, got {mode!r}")
-        if gate is not None and not -1 <= gate <= 1:
-            raise ValueError(f"technique.gate is a cosine similarity threshold in [-1, 1] (or null), got {gate}")
         self.base_contexts, self.target_contexts = base_contexts, target_contexts
         self.mode, self.gate, self.slot_word = mode, gate, slot_word
         self.strength = float(alpha)  # the edit adds strength * direction

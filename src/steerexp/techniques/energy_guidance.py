@@ -22,7 +22,8 @@ from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.generators import sampling
 from steerexp.techniques.base import TrainingFree
-from steerexp.techniques.energy_guidance_spec import GUIDING_KINDS, NAMES  # declared once, torch-free
+from steerexp.spec import check_settings
+from steerexp.techniques.energy_guidance_spec import GUIDING_KINDS, NAMES, EnergyGuidanceSpec  # torch-free
 
 
 class EnergyGuidance(TrainingFree):
@@ -36,14 +37,8 @@ class EnergyGuidance(TrainingFree):
     def __init__(self, generator: FrozenGenerator, scorer: str = "classifier", head: str = "size",
                  target: str = "large", clip_text: str | None = None, scale: float = 5.0, start: float = 0.0,
                  end: float = 0.8, slot_word: str = "object", sampling: dict | None = None):
+        check_settings(EnergyGuidanceSpec, locals())
         super().__init__(generator, sampling)
-        if not isinstance(scorer, str) or not scorer:
-            raise ValueError(f"technique.scorer must name a scorer of the run (e.g. classifier, robust, noisy, clip), "
-                             f"got {scorer!r}")
-        if scale < 0:
-            raise ValueError(f"technique.scale must be >= 0, got {scale}")
-        if not 0 <= start < end <= 1:
-            raise ValueError(f"technique needs 0 <= start < end <= 1, got {start}, {end}")
         self.scorer, self.head, self.target = scorer, head, target
         self.clip_text = clip_text or f"a photo of a {target}"
         self.start, self.end, self.slot_word = start, end, slot_word

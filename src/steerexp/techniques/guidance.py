@@ -13,7 +13,9 @@ import dataclasses
 import torch
 
 from steerexp.generators import FrozenGenerator, Guidance
+from steerexp.spec import check_settings
 from steerexp.techniques.base import TrainingFree
+from steerexp.techniques.guidance_spec import GuidanceSpec
 
 
 class GuidanceTuning(TrainingFree):
@@ -28,9 +30,8 @@ class GuidanceTuning(TrainingFree):
                  schedule: str = "constant", interval_start: float = 0.0, interval_end: float = 1.0,
                  negative_prompt: str = "", negative_mode: str = "uncond", negative_weight: float = 1.0,
                  slot_word: str = "object", sampling: dict | None = None):
+        check_settings(GuidanceSpec, locals())
         super().__init__(generator, sampling)
-        if scale < 0:
-            raise ValueError(f"technique.scale (CFG) must be >= 0, got {scale}")
         self.edit = Guidance(scale=scale, rescale=rescale, schedule=schedule, interval_start=interval_start,
                              interval_end=interval_end, negative_prompt=negative_prompt,
                              negative_mode=negative_mode, negative_weight=negative_weight)

@@ -41,7 +41,8 @@ from steerexp.objectives.composite import Composite, ObjectiveInputs
 from steerexp.objectives.regularisers import chi_penalty
 from steerexp.techniques.trainable import Trainable
 from steerexp.techniques.budgets import DeltaBudget
-from steerexp.techniques.input_delta_spec import LATENT_MODES
+from steerexp.spec import check_settings
+from steerexp.techniques.input_delta_spec import InputDeltaSpec
 
 
 class InputDelta(Trainable):
@@ -50,23 +51,17 @@ class InputDelta(Trainable):
                  prompts: list[str] | None = None, slot_word: str = "circle", train_seeds: list[int] | None = None,
                  train_sampling_steps: int = 10, checkpoint: bool = True, budget: dict | DeltaBudget | None = None,
                  seed: int = 0, **kwargs):
+        train_seeds = list(train_seeds if train_seeds is not None else range(100, 108))
+        settings = locals() | kwargs | {"budget": None if isinstance(budget, DeltaBudget) else budget}
+        check_settings(InputDeltaSpec, settings)
         super().__init__(generator, **kwargs)  # the base budget stays off: DeltaBudget acts instead
         self.strength = 1.0  # generate with strength * delta_text and strength * delta_z
-        if not (text or latent):
-            raise ValueError("technique has nothing to learn: set technique.text=true and/or technique.latent=true")
-        if latent_mode not in LATENT_MODES:
-            raise ValueError(f"technique.latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
-        for name, k in (("technique.train_sampling_steps", train_sampling_steps),
-                        ("sampling.steps", self.sampling_steps)):
-            if k < 1:
-                raise ValueError(f"{name} must be >= 1 (the DDIM steps to optimise / sample through), got {k}")
+        if self.sampling_steps < 1:
+            raise ValueError(f"sampling.steps must be >= 1 (the DDIM steps to sample through), got "
+                             f"{self.sampling_steps}")
         self.budget_cfg = DeltaBudget.from_config(budget)
         self.prompts = list(prompts or ["a blue circle"])
-        self.train_seeds = [int(s) for s in (train_seeds if train_seeds is not None else range(100, 108))]
-        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
-            raise ValueError(
-                f"technique.train_seeds must be a non-empty list of distinct seeds, got {self.train_seeds}"
-            )
+        self.train_seeds = [int(s) for s in train_seeds]
         self.objective, self.use_text, self.use_latent = objective, bool(text), bool(latent)
         self.latent_mode, self.slot_word, self.seed = latent_mode, slot_word, seed
         self.train_sampling_steps, self.checkpoint = int(train_sampling_steps), bool(checkpoint)
@@ -74,7 +69,6 @@ class InputDelta(Trainable):
             tokens if isinstance(tokens, str) else [int(i) for i in ([tokens] if isinstance(tokens, int) else tokens)]
         )
         self.word_rows = self._token_spec()
-        self.budget_cfg.check(self.use_text, self.use_latent, per_seed=latent_mode == "per_seed")
         if self.use_text:
             n = generator.cond_shape[0] if self.tokens == "all" else (self.word_rows or len(self.tokens))
             self.text_delta = nn.Parameter(torch.zeros(n, generator.embed_dim))

@@ -20,7 +20,8 @@ from torch import nn
 from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
-from steerexp.techniques.latent_priming_spec import COMBINES
+from steerexp.spec import check_settings
+from steerexp.techniques.latent_priming_spec import LatentPrimingSpec
 
 CANDIDATE_SEED_OFFSET = 10_000
 
@@ -41,13 +42,8 @@ class LatentPriming(TrainingFree):
                  head: str = "size", target: str = "large", candidates: int = 64, top_k: int = 8,
                  combine: str = "mean", mix: float = 0.8, slot_word: str = "object", sampling: dict | None = None,
                  scorer: str = "classifier"):
+        check_settings(LatentPrimingSpec, locals())
         super().__init__(generator, sampling)
-        if candidates < 1 or not 1 <= top_k <= candidates:
-            raise ValueError(f"technique needs candidates >= 1 and 1 <= top_k <= candidates, got {candidates}, {top_k}")
-        if combine not in COMBINES:
-            raise ValueError(f"technique.combine must be one of {COMBINES}, got {combine!r}")
-        if not 0 <= mix <= 1:
-            raise ValueError(f"technique.mix (the mixing weight) must be in [0, 1], got {mix}")
         self.prompts = list(prompts or ["a red circle", "a blue square", "a green triangle", "a yellow ring"])
         self.head, self.target, self.candidates, self.top_k = head, target, candidates, top_k
         self.combine, self.slot_word = combine, slot_word

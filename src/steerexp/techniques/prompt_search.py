@@ -18,7 +18,8 @@ import torch
 from steerexp import scorers
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import TrainingFree
-from steerexp.techniques.prompt_search_spec import SCORERS
+from steerexp.spec import check_settings
+from steerexp.techniques.prompt_search_spec import PromptSearchSpec
 from steerexp.worlds.shapes import world
 
 DEFAULT_VOCAB = (list(world.COLOURS) + list(world.SIZES) + list(world.SEEN_SHAPES) + list(world.GENERIC_WORDS)
@@ -31,20 +32,9 @@ class PromptSearch(TrainingFree):
                  target: str = "star", clip_text: str | None = None, beam_width: int = 4, proposals: int = 12,
                  max_calls: int = 120, seeds: list[int] = (100, 101, 102, 103), max_words: int = 12, seed: int = 0,
                  sampling: dict | None = None):
+        check_settings(PromptSearchSpec, locals())
         super().__init__(generator, sampling)
-        if beam_width < 1:
-            raise ValueError(f"technique.beam_width must be >= 1, got {beam_width}")
-        if max_calls < 1:
-            raise ValueError(f"technique.max_calls (scorer calls) must be >= 1, got {max_calls}")
-        if proposals < 1:
-            raise ValueError(f"technique.proposals must be >= 1, got {proposals}")
-        if scorer not in SCORERS:
-            raise ValueError(f"technique.scorer must be one of {SCORERS}, got {scorer!r}")
-        if not prompt.strip():
-            raise ValueError("technique.prompt is empty: give the prompt to improve")
         self.prompt, self.vocabulary = prompt, list(vocabulary or DEFAULT_VOCAB)
-        if not self.vocabulary:
-            raise ValueError("technique.vocabulary is empty")
         self.scorer, self.head, self.target = scorer, head, target
         self.clip_text = clip_text or f"a photo of a {target}"
         self.beam_width, self.proposals, self.max_calls = beam_width, proposals, max_calls

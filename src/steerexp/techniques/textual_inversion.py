@@ -24,6 +24,8 @@ from torch import nn
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.denoising import Denoising
 from steerexp.targets import load_targets
+from steerexp.spec import check_settings
+from steerexp.techniques.textual_inversion_spec import TextualInversionSpec
 from steerexp.techniques.trainable import Trainable
 from steerexp.worlds.shapes import world
 
@@ -82,15 +84,9 @@ class TextualInversion(Trainable):
         seed: int = 0,
         **kwargs,
     ):
+        check_settings(TextualInversionSpec, locals() | kwargs)
         super().__init__(generator, **kwargs)
-        if num_vectors < 1:
-            raise ValueError(f"technique.num_vectors must be >= 1, got {num_vectors}")
         if isinstance(templates, str):
-            if templates not in TEMPLATES:
-                raise ValueError(
-                    f"technique.templates {templates!r} is unknown; choose one of {sorted(TEMPLATES)} "
-                    "or give a list of prompts with '{}' for the placeholder"
-                )
             templates = TEMPLATES[templates]
         if not templates or any("{}" not in t for t in templates):
             raise ValueError("technique.templates must be a non-empty list of prompts that each contain '{}'")
@@ -113,9 +109,9 @@ class TextualInversion(Trainable):
     def prepare(self) -> None:
         gen = self.generator
         init = gen.initializer_embedding(self.initializer)  # raises if the word is not one token
-        resolution = gen.resolution
+        size = gen.image_size  # (height, width): the run's generator.height / width
         tc = self.targets_cfg
-        self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], resolution)
+        self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], size)
         if self.captioned and not tc["folder"]:
             # world targets come with their scenes: describe what the token need not encode
             rng = np.random.default_rng(self.seed)
@@ -127,10 +123,11 @@ class TextualInversion(Trainable):
             self.embeddings.copy_(init)
             images = self.target_images
             if self.crop:  # 10% zoom-in crops, resized back
-                r = images.shape[-1]
-                m = max(1, r // 10)
+                h, w = images.shape[-2:]
+                mh, mw = max(1, h // 10), max(1, w // 10)
                 crops = torch.nn.functional.interpolate(
-                    images[..., m : r - m, m : r - m], size=(r, r), mode="bilinear", antialias=True, align_corners=False
+                    images[..., mh : h - mh, mw : w - mw], size=(h, w), mode="bilinear", antialias=True,
+                    align_corners=False,
                 )
                 images = torch.cat([images, crops])
             if self.flip:
