@@ -239,12 +239,13 @@ def registered(group: str) -> dict[str, type]:
 def check_settings(cls: type, settings: dict, key: str = "technique") -> None:
     """The spec's rules for a part built from Python instead of a config (pass its constructor's `locals()`): the
     same rules, as the same one-line ConfigError, that validate runs on a config, so a constructor keeps no rules
-    of its own. Arguments the spec does not declare (the generator, an objective object) are not its business."""
+    of its own. Arguments the spec does not declare (the generator, an objective object) are not its business, and
+    a None argument (a constructor's "use the default") leaves the spec's default in place."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     names = {f.name for f in fields(cls)}
     plain = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig))
-             else list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k in names}
+             else list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k in names and v is not None}
     cls(**plain).check(key)
 
 

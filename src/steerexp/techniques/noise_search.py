@@ -28,7 +28,8 @@ import torch
 
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.noise import NoiseOptimiser, NoiseRecord
-from steerexp.techniques.noise_search_spec import min_calls
+from steerexp.spec import check_settings
+from steerexp.techniques.noise_search_spec import NoiseSearchSpec, min_calls
 
 RANDOM, LOCAL = 1, 2  # streams of candidate noise per seed: best-of-N candidates, local-search perturbations
 
@@ -38,14 +39,8 @@ class NoiseSearch(NoiseOptimiser):
                  target: str = "left", max_calls: int = 160, candidates: int = 8, neighbours: int = 4,
                  radius: float = 0.5, seed: int = 0, prompts: list[str] | None = None, seeds: list[int] | None = None,
                  batch: int = 16, slot_word: str = "object", sampling: Mapping | None = None):
+        check_settings(NoiseSearchSpec, locals())
         super().__init__(generator, rewards, head, target, max_calls, prompts, seeds, batch, slot_word, sampling)
-        if candidates < 1:
-            raise ValueError(f"technique.candidates must be >= 1 (1: the seed's own noise only), got {candidates}")
-        if neighbours < 1:
-            raise ValueError(f"technique.neighbours must be >= 1, got {neighbours}")
-        if not 0 < radius <= 1:
-            raise ValueError(f"technique.radius must be in (0, 1] (the share of fresh noise in a neighbour), "
-                             f"got {radius}; set e.g. technique.radius=0.5")
         self.candidates, self.neighbours, self.radius, self.seed = candidates, neighbours, float(radius), seed
         self.check_budget(min_calls(candidates, self.sampling_steps),
                           f"best-of-{candidates} at sampling.steps={self.sampling_steps}")

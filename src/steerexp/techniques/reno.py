@@ -31,7 +31,8 @@ import torch
 from steerexp.generators import FrozenGenerator
 from steerexp.objectives.regularisers import chi_penalty
 from steerexp.techniques.noise import NoiseOptimiser, NoiseRecord
-from steerexp.techniques.reno_spec import KEEP, final_calls, min_calls, step_calls
+from steerexp.spec import check_settings
+from steerexp.techniques.reno_spec import ReNOSpec, final_calls, min_calls, step_calls
 
 
 class ReNO(NoiseOptimiser):
@@ -41,23 +42,8 @@ class ReNO(NoiseOptimiser):
                  opt_sampling_steps: int | None = 5, checkpoint: bool = False, keep: str = "best",
                  prompts: list[str] | None = None, seeds: list[int] | None = None, batch: int = 16,
                  slot_word: str = "object", sampling: Mapping | None = None):
+        check_settings(ReNOSpec, locals())
         super().__init__(generator, rewards, head, target, max_calls, prompts, seeds, batch, slot_word, sampling)
-        if not lr > 0:
-            raise ValueError(f"technique.lr must be > 0, got {lr}; set e.g. technique.lr=2.0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"technique.momentum must be in [0, 1), got {momentum}; set e.g. technique.momentum=0.9")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"technique.grad_clip must be > 0 (or null: no clipping), got {grad_clip}")
-        if norm_weight < 0:
-            raise ValueError(f"technique.norm_weight must be >= 0, got {norm_weight}; set 0 to drop the chi term")
-        if iterations is not None and iterations < 1:
-            raise ValueError(f"technique.iterations must be >= 1 (or null: as many as max_calls affords), "
-                             f"got {iterations}")
-        if opt_sampling_steps is not None and opt_sampling_steps < 1:
-            raise ValueError(f"technique.opt_sampling_steps must be >= 1 (or null: sampling.steps), "
-                             f"got {opt_sampling_steps}")
-        if keep not in KEEP:
-            raise ValueError(f"technique.keep must be one of {KEEP}, got {keep!r}")
         self.lr, self.momentum, self.grad_clip, self.norm_weight = lr, momentum, grad_clip, norm_weight
         self.opt_steps = int(opt_sampling_steps or self.sampling_steps)
         self.checkpoint, self.keep = bool(checkpoint), keep
