@@ -194,8 +194,8 @@ def test_p2p_edit_methods_are_refused_on_joint_attention_before_loading(folders,
         raise AssertionError("the generator loaded before the refusal")
 
     monkeypatch.setattr(generators, "from_pretrained", no_loading)
-    base = ["generator=sd", f"generator.path={folders[name]}", "generator.device=cpu", "sampling.steps=2",
-            "eval.seeds=[0]", "eval.prompts=['{}']", "logger=none", "evaluator=[edit]"]
+    base = ["generator=sd", f"generator.path={folders[name]}", "generator.device=cpu", "generator.dtype=fp32",
+            "sampling.steps=2", "eval.seeds=[0]", "eval.prompts=['{}']", "logger=none", "evaluator=[edit]"]
     extra = ["technique=ddim_inversion", *WORLD_TARGETS, "evaluator.edit.methods=[ddim_w1,ddim_w1+p2p]"]
     with pytest.raises(ValueError, match=r"evaluator\.edit\.methods: ddim_w1\+p2p use Prompt-to-Prompt.*joint "
                                          r"attention.*evaluator\.edit\.methods=\[ddim_w1\]") as err:

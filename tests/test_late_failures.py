@@ -207,9 +207,9 @@ def test_a_checkpoint_of_another_generator_names_the_shapes(tmp_path):
     assert str(path) in line and "[1, 32]" in line and "[1, 64]" in line and "another generator" in line
     # a .ckpt says its shapes in its steerexp record: the same line, also before loading
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {"embeddings": torch.zeros(1, 32)},
-                "steerexp": {"technique": TI, "deltas": {"embeddings": [1, 32]}, "structure": {"num_vectors": 1}}},
-               ckpt)
+    record = {"technique": TI, "deltas": {"embeddings": [1, 32]}, "structure": {"num_vectors": 1}}
+    torch.save({"state_dict": {"embeddings": torch.zeros(1, 32)}, "steerexp": record}, ckpt)
+    Path(f"{ckpt}.json").write_text(json.dumps({"steerexp": record}))  # its sidecar, as steerexp writes it
     assert "[1, 32]" in str(error(["technique.steps=0", f"ckpt_path={ckpt}"], "ckpt_path"))
 
 

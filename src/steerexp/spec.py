@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 from steerexp.errors import ConfigError
 
 SPEC_PACKAGES = ("steerexp.techniques", "steerexp.objectives", "steerexp.evaluators")
+SPEC_MODULES = ("steerexp.trainer_spec",)   # a group whose code is one module (conf/trainer/: steerexp/trainer.py)
 
 _REGISTERED: dict[tuple[str, str], type] = {}
 
@@ -65,6 +66,7 @@ class Spec:
     label: ClassVar[str] = ""                       # e.g. "textual_inversion" (set by @register)
     group: ClassVar[str] = ""                       # technique | objective | evaluator
     renamed: ClassVar[dict] = {}                    # retired setting -> its new name (a clearer error than "unknown")
+    elsewhere: ClassVar[dict] = {}                  # a key another setting decides -> that setting
 
     def check(self, key: str) -> None:
         """Ranges and cross-field rules; `key` is where the node sits (technique, evaluator.concept, ...)."""
@@ -99,8 +101,9 @@ class Spec:
         if v is None and optional:
             return
         if v not in options:
+            near = closest(str(v), [str(o) for o in options])
             raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(map(str, options))}, got {v!r}",
-                              f"set e.g. {key}.{name}={options[0]}")
+                              f"set {key}.{name}={near}" if near else f"set e.g. {key}.{name}={options[0]}")
 
     def word(self, key: str, name: str, example: str) -> None:
         v = getattr(self, name)
@@ -164,6 +167,8 @@ def register_all() -> None:
         for info in pkgutil.iter_modules(module.__path__):
             if info.name.endswith("_spec"):
                 importlib.import_module(f"{package}.{info.name}")
+    for name in SPEC_MODULES:
+        importlib.import_module(name)
     schema = ConfigStore.instance().repo.get(SCHEMA, {})
     for (group, name), cls in _REGISTERED.items():
         if f"{name}.yaml" not in schema.get(group, {}):
@@ -218,6 +223,8 @@ def _refuse_unknown(node: Any, key: str, cls: type, label: str, name: str) -> No
             new = f"{key}.{renamed[k]}"
             raise ConfigError(f"{key}.{k}", f"was renamed: it is now {new}", f"set {new}={node._get_node(k)._value()} "
                               "instead")
+        if k in getattr(cls, "elsewhere", {}):
+            raise ConfigError(f"{key}.{k}", f"is set by the run, not in {key}", f"drop it; use {cls.elsewhere[k]}")
         if k not in names:
             near = closest(str(k), [n for n in names if not n.startswith("_")])
             fix = (f"did you mean {key}.{near}?" if near else
@@ -240,12 +247,13 @@ def check_settings(cls: type, settings: dict, key: str = "technique") -> None:
     """The spec's rules for a part built from Python instead of a config (pass its constructor's `locals()`): the
     same rules, as the same one-line ConfigError, that validate runs on a config, so a constructor keeps no rules
     of its own. Arguments the spec does not declare (the generator, an objective object) are not its business, and
-    a None argument (a constructor's "use the default") leaves the spec's default in place."""
+    None for a setting that cannot be null (a constructor's "use the default") leaves the spec's default in place."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    names = {f.name for f in fields(cls)}
+    nullable = {f.name: "Optional" in str(f.type) or "None" in str(f.type) for f in fields(cls)}
     plain = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig))
-             else list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k in names and v is not None}
+             else list(v) if isinstance(v, tuple) else v
+             for k, v in settings.items() if k in nullable and (v is not None or nullable[k])}
     cls(**plain).check(key)
 
 

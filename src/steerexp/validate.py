@@ -15,7 +15,8 @@ What is checked, cheapest first:
    trainer intervals, the placeholder token;
 3. the generator (steerexp.generators.checks): its folder (model_index.json and component configs
    parse, safetensors files are complete) or hub id, the device (a GPU is looked for without
-   importing torch) and dtype; then sampling steps against the scheduler's num_train_timesteps;
+   importing torch), dtype, and height / width (positive, divisible by the VAE factor and the family's
+   latent patches, within its limit); then sampling steps against the scheduler's num_train_timesteps;
 4. every file or folder setting (scorers.*: classifiers, a user's model, CLIP weights; target
    images, objective images, prompt files): user images from their headers (a regular file, not
    a FIFO or a device; images.min_side, images.max_aspect, images.max_pixels; at most
@@ -107,7 +108,7 @@ def _check_parts(cfg: DictConfig, gen: "GeneratorInfo") -> None:
     steps, table = OmegaConf.select(cfg, "sampling.steps", default=None), cfg.get("scorers")
     facts.sampling_steps = steps if _is_int(steps) else None
     facts.scorers = kinds.table(OmegaConf.to_container(table, resolve=True) if isinstance(table, DictConfig) else {})
-    nodes = [("technique", cfg.get("technique"))]
+    nodes = [("technique", cfg.get("technique")), ("trainer", cfg.get("trainer"))]
     objective = cfg.get("objective")
     if isinstance(objective, DictConfig) and isinstance(objective.get("terms"), DictConfig):
         nodes += [(f"objective.terms.{k}", objective.terms[k]) for k in objective.terms]
@@ -542,89 +543,23 @@ def _check_technique(c: dict) -> None:
             raise ConfigError(t + k, f"must be a non-empty word, got {tech[k]!r}", f"set e.g. {t}{k}=object")
 
 
-# conf/trainer/: Lightning's Trainer arguments a run may set, and steerexp's own keys (steerexp/trainer.py)
-TRAINER_KEYS = ("_target_", "accelerator", "devices", "num_nodes", "strategy", "precision", "accumulate_grad_batches",
-                "gradient_clip_val", "gradient_clip_algorithm", "log_every_n_steps", "deterministic", "benchmark",
-                "detect_anomaly", "max_time", "sync_batchnorm", "inference_mode",
-                "checkpoint_every", "lr_scheduler", "warmup_steps")
-# Trainer arguments the run sets itself: the setting to use instead
-TRAINER_SET_BY_RUN = {
-    "max_steps": "technique.steps", "min_steps": "technique.steps", "max_epochs": "technique.steps",
-    "min_epochs": "technique.steps", "enable_progress_bar": "progress=true|false|auto",
-    "logger": "logger=wandb|none", "callbacks": "callbacks=default|none (or +callbacks.<name>=...)",
-    "enable_checkpointing": "callbacks=none", "default_root_dir": "hydra.run.dir",
-    "enable_model_summary": "nothing (the parameter counts go to the logger as params/*)",
-}
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "16", "bf16")
-LR_SCHEDULERS = ("constant", "warmup", "cosine")  # steerexp.techniques.trainable
-
-
 def _check_trainer(c: dict) -> None:
-    import difflib
-
-    for k in ("checkpoint_every", "log_every_n_steps", "accumulate_grad_batches", "num_nodes"):
-        _check_int(c, f"trainer.{k}", 1, fix=f"set e.g. trainer.{k}={100 if k == 'checkpoint_every' else 1}")
-    _check_int(c, "trainer.warmup_steps", 0, fix="set e.g. trainer.warmup_steps=10 (optimizer steps)")
+    """What the trainer's own rules (trainer_spec.py) cannot see: the precision against the generator's device, the
+    batch against accumulation x devices; and the run-wide threads and progress settings."""
     trainer = get(c, "trainer", None)
-    if isinstance(trainer, dict) and trainer.get("_target_") in ("lightning.pytorch.Trainer",
-                                                                 "pytorch_lightning.Trainer"):
-        unknown = sorted(set(trainer) - set(TRAINER_KEYS))
-        if unknown:
-            key = unknown[0]
-            if key in TRAINER_SET_BY_RUN:
-                raise ConfigError(f"trainer.{key}", "is set by the run, not in conf/trainer/",
-                                  f"drop it; use {TRAINER_SET_BY_RUN[key]}")
-            close = difflib.get_close_matches(key, TRAINER_KEYS[1:], n=1)
-            raise ConfigError(f"trainer.{key}", "is not a setting of the trainer (conf/trainer/: Lightning's Trainer)",
-                              f"did you mean trainer.{close[0]}?" if close else
-                              f"drop it; the trainer's settings are {list(TRAINER_KEYS[1:])}")
-    elif isinstance(trainer, dict) and trainer.get("_target_") == "steerexp.trainer.Trainer":
-        raise ConfigError("trainer._target_", "steerexp.trainer.Trainer is gone: training runs on Lightning's Trainer",
-                          "set trainer=default (_target_: lightning.pytorch.Trainer)")
-    clip = get(c, "trainer.gradient_clip_val")
-    if clip is not _ABSENT and clip is not None and not (_is_number(clip) and clip > 0):
-        raise ConfigError("trainer.gradient_clip_val", f"must be a positive number or null, got {clip!r}",
-                          "set e.g. trainer.gradient_clip_val=1.0, or null for no clipping")
-    acc = get(c, "trainer.accelerator")
-    if acc is not _ABSENT and str(acc).lower() not in ACCELERATORS:
-        raise ConfigError("trainer.accelerator", f"must be one of {list(ACCELERATORS)}, got {acc!r}",
-                          "set trainer.accelerator=auto (the generator's device), cpu or gpu")
-    devices = get(c, "trainer.devices")
-    if devices is not _ABSENT and not (devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1))
-                                       or (isinstance(devices, list) and devices and all(map(_is_int, devices)))):
-        raise ConfigError("trainer.devices", f"must be a positive integer, -1, auto or a list of device indices, "
-                          f"got {devices!r}", "set e.g. trainer.devices=2 (with trainer.strategy=ddp)")
-    strategy = get(c, "trainer.strategy")
-    if strategy is not _ABSENT and not isinstance(strategy, str):
-        raise ConfigError("trainer.strategy", f"must be a strategy's name, got {strategy!r}",
-                          "set trainer.strategy=auto, ddp or ddp_spawn")
-    precision = get(c, "trainer.precision")
-    if precision is not _ABSENT:
-        if str(precision) not in PRECISIONS:
-            raise ConfigError("trainer.precision", f"must be one of {list(PRECISIONS[:5])}, got {precision!r}",
-                              "set e.g. trainer.precision=bf16-mixed")
-        device = str(get(c, "generator.device", "")).lower()
-        where = "auto" if acc is _ABSENT else str(acc).lower()
-        on_cpu = where == "cpu" or (where == "auto" and device == "cpu")
-        if str(precision) in ("16-mixed", "16") and on_cpu:
+    if isinstance(trainer, dict):
+        precision, acc = str(trainer.get("precision", "")), str(trainer.get("accelerator", "auto")).lower()
+        on_cpu = acc == "cpu" or (acc == "auto" and str(get(c, "generator.device", "")).lower() == "cpu")
+        if precision in ("16-mixed", "16") and on_cpu:
             raise ConfigError("trainer.precision", "16-mixed needs CUDA (its GradScaler); this run trains on the CPU",
                               "set trainer.precision=bf16-mixed on the CPU (or train on a GPU)")
-    det = get(c, "trainer.deterministic")
-    if det is not _ABSENT and det is not None and not (isinstance(det, bool) or det == "warn"):
-        raise ConfigError("trainer.deterministic", f"must be true, false or warn, got {det!r}",
-                          "set trainer.deterministic=true or false")
-    sched = get(c, "trainer.lr_scheduler")
-    if sched is not _ABSENT and sched not in LR_SCHEDULERS:
-        close = difflib.get_close_matches(str(sched), LR_SCHEDULERS, n=1)
-        raise ConfigError("trainer.lr_scheduler", f"must be one of {list(LR_SCHEDULERS)}, got {sched!r}",
-                          f"set trainer.lr_scheduler={close[0] if close else 'constant'}")
-    accumulate, batch = get(c, "trainer.accumulate_grad_batches", 1), get(c, "technique.batch_size", None)
-    world = devices if _is_int(devices) and devices > 0 else len(devices) if isinstance(devices, list) else 1
-    if _is_int(accumulate) and _is_int(batch) and batch % (accumulate * world):
-        raise ConfigError("trainer.accumulate_grad_batches", f"technique.batch_size={batch} (the batch of one "
-                          f"optimizer step) does not split into {accumulate} micro-batches x {world} devices",
-                          f"set technique.batch_size to a multiple of {accumulate * world}")
+        devices, accumulate = trainer.get("devices", 1), trainer.get("accumulate_grad_batches", 1)
+        world = devices if _is_int(devices) and devices > 0 else len(devices) if isinstance(devices, list) else 1
+        batch = get(c, "technique.batch_size", None)
+        if _is_int(accumulate) and accumulate > 0 and _is_int(batch) and batch % (accumulate * world):
+            raise ConfigError("trainer.accumulate_grad_batches", f"technique.batch_size={batch} (the batch of one "
+                              f"optimizer step) does not split into {accumulate} micro-batches x {world} devices",
+                              f"set technique.batch_size to a multiple of {accumulate * world}")
     threads = get(c, "threads")
     if threads is not _ABSENT and threads != "auto" and not (_is_int(threads) and threads >= 1):
         raise ConfigError("threads", f"must be auto or a positive integer, got {threads!r}",

@@ -79,8 +79,12 @@ class EvaluatorSpec(Spec):
             check_edit_methods({key.split(".", 1)[1]: node}, facts.family)
 
 
-def needs(capability: str, what: str, technique: TechniqueSpec | None, examples: str) -> str | None:
-    """The usual `applies`: the technique's spec has the capability (a TechniqueSpec class attribute), or why not."""
+def needs(capability: str, what: str, technique: TechniqueSpec | None) -> str | None:
+    """The usual `applies`: the technique's spec has the capability (a TechniqueSpec class attribute), or why not,
+    naming the registered techniques that have it."""
     if technique is None or getattr(technique, capability, False):
         return None
-    return f"needs {what} ({examples}); technique {technique.label or type(technique).__name__} is not one"
+    from steerexp import spec
+
+    having = sorted(name for name, cls in spec.registered("technique").items() if getattr(cls, capability, False))
+    return f"needs {what} ({', '.join(having)}); technique {technique.label or type(technique).__name__} is not one"

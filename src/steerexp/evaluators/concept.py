@@ -39,8 +39,10 @@ import torch
 
 from steerexp import scorers
 from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.concept_spec import ConceptSpec
 from steerexp.evaluators.stats import paired_summary
 from steerexp.images import side_by_side_grid, side_by_side_labels
+from steerexp.spec import check_settings
 
 
 class Concept:
@@ -51,11 +53,7 @@ class Concept:
         if scorer is not None:
             raise ValueError(f"evaluator.concept.scorer is now evaluator.concept.judge; set "
                              f"evaluator.concept.judge={scorer}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"evaluator.concept.threshold must be in (0, 1), got {threshold}")
-        for key, value in (("success_rate", success_rate), ("min_gain", min_gain)):
-            if not 0 < value <= 1:
-                raise ValueError(f"evaluator.concept.{key} must be in (0, 1], got {value}")
+        check_settings(ConceptSpec, locals(), "evaluator.concept")
         self.head, self.target, self.threshold = head, target, threshold
         self.judge = judge  # a scorer of the run by name; None: the context's default judge
         self.success_rate, self.min_gain = success_rate, min_gain

@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 from steerexp.errors import ConfigError
 from steerexp.evaluators.base_spec import EvaluatorSpec, edit_method, needs
-from steerexp.evaluators.inversion_spec import INVERSIONS
 from steerexp.spec import Facts, register
 
 TYPES = ("colour", "shape", "size", "background", "position")   # the edits of every source scene (edit_bench.TYPES)
@@ -39,7 +38,7 @@ class EditBenchSpec(EvaluatorSpec):
     attention_maps: Any = None  # a +p2p method (or true: the first one) whose cross-attention maps are drawn per token
 
     def applies(self, technique) -> str | None:
-        return needs("invertible", "an inversion technique", technique, INVERSIONS)
+        return needs("invertible", "an inversion technique", technique)
 
     def check(self, key: str) -> None:
         types = self.types

@@ -6,7 +6,6 @@ from typing import Any, Optional
 
 from steerexp.errors import ConfigError
 from steerexp.evaluators.base_spec import EvaluatorSpec, needs
-from steerexp.evaluators.inversion_spec import INVERSIONS
 from steerexp.spec import Facts, register
 
 
@@ -27,7 +26,7 @@ class EditSpec(EvaluatorSpec):
     judge: Optional[str] = None  # who reads the attributes, a scorer by name; null: analytic on the shapes world
 
     def applies(self, technique) -> str | None:
-        return needs("invertible", "an inversion technique", technique, INVERSIONS)
+        return needs("invertible", "an inversion technique", technique)
 
     def check(self, key: str) -> None:
         self.methods_list(key, "methods", "[ddim_w7.5,di+p2p]")

@@ -7,7 +7,6 @@ from typing import Any
 from steerexp.evaluators.base_spec import EvaluatorSpec, needs
 from steerexp.spec import register
 
-INVERSIONS = "ddim_inversion, null_text_inversion, negative_prompt_inversion, direct_inversion"
 
 
 @register("evaluator", "inversion")
@@ -18,7 +17,7 @@ class InversionSpec(EvaluatorSpec):
     grid_rows: int = 8
 
     def applies(self, technique) -> str | None:
-        return needs("invertible", "an inversion technique", technique, INVERSIONS)
+        return needs("invertible", "an inversion technique", technique)
 
     def check(self, key: str) -> None:
         self.methods_list(key, "methods", "[vae,ddim_w1,npi]", inversion_only=True)

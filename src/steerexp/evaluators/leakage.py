@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from steerexp import scorers
 from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.leakage_spec import LeakageSpec
 from steerexp.images import side_by_side_grid, side_by_side_labels
+from steerexp.spec import check_settings
 from steerexp.worlds.shapes import world
 
 
@@ -26,8 +28,7 @@ class Leakage:
 
     def __init__(self, prompts: list[str] | str | None = None, tolerance: float = 0.1, head: str = "shape",
                  target: str = "star", heads: list[str] | None = None, judge: str | None = None):
-        if not 0 <= tolerance <= 1:
-            raise ValueError(f"evaluator.leakage.tolerance must be in [0, 1], got {tolerance}")
+        check_settings(LeakageSpec, locals(), "evaluator.leakage")
         if isinstance(prompts, str):
             path = Path(prompts).expanduser()
             if not path.is_file():

@@ -11,6 +11,8 @@ import torch
 
 from steerexp import progress, scorers
 from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.magnitude_spec import MagnitudeSpec
+from steerexp.spec import check_settings
 from steerexp.techniques.protocols import StrengthScalable
 from steerexp.worlds.shapes import world
 
@@ -22,8 +24,7 @@ class Magnitude:
                  target: str = "star", threshold: float = 0.5, tolerance: float = 0.1,
                  leakage_prompts: list[str] | None = None, leakage_heads: list[str] | None = None,
                  judge: str | None = None):
-        if not strengths:
-            raise ValueError("evaluator.magnitude.strengths is empty; give e.g. [0.25,0.5,1,2,4]")
+        check_settings(MagnitudeSpec, locals(), "evaluator.magnitude")
         self.strengths = [float(s) for s in strengths]
         self.head, self.target, self.threshold, self.tolerance = head, target, threshold, tolerance
         self.leakage_prompts = list(leakage_prompts or world.UNRELATED_PROMPTS)

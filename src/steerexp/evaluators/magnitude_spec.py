@@ -24,8 +24,7 @@ class MagnitudeSpec(EvaluatorSpec):
     judge: Optional[str] = None         # who reads the attributes, a scorer by name; null: analytic on the shapes world
 
     def applies(self, technique) -> str | None:
-        return needs("scalable", "a technique with a strength knob", technique,
-                     "embedding_arithmetic, guidance, energy_guidance, latent_priming, prompt_delta, latent_offset")
+        return needs("scalable", "a technique with a strength knob", technique)
 
     def check(self, key: str) -> None:
         s = self.strengths

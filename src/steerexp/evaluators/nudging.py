@@ -28,7 +28,9 @@ import torch
 
 from steerexp import scorers
 from steerexp.evaluators.base import EvalContext, EvalResult
+from steerexp.evaluators.nudging_spec import NudgingSpec
 from steerexp.images import image_grid, image_grid_labels, nn_rms
+from steerexp.spec import check_settings
 from steerexp.techniques.protocols import Filtered
 from steerexp.worlds.shapes import world
 
@@ -46,8 +48,7 @@ class Nudging:
 
     def __init__(self, threshold: float = 0.1, protected_prompts: list[str] | None = None,
                  ordinary_prompts: list[str] | None = None, grid_rows: int = 16, judge: str | None = None):
-        if not threshold > 0:
-            raise ValueError(f"evaluator.nudging.threshold must be > 0, got {threshold}")
+        check_settings(NudgingSpec, locals(), "evaluator.nudging")
         self.threshold, self.grid_rows = threshold, grid_rows
         self.protected_prompts = list(protected_prompts or world.PROTECTED_CAPTIONS)
         self.ordinary_prompts = list(ordinary_prompts or world.UNRELATED_PROMPTS)

@@ -19,7 +19,7 @@ class NudgingSpec(EvaluatorSpec):
     judge: Optional[str] = None     # who reads shape and colour, a scorer by name; null: analytic on the shapes world
 
     def applies(self, technique) -> str | None:
-        return needs("filtered", "a technique that filters and nudges each output", technique, "nudging")
+        return needs("filtered", "a technique that filters and nudges each output", technique)
 
     def check(self, key: str) -> None:
         self.positive(key, "threshold", 0.1)

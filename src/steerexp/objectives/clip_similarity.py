@@ -10,19 +10,16 @@ from __future__ import annotations
 import torch
 
 from steerexp.images import load_image
+from steerexp.objectives.clip_similarity_spec import ClipSimilaritySpec
 from steerexp.objectives.composite import ObjectiveInputs, Term
+from steerexp.spec import check_settings
 
 
 class ClipSimilarity(Term):
     def __init__(self, text: str | None = None, image: str | None = None, weight: float = 1.0,
                  model: str | None = None, pretrained: str | None = None):
+        check_settings(ClipSimilaritySpec, locals(), "objective.terms.clip_similarity")
         super().__init__(weight)
-        if (text is None) == (image is None):
-            raise ValueError("objective clip_similarity needs exactly one target: objective.terms.clip_similarity.text "
-                             "(a prompt) or objective.terms.clip_similarity.image (an image file); "
-                             f"got text={text!r}, image={image!r}")
-        if text is not None and not str(text).strip():
-            raise ValueError("objective clip_similarity: the target text is empty")
         self.text = text
         self.image = load_image(image, "objective clip_similarity.image") if image is not None else None
         self.model, self.pretrained = model, pretrained

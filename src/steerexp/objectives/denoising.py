@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from steerexp.objectives.composite import ObjectiveInputs, Term
+from steerexp.objectives.denoising_spec import DenoisingSpec
+from steerexp.spec import check_settings
 
 
 class Denoising(Term):
     needs = frozenset({"generator", "latents", "cond", "rng"})
 
     def __init__(self, weight: float = 1.0, min_timestep: int = 0, max_timestep: int = 1000):
+        check_settings(DenoisingSpec, locals(), "objective.terms.denoising")
         super().__init__(weight)
-        if not 0 <= min_timestep < max_timestep:
-            raise ValueError("objective timesteps need 0 <= min_timestep < max_timestep, "
-                             f"got {min_timestep}, {max_timestep}")
         self.min_timestep, self.max_timestep = min_timestep, max_timestep
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from steerexp.objectives.composite import ObjectiveInputs, Term
+from steerexp.objectives.regularisers_spec import ProximitySpec
+from steerexp.spec import check_settings
 
 
 def chi_penalty(z: torch.Tensor) -> torch.Tensor:
@@ -61,10 +63,8 @@ class Proximity(Term):
     needs = frozenset({"images", "start_images"})
 
     def __init__(self, weight: float = 1.0, border: int | None = None):
+        check_settings(ProximitySpec, locals(), "objective.terms.proximity")
         super().__init__(weight)
-        if border is not None and (isinstance(border, bool) or not isinstance(border, int) or border < 1):
-            raise ValueError(f"objective proximity.border must be null (the whole image) or a number of pixels >= 1, "
-                             f"got {border!r}")
         self.border = border
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:

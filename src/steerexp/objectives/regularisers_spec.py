@@ -33,6 +33,7 @@ class ProximitySpec(TermSpec):
 
     def check(self, key: str) -> None:
         super().check(key)
-        if self.border is not None and self.border < 1:
+        b = self.border
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ConfigError(f"{key}.border", f"must be null (the whole image) or a number of pixels >= 1, got "
                               f"{self.border!r}", f"set e.g. {key}.border=3")

@@ -15,6 +15,7 @@ TEMPLATE_SETS = ("object", "style", "shapes")   # textual_inversion.TEMPLATES
 @dataclass
 class TextualInversionSpec(TrainableSpec):
     has_targets = True
+    scalable = True                 # strength interpolates v_init -> v* (the magnitude evaluator)
     default_objective = ("denoising",)
 
     _target_: str = "steerexp.techniques.textual_inversion.TextualInversion"

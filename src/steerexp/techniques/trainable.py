@@ -32,8 +32,8 @@ import torch
 from steerexp.generators import FrozenGenerator
 from steerexp.techniques.base import Technique
 from steerexp.techniques.budgets import Budget
+from steerexp.trainer_spec import LR_SCHEDULERS
 
-LR_SCHEDULERS = ("constant", "warmup", "cosine")
 
 
 class Trainable(Technique, L.LightningModule):
