@@ -24,14 +24,17 @@ This module imports Lightning: the run imports it only when a technique trains.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -168,6 +171,96 @@ def _quiet_lightning() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Quiet) for f in logger.filters):
             logger.addFilter(_Quiet())
+
+
+class _RankObserver(_ChildProcessObserver):
+    """Lightning's observer of the ranks its launcher started (every 5 s: when one has exited non-zero, SIGKILL
+    the others and this process), which `ranks_of_this_run` stops when the fit and its collectives are over."""
+
+    every_s = 5  # (Lightning's)
+
+    def __init__(self, main_pid: int, child_processes: list) -> None:
+        super().__init__(main_pid=main_pid, child_processes=child_processes, sleep_period=self.every_s)
+        self.children = child_processes
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def _run(self) -> bool:
+        with self._lock:  # (a check under way ends before `stop` returns)
+            return self._stopped or super()._run()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+
+# what Lightning's subprocess launcher sets in this process's environment when it starts the other ranks
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def ranks_of_this_run(settings: dict | None = None):
+    """Around `fit` and the collectives that follow it (the final checkpoint) in a steerexp run: data-parallel
+    ranks are started as this Hydra job's own run, and leave this process as they found it.
+
+    - Lightning's ddp strategy starts ranks 1.. by running the script again, with a command it builds from
+      sys.argv (lightning.fabric.strategies.launchers.subprocess_script._hydra_subprocess_cmd, a module-level
+      function its launchers call, the Trainer's by the name it imported): right for a single `steerexp` run,
+      wrong for a sweep's job, where sys.argv is the whole sweep (`-m`, Hydra's basic launcher: the jobs run in
+      this process) or the job's worker (launcher=gpus: `python -m ..._worker <spec>`). Meanwhile that function
+      is steerexp.ranks.relaunch_command in both modules (the job's own single run in the job's directory;
+      `settings`: key -> value it adds), falling back to Lightning's own for an app not composed from
+      steerexp's configs.
+    - After: the ranks it started are no longer watched by Lightning's observer thread, which SIGKILLs this
+      process when one of them exits non-zero (a sweep's later jobs with it); if the run failed they are killed
+      (SIGKILL, as Lightning does: they may be waiting in a collective). The process group the fit created is
+      destroyed (Lightning leaves it to exit) and the variables its launcher set in os.environ are restored (a
+      LOCAL_RANK left behind would make the next fit believe a cluster started its processes, and start none):
+      the next job of a basic sweep, in this process, starts clean."""
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
+
+    from steerexp import ranks
+
+    launchers = (fabric_launcher, trainer_launcher)
+    originals = [(m, m._hydra_subprocess_cmd, m._launch_process_observer) for m in launchers]
+    lightnings = trainer_launcher._hydra_subprocess_cmd
+    observers: list[_RankObserver] = []
+
+    def command(local_rank: int):
+        return ranks.relaunch_command(local_rank, settings) or lightnings(local_rank=local_rank)
+
+    def observe(child_processes) -> None:
+        observers.append(_RankObserver(main_pid=os.getpid(), child_processes=child_processes))
+        observers[-1].start()
+
+    environment = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for module, _, _ in originals:
+        module._hydra_subprocess_cmd = command
+        module._launch_process_observer = observe
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for module, original, lightnings_observer in originals:
+            module._hydra_subprocess_cmd = original
+            module._launch_process_observer = lightnings_observer
+        for watcher in observers:
+            watcher.stop()
+            for child in watcher.children if failed else ():
+                child.kill()
+                child.wait()
+        if not grouped and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def legacy_checkpoint(path: str | Path, into: Path) -> Path:
