@@ -6,7 +6,9 @@
     python benchmarks/make_random_pipeline.py --arch sd3 --out /tmp/sd3 --size real --no-t5
 
 A thin CLI over steerexp.generators.random_pipelines.make_random_pipeline (its docstring lists the configs
-and what each reduction drops). Prints the folder and its parameter counts as JSON.
+and what each reduction drops). Prints the folder and its parameter counts as JSON. The scheduler config it
+writes mirrors the family's hub config exactly (random_pipelines.SCHEDULERS: SD 1.5's PNDMScheduler with
+clip_sample false, SDXL base's EulerDiscreteScheduler, SD3's and FLUX.1-dev's FlowMatchEulerDiscreteScheduler).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ the code measured; a module the process imports first):
 
     start + imports    spawn -> run() entered: the interpreter, every import, Hydra's compose, validation
     model load         steerexp.generators.from_pretrained (every family), less its fingerprint
-    fingerprint        every FrozenGenerator.fingerprint() (at load and after the run)
+    fingerprint        every FrozenGenerator.proof_record() (the unchanged-proof, at load and after the run)
     build rest         the technique and evaluators (steerexp.run.build less the model load)
     training           steerexp.run.train (the training loop with its checkpoints)
     evaluation         steerexp.run.evaluate
@@ -63,7 +63,7 @@ import steerexp.run as R
 import steerexp.generators as GS
 from steerexp.generators.frozen import FrozenGenerator as G
 for owner, name, key in ((R, "build", "build"), (R, "train", "training"), (R, "evaluate", "evaluation"),
-                         (G, "fingerprint", "fingerprint"), (GS, "from_pretrained", "load")):
+                         (G, "proof_record", "fingerprint"), (GS, "from_pretrained", "load")):
     timed(owner, name, key)  # from_pretrained: every family's loader (load_generator calls it)
 run = R.run
 def entered(*args, **kwargs):

@@ -42,6 +42,10 @@ FAMILIES = {
 }
 
 
+# generator.proof: how a run proves the frozen weights unchanged (FrozenGenerator.proof_record says what each
+# catches): fast (identity, version counters and an on-device checksum) or full (SHA-256 of every byte)
+PROOFS = ("fast", "full")
+
 # what each family offers the techniques (Technique.requirements names these)
 CAPABILITIES = {
     "sd": frozenset({"cfg", "cross_attention", "vp"}),    # classifier-free guidance, a cross-attention UNet, DDPM noise
@@ -127,8 +131,10 @@ def pipeline_index(path: str | Path) -> dict:
                                 f"is unreachable or has no such model): {err}") from err
 
 
-def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32"):
-    """The generator of a diffusers pipeline folder or hub id, its family read from model_index.json."""
+def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32", height: int | None = None,
+                    width: int | None = None):
+    """The generator of a diffusers pipeline folder or hub id, its family read from model_index.json, sampling at
+    height x width pixels (None: the model's default side; FrozenGenerator.set_size)."""
     from steerexp.generators.frozen import DTYPES, resolve_device
 
     if dtype not in DTYPES:
@@ -137,7 +143,7 @@ def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32")
     if dev.type == "cpu" and dtype == "fp16":
         raise ValueError("generator.dtype=fp16 does not run on the CPU; use dtype=fp32 (or bf16) or a CUDA device")
     cls = family_class(pipeline_class_of(path))
-    return cls.from_pipeline(cls.load(path, dtype), dev, DTYPES[dtype])
+    return cls.from_pipeline(cls.load(path, dtype), dev, DTYPES[dtype]).set_size(height, width)
 
 
 def embedded_path(name: str = "shapes") -> Path:
@@ -147,11 +153,18 @@ def embedded_path(name: str = "shapes") -> Path:
     return (ASSETS if name in SHIPPED else built_assets()) / name
 
 
-def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32", embedded: str = "shapes"):
+def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32", embedded: str = "shapes",
+                   height: int | None = None, width: int | None = None, proof: str = "fast"):
     """An embedded generator (path None: `embedded`, the shapes UNet or shapes_flow) or any supported pipeline
-    folder / hub id. `world` says what it draws: "shapes" for the embedded ones or any pipeline
-    `steerexp-pretrain` built (a recipe.json beside it), else None (the evaluators then judge with a learned
-    scorer)."""
-    generator = from_pretrained(path or embedded_path(embedded), device=device, dtype=dtype)
+    folder / hub id, sampling at height x width pixels (None: the model's default side). `world` says what it
+    draws: "shapes" for the embedded ones or any pipeline `steerexp-pretrain` built (a recipe.json beside it),
+    else None (the evaluators then judge with a learned scorer). `proof`: how the run proves the weights
+    unchanged, fast or full (FrozenGenerator.proof_record)."""
+    if proof not in PROOFS:
+        raise ValueError(f"generator.proof must be one of {', '.join(PROOFS)}, got {proof!r}")
+    generator = from_pretrained(path or embedded_path(embedded), device=device, dtype=dtype, height=height,
+                                width=width)
+    if proof != generator.proof:
+        generator.set_proof(proof)  # records the load-time state with that proof
     generator.world = "shapes" if not path or (Path(path).expanduser().parent / "recipe.json").is_file() else None
     return generator

@@ -241,12 +241,23 @@ class Controller:
         injected = src.gather(-1, index) * alphas + tgt * (1 - alphas)
         return injected * self.equalizer[:, None, None, :]
 
+    def layer_grid(self, queries: int) -> tuple[int, int]:
+        """(h, w) of a layer's query grid: the latent's, halved (rounding up, as the UNet's strided convolutions
+        do) until it holds `queries` positions; so non-square latents keep their aspect ratio."""
+        h, w = self.latent_hw
+        while h * w > queries and (h > 1 or w > 1):
+            h, w = -(-h // 2), -(-w // 2)
+        if h * w != queries:  # not a downsampled latent grid: read it as a square
+            side = int(round(queries ** 0.5))
+            return side, side
+        return h, w
+
     def _record(self, probs: torch.Tensor) -> None:
         """Mean over heads of one cross-attention layer, as maps at the latent resolution."""
         B, _, Q, K = probs.shape
-        side = int(round(Q ** 0.5))
-        maps = probs.mean(1).transpose(1, 2).reshape(B, K, side, side)
-        if (side, side) != tuple(self.latent_hw):
+        grid = self.layer_grid(Q)
+        maps = probs.mean(1).transpose(1, 2).reshape(B, K, *grid)
+        if grid != tuple(self.latent_hw):
             maps = F.interpolate(maps, size=self.latent_hw, mode="bilinear", align_corners=False)
         self._step_maps.append(maps)
 

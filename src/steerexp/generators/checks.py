@@ -1,6 +1,7 @@
 """The generator's environment checks, before any model loads and without torch (validate.py calls them).
 
-    check_generator(c)          generator.path / embedded / device / dtype -> GeneratorInfo (folder, timesteps)
+    check_generator(c)          generator.path / embedded / device / dtype / height / width / proof -> GeneratorInfo
+    check_size, size_rule       generator.height / width against the folder's VAE factor and family limits
     check_family(c, gen)        a pipeline class steerexp supports, and a technique its family can run
     check_pipeline_folder       model_index.json and component configs parse, weights present and complete
     read_safetensors_header     a safetensors file's JSON header, checked against the file's size (no tensor read)
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from steerexp.errors import ConfigError
-from steerexp.generators import EMBEDDED, embedded_path
+from steerexp.generators import EMBEDDED, PROOFS, embedded_path
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_TRAIN_TIMESTEPS = 1000
@@ -138,7 +139,122 @@ def check_generator(c: dict) -> GeneratorInfo:
         why = "generator.device=auto found no GPU" if device == "auto" else "generator.device=cpu"
         raise ConfigError("generator.dtype", f"fp16 does not run on the CPU ({why})",
                           "set generator.dtype=fp32 (or bf16), or run on a CUDA device")
+    check_size(gen, folder)
+    check_proof(gen.get("proof", "fast"))
     return GeneratorInfo(folder)
+
+
+def check_proof(proof: Any) -> None:
+    """generator.proof: how the run proves the frozen weights unchanged (FrozenGenerator.proof_record)."""
+    if proof not in PROOFS:
+        raise ConfigError("generator.proof", f"must be one of {', '.join(PROOFS)}, got {proof!r}",
+                          "set generator.proof=fast (identity, version counters and a checksum on the device) or "
+                          "generator.proof=full (SHA-256 of every weight, for audited runs)")
+
+
+# ---------------------------------------------------------------------------- the image size
+SIZE_KEYS = ("height", "width")
+MAX_SIZE_FACTOR = 4  # a side at most 4x the model's default side, where the model sets no limit of its own
+
+
+class SizeRule:
+    """What sizes a pipeline folder samples at (from its configs alone; FrozenGenerator.set_size applies the same
+    rule to a loaded generator):
+
+    multiple   every side is divisible by it: the VAE's scale factor 2**(levels - 1), times the transformer's
+               patch side where the denoiser reads patches (SD3: patch_size; FLUX: its 2x2 latent packing).
+               A UNet needs no more: diffusers' UNet2DConditionModel upsamples to its skip connections' sizes,
+               so any latent side runs (checked down to odd sides on the shipped shapes UNet)
+    default    (height, width) the model samples at when generator.height / width are null
+    max_side   the largest side: SD3's position embedding covers pos_embed_max_size patches a side (a hard
+               limit), else MAX_SIZE_FACTOR x the default side (memory and quality fall far off before)"""
+
+    def __init__(self, family: str, factor: int, multiple: int, why: str, default: tuple[int, int],
+                 max_side: int, limit_why: str):
+        self.family, self.factor, self.multiple, self.why = family, factor, multiple, why
+        self.default, self.max_side, self.limit_why = default, max_side, limit_why
+
+    def problem(self, side: int) -> tuple[str, str] | None:
+        """(problem, fix) for one side in pixels, or None when it is allowed (`fix` holds KEY for the setting)."""
+        m = self.multiple
+        if side % m:
+            lo, hi = side - side % m, side - side % m + m
+            near = f"{lo} or {hi}" if lo else f"{hi}"
+            return f"is {side} px, not divisible by {m} ({self.why})", f"set KEY={near}"
+        if side > self.max_side:
+            return (f"is {side} px, above the {self.max_side} px this model allows ({self.limit_why})",
+                    f"set KEY to at most {self.max_side} (null: the model's default {self.default[0]}x"
+                    f"{self.default[1]})")
+        return None
+
+
+def _side(value: Any) -> tuple[int, int] | None:
+    """A config's sample_size (an int, or [height, width]) as (height, width)."""
+    if _is_int(value) and value > 0:
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def size_rule(folder: Path, key: str = "generator.path") -> SizeRule | None:
+    """The SizeRule of a pipeline folder, read from model_index.json and the VAE's and denoiser's config.json
+    (None when the folder is not a supported pipeline: check_family says so)."""
+    from steerexp import generators
+
+    index = read_json(folder / "model_index.json", key, required=False)
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name not in generators.FAMILIES:
+        return None
+    family = generators.FAMILIES[name][0]
+    vae = read_json(folder / "vae" / "config.json", key, required=False)
+    blocks = vae.get("block_out_channels") if isinstance(vae, dict) else None
+    if not isinstance(blocks, list) or not blocks:
+        raise ConfigError(key, f"{folder / 'vae' / 'config.json'} has no block_out_channels, so the VAE's scale "
+                          "factor (and the sizes generator.height / width may take) is unknown", "restore that file")
+    factor = 2 ** (len(blocks) - 1)
+    vae_why = f"the VAE's scale factor: its {len(blocks)} levels halve the image {len(blocks) - 1} times"
+    denoiser = "transformer" if family in ("sd3", "flux") else "unet"
+    conf = read_json(folder / denoiser / "config.json", key, required=False)
+    conf = conf if isinstance(conf, dict) else {}
+    limit_why = f"{MAX_SIZE_FACTOR}x its default side; steerexp's limit"
+    if family == "flux":
+        latent = (vae.get("sample_size") // factor) if _is_int(vae.get("sample_size")) else 128  # as flux.py
+        default = (latent * factor,) * 2
+        multiple, why = 2 * factor, f"{vae_why} ({factor}), and FLUX packs the latent in 2x2 patches"
+        return SizeRule(family, factor, multiple, why, default, MAX_SIZE_FACTOR * max(default), limit_why)
+    side = _side(conf.get("sample_size")) or (64, 64)
+    default = (side[0] * factor, side[1] * factor)
+    if family == "sd3":
+        patch = conf.get("patch_size") if _is_int(conf.get("patch_size")) else 2
+        multiple = factor * patch
+        why = f"{vae_why} ({factor}), times the transformer's {patch}x{patch} patches"
+        pos = conf.get("pos_embed_max_size")
+        if _is_int(pos) and pos > 0:
+            return SizeRule(family, factor, multiple, why, default, pos * patch * factor,
+                            f"the transformer's position embedding covers at most {pos} patches a side")
+        return SizeRule(family, factor, multiple, why, default, MAX_SIZE_FACTOR * max(default), limit_why)
+    return SizeRule(family, factor, factor, vae_why, default, MAX_SIZE_FACTOR * max(default), limit_why)
+
+
+def check_size(gen: dict, folder: Path | None) -> None:
+    """generator.height / width (null: the model's default side): positive whole pixels, divisible by the
+    folder's SizeRule multiple and within its limit. A hub id not yet downloaded gets the first check only (the
+    loader's set_size checks the rest)."""
+    values = {k: gen.get(k) for k in SIZE_KEYS}
+    for k, v in values.items():
+        if v is not None and (not _is_int(v) or v < 1):
+            raise ConfigError(f"generator.{k}", f"must be a positive whole number of pixels, or null (the model's "
+                              f"default size), got {v!r}", f"set generator.{k}=null or e.g. generator.{k}=512")
+    if all(v is None for v in values.values()) or folder is None:
+        return
+    rule = size_rule(folder)
+    if rule is None:
+        return
+    for k, v in values.items():
+        why = None if v is None else rule.problem(v)
+        if why:
+            raise ConfigError(f"generator.{k}", why[0], why[1].replace("KEY", f"generator.{k}"))
 
 
 def check_family(c: dict, gen: GeneratorInfo) -> None:
@@ -156,6 +272,7 @@ def check_family(c: dict, gen: GeneratorInfo) -> None:
         raise ConfigError("generator.path", f"holds a {pipeline_class} pipeline, which steerexp does not support",
                           f"use a pipeline of a supported class: {supported}")
     family = generators.FAMILIES[pipeline_class][0]
+    check_scheduler(gen.folder, family)
     if family == "sd":
         return
     target = _target(c, "technique")
@@ -166,6 +283,92 @@ def check_family(c: dict, gen: GeneratorInfo) -> None:
     why = generators.inapplicable(get_class(target), c.get("technique") or {}, family)
     if why:
         raise ConfigError("technique", why)
+
+
+# ---------------------------------------------------------------------------- the scheduler config
+# The scheduler classes each family samples with steerexp's own sampler (sampling.py): sd and sdxl run DDIM over the
+# class's noise schedule (sd.ddim_for), sd3 and flux the Euler flow step over FlowMatchEulerDiscreteScheduler's sigmas.
+VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                 "DEISMultistepScheduler", "UniPCMultistepScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+SCHEDULER_CLASSES = {"sd": VP_SCHEDULERS, "sdxl": VP_SCHEDULERS, "sd3": FLOW_SCHEDULERS, "flux": FLOW_SCHEDULERS}
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+VP_PREDICTIONS = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIMScheduler builds
+# settings that pick other noise levels than DDIM's timesteps (a VP family samples DDIM at timestep_spacing's
+# timesteps): (setting, the value that is followed)
+VP_REFUSED = (("use_karras_sigmas", False), ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
+              ("use_lu_lambdas", False), ("timestep_type", "discrete"))
+# FlowMatchEulerDiscreteScheduler settings that change the Euler step itself (the rest shape the sigmas, which
+# sampling.Schedule.from_flow takes from the scheduler's own set_timesteps)
+FLOW_REFUSED = (("stochastic_sampling", False), ("invert_sigmas", False))
+
+
+def check_scheduler(folder: Path, family: str, key: str = "generator.path") -> None:
+    """The folder's scheduler config is one the family's sampler and inversion follow, or one ConfigError naming the
+    setting and the fix (README "Scheduler settings"). Torch-free: reads scheduler/scheduler_config.json only."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    sched = read_json(path, key, required=False)
+    if not isinstance(sched, dict):
+        return  # no scheduler config: check_pipeline_folder / the loader say what is missing
+    # diffusers loads the class model_index.json names (the config's own _class_name only when it names none)
+    index = read_json(folder / "model_index.json", key, required=False)
+    entry = index.get("scheduler") if isinstance(index, dict) else None
+    listed = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else None
+    cls = listed or sched.get("_class_name")
+    classes = SCHEDULER_CLASSES[family]
+    if cls not in classes:
+        kind = "flow-matching" if family in ("sd3", "flux") else "DDPM-family (variance-preserving)"
+        where = folder / "model_index.json" if listed else path
+        raise ConfigError(key, f"{where} names the scheduler class {cls!r}, which steerexp does not sample the "
+                          f"{family} family with (it needs a {kind} scheduler)",
+                          f'set the scheduler class in that file to one of {", ".join(classes[:3])}, ...')
+
+    def refuse(setting: str, value, why: str, fix_value) -> None:
+        raise ConfigError(key, f"the scheduler setting {setting}={json.dumps(value)} ({path}) {why}",
+                          f'set "{setting}": {json.dumps(fix_value)} in that file, or use a folder whose scheduler '
+                          "does not set it")
+
+    if family in ("sd3", "flux"):
+        for setting, followed in FLOW_REFUSED:
+            if setting in sched and sched[setting] not in (None, followed):
+                refuse(setting, sched[setting], "changes the Euler step, which steerexp's sampler and inversion "
+                       "do not follow", followed)
+        shift_type = sched.get("time_shift_type", "exponential")
+        if shift_type not in ("exponential", "linear"):
+            refuse("time_shift_type", shift_type, "is not a time shift diffusers knows (exponential or linear)",
+                   "exponential")
+        chosen = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if sched.get(k)]
+        if len(chosen) > 1:
+            refuse(chosen[1], True, f"and {chosen[0]}=true are both set; diffusers allows one", False)
+        return
+    for setting, followed in VP_REFUSED:
+        if setting in sched and sched[setting] not in (None, followed):
+            refuse(setting, sched[setting], f"picks other noise levels than DDIM's timesteps, and the {family} "
+                   "family samples and inverts DDIM over the scheduler's alphas (timestep_spacing sets its steps)",
+                   followed)
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in VP_PREDICTIONS:
+        refuse("prediction_type", prediction, f"is not a prediction steerexp samples the {family} family with "
+               f"({' or '.join(VP_PREDICTIONS)})", "epsilon")
+    spacing = sched.get("timestep_spacing", "leading")
+    if spacing not in TIMESTEP_SPACINGS:
+        refuse("timestep_spacing", spacing, f"is not one of {', '.join(TIMESTEP_SPACINGS)} (DDIMScheduler's)",
+               "leading")
+    betas = sched.get("beta_schedule", "linear")
+    if sched.get("trained_betas") is None and betas not in BETA_SCHEDULES:
+        refuse("beta_schedule", betas, f"is not one DDIMScheduler builds ({', '.join(BETA_SCHEDULES)})",
+               "scaled_linear")
+    for setting in ("clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value"):
+        v = sched.get(setting)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                              or (setting == "dynamic_thresholding_ratio" and v > 1)):
+            refuse(setting, v, "must be a positive number" + (" <= 1" if setting == "dynamic_thresholding_ratio"
+                                                              else ""), {"clip_sample_range": 1.0,
+                                                                         "dynamic_thresholding_ratio": 0.995,
+                                                                         "sample_max_value": 1.0}[setting])
 
 
 def check_pipeline_folder(folder: Path, key: str = "generator.path") -> None:

@@ -12,6 +12,7 @@ Euler over the scheduler's sigmas with the resolution-dependent shift (mu), as i
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -50,7 +51,10 @@ class FluxGenerator(FrozenGenerator):
     def transformer(self) -> torch.nn.Module:
         return self.denoiser
 
+    latent_patch = 2  # the transformer reads 2x2 patches of the latent
+
     def latent_shape(self, height=None, width=None):
+        height, width = height or self.height, width or self.width  # default: the run's size (set_size)
         h = (height // self.vae_scale_factor) if height else self.default_sample_size
         w = (width // self.vae_scale_factor) if width else self.default_sample_size
         if h % 2 or w % 2:
@@ -81,8 +85,14 @@ class FluxGenerator(FrozenGenerator):
                                txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
         return out.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
+    def schedule_for(self, steps: int, latents: torch.Tensor) -> sampling.Schedule:
+        """The shift mu follows the latents' size (their patch count), as the pipeline's does."""
+        f = self.vae_scale_factor
+        return self.schedule(steps, latents.shape[-2] * f, latents.shape[-1] * f)
+
     def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> sampling.Schedule:
         _, h, w = self.latent_shape(height, width)
         mu = sampling.flow_shift_mu(h * w // 4, self.scheduler.config)
-        sigmas = [1.0 - k * (1.0 - 1.0 / steps) / max(steps - 1, 1) for k in range(steps)]  # the pipeline's linspace
+        sigmas = None if getattr(self.scheduler.config, "use_flow_sigmas", False) else (  # as FluxPipeline does
+            np.linspace(1.0, 1 / steps, steps).tolist())
         return sampling.Schedule.from_flow(self.scheduler, steps, mu, sigmas)

@@ -13,8 +13,9 @@ schedule and its VAE's latent scaling. Everything else lives here, once:
 - classifier-free guidance (cond and uncond in one batch) or distilled guidance (a model input: FLUX);
 - one sampler for every family (sampling.py: DDIM for epsilon/v prediction, Euler for flow matching, the
   same step rule), with or without gradients and checkpointing, and its inversion;
-- VAE encode/decode; the fingerprint. No parameter ever requires grad, every module stays in eval mode,
-  and the fingerprint proves the weights unchanged.
+- VAE encode/decode; the unchanged-proof. No parameter ever requires grad, every module stays in eval mode,
+  and a proof taken at load and at the end of the run shows the weights unchanged (`proof_record`: fast, each
+  tensor's identity and version counter plus a checksum on its device; or full, SHA-256 of every byte).
 """
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
-from steerexp import progress
-from steerexp.generators import sampling
+from steerexp import guiders, progress
+from steerexp.generators import PROOFS, sampling  # PROOFS: generator.proof's values (checks.py refuses others)
 from steerexp.techniques.guidance_spec import NEGATIVE_MODES, SCHEDULES  # the guidance settings' values (torch-free)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,6 +39,50 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class GeneratorChangedError(RuntimeError):
     pass
+
+
+# ---------------------------------------------------------------------------- the unchanged-proof's pieces
+CHUNK = 4096  # int32 words per chunk of the fast proof's checksum
+# what each entry of a proof record holds (FrozenGenerator.proof_record), to say what changed
+_PROOF_FIELDS = {
+    "fast": ("data_ptr", "storage_offset", "shape", "stride", "dtype", "device", "requires_grad", "version",
+             "checksum"),
+    "full": ("shape", "dtype", "requires_grad", "sha256"),
+}
+
+
+def _words(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tensor's bytes, on its device, as (int32 words, the last 0-3 bytes as int32): views where it is contiguous."""
+    flat = t.detach()
+    flat = (flat if flat.is_contiguous() else flat.contiguous()).reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    raw = flat.view(torch.uint8) if flat.element_size() != 4 else None
+    if raw is None:
+        return flat.view(torch.int32), flat.new_zeros(0, dtype=torch.int32)
+    n = raw.numel() // 4 * 4
+    try:
+        return raw[:n].view(torch.int32), raw[n:].to(torch.int32)
+    except RuntimeError:  # a 1- or 2-byte tensor starting mid-word in a shared storage: a copy, on its device
+        raw = raw.clone()
+        return raw[:n].view(torch.int32), raw[n:].to(torch.int32)
+
+
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """[2] int64 on the tensor's device: the sum of its int32 words' per-chunk sums (each wrapping mod 2**32)
+    and those chunk sums weighted by 1 + the chunk's index (FrozenGenerator.proof_record)."""
+    words, tail = _words(t)
+    full = words.numel() // CHUNK * CHUNK
+    chunks = words[:full].view(-1, CHUNK).sum(1, dtype=torch.int32)  # wraps; exact whatever the reduction order
+    rest = words[full:].sum(dtype=torch.int32) + tail.sum(dtype=torch.int32)
+    chunks = torch.cat([chunks, rest.reshape(1)]).to(torch.int64)
+    weights = torch.arange(1, len(chunks) + 1, device=chunks.device, dtype=torch.int64)
+    return torch.stack([chunks.sum(), (chunks * weights).sum()])
+
+
+def _sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (the full proof: copied to the host first when it is on another device)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 @dataclass
@@ -49,6 +95,8 @@ class Guidance:
                      | weak_strong_weak (1 at both ends, w in the middle, a sine bump)
     negative_prompt  with negative_mode=uncond it replaces the empty prompt as the uncond branch;
                      with negative_mode=subtract it is an extra term -negative_weight * (eps_neg - eps_uncond)
+    guider           None: the project's CFG above; else a diffusers guider (diffusers.guiders, the `guider` config
+                     group) combines cond and uncond instead, at `scale` (steerexp/guiders.py)
     """
     scale: float = 7.5
     rescale: float = 0.0
@@ -58,8 +106,14 @@ class Guidance:
     negative_prompt: str = ""
     negative_mode: str = "uncond"
     negative_weight: float = 1.0
+    guider: Any = field(default=None, compare=False)
 
     def __post_init__(self):
+        if self.guider is not None:  # the guider does the combining: the project's own knobs have no place in it
+            if self.rescale or self.schedule != "constant" or self.subtracts_negative:
+                raise ValueError("guidance rescale, schedule and a subtracted negative prompt act inside the "
+                                 "project's CFG; with a guider use its own guidance_rescale and start/stop")
+            self.guider = guiders.with_scale(self.guider, self.scale)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"guidance schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.negative_mode not in NEGATIVE_MODES:
@@ -84,6 +138,8 @@ class Guidance:
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, i: int = 0, steps: int = 1,
                 negative: torch.Tensor | None = None) -> torch.Tensor:
+        if self.guider is not None:
+            return guiders.combine(self.guider, cond, uncond, i, steps)
         guided = uncond + self.scale_at(i, steps) * (cond - uncond)
         if negative is not None:
             guided = guided - self.negative_weight * (negative - uncond)
@@ -197,14 +253,15 @@ class FrozenGenerator:
             m.to(self.device).eval().requires_grad_(False)
         self.added_tokens: list[str] = []
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._fingerprint = self.fingerprint()
+        self._loaded = self.proof_record()  # the load-time record every later proof compares with
 
     @classmethod
-    def from_pretrained(cls, path, device: str = "auto", dtype: str = "fp32") -> "FrozenGenerator":
+    def from_pretrained(cls, path, device: str = "auto", dtype: str = "fp32", height: int | None = None,
+                        width: int | None = None) -> "FrozenGenerator":
         """The generator of a pipeline folder or hub id, of the family its model_index.json names."""
         from steerexp.generators import from_pretrained
 
-        return from_pretrained(path, device, dtype)
+        return from_pretrained(path, device, dtype, height, width)
 
     # ------------------------------------------------------------------ components
     @property
@@ -233,28 +290,124 @@ class FrozenGenerator:
         return capability in self.capabilities
 
     # ------------------------------------------------------------------ freezing
-    def fingerprint(self) -> str:
-        """SHA-256 over every parameter and buffer of the text encoders, the denoiser and the VAE."""
-        h = hashlib.sha256()
-        for name, module in self.named_modules:
-            for key, t in sorted(module.state_dict().items()):
-                h.update(f"{name}.{key}:{tuple(t.shape)}:{t.dtype}".encode())  # next: the buffer itself, no bytes copy
-                h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
-        return h.hexdigest()
+    # How the run proves the weights unchanged (generator.proof; set_proof): "fast" or "full" (proof_record says
+    # what each compares, catches and misses).
+    proof = "fast"
+
+    def set_proof(self, proof: str) -> "FrozenGenerator":
+        """Prove the weights unchanged with `proof` ("fast" or "full") from now on. The load-time record is taken
+        anew with it, so call it right after loading (load_generator does)."""
+        if proof not in PROOFS:
+            raise ValueError(f"generator.proof must be one of {', '.join(PROOFS)}, got {proof!r}")
+        self.proof = proof
+        self._loaded = self.proof_record()
+        return self
+
+    def frozen_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every parameter and persistent buffer of the text encoders, the denoiser and the VAE,
+        as the modules hold them (state_dict(keep_vars=True): the Parameter objects, not detached copies)."""
+        return [(f"{name}.{key}", t) for name, module in self.named_modules
+                for key, t in module.state_dict(keep_vars=True).items()]
+
+    def proof_record(self, proof: str | None = None) -> dict[str, tuple]:
+        """What the proof compares, per frozen tensor (frozen_tensors), with the load-time record.
+
+        fast (the default): each tensor's identity and a checksum computed on its device. No weight leaves the
+          device: two int64 per tensor come back, in one transfer per device. At SD 1.5 scale (1.07 B fp32
+          parameters, 4.3 GB) it reads the weights once, in place, on one CPU thread (benchmarks/fixed_cost.py,
+          README).
+          - identity: data_ptr (the memory the tensor reads), storage offset, shape, strides, dtype, device,
+            requires_grad, and the version counter `_version`, which every in-place op on the tensor or on
+            a view of it bumps: autograd-tracked ops, ops under torch.no_grad(), copy_, load_state_dict, optimiser
+            steps, `p.detach().add_()`.
+          - checksum: the tensor's bytes read as int32 words (the last 1-3 bytes of an odd-sized tensor as
+            bytes), summed per chunk of CHUNK words with wrap-around; kept: the sum of the chunk sums and their
+            sum weighted by the chunk's index. Integer sums do not depend on the order of the reduction, so the same
+            bytes give the same checksum with any thread count or device (a float32 or float64 sum changes in its
+            last bits between 1 and 2 CPU threads, and the run sets its thread count after loading).
+          Caught: any in-place write that bumps `_version`; a replaced tensor (`module.weight = Parameter(...)`,
+          `p.data = t`, `.to()`/`.half()`: new data_ptr, dtype or device); a requires_grad flip. Writes that
+          bypass the version counter (through `p.data`, whose in-place ops do not bump `p._version`; a numpy or
+          DLPack view; a raw pointer or a kernel of one's own) are caught only by the checksum: any change
+          within one chunk changes that chunk's sum unless its words' changes cancel mod 2**32 (one changed
+          word always shows), and changes in several chunks are caught unless both sums cancel too.
+          Missed: a write that bypasses `_version` and keeps both sums, e.g. two words swapped within one chunk,
+          or changes made to cancel.
+        full (generator.proof=full, for audited runs): each tensor's SHA-256 over its bytes (copied to the host:
+          on a GPU every weight crosses to the CPU; ~2.4 s of hashing per 4.3 GB on this CPU, at load and at
+          the end) with its shape, dtype and requires_grad. Caught: any change of any value, whatever wrote it
+          (up to SHA-256 collisions). Missed: a tensor replaced by another with the same values, dtype and
+          shape (the results cannot tell either apart).
+        Either way `unchanged` also needs is_frozen: no parameter requires grad, every module in eval mode."""
+        proof = proof or self.proof
+        tensors = self.frozen_tensors()
+        if proof == "full":
+            return {name: (tuple(t.shape), str(t.dtype), t.requires_grad, _sha256(t)) for name, t in tensors}
+        if proof != "fast":
+            raise ValueError(f"generator.proof must be one of {', '.join(PROOFS)}, got {proof!r}")
+        sums: dict[torch.device, list[torch.Tensor]] = {}
+        threads = torch.get_num_threads()
+        # memory-bound sums: on the CPU one thread reads as fast, and never waits for a core another process holds
+        # (SD 1.5, shared 2-core machine at load 4-5: 0.50 s on 1 thread, 2.13 s on 2, medians of 5)
+        torch.set_num_threads(1)
+        try:
+            for _, t in tensors:
+                sums.setdefault(t.device, []).append(_checksum(t))
+            host = {dev: iter(torch.stack(s).tolist()) for dev, s in sums.items()}  # one transfer per device
+        finally:
+            torch.set_num_threads(threads)
+        record = {}
+        for name, t in tensors:
+            try:
+                version = t._version
+            except RuntimeError:  # an inference tensor has no version counter (the checksum still reads it)
+                version = None
+            record[name] = (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), str(t.dtype),
+                            str(t.device), t.requires_grad, version, tuple(next(host[t.device])))
+        return record
+
+    def fingerprint(self, proof: str | None = None) -> str:
+        """A digest of proof_record: equal strings, same record ("fast:<hex>" or "full:<hex>"). The fast one also
+        changes when a tensor moves in memory, so compare it only within one process."""
+        proof = proof or self.proof
+        digest = hashlib.sha256(repr(sorted(self.proof_record(proof).items())).encode()).hexdigest()
+        return f"{proof}:{digest}"
 
     def is_frozen(self) -> bool:
         frozen = all(not p.requires_grad for m in self.modules for p in m.parameters())
         return frozen and not any(m.training for m in self.modules)
 
-    def unchanged(self) -> bool:
-        """True when the weights hash as they did at load time and nothing requires grad."""
-        return self.is_frozen() and self.fingerprint() == self._fingerprint
+    def changes(self) -> list[str]:
+        """What differs from load time, one line each (empty: unchanged): modules in training mode, parameters
+        requiring grad, and every frozen tensor whose proof record (proof_record) differs, with what differs."""
+        out = [f"{name} is in training mode" for name, m in self.named_modules if m.training]
+        out += [f"{name}.{key} requires grad" for name, m in self.named_modules
+                for key, p in m.named_parameters() if p.requires_grad]
+        now = self.proof_record()
+        fields = _PROOF_FIELDS[self.proof]
+        for name in sorted(set(now) | set(self._loaded)):
+            before, after = self._loaded.get(name), now.get(name)
+            if before is None or after is None:
+                out.append(f"{name} {'appeared' if before is None else 'is gone'}")
+            elif before != after:
+                what = [f"{f} {b} -> {a}" if f not in ("checksum", "sha256") else f"{f} differs"
+                        for f, b, a in zip(fields, before, after) if b != a]
+                out.append(f"{name}: {', '.join(what)}")
+        return out
 
-    def assert_unchanged(self) -> None:
-        if not self.unchanged():
+    def unchanged(self) -> bool:
+        """True when every frozen tensor passes the proof (proof_record) against load time and nothing requires
+        grad or trains."""
+        return not self.changes()
+
+    def assert_unchanged(self, changes: list[str] | None = None) -> None:
+        """Raise GeneratorChangedError naming what changed (`changes`: a changes() already taken, not taken again)."""
+        changes = self.changes() if changes is None else changes
+        if changes:
+            more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
             raise GeneratorChangedError(
-                "the frozen generator changed during the run (fingerprint or requires_grad/eval "
-                "state differs from load time); a technique must only learn input deltas"
+                f"the frozen generator changed during the run ({self.proof} proof, generator.proof): "
+                f"{'; '.join(changes[:3])}{more}. A technique must only learn input deltas"
             )
 
     def num_parameters(self) -> int:
@@ -411,16 +564,61 @@ class FrozenGenerator:
         return cond[:, :-rows], cond[:, -rows:].flatten(1)[:, : self.pooled_dim]
 
     # ------------------------------------------------------------------ images
+    # the run's image size in pixels (generator.height / width, set by set_size; None: the model's default side)
+    height: int | None = None
+    width: int | None = None
+    latent_patch = 1  # the denoiser reads latent_patch x latent_patch patches of the latent (a UNet: 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Every image side is divisible by this: the VAE's scale factor times the denoiser's latent patch side."""
+        return self.vae_scale_factor * self.latent_patch
+
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser can take (None: no limit of its own)."""
+        return None
+
+    def set_size(self, height: int | None = None, width: int | None = None) -> "FrozenGenerator":
+        """Sample, invert and train at height x width pixels from now on (None: the model's default side). The
+        config validator checks generator.height / width the same way before loading (checks.check_size)."""
+        for key, v in (("height", height), ("width", width)):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"generator.{key} must be a positive whole number of pixels or null, got {v!r}")
+            m, top = self.size_multiple, self.max_side()
+            if v % m:
+                raise ValueError(f"generator.{key}={v} is not divisible by {m} (the VAE's scale factor "
+                                 f"{self.vae_scale_factor} x the {self.latent_patch}x{self.latent_patch} latent "
+                                 f"patches); use {v - v % m or m} or {v - v % m + m}")
+            if top is not None and v > top:
+                raise ValueError(f"generator.{key}={v} is above the {top} px this {self.family} denoiser takes")
+        self.height, self.width = height, width
+        return self
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a height x width image (default: the run's size, set_size)."""
         size = self.denoiser.config.sample_size
+        height, width = height or self.height, width or self.width
         h = (height // self.vae_scale_factor) if height else size
         w = (width // self.vae_scale_factor) if width else size
         return (self.vae.config.latent_channels, h, w)
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the run's images: what it samples, inverts and trains at, and what image
+        files and target folders are fitted to (generator.height / width; null: the model's default)."""
+        _, h, w = self.latent_shape()
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    @property
     def resolution(self) -> int:
-        """The image side the generator samples at by default (latent side x VAE scale factor)."""
-        return self.latent_shape()[-1] * self.vae_scale_factor
+        """The image side of a square run; a non-square run raises (read image_size, (height, width), instead)."""
+        h, w = self.image_size
+        if h != w:
+            raise ValueError(f"this run's images are {h}x{w} (height x width), not square: read the generator's "
+                             "image_size instead of its resolution")
+        return h
 
     def _latent_affine(self) -> tuple[float, float]:
         """(scale, shift): latents = (VAE latent - shift) * scale."""
@@ -457,6 +655,11 @@ class FrozenGenerator:
     def schedule(self, steps: int) -> sampling.Schedule:
         raise NotImplementedError
 
+    def schedule_for(self, steps: int, latents: torch.Tensor) -> sampling.Schedule:
+        """The schedule to sample or invert these latents with (a family whose schedule depends on the image
+        size, FLUX, reads it from the latents)."""
+        return self.schedule(steps)
+
     def training_pair(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
         """(noisy latents, model time, target) for the denoising loss at integer training times t in
         [0, num_train_timesteps): the noise (epsilon), the velocity (v_prediction) or eps - x0 (flow)."""
@@ -482,7 +685,13 @@ class FrozenGenerator:
         """Guided model output; cond, uncond (and a subtractive negative) run as one batch. Distilled
         guidance (FLUX) is one conditional pass with the scale as a model input."""
         if self.distilled_guidance:
+            if guidance.guider is not None:
+                raise ValueError(f"guider: the {self.family} family's guidance is distilled (one conditional pass, no "
+                                 "unconditional branch) and a guider combines cond and uncond; drop the guider")
             return self.denoise(x, t, cond, guidance.scale_at(i, steps))
+        if guidance.guider is not None:  # diffusers' guider combines the branches (steerexp/guiders.py)
+            return guiders.model_output(guidance.guider, lambda xs, cs: self.denoise(xs, t, cs), x, cond, uncond,
+                                        i, steps, t)
         if uncond is None or (guidance.scale == 1.0 and negative is None):  # w = 1 under every schedule
             return self.denoise(x, t, cond)
         branches = [cond, uncond] + ([negative] if negative is not None else [])
@@ -499,7 +708,7 @@ class FrozenGenerator:
         uncond, negative = expand(uncond), expand(negative)
         fn = lambda x, t, i: self.model_output(x, t.to(self.device), cond, uncond, guidance, i, steps, negative)
         with torch.set_grad_enabled(grad):
-            return sampling.sample(fn, latents, self.schedule(steps), checkpoint, callback)
+            return sampling.sample(fn, latents, self.schedule_for(steps, latents), checkpoint, callback)
 
     def guidance_embeddings(self, guidance: Guidance) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(uncond, negative) conditionings for a set of guidance knobs (None, None under distilled guidance)."""
@@ -554,7 +763,7 @@ class FrozenGenerator:
         guidance = guidance or Guidance(scale=1.0)
         fn = lambda x, t, i: self.model_output(x, t.to(self.device), cond, uncond, guidance, i, steps)
         with torch.no_grad():
-            return sampling.invert(fn, latents, self.schedule(steps))
+            return sampling.invert(fn, latents, self.schedule_for(steps, latents))
 
     # ------------------------------------------------------------------ export
     def embedding_file(self, placeholder: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -288,16 +288,25 @@ def _flux_config(size: str, depth: float, joint_dim: int, pooled_dim: int) -> di
                 pooled_projection_dim=pooled_dim, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
 
 
-SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+# Each family's scheduler/scheduler_config.json exactly as the public hub model's file has it (keys, values and
+# _diffusers_version as published; written as is, not re-serialised by diffusers, so no default is added): SD 1.5
+# (stable-diffusion-v1-5), SDXL base 1.0, SD3 medium (diffusers) and FLUX.1-dev. These mirror the hub configs; a
+# scheduler built from them (e.g. DDIMScheduler.from_config) sees what it would see on the real folder.
 SCHEDULERS = {
-    "sd15": ("PNDMScheduler", SD_BETAS | dict(set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)),
-    "sdxl": ("EulerDiscreteScheduler", SD_BETAS | dict(steps_offset=1, timestep_spacing="leading",
-                                                       interpolation_type="linear", prediction_type="epsilon",
-                                                       use_karras_sigmas=False)),
-    "sd3": ("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
-    "flux": ("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                     base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                     max_image_seq_len=4096)),
+    "sd15": {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+             "clip_sample": False},
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+             "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+             "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+             "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False},
+    "sd3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.29.0.dev0",
+            "num_train_timesteps": 1000, "shift": 3.0},
+    "flux": {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.30.0.dev0",
+             "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+             "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
 }
 OPTIONAL = {  # model_index entries the pipelines know but these folders leave empty
     "sd15": ("safety_checker", "feature_extractor", "image_encoder"),
@@ -467,9 +476,8 @@ def make_random_pipeline(arch: str, out: str | Path, size: str = "tiny", seed: i
     if "text_encoder_3" not in specs and arch == "sd3":
         index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
 
-    sched_cls, sched_cfg = SCHEDULERS[arch]
-    getattr(diffusers, sched_cls)(**sched_cfg).save_pretrained(str(out / "scheduler"))
-    index["scheduler"] = ["diffusers", sched_cls]
+    write_scheduler_config(out, SCHEDULERS[arch])
+    index["scheduler"] = ["diffusers", SCHEDULERS[arch]["_class_name"]]
     for name in OPTIONAL[arch]:
         index[name] = [None, None]
     if arch == "sd15":
@@ -481,6 +489,14 @@ def make_random_pipeline(arch: str, out: str | Path, size: str = "tiny", seed: i
                     parameters=counts, total_parameters=sum(counts.values()), pipeline=PIPELINES[arch])
     (out / "random_pipeline.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def write_scheduler_config(folder: str | Path, config: dict) -> Path:
+    """Write `config` (with its _class_name) as the pipeline folder's scheduler/scheduler_config.json, as is."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
 
 
 def pipeline_class(folder: str | Path):

@@ -9,12 +9,23 @@ step rule serves both: split the model output into (eps, x0), then x_prev = a_pr
 DDIM this is the deterministic DDIM update (eta = 0); for flow matching it is exactly the Euler step
 x + (sigma_prev - sigma) v. Inversion runs the same rule backwards (DDIM inversion; the flow-ODE inversion).
 
+The schedule follows the scheduler config as diffusers' DDIMScheduler / FlowMatchEulerDiscreteScheduler read it
+(checks.check_scheduler refuses, before loading, what is not followed): the timesteps (timestep_spacing,
+steps_offset; the flow shift, dynamic shift, shift_terminal and karras/exponential/beta sigmas via the
+scheduler's own set_timesteps), each DDIM step's previous timestep as DDIMScheduler.step computes it
+(t - num_train_timesteps // steps; below 0: set_alpha_to_one's final alpha), the alphas (rescale_betas_zero_snr,
+trained_betas), the prediction type, and the x0 limit of DDIMScheduler.step: thresholding
+(dynamic_thresholding_ratio, sample_max_value), else clip_sample to [-clip_sample_range, clip_sample_range].
+The limit applies to the x0 each step moves to (`step`), and inversion limits its x0 the same way.
+
 `model_output(x, t, i)` is any function returning the (guided) model output at step i. The loops run with
 or without gradients; `checkpoint=True` recomputes each step's activations in the backward pass, so memory
 grows with the latent size, not with the number of steps.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +45,8 @@ class Schedule:
     signal_prev: torch.Tensor      # [S] a at the next (less noisy) step
     noise_prev: torch.Tensor       # [S] b at the next step
     prediction_type: str = "epsilon"
+    clip_range: float | None = None                # clip_sample: x0 clamped to [-r, r] before each step
+    threshold: tuple[float, float] | None = None   # thresholding: (dynamic_thresholding_ratio, sample_max_value)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -48,14 +61,21 @@ class Schedule:
     def from_ddim(cls, scheduler, steps: int) -> "Schedule":
         """The DDIM steps of a variance-preserving scheduler (its alphas_cumprod and prediction type)."""
         _check_steps(steps)
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps)  # timestep_spacing and steps_offset, as DDIMScheduler reads them
+        config = scheduler.config
         ts = scheduler.timesteps.long().cpu()
-        ac = scheduler.alphas_cumprod.float().cpu()
+        ac = scheduler.alphas_cumprod.float().cpu()  # rescale_betas_zero_snr / trained_betas applied
         final = torch.as_tensor(getattr(scheduler, "final_alpha_cumprod", ac[0]), dtype=torch.float32)
-        prev = torch.cat([ac[ts[1:]], final.view(1)])
+        # DDIMScheduler.step's previous timestep: t - T // steps (the next timestep under "leading" spacing, not
+        # always under "trailing" or "linspace"), set_alpha_to_one's final alpha below 0
+        prev_t = ts - config.num_train_timesteps // steps
+        prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], final)
         now = ac[ts]
         vp = lambda a: (a.sqrt(), (1 - a).sqrt())
-        return cls(ts, *vp(now), *vp(prev), scheduler.config.prediction_type)
+        clip = float(config.clip_sample_range) if getattr(config, "clip_sample", False) else None
+        threshold = ((float(config.dynamic_thresholding_ratio), float(config.sample_max_value))
+                     if getattr(config, "thresholding", False) else None)
+        return cls(ts, *vp(now), *vp(prev), config.prediction_type, clip, threshold)
 
     @classmethod
     def from_flow(cls, scheduler, steps: int, mu: float | None = None, sigmas: list[float] | None = None) -> "Schedule":
@@ -93,9 +113,18 @@ class Schedule:
         x0 = (x - b * eps) / a
         return a * eps - b * x0 if self.prediction_type == "v_prediction" else eps - x0
 
+    def limit(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 as DDIMScheduler.step uses it: thresholded (thresholding), else clipped (clip_sample), else as is."""
+        if self.threshold is not None:
+            return threshold_sample(x0, *self.threshold)
+        if self.clip_range is not None:
+            return x0.clamp(-self.clip_range, self.clip_range)
+        return x0
+
     def step(self, eps: torch.Tensor, x0: torch.Tensor, i: int) -> torch.Tensor:
-        """The deterministic update to the next step: a_prev x0 + b_prev eps."""
-        return self.signal_prev[i].to(x0) * x0 + self.noise_prev[i].to(x0) * eps
+        """The deterministic update to the next step: a_prev limit(x0) + b_prev eps (eps as predicted: DDIMScheduler
+        does not re-derive it from a clipped x0)."""
+        return self.signal_prev[i].to(x0) * self.limit(x0) + self.noise_prev[i].to(x0) * eps
 
     def noised(self, x0: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
         """x at step i for a clean latent and a noise (SDEdit's start)."""
@@ -104,8 +133,19 @@ class Schedule:
 
     def starting_at(self, k: int) -> "Schedule":
         """The same run from its step k on."""
-        return Schedule(self.timesteps[k:], self.signal[k:], self.noise[k:], self.signal_prev[k:],
-                        self.noise_prev[k:], self.prediction_type)
+        return dataclasses.replace(self, timesteps=self.timesteps[k:], signal=self.signal[k:], noise=self.noise[k:],
+                                   signal_prev=self.signal_prev[k:], noise_prev=self.noise_prev[k:])
+
+
+def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen), exactly as DDIMScheduler._threshold_sample: per sample, s = the `ratio`
+    quantile of |x0| clamped to [1, max_value]; x0 clamped to [-s, s] and divided by s."""
+    dtype = x0.dtype
+    batch, channels, *rest = x0.shape
+    flat = x0.float() if dtype not in (torch.float32, torch.float64) else x0
+    flat = flat.reshape(batch, channels * math.prod(rest))
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(batch, channels, *rest).to(dtype)
 
 
 def _check_steps(steps: int) -> None:
@@ -149,9 +189,9 @@ def invert(model_output: ModelOutput, x0: torch.Tensor, schedule: Schedule) -> l
         out = model_output(x, schedule.timesteps[i], i)
         if schedule.prediction_type == "flow":  # v read at x's own level: exactly x + (sigma_i - sigma_from) v
             eps, x0_pred = x + a_from * out, x - b_from * out
-        else:  # DDIM inversion: eps as read at step i's level, x0 from x's level
+        else:  # DDIM inversion: eps as read at step i's level, x0 from x's level, limited as sampling limits it
             eps, _ = schedule.split(out, x, i)
-            x0_pred = (x - b_from * eps) / a_from
+            x0_pred = schedule.limit((x - b_from * eps) / a_from)
         x = schedule.noised(x0_pred, eps, i)
         xs.append(x)
     return xs

@@ -5,11 +5,24 @@ cross-attention, and DDIM over the scheduler's alphas (epsilon or v prediction).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from steerexp.generators import CAPABILITIES, sampling
 from steerexp.generators.frozen import FrozenGenerator, TextEncoder, load_pipeline
+
+
+def ddim_for(scheduler) -> DDIMScheduler:
+    """The DDIM the sd and sdxl families sample with, from the pipeline's scheduler: DDIMScheduler.from_config of its
+    config (as swapping the scheduler in diffusers does: timestep_spacing, steps_offset, set_alpha_to_one,
+    rescale_betas_zero_snr, prediction_type carry over), except that clip_sample and thresholding are on only where
+    the scheduler's own class has them on. A class without the setting never clips (SD 1.5's PNDMScheduler, SDXL's
+    EulerDiscreteScheduler), and DDIMScheduler's own default, clip_sample=True, would clip its latents."""
+    own = set(inspect.signature(type(scheduler).__init__).parameters)
+    off = {k: False for k in ("clip_sample", "thresholding") if k not in own}
+    return DDIMScheduler.from_config(scheduler.config, **off)
 
 
 class SDGenerator(FrozenGenerator):
@@ -19,7 +32,7 @@ class SDGenerator(FrozenGenerator):
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device="cpu", dtype=torch.float32):
         super().__init__([TextEncoder("clip_l", tokenizer, text_encoder)], unet, vae,
-                         DDIMScheduler.from_config(scheduler.config), device, dtype)
+                         ddim_for(scheduler), device, dtype)
 
     @classmethod
     def from_pipeline(cls, pipe, device, dtype) -> "SDGenerator":

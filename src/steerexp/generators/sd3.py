@@ -53,6 +53,15 @@ class SD3Generator(FrozenGenerator):
     def transformer(self) -> torch.nn.Module:
         return self.denoiser
 
+    @property
+    def latent_patch(self) -> int:
+        return int(self.transformer.config.patch_size)
+
+    def max_side(self) -> int | None:
+        """The position embedding covers pos_embed_max_size patches a side (None: it is computed for any size)."""
+        pos = self.transformer.config.pos_embed_max_size
+        return int(pos) * self.latent_patch * self.vae_scale_factor if pos else None
+
     def _encode(self, ids: list[torch.Tensor]) -> torch.Tensor:
         out_l = self.encoders[0].model(ids[0], output_hidden_states=True)
         out_g = self.encoders[1].model(ids[1], output_hidden_states=True)
@@ -71,5 +80,17 @@ class SD3Generator(FrozenGenerator):
         return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=hidden.to(x.dtype),
                                 pooled_projections=pooled.to(x.dtype)).sample
 
-    def schedule(self, steps: int) -> sampling.Schedule:
-        return sampling.Schedule.from_flow(self.scheduler, steps)
+    def schedule_for(self, steps: int, latents: torch.Tensor) -> sampling.Schedule:
+        """With use_dynamic_shifting, mu follows the latents' size (their patch count), as the pipeline's does."""
+        f = self.vae_scale_factor
+        return self.schedule(steps, latents.shape[-2] * f, latents.shape[-1] * f)
+
+    def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> sampling.Schedule:
+        """Euler over the scheduler's sigmas; with use_dynamic_shifting, mu from the number of latent patches, as
+        StableDiffusion3Pipeline computes it."""
+        mu = None
+        if getattr(self.scheduler.config, "use_dynamic_shifting", False):
+            _, h, w = self.latent_shape(height, width)
+            p = self.transformer.config.patch_size
+            mu = sampling.flow_shift_mu((h // p) * (w // p), self.scheduler.config)
+        return sampling.Schedule.from_flow(self.scheduler, steps, mu)

@@ -10,11 +10,11 @@ the scheduler's alphas, as for SD 1.x. An empty negative prompt is all zeros whe
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 
 from steerexp.generators import CAPABILITIES
 from steerexp.generators.frozen import FrozenGenerator, TextEncoder, load_pipeline
-from steerexp.generators.sd import SDGenerator
+from steerexp.generators.sd import SDGenerator, ddim_for
 
 
 class SDXLGenerator(SDGenerator):
@@ -26,7 +26,7 @@ class SDXLGenerator(SDGenerator):
                  dtype=torch.float32, force_zeros_for_empty_prompt: bool = True):
         FrozenGenerator.__init__(
             self, [TextEncoder("clip_l", tokenizer, text_encoder), TextEncoder("clip_g", tokenizer_2, text_encoder_2)],
-            unet, vae, DDIMScheduler.from_config(scheduler.config), device, dtype)
+            unet, vae, ddim_for(scheduler), device, dtype)
         self.pooled_dim = text_encoder_2.config.projection_dim
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
 

@@ -22,6 +22,7 @@ from steerexp.scorers.classifier import ConceptClassifier
 from steerexp.scorers.clip import CLIPScorer
 from steerexp.generators import EMBEDDED, FrozenGenerator, Guidance, load_generator
 from steerexp.images import to_tensor
+from steerexp.targets import fit_world
 from steerexp.worlds.shapes import world
 
 EVAL_SEED = 424242  # a world stream no pretraining stage draws from
@@ -64,7 +65,9 @@ def heldout_name_rate(
 
 
 def protected_reproduction(gen: FrozenGenerator, seeds_per_caption: int, guidance: Guidance, steps: int) -> float:
-    images, captions = world.protected_set(gen.resolution)
+    size = gen.image_size  # (height, width)
+    images, captions = world.protected_set(max(size))
+    images = np.stack([fit_world(a, size) for a in images])
     prompts = [c for c in captions for _ in range(seeds_per_caption)]
     out = gen.generate(prompts, list(range(len(prompts))), steps=steps, guidance=guidance)
     target = to_tensor(images).repeat_interleave(seeds_per_caption, 0)
