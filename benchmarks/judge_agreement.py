@@ -47,13 +47,14 @@ def run_samples(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from safetensors.torch import load_file
 
     from steerexp import safety, scorers
+    from steerexp.images import ImagePolicy
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     for group in ("generator", "technique"):  # only what samples (an older run's trainer may no longer exist)
         safety.check_targets(OmegaConf.create({group: cfg[group]}))
-    scorers.configure(cfg.get("scorers"))
     technique = instantiate(cfg.technique, generator=instantiate(cfg.generator), _recursive_=False,
                             sampling=OmegaConf.to_container(cfg.sampling, resolve=True))
+    technique.bind(scorers.build(cfg.get("scorers")), ImagePolicy.from_config(cfg.get("images")))  # as run.build
     technique.load_deltas(load_file(str(run_dir / "deltas.safetensors")))
     prompts = [p for p in cfg.eval.prompts for _ in cfg.eval.seeds]
     seeds = [s for _ in cfg.eval.prompts for s in cfg.eval.seeds]

@@ -100,7 +100,7 @@ def test_an_explicit_combination_that_cannot_work_is_refused_before_torch():
         (["technique=prompt_delta", "evaluator=[memorisation]", "evaluator.memorisation.reference=targets"],
          "evaluator.memorisation.reference"),
         (["technique=prompt_delta", "objective=[denoising]"], "objective"),
-        (["technique=textual_inversion", "evaluator=[magnitude]"], "evaluator.magnitude"),
+        (["technique=ddim_inversion", "evaluator=[magnitude]"], "evaluator.magnitude"),
         (["technique=textual_inversion", "evaluator=[edit]"], "evaluator.edit"),
         (["technique=guidance", "evaluator=[concept,nudging]"], "evaluator.nudging"),
     ]

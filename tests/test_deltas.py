@@ -23,10 +23,14 @@ DELTA = TINY + [
 
 def make(gen, extra=(), prepare=True):
     """The technique of a config, around the module's generator (the run flow's build, minus loading)."""
+    from steerexp import scorers
+    from steerexp.images import ImagePolicy
+
     cfg = compose_config(DELTA + list(extra))
     objective = _instantiate(cfg.objective)
     technique = _instantiate(cfg.technique, generator=gen, objective=objective, sampling=cfg.sampling,
                              _recursive_=False)
+    technique.bind(scorers.build(cfg.scorers), ImagePolicy.from_config(cfg.images))  # and its objective, as build
     if prepare:
         technique.prepare()
     return technique

@@ -8,17 +8,10 @@ import pytest
 from PIL import Image
 
 from steerexp import images
-from steerexp.images import ImagePolicy, configure, read_image
+from steerexp.images import ImagePolicy, read_image
 
 KEY = "technique.targets.folder"
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-
-
-@pytest.fixture(autouse=True)
-def default_policy():
-    configure()
-    yield
-    configure()
 
 
 def warnings_of(caplog) -> list[str]:
@@ -62,18 +55,18 @@ def test_alpha_is_composited_onto_background(tmp_path, caplog):
     assert np.all(out[:, :8] == 255) and np.all(out[:, 8:] == RED)  # the old convert dropped alpha: all red
     [line] = warnings_of(caplog)
     assert "rgba.png" in line and "composited" in line and "white" in line
-    configure(background=[0, 0, 255])
-    assert np.all(read_image(p, KEY, 16)[:, :8] == BLUE)
+    blue = ImagePolicy(background=[0, 0, 255])  # a run's policy (images.background), passed to the reader
+    assert np.all(read_image(p, KEY, 16, blue)[:, :8] == BLUE)
     # LA and a palette with a transparent index too
     la = np.zeros((16, 16, 2), np.uint8)
     la[..., 1] = 0
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
-    assert np.all(read_image(tmp_path / "la.png", KEY) == BLUE)
+    assert np.all(read_image(tmp_path / "la.png", KEY, pol=blue) == BLUE)
     pal = Image.new("P", (16, 16), 0)
     pal.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
     pal.paste(1, (8, 0, 16, 16))
     pal.save(tmp_path / "p.png", transparency=0)
-    out = read_image(tmp_path / "p.png", KEY)
+    out = read_image(tmp_path / "p.png", KEY, pol=blue)
     assert np.all(out[:, :8] == BLUE) and np.all(out[:, 8:] == GREEN)
 
 
@@ -119,17 +112,14 @@ def test_non_square_is_centre_cropped_not_squashed(tmp_path, caplog):
 
 def test_pad_and_stretch(tmp_path, caplog):
     p = stripes(tmp_path)
-    configure(fit="pad")
     with caplog.at_level(logging.WARNING, "steerexp.images"):
-        out = read_image(p, KEY, 64)
+        out = read_image(p, KEY, 64, ImagePolicy(fit="pad"))
     assert np.all(out[:16] == 255) and np.all(out[48:] == 255)  # white bands above and below
     assert np.all(out[20:44, :12] == RED) and np.all(out[20:44, 52:] == BLUE)
     [line] = warnings_of(caplog)
     assert "padded 64x32 to 64x64" in line
-    configure(fit="pad", background="black")
-    assert np.all(read_image(p, KEY, 64)[:16] == 0)
-    configure(fit="stretch")
-    out = read_image(p, KEY, 32)
+    assert np.all(read_image(p, KEY, 64, ImagePolicy(fit="pad", background="black"))[:16] == 0)
+    out = read_image(p, KEY, 32, ImagePolicy(fit="stretch"))
     assert np.all(out[:, 0] == RED) and np.all(out[:, -1] == BLUE)  # stretch only when asked for
 
 
@@ -149,8 +139,7 @@ def test_tiny_image_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"technique\.targets\.folder: .*dot\.png is 1x1.*images\.min_side=8") as e:
         read_image(tmp_path / "dot.png", KEY, 32)
     assert "\n" not in str(e.value)
-    configure(min_side=1)
-    assert read_image(tmp_path / "dot.png", KEY, 4).shape == (4, 4, 3)
+    assert read_image(tmp_path / "dot.png", KEY, 4, ImagePolicy(min_side=1)).shape == (4, 4, 3)
 
 
 def bomb_png(path, side=14000):
@@ -170,10 +159,9 @@ def test_decompression_bomb_is_a_clear_error(tmp_path):
         read_image(p, KEY, 32)
     assert not isinstance(e.value, Image.DecompressionBombError) and "\n" not in str(e.value)
     # between Pillow's warning and error thresholds: refused by our own check, same message
-    configure(max_pixels=100)
     save(np.zeros((16, 16, 3), np.uint8), tmp_path / "over.png")
     with pytest.raises(ValueError, match=r"over\.png is 16x16 = 256 pixels, over images\.max_pixels=100"):
-        read_image(tmp_path / "over.png", KEY)
+        read_image(tmp_path / "over.png", KEY, pol=ImagePolicy(max_pixels=100))
 
 
 def test_max_pixels_raises_pillows_limit_for_one_open_only(tmp_path, monkeypatch):
@@ -183,9 +171,8 @@ def test_max_pixels_raises_pillows_limit_for_one_open_only(tmp_path, monkeypatch
         Image.open(p)
     assert np.all(read_image(p, KEY, 32) == 5)  # images.max_pixels (default 89478485) is the limit
     assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's guard is back as it was
-    configure(max_pixels=2000)
     with pytest.raises(ValueError, match=r"img\.png.*images\.max_pixels \(now 2000\)"):
-        read_image(p, KEY, 32)
+        read_image(p, KEY, 32, ImagePolicy(max_pixels=2000))
     assert Image.MAX_IMAGE_PIXELS == 1000
 
 
@@ -205,16 +192,18 @@ def test_missing_and_unreadable_files(tmp_path):
 ])
 def test_policy_validation_names_the_key(settings, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        configure(**settings)
-    assert images.policy() == ImagePolicy()  # a rejected configure leaves the policy alone
+        ImagePolicy.from_config(settings)
 
 
 def test_policy_accepts_config_values():
-    pol = configure(fit="pad", background=[10, 20, 30], min_side=4, max_pixels=1000)
-    assert pol.background == (10, 20, 30) and images.policy() is pol
-    assert configure(background="#ff0000").background == RED
-    assert images.settings()["background"] == [255, 0, 0]
-    assert configure() == ImagePolicy()
+    from omegaconf import OmegaConf
+
+    pol = ImagePolicy.from_config({"fit": "pad", "background": [10, 20, 30], "min_side": 4, "max_pixels": 1000})
+    assert pol.background == (10, 20, 30) and pol.fit == "pad"
+    red = ImagePolicy.from_config(OmegaConf.create({"background": "#ff0000"}))  # the `images:` node as Hydra gives it
+    assert red.background == RED and red.as_config()["background"] == [255, 0, 0]
+    assert ImagePolicy.from_config(None) == ImagePolicy.from_config({}) == ImagePolicy()
+    assert not hasattr(images, "configure") and not hasattr(images, "policy")  # no module-level policy to set
 
 
 def test_tensor_loaders_use_the_policy(tmp_path, caplog):

@@ -155,3 +155,19 @@ def test_tiny_inversion_run_writes_metrics_deltas_and_grids(shipped, tmp_path):
     assert on_disk["params/trainable"] == deltas["null_embeddings"].numel()  # the nulls: N x S x L x D
     for grid in ("inversion", "edit", "grid"):
         assert (tmp_path / "samples" / f"{grid}.png").is_file()
+
+
+def test_nti_leaves_no_gradient_on_any_generator_weight(shipped):
+    """NTI backpropagates through the frozen UNet to the null embedding at every inner step: afterwards no
+    generator parameter has a .grad or requires grad, and the fast proof holds (issue 32, section 4)."""
+    from steerexp.generators import load_generator
+
+    g = load_generator(device="cpu")  # its own copy: a grad left by another test's generator cannot mask one here
+    nti = NullTextInversion(g, targets={"k": 1, "seed": 3}, sampling={"steps": 3}, guidance_scale=5.0,
+                            inner_steps=2, early_stopping=False)
+    nti.prepare()
+    nti.compute()
+    assert np.sum(nti.history["inner_steps"]) == 3 * 2  # a backward ran at every inner step
+    params = [(f"{name}.{key}", p) for name, m in g.named_modules for key, p in m.named_parameters()]
+    assert params and [n for n, p in params if p.grad is not None or p.requires_grad] == []
+    assert g.changes() == []

@@ -31,9 +31,7 @@ def judge() -> AnalyticJudge:
 
 @pytest.fixture
 def fresh_scorers():
-    scorers.configure(None)
-    yield
-    scorers.configure(None)
+    return scorers.build(None)  # a run's scorers: the shipped defaults (run.build makes one per run)
 
 
 def render(scenes, res: int = 32) -> torch.Tensor:
@@ -78,8 +76,8 @@ def test_analytic_judge_reads_any_size_and_tells_the_scene(judge):
 
 
 def test_analytic_judge_is_a_classifier_scorer_without_gradients(judge, fresh_scorers):
-    assert scorers.get("analytic") is judge and isinstance(judge, HeadClassifier)
-    assert scorers.current().kind("analytic") == "analytic"
+    assert fresh_scorers.get("analytic") is judge and isinstance(judge, HeadClassifier)
+    assert fresh_scorers.kind("analytic") == "analytic"
     x = render([world.Scene("square", "green", "large", "top", "gray")])
     assert float(scorers.prob(judge, x, "colour", "green")[0]) > 0.9
     assert float(scorers.prob(judge, x, "shape", ["square", "circle"])[0]) > 0.9
@@ -92,8 +90,8 @@ def test_analytic_judge_is_a_classifier_scorer_without_gradients(judge, fresh_sc
         scorers.build({"analytic": {"path": "x"}}).get("analytic")
     from steerexp.objectives.concept_score import ConceptScore
 
-    with pytest.raises(ValueError, match="analytic judge has no gradients"):
-        ConceptScore("colour", "red", scorer="analytic")
+    with pytest.raises(ValueError, match="analytic judge has no gradients"):  # checked against the run's scorers
+        ConceptScore("colour", "red", scorer="analytic").bind(fresh_scorers)
 
 
 def test_clean_score_tells_clean_renders_from_blobs(judge):

@@ -155,7 +155,6 @@ def test_an_image_thinner_than_max_aspect_is_refused(tmp_path):
 def test_the_loader_applies_the_same_rules(tmp_path):
     from steerexp import images
 
-    images.configure()
     with pytest.raises(ConfigError, match=r"x\.png is 10x5000, its longer side 500 times the shorter") as info:
         images.read_image(png(tmp_path / "x.png", (10, 5000)), "technique.targets.folder", 32)
     assert info.value.key == "technique.targets.folder"
@@ -329,7 +328,6 @@ def test_the_loader_caps_images_and_warns_once_per_kind_of_change(tmp_path, capl
 
     from steerexp import images
 
-    images.configure()
     with pytest.raises(ConfigError, match=r"lists 1001 images, over the cap of 1000") as info:
         images.read_images([tmp_path / f"{i}.png" for i in range(1001)], "technique.protected", 16)
     assert info.value.key == "technique.protected"

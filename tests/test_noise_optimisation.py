@@ -127,13 +127,10 @@ def test_reno_keep_best_never_ends_below_the_plain_sample(gen, shipped):
 
 
 def test_reno_needs_gradients(gen, shipped):
-    scorers.configure({"analytic": None})
-    try:
-        tech = ReNO(gen, rewards={"analytic": 1.0}, max_calls=40, sampling={"steps": STEPS})
-        with pytest.raises((ValueError, RuntimeError), match="gradient"):
-            tech.optimise(["a red circle"], [0])
-    finally:
-        scorers.configure(None)
+    tech = ReNO(gen, rewards={"analytic": 1.0}, max_calls=40, sampling={"steps": STEPS})
+    tech.bind(scorers.build({"analytic": None}))  # the run's scorers, as run.build binds them
+    with pytest.raises((ValueError, RuntimeError), match="gradient"):
+        tech.optimise(["a red circle"], [0])
 
 
 # ----------------------------------------------------------------------------- noise search

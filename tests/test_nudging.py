@@ -78,8 +78,6 @@ def test_baselines_change_only_the_prompt_embedding(gen):
 def test_keep_adds_the_classifier_kl_to_the_initial_output(gen):
     """technique.keep: + weight * sum over heads of KL(p(head | initial) || p(head | x)), by hand with the classifier;
     0 where the output reads as the initial one; the classifier is recorded as optimised against."""
-    from steerexp import scorers
-
     tech = small(gen, keep={"heads": ["colour", "shape"], "weight": 2.5, "scorer": "classifier"})
     assert tech.optimised_against() == {"clip", "classifier"} and small(gen).optimised_against() == {"clip"}
     assert small(gen, keep={"heads": ["colour"], "weight": 0}).keep is None  # weight 0: no term, nothing optimised
@@ -92,7 +90,7 @@ def test_keep_adds_the_classifier_kl_to_the_initial_output(gen):
         plain = tech.objective(images, pref, und, beta, offset)
         held = tech.objective(images, pref, und, beta, offset, start)
         same = tech.objective(images, pref, und, beta, offset, images)
-        clf = scorers.get("classifier")
+        clf = tech.scorers.get("classifier")
         kl = sum(torch.nn.functional.kl_div(clf(images)[h].log_softmax(-1), clf(start)[h].log_softmax(-1),
                                             reduction="none", log_target=True).sum(-1) for h in ("colour", "shape"))
     assert torch.allclose(held - plain, 2.5 * kl, atol=1e-4) and float(kl.min()) > 0.1
@@ -102,7 +100,7 @@ def test_keep_adds_the_classifier_kl_to_the_initial_output(gen):
                           ({"heads": ["colour"], "weight": -1}, "weight must be"),
                           ({"heads": ["colour"], "weight": float("inf")}, "weight must be")):
         with pytest.raises(ValueError, match=message):
-            small(gen, keep=keep)
+            small(gen, keep=keep).prepare()  # (the heads against the run's scorers: in prepare)
     with pytest.raises(ValueError, match="mode=noise has none"):
         small(gen, mode="noise", keep={"heads": ["colour"]})
 
@@ -122,9 +120,9 @@ def test_keep_holds_each_output_to_its_own_initial_image(gen, monkeypatch):
 def test_bad_input_is_clear(gen, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="protected set is empty"):
-        Nudging(gen, protected=str(tmp_path / "empty"))
+        Nudging(gen, protected=str(tmp_path / "empty")).prepare()  # read per the run's image policy: in prepare
     with pytest.raises(ValueError, match="protected set is empty"):
-        Nudging(gen, protected=torch.zeros(0, 3, 32, 32))
+        Nudging(gen, protected=torch.zeros(0, 3, 32, 32)).prepare()
     for name in ("alpha", "beta", "gamma"):
         with pytest.raises(ValueError, match=f"technique.{name} must be >= 0"):
             Nudging(gen, **{name: -0.5})

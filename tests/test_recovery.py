@@ -101,15 +101,20 @@ def test_checkpoints_that_do_not_fit_are_one_clear_error(shipped, tmp_path):
     _, trained = _run_in_process(tmp_path, ["technique.steps=2", "technique.num_vectors=2"], "two")
     ckpt = trained / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["steerexp"]["structure"] == {"num_vectors": 2}
-    with pytest.raises(ConfigError, match=r"technique.num_vectors=2 there, 1 here.*set technique.num_vectors"):
+    # from its JSON sidecar, before anything loads
+    with pytest.raises(ConfigError, match=r"technique.num_vectors: the checkpoint was trained with "
+                                          r"technique.num_vectors=2, this run has 1; set technique.num_vectors=2"):
         _run_in_process(tmp_path, ["technique.steps=4", f"ckpt_path={ckpt}"], "one")
+    Path(f"{ckpt}.json").unlink()  # without its sidecar (an older checkpoint): the same refusal where it loads
+    with pytest.raises(ConfigError, match=r"technique.num_vectors=2 there, 1 here.*set technique.num_vectors"):
+        _run_in_process(tmp_path, ["technique.steps=4", f"ckpt_path={ckpt}"], "one_old")
     with pytest.raises(ConfigError, match=r"ckpt_path.*written by steerexp.techniques.textual_inversion"):
         _run_in_process(
             tmp_path,
             ["technique=prompt_delta", "objective=[concept_score]", "technique.steps=0", f"ckpt_path={ckpt}"],
             "other",
         )
-    with pytest.raises(ConfigError, match="ckpt_path: checkpoint not found"):
+    with pytest.raises(ConfigError, match="ckpt_path: .*no such checkpoint file"):
         _run_in_process(tmp_path, ["technique.steps=0", f"ckpt_path={tmp_path / 'nope.ckpt'}"], "missing")
 
 

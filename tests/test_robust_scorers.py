@@ -40,9 +40,7 @@ def renders():
 
 @pytest.fixture
 def fresh_scorers():
-    scorers.configure(None)
-    yield
-    scorers.configure(None)
+    return scorers.build(None)  # a run's scorers: the shipped defaults (run.build makes one per run)
 
 
 # ---------------------------------------------------------------------------- the pretraining stages
@@ -185,10 +183,11 @@ def test_objective_optimises_the_named_scorer(shipped, fresh_scorers):
     cfg = compose_config(["technique=prompt_delta", "objective=[concept_score]",
                           "objective.terms.concept_score.scorer=robust", "concept.head=colour",
                           "concept.target=red"])
-    scorers.configure(cfg.scorers)
+    run_scorers = scorers.build(cfg.scorers)
     objective = instantiate(cfg.objective)
+    objective.bind(run_scorers)  # as the run binds it (through the technique)
     x = torch.rand(2, 3, 32, 32)
-    robust = scorers.get("robust")
+    robust = run_scorers.get("robust")
     expected = -scorers.log_prob(robust, x, "colour", "red").mean()
     term = objective.terms["concept_score"]
     assert torch.allclose(term.loss(ObjectiveInputs(images=x)), expected)
@@ -213,7 +212,7 @@ def test_noisy_guidance_uses_the_latent_gradient(gen, fresh_scorers):
     x, t = gen.initial_latents([0, 1]), torch.tensor(500)
     grad = tech.grad_log_p(x, t, torch.zeros_like(x), gen.schedule(4), 1)
     z = x.clone().requires_grad_(True)
-    (expected,) = torch.autograd.grad(scorers.get("noisy").log_prob(z, t, "size", "large").sum(), z)
+    (expected,) = torch.autograd.grad(tech.scorers.get("noisy").log_prob(z, t, "size", "large").sum(), z)
     assert torch.allclose(grad, expected)  # no decode: the classifier's own gradient at x_t
     base, edit = tech.generate(["a red circle"], [3], False), tech.generate(["a red circle"], [3], True)
     assert not torch.equal(base, edit)

@@ -83,7 +83,7 @@ def test_torch_load_pickle_payload_never_runs(shipped, tmp_path):
     cfg = compose_config(
         ["+evaluator.x._target_=torch.load", f"+evaluator.x.f={evil}", "+evaluator.x.weights_only=false"]
     )
-    with pytest.raises(ConfigError, match="evaluator.x._target_"):
+    with pytest.raises(ConfigError, match=r"evaluator\.x.*_target_.*torch\.load"):  # build's instantiate guard
         build(cfg)
     assert not marker.exists()
 

@@ -146,7 +146,7 @@ def _main(cfg: DictConfig) -> float | None:
         from steerexp.run import run
 
         run_dir, name, group = run_identity(cfg)
-        metrics = run(cfg, run_dir, name, group)
+        metrics = run(cfg, run_dir, name, group, checked=True)  # (validated above)
     except ConfigError as err:
         if _is_multirun():  # the launcher records this job as failed; the others go on
             print(f"steerexp: error: job {HydraConfig.get().job.num}: {err}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Image helpers, all in one place: reading user image files (targets, inversion sources, objective
 images) the same way everywhere, tensors, grids, saving PNGs and RMS distances.
 
-    read_image / read_images        file(s) -> RGB uint8 numpy [H, W, 3] / [K, R, R, 3]
+    read_image / read_images        file(s) -> RGB uint8 numpy [H, W, 3] / [K, H, W, 3]
     load_image / load_folder        file / folder of PNG/JPG -> float tensor [1|K, 3, H, W] in [0, 1]
     image_files_in                  the PNG/JPG files of a folder, sorted by name
     to_tensor                       uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]
@@ -10,8 +10,10 @@ images) the same way everywhere, tensors, grids, saving PNGs and RMS distances.
     labelled_image, save_png        a grid as an (upscaled) image / PNG file, with its labels drawn around it
     rms_distances, nn_rms           per-pixel RMS between image sets
 
-One policy (the `images:` config node; run.py calls `configure(**cfg.images)` once per run) says
-how a file becomes an RGB uint8 array:
+One policy, an `ImagePolicy` (the `images:` config node: run.build makes ONE per run,
+`ImagePolicy.from_config(cfg.images)`, and passes it to what reads image files; a function given none
+uses the shipped defaults, `ImagePolicy()`; nothing here holds a run's policy) says how a file
+becomes an RGB uint8 array:
 
 0. Only a regular file is opened: a FIFO, a device (a symlink to /dev/zero named x.png), a socket
    or a folder is refused from `os.stat` alone, without opening it (opening a FIFO blocks).
@@ -28,9 +30,10 @@ how a file becomes an RGB uint8 array:
    so 1024x256 passes and 5000x1 or 5000x100 does not; a centre crop of a thinner image keeps too
    little of it, a pad is mostly background). `image_size` applies 0, 1 and 4 to a file's header
    alone: the config validator checks every user image with it before any model loads.
-5. Fitted to the model's square resolution when one is asked for: `images.fit` = crop (centre
-   square, the default), pad (onto `images.background`) or stretch (aspect ratio not kept), then
-   resized bicubically.
+5. Fitted to the run's image size when one is asked for (the generator's image_size: height x width,
+   generator.height / width, square by default): `images.fit` = crop (the centre region of the target's
+   aspect ratio, the default), pad (onto `images.background`, to that aspect ratio) or stretch (aspect
+   ratio not kept), then resized bicubically. `size` arguments are one side (a square) or (height, width).
 
 Everything that changed the pixels (scaled bit depth, composited transparency, EXIF rotation,
 a lossy mode conversion, crop/pad/stretch, up- or downscaling) is reported in ONE warning line
@@ -102,6 +105,32 @@ class ImagePolicy:
                               f"{aspect!r}", "set e.g. images.max_aspect=4")
         object.__setattr__(self, "max_aspect", float(aspect))
 
+    @classmethod
+    def from_config(cls, node=None) -> ImagePolicy:
+        """The policy of an `images:` config node (a mapping or DictConfig; None: the defaults): unset fields take
+        their defaults, an unknown key or a bad value is one ConfigError naming it."""
+        if node is None:
+            return cls()
+        if not isinstance(node, dict):
+            from omegaconf import DictConfig, OmegaConf
+
+            if not isinstance(node, DictConfig):
+                raise ConfigError("images", f"must be a mapping of settings, got {node!r}",
+                                  "see conf/config.yaml: images")
+            node = OmegaConf.to_container(node, resolve=True)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(node) - known)
+        if unknown:
+            raise ConfigError(f"images.{unknown[0]}", "is not a setting of the images node", f"its settings are "
+                              f"{sorted(known)}")
+        return cls(**node)
+
+    def as_config(self) -> dict:
+        """The policy as plain config values (for logging the resolved config)."""
+        d = asdict(self)
+        d["background"] = list(d["background"])
+        return d
+
     @property
     def background_name(self) -> str:
         return "#%02x%02x%02x" % self.background if self.background not in _NAMES else _NAMES[self.background]
@@ -125,26 +154,6 @@ def _colour(value) -> tuple[int, int, int]:
             return tuple(int(c) for c in rgb)
     raise ConfigError("images.background", f"{value!r} is not a colour", "use a name (white), '#rrggbb' "
                       "or [r, g, b] with integers in 0-255")
-
-
-_policy = ImagePolicy()
-
-
-def configure(**settings) -> ImagePolicy:
-    """Set the module's policy from the `images:` config node (unset fields take their defaults;
-    `configure()` restores all defaults). Returns the new policy."""
-    global _policy
-    known = [f.name for f in fields(ImagePolicy)]
-    for name in settings:
-        if name not in known:
-            raise ConfigError(f"images.{name}", "is not a setting of the images node", f"its settings are {known}")
-    _policy = ImagePolicy(**settings)
-    return _policy
-
-
-def policy() -> ImagePolicy:
-    """The current policy (set by `configure`)."""
-    return _policy
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -181,7 +190,7 @@ def _regular_file(path: Path, key: str) -> None:
 def check_size(path: str | Path, key: str, w: int, h: int, pol: ImagePolicy | None = None) -> None:
     """The size rules of the policy: at most images.max_pixels pixels, at least images.min_side a side, and a
     longer side at most images.max_aspect times the shorter. One ConfigError naming the file and the limit."""
-    pol = pol or _policy
+    pol = pol or ImagePolicy()
     if w * h > pol.max_pixels:
         raise ConfigError(key, f"image {path} is {w}x{h} = {w * h} pixels, over images.max_pixels={pol.max_pixels} "
                           "(a decompression-bomb guard)", f"downscale the file, or raise images.max_pixels (now "
@@ -201,7 +210,7 @@ def image_size(path: str | Path, key: str, pol: ImagePolicy | None = None) -> tu
     a regular file (os.stat: a FIFO or /dev/zero is never opened), an image Pillow can identify, and check_size
     (EXIF rotation only swaps the sides). The config validator runs this on every user image before any model
     loads. Errors as open_image's."""
-    pol = pol or _policy
+    pol = pol or ImagePolicy()
     path = Path(path).expanduser()
     _regular_file(path, key)
     try:
@@ -261,7 +270,7 @@ def open_image(path: str | Path, key: str, pol: ImagePolicy | None = None) -> tu
     """A loaded image in its file's mode with EXIF orientation applied, and notes of what was done.
     Refuses missing, unreadable, non-regular (a FIFO, a device), too large (images.max_pixels), too small
     (images.min_side) and too thin (images.max_aspect) files."""
-    pol = pol or _policy
+    pol = pol or ImagePolicy()
     path = Path(path).expanduser()
     _regular_file(path, key)
     im, orientation = _open(path, key, pol)
@@ -284,7 +293,7 @@ def _grey_to_8bit(im: Image.Image) -> tuple[Image.Image, str]:
 
 def to_rgb(im: Image.Image, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
     """`im` as an RGB image, and notes of lossy steps (bit-depth scaling, compositing, mode conversion)."""
-    pol = pol or _policy
+    pol = pol or ImagePolicy()
     notes = []
     if im.mode == "RGB" and "transparency" not in im.info:
         return im, notes
@@ -305,37 +314,54 @@ def to_rgb(im: Image.Image, pol: ImagePolicy | None = None) -> tuple[Image.Image
     return im.convert("RGB"), notes
 
 
-def fit_square(im: Image.Image, resolution: int, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
-    """An RGB image fitted to resolution x resolution per images.fit, and notes of what was done."""
-    pol = pol or _policy
+def hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a size given as one side (a square) or as (height, width)."""
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def fit(im: Image.Image, size: int | Sequence[int], pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
+    """An RGB image fitted to `size` (one side, or (height, width)) per images.fit, and notes of what was done:
+    crop takes the centre region of the target's aspect ratio, pad extends the image to it, stretch ignores it."""
+    pol = pol or ImagePolicy()
+    H, W = hw(size)
     w, h = im.size
-    if (w, h) == (resolution, resolution):
+    if (w, h) == (W, H):
         return im, []
     notes = []
-    if w != h and pol.fit == "stretch":
-        notes.append(f"stretched {w}x{h} to {resolution}x{resolution}, aspect ratio not kept (images.fit=stretch)")
-        return im.resize((resolution, resolution), Image.BICUBIC), notes
-    if w != h and pol.fit == "crop":
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-        notes.append(f"centre-cropped {w}x{h} to {s}x{s} (images.fit=crop)")
-    elif w != h:
-        s = max(w, h)
-        canvas = Image.new("RGB", (s, s), pol.background)
-        canvas.paste(im, ((s - w) // 2, (s - h) // 2))
+    if w * H != h * W and pol.fit == "stretch":
+        notes.append(f"stretched {w}x{h} to {W}x{H}, aspect ratio not kept (images.fit=stretch)")
+        return im.resize((W, H), Image.BICUBIC), notes
+    wider = w * H > h * W  # than the target's aspect ratio
+    if w * H != h * W and pol.fit == "crop":
+        cw, ch = (min(w, round(h * W / H)), h) if wider else (w, min(h, round(w * H / W)))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.crop((left, top, left + cw, top + ch))
+        notes.append(f"centre-cropped {w}x{h} to {cw}x{ch} (images.fit=crop)")
+    elif w * H != h * W:
+        cw, ch = (w, max(h, round(w * H / W))) if wider else (max(w, round(h * W / H)), h)
+        canvas = Image.new("RGB", (cw, ch), pol.background)
+        canvas.paste(im, ((cw - w) // 2, (ch - h) // 2))
         im = canvas
-        notes.append(f"padded {w}x{h} to {s}x{s} with {pol.background_name} (images.fit=pad)")
-    s = im.width
-    if s < resolution:
-        factor = resolution / s
-        notes.append(f"upscaled {s}->{resolution} px ({factor:.2g}x)" + (
-            f": expect a blurry image; give images of at least {resolution} px" if factor >= UPSCALE_WARN else ""))
-    elif s > resolution:
-        notes.append(f"downscaled {s}->{resolution} px")
-    if s != resolution:
-        im = im.resize((resolution, resolution), Image.BICUBIC)
-    return im, notes
+        notes.append(f"padded {w}x{h} to {cw}x{ch} with {pol.background_name} (images.fit=pad)")
+    cw, ch = im.size
+    if (cw, ch) == (W, H):
+        return im, notes
+    # a square onto a square says sides ("upscaled 16->32 px"), other shapes width x height
+    was, to = (f"{cw}", f"{W}") if cw == ch and W == H else (f"{cw}x{ch}", f"{W}x{H}")
+    factor = max(W / cw, H / ch)
+    if factor > 1:
+        notes.append(f"upscaled {was}->{to} px ({factor:.2g}x)" + (
+            f": expect a blurry image; give images of at least {to} px" if factor >= UPSCALE_WARN else ""))
+    else:
+        notes.append(f"downscaled {was}->{to} px")
+    return im.resize((W, H), Image.BICUBIC), notes
+
+
+def fit_square(im: Image.Image, resolution: int, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
+    """An RGB image fitted to resolution x resolution per images.fit (fit), and notes of what was done."""
+    return fit(im, (resolution, resolution), pol)
 
 
 def report(path: str | Path, key: str, notes: list[str]) -> None:
@@ -365,13 +391,15 @@ def report_many(changed: list[tuple[Path, list[str]]], key: str, total: int) -> 
                         "; ".join(notes))
 
 
-def read_image(path: str | Path, key: str, resolution: int | None = None, pol: ImagePolicy | None = None, *,
+def read_image(path: str | Path, key: str, resolution: int | Sequence[int] | None = None,
+               pol: ImagePolicy | None = None, *,
                switches: str | None = None, convert: bool = False, resize: bool = False) -> np.ndarray:
-    """One image file as RGB uint8 [H, W, 3] (at its own size, or fitted to resolution x resolution),
-    read per the policy, with one warning line if anything was changed. `key` names the config setting.
+    """One image file as RGB uint8 [H, W, 3] (at its own size, or fitted to `resolution`: one side, or
+    (height, width)), read per the policy, with one warning line if anything was changed. `key` names the
+    config setting.
 
     Strict reading (inversion sources): with `switches`, the config prefix of a `convert` and a `resize`
-    switch (e.g. "technique.targets"), the file must already be RGB and resolution x resolution. Other
+    switch (e.g. "technique.targets"), the file must already be RGB and of that size. Other
     modes are refused unless `convert`, other sizes unless `resize` (EXIF orientation is applied first,
     so the size checked is the displayed one); a fix opted into is also warned about (warnings.warn)
     naming its switch."""
@@ -380,10 +408,11 @@ def read_image(path: str | Path, key: str, resolution: int | None = None, pol: I
     return array
 
 
-def _read(path: str | Path, key: str, resolution: int | None = None, pol: ImagePolicy | None = None, *,
+def _read(path: str | Path, key: str, resolution: int | Sequence[int] | None = None,
+          pol: ImagePolicy | None = None, *,
           switches: str | None = None, convert: bool = False, resize: bool = False) -> tuple[np.ndarray, list[str]]:
     """read_image without its warning line: the array and the notes of what was changed."""
-    pol = pol or _policy
+    pol = pol or ImagePolicy()
     im, notes = open_image(path, key, pol)
     if switches is not None and im.mode != "RGB":
         if not convert:
@@ -393,42 +422,36 @@ def _read(path: str | Path, key: str, resolution: int | None = None, pol: ImageP
     im, more = to_rgb(im, pol)
     notes += more
     if resolution is not None:
-        resolution = int(resolution)
-        if switches is not None and im.size != (resolution, resolution):
+        H, W = hw(resolution)  # (width x height in the messages, as PIL and image viewers give sizes)
+        if switches is not None and im.size != (W, H):
             if not resize:
                 raise ValueError(f"{key}: image {path} is {im.width}x{im.height} but the generator works at "
-                                 f"{resolution}x{resolution}; resize it (PIL: im.resize(({resolution}, {resolution}), "
+                                 f"{W}x{H}; resize it (PIL: im.resize(({W}, {H}), "
                                  f"Image.BICUBIC)) or set {switches}.resize=true to resize it here "
-                                 f"(images.fit={pol.fit} for non-square images)")
-            warnings.warn(f"resizing {path} from {im.width}x{im.height} to {resolution}x{resolution} (bicubic; "
-                          f"{switches}.resize=true; non-square images: images.fit={pol.fit})")
-        im, more = fit_square(im, resolution, pol)
+                                 f"(images.fit={pol.fit} for another aspect ratio)")
+            warnings.warn(f"resizing {path} from {im.width}x{im.height} to {W}x{H} (bicubic; "
+                          f"{switches}.resize=true; another aspect ratio: images.fit={pol.fit})")
+        im, more = fit(im, (H, W), pol)
         notes += more
     return np.asarray(im), notes
 
 
-def read_images(paths: Sequence[str | Path], key: str, resolution: int,
+def read_images(paths: Sequence[str | Path], key: str, resolution: int | Sequence[int],
                 pol: ImagePolicy | None = None) -> np.ndarray:
-    """Several image files fitted to resolution x resolution, as uint8 [K, R, R, 3]: at most MAX_IMAGES of them
+    """Several image files fitted to `resolution` (one side, or (height, width)), as uint8 [K, H, W, 3]: at most
+    MAX_IMAGES of them
     (one ConfigError naming `key` otherwise), written into one preallocated array, and one warning line per kind
     of change (report_many)."""
     if len(paths) > MAX_IMAGES:
         raise ConfigError(key, f"lists {len(paths)} images, over the cap of {MAX_IMAGES}",
                           f"use at most {MAX_IMAGES} (3-10 is typical for a concept)")
-    out = np.zeros((len(paths), resolution, resolution, 3), np.uint8)
+    out = np.zeros((len(paths), *hw(resolution), 3), np.uint8)
     changed = []
     for i, p in enumerate(paths):
         out[i], notes = _read(p, key, resolution, pol)
         changed.append((Path(p), notes))
     report_many(changed, key, len(paths))
     return out
-
-
-def settings() -> dict:
-    """The current policy as plain config values (for logging the resolved config)."""
-    d = asdict(_policy)
-    d["background"] = list(d["background"])
-    return d
 
 
 # ---------------------------------------------------------------------------- config-time file checks
@@ -532,15 +555,18 @@ def image_files_in(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_image(path: str | Path, key: str, resolution: int | None = None) -> torch.Tensor:
-    """One image file (read_image: at its own size, or fitted to resolution x resolution) as
-    [1, 3, H, W] in [0, 1]; `key` names the config field in errors."""
-    return to_tensor(read_image(path, key, resolution)[None])
+def load_image(path: str | Path, key: str, resolution: int | Sequence[int] | None = None,
+               pol: ImagePolicy | None = None) -> torch.Tensor:
+    """One image file (read_image: at its own size, or fitted to `resolution`: one side or (height, width)) as
+    [1, 3, H, W] in [0, 1], read per the policy `pol`; `key` names the config field in errors."""
+    return to_tensor(read_image(path, key, resolution, pol)[None])
 
 
-def load_folder(folder: str | Path, resolution: int, key: str) -> tuple[torch.Tensor, list[str]]:
-    """All PNG/JPG images of `folder`, sorted by name, fitted to `resolution` per the policy, as
-    [K, 3, R, R] in [0, 1], and their file names. `key` is the config setting named in errors."""
+def load_folder(folder: str | Path, resolution: int | Sequence[int], key: str,
+                pol: ImagePolicy | None = None) -> tuple[torch.Tensor, list[str]]:
+    """All PNG/JPG images of `folder`, sorted by name, fitted to `resolution` (one side, or (height, width)) per
+    the policy `pol`, as [K, 3, H, W] in [0, 1], and their file names. `key` is the config setting named in
+    errors."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{key}: image folder not found: {folder}; point it at a folder of PNG/JPG images")
@@ -550,7 +576,7 @@ def load_folder(folder: str | Path, resolution: int, key: str) -> tuple[torch.Te
     if len(files) > MAX_IMAGES:
         raise ConfigError(key, f"{folder} holds {len(files)} PNG/JPG images, over the cap of {MAX_IMAGES}",
                           f"use a folder of at most {MAX_IMAGES} (3-10 is typical for a concept)")
-    return to_tensor(read_images(files, key, resolution)), [f.name for f in files]
+    return to_tensor(read_images(files, key, resolution, pol)), [f.name for f in files]
 
 
 # ---------------------------------------------------------------------------- grids and saving

@@ -17,10 +17,10 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from steerexp import combine, images, safety, scorers, shutdown
+from steerexp import combine, safety, scorers, shutdown
 from steerexp.errors import ConfigError
 from steerexp.evaluators.base import EvalContext
-from steerexp.images import save_png
+from steerexp.images import ImagePolicy, save_png
 from steerexp.logging.wandb import RunLogger
 from steerexp.preflight import PREEMPTED
 from steerexp.techniques.base import NaNLossError
@@ -49,28 +49,28 @@ def _instantiate(node, **kwargs):
 
 def build(cfg: DictConfig):
     """Instantiate generator, technique (a trainable one with its objective, every one with the run's
-    sampling settings) and evaluators; validates config first.
-    The run's scorers (cfg.scorers) and image policy (cfg.images) are set first: objectives, techniques and
-    evaluators all use them."""
+    sampling settings) and evaluators, from a config `validate` has checked (run() checks it, once).
+    The run's scorers (cfg.scorers) and image policy (cfg.images) are made once, here, and bound to the technique
+    (which binds its objective); the evaluators get them through the technique (EvalContext). No module holds them."""
     combine.expand(cfg)  # objective=auto and the rest the technique decides (run() did it already: a no-op then)
-    safety.check_targets(cfg)
-    scorers.configure(cfg.get("scorers"))
-    images.configure(**(cfg.get("images") or {}))  # how user image files are read (conf/config.yaml: images)
+    run_scorers = scorers.build(cfg.get("scorers"))  # every model built once per run, whoever asks for it
+    image_policy = ImagePolicy.from_config(cfg.get("images"))  # how user image files are read (images:)
     evaluators = (
         [_instantiate(cfg.evaluator[k]) for k in cfg.evaluator] if cfg.get("evaluator") else []
     )
-    technique_cls = get_object(cfg.technique._target_)  # (allowlisted above)
-    if cfg.generator.get("_target_") == "steerexp.generators.load_generator":  # a technique the family cannot run
-        from steerexp.generators import check_applies, check_edit_methods, family_of  # fails here, before loading
-
-        family = family_of(cfg.generator.get("path"), cfg.generator.get("embedded") or "shapes")
-        check_applies(technique_cls, cfg.technique, family)
-        check_edit_methods(cfg.get("evaluator") or {}, family)
+    technique_cls = get_object(cfg.technique._target_)  # (its _target_ passed the allowlist in validate)
     generator = _instantiate(cfg.generator)
     learns = getattr(technique_cls, "trainable", False)
     objective = {"objective": _instantiate(cfg.objective)} if learns and cfg.get("objective") else {}
+    sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    if cfg.get("guider") is not None:  # diffusers' guider for every technique's sampling (steerexp/guiders.py)
+        import steerexp.guiders  # noqa: F401  (its log filter, before the guider is built)
+
+        node = OmegaConf.create(OmegaConf.to_container(cfg.guider, resolve=True))
+        sampling["guider"] = _instantiate(node, guidance_scale=float(sampling["guidance_scale"]))
     technique = _instantiate(cfg.technique, generator=generator, **objective, _recursive_=False,
-                             sampling=OmegaConf.to_container(cfg.sampling, resolve=True))
+                             sampling=sampling)
+    technique.bind(run_scorers, image_policy)  # and its objective: before prepare reads any file or scorer
     return generator, technique, evaluators
 
 
@@ -199,18 +199,21 @@ def callbacks(cfg: DictConfig, run_dir: Path, logged: bool) -> list:
 def train(cfg: DictConfig, technique, logger: RunLogger, run_dir: Path) -> None:
     """conf/trainer/ by _target_ (lightning.pytorch.Trainer: steerexp.trainer.fit), with what the rest of the
     run decides: the steps, the logger (the run's W&B run, through Lightning's WandbLogger) and the callbacks."""
-    from steerexp.trainer import TrainingInterrupted, fit
+    from steerexp.trainer import TrainingInterrupted, fit, ranks_of_this_run
 
     lightning_logger = logger.lightning() if logger.active else None
+    # data-parallel ranks run this job's own command (a sweep's job too), resuming from the same checkpoint
+    # (ckpt_path: also when the run chose it, resuming a pre-empted run)
     try:
-        trainer = fit(OmegaConf.to_container(cfg.trainer, resolve=True), technique,
-                      callbacks(cfg, run_dir, lightning_logger is not None), lightning_logger, cfg.get("ckpt_path"),
-                      run_dir / "checkpoints")
+        with ranks_of_this_run({"ckpt_path": cfg.get("ckpt_path")}):
+            trainer = fit(OmegaConf.to_container(cfg.trainer, resolve=True), technique,
+                          callbacks(cfg, run_dir, lightning_logger is not None), lightning_logger,
+                          cfg.get("ckpt_path"), run_dir / "checkpoints")
+            if technique.nan_step is None:  # (every rank calls it: a collective; rank 0 writes)
+                # last.ckpt holds the final deltas, whatever the checkpoint interval
+                trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     except TrainingInterrupted as stop:
         raise Interrupted(stop.args[0]) from None
-    if technique.nan_step is None:  # (every rank calls it: a collective; rank 0 writes)
-        # last.ckpt holds the final deltas, whatever the checkpoint interval
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
 
 
 def resume_hint(cfg: DictConfig, run_dir: Path, technique, step: int | None) -> str:
@@ -271,8 +274,8 @@ def evaluate(cfg: DictConfig, technique, evaluators: list, logger: RunLogger, ru
     scores.json, its tables to tables.json ({key: {columns, rows}}), all of it to the logger; who judged each
     evaluator (and what the edit was optimised against) to judges.json."""
     # the scorers the edit was optimised against: a judge among them gets an independent one beside it
-    ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), scorers.current(), run_dir=run_dir,
-                      optimised_against=technique.optimised_against())
+    ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), technique.scorers, run_dir=run_dir,
+                      optimised_against=technique.optimised_against(), image_policy=technique.image_policy)
     scores, tables, grids = {}, {}, {}
     for evaluator in evaluators:
         result = evaluator.evaluate(ctx)
@@ -290,11 +293,18 @@ def evaluate(cfg: DictConfig, technique, evaluators: list, logger: RunLogger, ru
     (run_dir / "judges.json").write_text(json.dumps(ctx.judges, indent=1))  # who judged each evaluator
 
 
-def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
+def run(cfg: DictConfig, run_dir: Path, name: str, group: str, checked: bool = False) -> dict:
+    """One run, top to bottom: check (every rule, once: `validate`, unless the caller did, as the CLI does) ->
+    build -> learn or compute the deltas -> evaluate -> write. Returns the metrics."""
     start = time.time()
     run_dir = Path(run_dir)
     for note in combine.expand(cfg):  # objective=auto, the evaluators the technique decides (the CLI did it already)
         print(f"steerexp: warning: {note}", file=sys.stderr, flush=True)
+    if not checked:
+        from steerexp.validate import validate
+
+        for warning in validate(cfg):
+            print(f"steerexp: warning: {warning}", file=sys.stderr, flush=True)
     config_file = run_dir / ".hydra" / "config.yaml"
     from steerexp.ranks import worker_rank as _worker  # rank 0 alone writes the run directory
 
@@ -342,9 +352,10 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str) -> dict:
                       f"run directory resumes it", file=sys.stderr, flush=True)
             raise SystemExit(shutdown.exit_code()) from None
         raise
-    metrics["generator/unchanged"] = generator.unchanged()
+    changes = generator.changes()  # the unchanged-proof (generator.proof), taken once at the end
+    metrics["generator/unchanged"] = not changes
     metrics["run/seconds"] = time.time() - start
     write_metrics(run_dir, metrics)
     logger.finish(metrics)
-    generator.assert_unchanged()
+    generator.assert_unchanged(changes)
     return metrics

@@ -108,7 +108,7 @@ def _check_parts(cfg: DictConfig, gen: "GeneratorInfo") -> None:
     steps, table = OmegaConf.select(cfg, "sampling.steps", default=None), cfg.get("scorers")
     facts.sampling_steps = steps if _is_int(steps) else None
     facts.scorers = kinds.table(OmegaConf.to_container(table, resolve=True) if isinstance(table, DictConfig) else {})
-    nodes = [("technique", cfg.get("technique")), ("trainer", cfg.get("trainer"))]
+    nodes = [("technique", cfg.get("technique")), ("trainer", cfg.get("trainer")), ("guider", cfg.get("guider"))]
     objective = cfg.get("objective")
     if isinstance(objective, DictConfig) and isinstance(objective.get("terms"), DictConfig):
         nodes += [(f"objective.terms.{k}", objective.terms[k]) for k in objective.terms]
@@ -117,6 +117,10 @@ def _check_parts(cfg: DictConfig, gen: "GeneratorInfo") -> None:
         nodes += [(f"evaluator.{k}", evaluators[k]) for k in evaluators]
     specs = {key: spec.check_node(node, key, facts) for key, node in nodes if node is not None}
     combine.check(specs, facts, cfg)  # across parts: what the technique cannot use (steerexp/combine.py)
+    if cfg.get("guider") is not None:  # the guidance technique's own CFG knobs vs a guider (steerexp/guider_spec.py)
+        from steerexp.guider_spec import check_with_technique
+
+        check_with_technique(*(OmegaConf.to_container(cfg[k], resolve=True) for k in ("guider", "technique")))
 
 
 def plain(cfg: DictConfig) -> dict:
@@ -614,17 +618,7 @@ def _policy_of(c: dict):
     """The run's steerexp.images.ImagePolicy (conf/config.yaml: images); a bad setting is its ConfigError."""
     from steerexp import images
 
-    node = c.get("images")
-    if node is None:
-        return images.ImagePolicy()
-    if not isinstance(node, dict):
-        raise ConfigError("images", f"must be a mapping of settings, got {node!r}", "see conf/config.yaml: images")
-    known = {f.name for f in images.fields(images.ImagePolicy)}
-    unknown = sorted(set(node) - known)
-    if unknown:
-        raise ConfigError(f"images.{unknown[0]}", "is not a setting of the images node", f"its settings are "
-                          f"{sorted(known)}")
-    return images.ImagePolicy(**node)
+    return images.ImagePolicy.from_config(c.get("images"))  # the same policy run.build makes
 
 
 def _check_paths(c: dict) -> None:

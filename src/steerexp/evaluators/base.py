@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from steerexp import progress
-from steerexp import scorers as scorer_factory
-from steerexp.images import GridLabels
+from steerexp.images import GridLabels, ImagePolicy
 from steerexp.scorers import HeadClassifier, Scorers
 from steerexp.techniques.protocols import OptimisesAgainst
 from steerexp.worlds.shapes import world
@@ -110,14 +109,18 @@ class EvalContext:
     """Shared by the evaluators of one run: sampling with and without the edit, cached; the judges."""
 
     def __init__(self, technique, prompts: list[str], seeds: list[int], scorers: Scorers | None = None,
-                 run_dir=None, optimised_against=None, world: bool | None = None):
+                 run_dir=None, optimised_against=None, world: bool | None = None,
+                 image_policy: ImagePolicy | None = None):
         if not prompts:
             raise ValueError("eval.prompts is empty; give at least one prompt template")
         if not seeds:
             raise ValueError("eval.seeds is empty; give at least one seed")
         self.technique, self.prompts, self.seeds = technique, list(prompts), list(seeds)
         self.run_dir = run_dir
-        self.scorers = scorers or scorer_factory.current()  # the run's scorers (conf/config.yaml: scorers), by name
+        # the run's scorers (conf/config.yaml: scorers), by name, and its image policy (images:), as run.build made
+        # them (the run passes them; else the technique's, else the shipped defaults)
+        self.scorers = scorers or getattr(technique, "scorers", None) or Scorers()
+        self.image_policy = image_policy or getattr(technique, "image_policy", None) or ImagePolicy()
         self._cache: dict[tuple, Paired] = {}
         if optimised_against is None:  # the scorers the edit was optimised against (the run passes them)
             optimised_against = technique.optimised_against() if isinstance(technique, OptimisesAgainst) else ()

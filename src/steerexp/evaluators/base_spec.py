@@ -20,10 +20,12 @@ from steerexp.spec import Facts, Spec
 if TYPE_CHECKING:
     from steerexp.techniques.base_spec import TechniqueSpec
 
-# an edit method: <inversion>[+p2p[+blend]] or sdedit_s<strength in (0, 1]> (techniques/ddim_inversion.py)
-EDIT_METHOD = re.compile(r"(vae|npi|nti|di|ddim_w\d+(\.\d+)?)(\+p2p(\+blend)?)?|sdedit_s(0?\.\d+|1(\.0*)?)")
-EDIT_METHOD_FIX = ("use <inversion>[+p2p[+blend]] (inversion: ddim_w<w>, npi, nti, di) or sdedit_s<strength in "
-                   "(0, 1]>, e.g. nti+p2p+blend")
+# an edit method: <inversion>[+p2p[+blend]] or sdedit_s<strength in (0, 1]> (techniques/ddim_inversion.py), or a
+# flow editor without attention control: flowedit (technique=flow_edit), rfinv (technique=rf_inversion)
+EDIT_METHOD = re.compile(r"(vae|npi|nti|di|ddim_w\d+(\.\d+)?)(\+p2p(\+blend)?)?|sdedit_s(0?\.\d+|1(\.0*)?)"
+                         r"|flowedit|rfinv")
+EDIT_METHOD_FIX = ("use <inversion>[+p2p[+blend]] (inversion: ddim_w<w>, npi, nti, di), sdedit_s<strength in "
+                   "(0, 1]>, flowedit or rfinv, e.g. nti+p2p+blend")
 
 
 def edit_method(m: Any) -> bool:

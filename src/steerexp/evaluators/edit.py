@@ -27,14 +27,20 @@ import torch.nn.functional as F
 
 from steerexp.evaluators.base import EvalContext, EvalResult
 from steerexp.evaluators.inversion import pick_methods, require_inversion
-from steerexp.images import image_grid, image_grid_labels
+from steerexp.images import hw, image_grid, image_grid_labels
 from steerexp.worlds.shapes import world
 
 
-def scene_mask(scene: world.Scene, res: int) -> torch.Tensor:
-    """[res, res] bool: pixels the scene's shape touches (the world's own anti-aliased coverage > 0)."""
+def scene_mask(scene: world.Scene, res, pol=None) -> torch.Tensor:
+    """[H, W] bool (res: one side, or (height, width)): pixels the scene's shape touches (the world's own
+    anti-aliased coverage > 0), fitted as the run's world images are (targets.fit_world, per the run's image
+    policy `pol`)."""
+    from steerexp.targets import fit_world
+
     cx, cy = world.centre(scene.size, scene.position)
-    return torch.from_numpy(world.coverage(scene.shape, cx + scene.dx, cy + scene.dy, world.SIZES[scene.size], res) > 0)
+    side = max(hw(res))
+    cov = world.coverage(scene.shape, cx + scene.dx, cy + scene.dy, world.SIZES[scene.size], side) > 0
+    return torch.from_numpy(fit_world(cov, res, pol))
 
 
 def border_mask(image: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -74,7 +80,8 @@ class Edit:
     def background(self, tech) -> torch.Tensor:
         images = tech.images
         if tech.scenes is not None:
-            objects = [scene_mask(s, images.shape[-1]) for s in tech.scenes]
+            pol = getattr(tech, "image_policy", None)  # the run's: its world images were fitted by it
+            objects = [scene_mask(s, tuple(images.shape[-2:]), pol) for s in tech.scenes]
         else:
             objects = [border_mask(im, self.bg_tolerance) for im in images]
         return ~torch.stack([dilate(o, self.dilate) for o in objects])

@@ -58,7 +58,8 @@ from steerexp.evaluators.edit import border_mask, dilate, scene_mask
 from steerexp.evaluators.edit_bench_spec import TYPES  # the edit types (its settings' rules read them too)
 from steerexp.evaluators.inversion import pick_methods, require_inversion
 from steerexp.generators.attention import token_grid
-from steerexp.images import GridLabels, image_grid, image_grid_labels, to_tensor
+from steerexp.images import GridLabels, hw, image_grid, image_grid_labels, to_tensor
+from steerexp.targets import fit_world
 from steerexp.techniques.protocols import AttentionMaps, EditMasks, TimedInversion
 from steerexp.worlds.shapes import world
 
@@ -85,11 +86,12 @@ def target_scene(scene: world.Scene, kind: str, seed: int, index: int) -> world.
     return world.Scene(**(scene.to_dict() | {kind: others[rng.integers(len(others))]}))
 
 
-def object_mask(scene: world.Scene, res: int) -> torch.Tensor:
-    """[res, res] bool: the pixels the scene's shape covers at least half of (the exact object mask)."""
+def object_mask(scene: world.Scene, res, pol=None) -> torch.Tensor:
+    """[H, W] bool (res: one side, or (height, width)): the pixels the scene's shape covers at least half of (the
+    exact object mask), fitted as the run's world images are (targets.fit_world, per the run's image policy)."""
     cx, cy = world.centre(scene.size, scene.position)
-    cov = world.coverage(scene.shape, cx + scene.dx, cy + scene.dy, world.SIZES[scene.size], res)
-    return torch.from_numpy(cov >= 0.5)
+    cov = world.coverage(scene.shape, cx + scene.dx, cy + scene.dy, world.SIZES[scene.size], max(hw(res)))
+    return torch.from_numpy(fit_world(cov >= 0.5, res, pol))
 
 
 def fill(template: str, scene: world.Scene) -> str:
@@ -185,11 +187,12 @@ class EditBench:
         if tech.scenes is None:
             return self.evaluate_user(ctx, methods)
         judging, read = self.reader(ctx)
-        sources, scenes, res = tech.images, tech.scenes, tech.images.shape[-1]
+        sources, scenes, res = tech.images, tech.scenes, tuple(tech.images.shape[-2:])  # (height, width)
         n = len(scenes)
         read_src = read(sources)
-        src_masks = torch.stack([scene_mask(s, res) for s in scenes])      # every pixel the shape touches
-        src_objects = torch.stack([object_mask(s, res) for s in scenes])   # the pixels it covers at least half of
+        pol = ctx.image_policy  # the run's (its world images were fitted by it)
+        src_masks = torch.stack([scene_mask(s, res, pol) for s in scenes])      # every pixel the shape touches
+        src_objects = torch.stack([object_mask(s, res, pol) for s in scenes])   # the pixels it covers at least half of
         vae = tech.reconstruct("vae")
         read_vae = read(vae)
         vae_ok = np.array([all(read_vae[h][i] == read_src[h][i] for h in HEADS) for i in range(n)])
@@ -200,9 +203,9 @@ class EditBench:
         for kind in self.types:
             targets = [target_scene(s, kind, self.seed, i) for i, s in enumerate(scenes)]
             prompts = [fill(self.template, t) for t in targets]
-            truth = to_tensor(np.stack([world.render(t, res) for t in targets]))
-            tgt_masks = torch.stack([scene_mask(t, res) for t in targets])
-            tgt_objects = torch.stack([object_mask(t, res) for t in targets])
+            truth = to_tensor(np.stack([fit_world(world.render(t, max(res)), res, pol) for t in targets]))
+            tgt_masks = torch.stack([scene_mask(t, res, pol) for t in targets])
+            tgt_objects = torch.stack([object_mask(t, res, pol) for t in targets])
             union = torch.stack([dilate(a | b, self.dilate) for a, b in zip(src_masks, tgt_masks)])
             truth_features = self.features(ctx, truth)
             edits = {"ground_truth": truth, "vae": vae}

@@ -40,7 +40,8 @@ class Memorisation:
                 return to_tensor(world.protected_set()[0])
             side = 32
             aspect = (round(side * h / max(h, w)), round(side * w / max(h, w)))
-            return to_tensor(np.stack([fit_world(a, aspect) for a in world.protected_set(side)[0]]))
+            pol = ctx.image_policy if ctx is not None else None  # the run's, as its world images are fitted
+            return to_tensor(np.stack([fit_world(a, aspect, pol) for a in world.protected_set(side)[0]]))
         refs = ctx.technique.target_images if isinstance(ctx.technique, HasTargets) else None
         if refs is None:
             raise ValueError("evaluator.memorisation.reference=targets needs a technique with target images; "

@@ -20,11 +20,22 @@ class ClipSimilarity(Term):
                  model: str | None = None, pretrained: str | None = None):
         check_settings(ClipSimilaritySpec, locals(), "objective.terms.clip_similarity")
         super().__init__(weight)
-        self.text = text
-        self.image = load_image(image, "objective clip_similarity.image") if image is not None else None
+        self.text, self.image_path = text, image
+        self.image: torch.Tensor | None = None  # the target image, read per the run's image policy (bind)
         self.model, self.pretrained = model, pretrained
         self._clip = None
         self._target: torch.Tensor | None = None
+
+    def bind(self, scorers=None, image_policy=None) -> None:
+        """The target image is read per the run's image policy (a bad file fails here, before any step)."""
+        super().bind(scorers, image_policy)
+        self.image, self._clip, self._target = None, None, None
+        self.target_image()
+
+    def target_image(self) -> torch.Tensor | None:
+        if self.image is None and self.image_path is not None:
+            self.image = load_image(self.image_path, "objective clip_similarity.image", pol=self.image_policy)
+        return self.image
 
     def target_embedding(self, device) -> torch.Tensor:
         if self._clip is None:
@@ -32,10 +43,10 @@ class ClipSimilarity(Term):
 
             # its own model when named, else the run's CLIP (scorers.clip)
             self._clip = (scorers.load_clip(self.model, self.pretrained, device) if self.model or self.pretrained
-                          else scorers.get("clip", device))
+                          else self.scorers.get("clip", device))
             with torch.no_grad():
                 self._target = (self._clip.encode_texts([self.text]) if self.text is not None
-                                else self._clip.encode_images(self.image))
+                                else self._clip.encode_images(self.target_image()))
         return self._target
 
     def optimised_against(self) -> set[str]:

@@ -21,6 +21,10 @@ One record, two paths through the generator; a technique fills the fields of its
 A term names the fields it reads in `needs`; a term whose field the technique did not fill is
 one clear error at the first step (e.g. concept_score with textual inversion, which renders no
 images), not a TypeError deep inside.
+
+The run's scorers and image policy come in through `bind` (run.build -> technique.bind ->
+`Composite.bind` -> every term's `bind`), never from a module global: a term that reads a scorer or an
+image file checks and reads it there (the shipped defaults until bound).
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Mapping
 
 import torch
+
+from steerexp.images import ImagePolicy
+from steerexp.scorers import Scorers
 
 if TYPE_CHECKING:
     from steerexp.generators import FrozenGenerator
@@ -67,6 +74,15 @@ class Term:
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"objective term weight must be a finite number >= 0, got {weight}")
         self.weight = float(weight)
+        self.scorers, self.image_policy = Scorers(), ImagePolicy()  # the shipped defaults until `bind`
+
+    def bind(self, scorers: Scorers | None = None, image_policy: ImagePolicy | None = None) -> None:
+        """Use the run's scorers and image policy (None: keep the current one). A term that reads a scorer or an
+        image file checks it here (an unknown head, a scorer with no gradients): before any step."""
+        if scorers is not None:
+            self.scorers = scorers
+        if image_policy is not None:
+            self.image_policy = image_policy
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -92,6 +108,11 @@ class Composite:
                                  "each entry of objective.terms needs a _target_ from steerexp.objectives")
         self.terms: dict[str, Term] = dict(items)
         self.last: dict[str, float] = {}
+
+    def bind(self, scorers: Scorers | None = None, image_policy: ImagePolicy | None = None) -> None:
+        """Give every term the run's scorers and image policy (Term.bind)."""
+        for term in self.terms.values():
+            term.bind(scorers, image_policy)
 
     @property
     def needs(self) -> frozenset[str]:

@@ -29,24 +29,29 @@ from steerexp.objectives.concept_score_spec import REFERENCES
 class ConceptScore(Term):
     def __init__(self, head: str = "colour", target: str = "red", weight: float = 1.0, scorer: str = "classifier"):
         super().__init__(weight)
-        if scorers.current().kind(scorer) == "analytic":
+        self.head, self.target, self.scorer = head, target, scorer
+
+    def bind(self, scorers=None, image_policy=None) -> None:
+        """The run's scorer `self.scorer` (conf/config.yaml: scorers) reads `head` and `target`, with gradients."""
+        super().bind(scorers, image_policy)
+        scorer, head, target = self.scorer, self.head, self.target
+        if self.scorers.kind(scorer) == "analytic":
             raise ValueError(f"objective concept_score.scorer={scorer}: the analytic judge has no gradients, it only "
                              "judges; name a classifier (e.g. classifier or robust)")
-        clf = scorers.get(scorer)  # the run's scorer by name (conf/config.yaml: scorers)
+        clf = self.scorers.get(scorer)  # the run's scorer by name (conf/config.yaml: scorers)
         heads = {} if getattr(clf, "any_head", False) else clf.heads  # a user's one-head model answers any head
         if heads and head not in heads:
             raise ValueError(f"objective concept_score: unknown head {head!r}; choose one of {sorted(heads)}")
         if heads and target not in heads[head]:
             raise ValueError(f"objective concept_score: unknown {head} {target!r}; choose one of {heads[head]}")
         clf.class_index(head, target)
-        self.head, self.target, self.scorer = head, target, scorer
 
     def optimised_against(self) -> set[str]:
         return {self.scorer}
 
     def log_prob(self, images: torch.Tensor) -> torch.Tensor:
         """log p(target) per image [B] (differentiable in the images)."""
-        return scorers.log_prob(scorers.get(self.scorer, images.device), images, self.head, self.target)
+        return scorers.log_prob(self.scorers.get(self.scorer, images.device), images, self.head, self.target)
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         return -self.log_prob(inputs.images).mean()
@@ -65,13 +70,19 @@ class AttributeKeep(Term):
             raise ValueError(f"objective attribute_keep.reference must be start or prompt, got {reference!r}")
         self.reference = reference
         self.needs = frozenset({"images", "start_images"} | ({"prompts"} if reference == "prompt" else set()))
-        if scorers.current().kind(scorer) == "analytic":
-            raise ValueError(f"objective attribute_keep.scorer={scorer}: the analytic judge has no gradients, it "
-                             "only judges; name a classifier (e.g. classifier or robust)")
-        clf = scorers.get(scorer)
         heads = list(heads)
         if not heads:
             raise ValueError("objective attribute_keep.heads is empty; name the heads to keep, e.g. [shape, colour]")
+        self.heads, self.scorer = heads, scorer
+
+    def bind(self, scorers=None, image_policy=None) -> None:
+        """The run's scorer `self.scorer` has every kept head, and gradients."""
+        super().bind(scorers, image_policy)
+        scorer, heads = self.scorer, self.heads
+        if self.scorers.kind(scorer) == "analytic":
+            raise ValueError(f"objective attribute_keep.scorer={scorer}: the analytic judge has no gradients, it "
+                             "only judges; name a classifier (e.g. classifier or robust)")
+        clf = self.scorers.get(scorer)
         if getattr(clf, "any_head", False):
             raise ValueError(f"objective attribute_keep.scorer={scorer} is a one-head model, which answers any head "
                              "name with the same output; keeping heads needs a classifier with named heads")
@@ -79,7 +90,6 @@ class AttributeKeep(Term):
         if unknown:
             raise ValueError(f"objective attribute_keep.heads: unknown head(s) {unknown}; choose among "
                              f"{sorted(clf.heads)}")
-        self.heads, self.scorer = heads, scorer
 
     def optimised_against(self) -> set[str]:
         return {self.scorer}
@@ -93,7 +103,7 @@ class AttributeKeep(Term):
     def per_head(self, images: torch.Tensor, start_images: torch.Tensor, prompts: list[str] | None = None
                  ) -> list[torch.Tensor]:
         """Per kept head, [B]: KL(reference || p(head | image)), unweighted (nudging's keep sums them per output)."""
-        clf = scorers.get(self.scorer, images.device)
+        clf = self.scorers.get(self.scorer, images.device)
         with torch.no_grad():
             before = clf(start_images.to(images))
         after = clf(images)

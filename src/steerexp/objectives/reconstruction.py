@@ -2,18 +2,20 @@
 
     loss = mean over images and pixels of (image - target)^2   (or |image - target| with l1)
 
-The target is an image file (`image`, resized bilinearly to the generator's resolution) or,
-when no file is given, a scene of the shapes world rendered at that resolution (`scene`:
-shape, colour, size, position, background).
+The target is an image file (`image`, resized bilinearly to the size of the generated images; one of
+another aspect ratio is first fitted per the `images:` policy, images.fit, as every image file is) or,
+when no file is given, a scene of the shapes world rendered at that size (`scene`: shape, colour, size,
+position, background; a non-square size is drawn square and fitted the same way: targets.fit_world).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from steerexp.images import load_image, to_tensor
+from steerexp.images import load_image, read_image, to_tensor
 from steerexp.objectives.composite import ObjectiveInputs, Term
 from steerexp.objectives.reconstruction_spec import DISTANCES  # (its settings' rules read them too)
+from steerexp.targets import fit_world
 from steerexp.worlds.shapes import world
 
 SCENE_CHOICES = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "size": tuple(world.SIZES),
@@ -48,13 +50,26 @@ class Reconstruction(Term):
                 "(a PNG/JPG file) or .scene (a shapes-world scene)"
             )
         self.scene = None if image is not None else scene_target(dict(scene))
-        self.target = load_image(image, "objective reconstruction.image") if image is not None else None
+        self.image = image
+        self.target: torch.Tensor | None = None  # read per the run's image policy (bind, or the first step)
         self.distance = distance
 
+    def bind(self, scorers=None, image_policy=None) -> None:
+        """The target image is read per the run's image policy (a bad file fails here, before any step)."""
+        super().bind(scorers, image_policy)
+        self.target = None
+        if self.image is not None:
+            self.target = load_image(self.image, "objective reconstruction.image", pol=self.image_policy)
+
     def target_like(self, images: torch.Tensor) -> torch.Tensor:
-        res = images.shape[-1]
-        if self.target is None or (self.scene is not None and self.target.shape[-1] != res):
-            self.target = to_tensor(world.render(self.scene, res)[None])
+        H, W = images.shape[-2:]
+        key, pol = "objective reconstruction.image", self.image_policy
+        if self.target is None and self.image is not None:
+            self.target = load_image(self.image, key, pol=pol)
+        if self.target is None or (self.scene is not None and tuple(self.target.shape[-2:]) != (H, W)):
+            self.target = to_tensor(fit_world(world.render(self.scene, max(H, W)), (H, W), pol)[None])
+        elif self.scene is None and self.target.shape[-1] * H != self.target.shape[-2] * W:
+            self.target = to_tensor(read_image(self.image, key, (H, W), pol)[None])
         target = self.target.to(images)
         if target.shape[-2:] != images.shape[-2:]:
             target = F.interpolate(target, size=images.shape[-2:], mode="bilinear", antialias=True, align_corners=False)

@@ -6,16 +6,16 @@
 - the robust concept classifier (same class, shipped in assets/classifier_robust) and the
   timestep-aware one that reads noisy latents (`noisy.NoisyClassifier`, assets/classifier_noisy).
 
-One factory builds them (`factory`: `configure(cfg.scorers)` / `get(name, device)`, cached
+One factory builds them (`factory`: `build(cfg.scorers)` -> a run's `Scorers`, `.get(name, device)`; cached
 `load_classifier` / `load_clip`), and one pair of functions reads "p(target) under a head"
 (`log_prob`, differentiable, and `prob`), for objectives, techniques and evaluators alike.
 """
 from steerexp.scorers.classifier import DEFAULT_PATH as DEFAULT_CLASSIFIER
 from steerexp.scorers.classifier import ConceptClassifier, HeadClassifier, log_prob, named_class, prob
-from steerexp.scorers.factory import Scorers, build, configure, current, get, load_classifier, load_clip, load_noisy
+from steerexp.scorers.factory import Scorers, build, load_classifier, load_clip, load_noisy
 from steerexp.scorers.user import load_user_classifier
 
 __all__ = [
-    "DEFAULT_CLASSIFIER", "ConceptClassifier", "HeadClassifier", "Scorers", "build", "configure", "current", "get",
+    "DEFAULT_CLASSIFIER", "ConceptClassifier", "HeadClassifier", "Scorers", "build",
     "load_classifier", "load_clip", "load_noisy", "load_user_classifier", "log_prob", "named_class", "prob",
 ]

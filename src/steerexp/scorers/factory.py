@@ -14,9 +14,10 @@ shipped in steerexp/assets, e.g. classifier_robust); neither: the shipped defaul
 
 A run's scorers are addressed by name (`Scorers.get(name, device)`): the names above, plus any
 further entry `<name>: {kind: classifier | noisy | clip | user, ...}`, so several judges can sit side by
-side. `configure(cfg.scorers)` sets the run's scorers (as `images.configure` does for image
-files); `get(name)` reads them. Loading is cached by what is loaded (folder or file, and its
-modification time) and by device: a model is built once per run however many parts use it.
+side. `build(cfg.scorers)` makes a run's Scorers: run.build makes ONE per run and passes it to what
+uses it (the technique, its objective, the evaluators); no module holds a run's scorers. Loading is
+cached by what is loaded (folder or file, and its modification time) and by device, and a Scorers
+keeps what it built: a model is built once per run however many parts use it.
 Callers never move a scorer to another device; they ask for it on the device they need.
 """
 from __future__ import annotations
@@ -194,23 +195,3 @@ def build(spec: dict | None = None) -> Scorers:
 
         spec = OmegaConf.to_container(spec, resolve=True)
     return Scorers(spec)
-
-
-_current = Scorers()
-
-
-def configure(spec: dict | None = None) -> Scorers:
-    """Set the run's scorers from its `scorers:` node (the run does this before building anything)."""
-    global _current
-    _current = build(spec)
-    return _current
-
-
-def current() -> Scorers:
-    """The run's scorers (the shipped defaults until `configure` is called)."""
-    return _current
-
-
-def get(name: str, device="cpu"):
-    """The run's scorer `name` on `device` (see `Scorers.get`)."""
-    return _current.get(name, device)

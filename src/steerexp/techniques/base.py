@@ -15,6 +15,8 @@ how to sample with and without the edit (`generate`, `fill`).
 
 Sampling settings (`sampling: {steps, guidance_scale}`, the run's `sampling` config) come in
 once, to the base. Evaluators see techniques only through steerexp.techniques.protocols.
+The run's scorers and image policy come in through `bind` (run.build): `self.scorers.get(name, device)`,
+`self.image_policy` for every user image file read (the shipped defaults until bound).
 
 Budgets (steerexp.techniques.budgets) act on `budgeted()`, the tensors that measure the
 edit's size: after every optimizer step each is projected onto the ball ||delta|| <= max_norm
@@ -37,6 +39,8 @@ import torch
 from torch import nn
 
 from steerexp.generators import FrozenGenerator, Guidance
+from steerexp.images import ImagePolicy
+from steerexp.scorers import Scorers
 
 # conf/config.yaml's `sampling`: what a technique built without the run's config samples with
 SAMPLING = {"steps": 25, "guidance_scale": 5.0}
@@ -54,13 +58,27 @@ class Technique(nn.Module):
     def __init__(self, generator: FrozenGenerator, sampling: Mapping | None = None):
         super().__init__()
         self.__dict__["generator"] = generator  # not a submodule: never trained, never checkpointed
+        sampling = dict(sampling or {})
+        guider = sampling.pop("guider", None)  # a diffusers guider (the run's `guider` group; steerexp/guiders.py)
         unknown = sorted(set(sampling or {}) - set(SAMPLING))
         if unknown:
             raise ValueError(f"sampling has no setting {unknown[0]!r}; its settings are {sorted(SAMPLING)}")
         s = SAMPLING | dict(sampling or {})
-        self.sampling_steps, self.guidance = s["steps"], Guidance(scale=s["guidance_scale"])
+        self.sampling_steps, self.guidance = s["steps"], Guidance(scale=s["guidance_scale"], guider=guider)
         self.last_good: dict[str, torch.Tensor] | None = None
         self.nan_step: int | None = None
+        # the run's scorers and image policy: the shipped defaults until run.build binds the run's own (`bind`)
+        self.scorers, self.image_policy = Scorers(), ImagePolicy()
+
+    def bind(self, scorers: Scorers | None = None, image_policy: ImagePolicy | None = None) -> None:
+        """Use the run's scorers (conf/config.yaml: scorers) and image policy (images:); None keeps the current one.
+        run.build calls this once, before `prepare`. A technique that holds parts using them (its objective, a
+        filter) passes them on (an override calls super().bind first)."""
+        self.scorers = scorers if scorers is not None else self.scorers
+        self.image_policy = image_policy if image_policy is not None else self.image_policy
+        objective = getattr(self, "objective", None)
+        if hasattr(objective, "bind"):
+            objective.bind(self.scorers, self.image_policy)
 
     @classmethod
     def requirements(cls, cfg: Mapping) -> dict[str, str]:

@@ -24,8 +24,8 @@ from the source's inside their step windows (`edit.cross_steps`, `edit.self_step
 optional reweighting (`edit.reweight`) and local blending (`edit.blend`, mask from the
 attention maps of `edit.blend_words`; null: the words the edit changes).
 
-Targets are image files (a folder or a list of paths; each must be RGB at the generator's
-resolution, or `targets.resize` / `targets.convert` say to fix them; decoded per the `images:`
+Targets are image files (a folder or a list of paths; each must be RGB at the run's image size,
+generator.height x width, or `targets.resize` / `targets.convert` say to fix them; decoded per the `images:`
 policy of steerexp.images, so 16-bit, alpha, EXIF and size limits are handled) with source prompts,
 a manifest (`targets.manifest`: a CSV with the columns image, source, target[, mask] or a JSON
 list of such objects; paths relative to the manifest; a mask is white where the edit may change
@@ -47,7 +47,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ from torch import nn
 
 from steerexp.generators import FrozenGenerator, Guidance, attention, sampling
 from steerexp.images import image_files_in, read_image, to_tensor
+from steerexp.targets import world_dataset
 from steerexp.techniques.base import TrainingFree
 from steerexp.techniques.ddim_inversion_spec import (CONTROLS, MANIFEST_COLUMNS, WORLD_PROMPT, EditSpec,
                                                      InversionTargetsSpec, check_targets, edit_prompts)
@@ -173,7 +174,8 @@ class DDIMInversion(TrainingFree):
         if batch_size < 1:
             raise ValueError(f"technique.batch_size must be >= 1, got {batch_size}")
         if guidance_scale is not None:
-            self.guidance = Guidance(scale=guidance_scale)  # this technique's own reconstruction / edit scale
+            self.guidance = replace(self.guidance, scale=guidance_scale)  # own reconstruction / edit scale (the
+            # run's guider kept: steerexp/guiders.py)
         self.batch_size = batch_size  # images inverted and sampled together
         self.targets_cfg = dict(files=None, prompts=None, manifest=None, k=16, seed=0, shapes=None, fixed={},
                                 prompt_template=WORLD_PROMPT, resize=False, convert=False) | dict(plain(targets) or {})
@@ -194,10 +196,10 @@ class DDIMInversion(TrainingFree):
         self.control = attention.EditControl.from_config(self.edit_cfg)
         self.invert_guidance = Guidance(scale=invert_guidance)
         self.latents_T = nn.Parameter(torch.zeros(0, *generator.latent_shape()), requires_grad=False)
-        self.images: torch.Tensor | None = None          # [N, 3, R, R] in [0, 1], the originals
+        self.images: torch.Tensor | None = None          # [N, 3, H, W] in [0, 1], the originals
         self.names: list[str] = []
         self.scenes: list[world.Scene] | None = None      # world targets only
-        self.masks: torch.Tensor | None = None            # [N, R, R] bool: where the edit may change (manifest)
+        self.masks: torch.Tensor | None = None            # [N, H, W] bool: where the edit may change (manifest)
         self.source_prompts: list[str] = []
         self.manifest_targets: list[str] | None = None    # the manifest's edit prompts
         self.x0: torch.Tensor | None = None               # [N, C, h, w] VAE latents
@@ -217,13 +219,14 @@ class DDIMInversion(TrainingFree):
         return self.images
 
     @property
-    def resolution(self) -> int:
-        return self.generator.resolution
+    def resolution(self) -> tuple[int, int]:
+        """(height, width) of the run's images (generator.height / width): what the targets are read at."""
+        return self.generator.image_size
 
     def read(self, path: Path, key: str) -> np.ndarray:
         tc = self.targets_cfg
-        return read_image(path, key, self.resolution, switches="technique.targets", resize=tc["resize"],
-                          convert=tc["convert"])
+        return read_image(path, key, self.resolution, self.image_policy, switches="technique.targets",
+                          resize=tc["resize"], convert=tc["convert"])
 
     def load_targets(self) -> None:
         tc, r = self.targets_cfg, self.resolution
@@ -236,7 +239,7 @@ class DDIMInversion(TrainingFree):
             self.manifest_targets = [row["target"] for row in rows]
             if any(row["mask"] is not None for row in rows):
                 masks = [self.read(row["mask"], key).mean(-1) > 127 if row["mask"] is not None
-                         else np.ones((r, r), bool) for row in rows]
+                         else np.ones(r, bool) for row in rows]
                 self.masks = torch.from_numpy(np.stack(masks))
         elif tc["files"]:
             paths = image_files(tc["files"])
@@ -255,7 +258,8 @@ class DDIMInversion(TrainingFree):
             spec = InversionTargetsSpec(**{f.name: tc[f.name] for f in fields(InversionTargetsSpec)})
             self.source_prompts = check_targets(spec, "technique.targets")  # (the settings' rules, e.g. fixed)
             shapes, fixed = tuple(tc["shapes"] or world.SEEN_SHAPES), dict(tc["fixed"] or {})
-            arrays, scenes = world.dataset(int(tc["seed"]), int(tc["k"]), shapes=shapes, res=r, **fixed)
+            arrays, scenes = world_dataset(int(tc["seed"]), int(tc["k"]), r, self.image_policy, shapes=shapes,
+                                           **fixed)
             self.images, self.scenes = to_tensor(arrays), scenes
             self.names = [f"world{tc['seed']}_{i}" for i in range(len(scenes))]
 
@@ -320,7 +324,7 @@ class DDIMInversion(TrainingFree):
             except ValueError:
                 raise ValueError(f"unknown inversion method {method!r}; ddim methods are named ddim_w<scale>, "
                                  "SDEdit ones sdedit_s<strength>") from None
-            return self.empty, (Guidance(scale=value) if prefix == "ddim_w" else self.guidance)
+            return self.empty, (replace(self.guidance, scale=value) if prefix == "ddim_w" else self.guidance)
         if method == "npi":
             return self.cond[sl], self.guidance
         if method == "di":

@@ -47,7 +47,7 @@ class EnergyGuidance(TrainingFree):
 
     def scorer_kind(self) -> str:
         """The kind of the run's scorer `self.scorer` ('concept' is the old name of 'classifier')."""
-        return scorers.current().kind(NAMES.get(self.scorer, self.scorer))
+        return self.scorers.kind(NAMES.get(self.scorer, self.scorer))
 
     def optimised_against(self) -> set[str]:
         """The scorer whose gradient guides the sampling (an evaluator judging with it is not independent)."""
@@ -57,12 +57,12 @@ class EnergyGuidance(TrainingFree):
         """log p(target) as a function of decoded images, or of (x_t, t) for a noisy scorer."""
         if self._log_p is None:
             device, name = self.generator.device, NAMES.get(self.scorer, self.scorer)
-            kind = scorers.current().kind(name)
+            kind = self.scorers.kind(name)
             if kind not in GUIDING_KINDS:
                 raise ValueError(f"technique.scorer={self.scorer}: a scorer of kind {kind!r} gives no gradient to "
                                  f"guide with; name one of kind {sorted(GUIDING_KINDS)} (e.g. classifier, robust, "
                                  "noisy, clip)")
-            model = scorers.get(name, device)
+            model = self.scorers.get(name, device)
             if kind != "clip":
                 model.class_index(self.head, self.target)  # a bad head or target fails here, not mid-sampling
             if kind == "clip":
@@ -74,6 +74,10 @@ class EnergyGuidance(TrainingFree):
             else:
                 self._log_p = lambda img: scorers.log_prob(model, img, self.head, self.target)
         return self._log_p
+
+    def bind(self, scorers=None, image_policy=None) -> None:
+        super().bind(scorers, image_policy)
+        self._log_p = None  # built again from the run's scorers
 
     def prepare(self) -> None:
         self.log_p()  # an unknown scorer, head or target, or a noisy scorer of another generator, fails here

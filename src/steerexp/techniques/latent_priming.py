@@ -55,7 +55,7 @@ class LatentPriming(TrainingFree):
     @torch.no_grad()
     def compute(self) -> None:
         gen, start = self.generator, time.perf_counter()
-        clf = scorers.get(self.scorer)  # the run's scorer that ranks (scorers.classifier unless technique.scorer)
+        clf = self.scorers.get(self.scorer)  # the run's scorer that ranks (scorers.classifier unless technique.scorer)
         clf.class_index(self.head, self.target)  # a bad head or target fails before any sampling
         seeds = [CANDIDATE_SEED_OFFSET + i for i in range(self.candidates)]
         # each candidate latent is scored on every ranking prompt; its score is the mean

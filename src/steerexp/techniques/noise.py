@@ -44,17 +44,17 @@ from steerexp.techniques.base import TrainingFree
 
 
 class Reward:
-    """The weighted sum of scorer terms (module docstring), per image."""
+    """The weighted sum of scorer terms (module docstring), per image, read by the run's `run_scorers`."""
 
-    def __init__(self, weights: Mapping, head: str, target: str, device="cpu"):
+    def __init__(self, weights: Mapping, head: str, target: str, run_scorers: scorers.Scorers, device="cpu"):
         self.weights = dict(weights)
         self.head, self.target = head, target
         self.terms = {}
         for name in self.weights:
-            if scorers.current().kind(name) == "noisy":
+            if run_scorers.kind(name) == "noisy":
                 raise ValueError(f"technique.rewards.{name}: scorer {name!r} reads noisy latents, not images; "
                                  "give a classifier of images (e.g. classifier or robust) or a CLIP")
-            scorer = scorers.get(name, device)  # the run's scorer by name (conf/config.yaml: scorers)
+            scorer = run_scorers.get(name, device)  # the run's scorer by name (conf/config.yaml: scorers)
             if isinstance(scorer, HeadClassifier):
                 scorer.class_index(head, target)  # a bad head or target fails before any sampling
                 self.terms[name] = ("classifier", scorer)
@@ -127,6 +127,10 @@ class NoiseOptimiser(TrainingFree):
             raise ValueError(f"technique.max_calls={self.max_calls} is too small: {what} needs {needs} generator "
                              f"calls per output; raise technique.max_calls to {needs} or more")
 
+    def bind(self, scorers=None, image_policy=None) -> None:
+        super().bind(scorers, image_policy)
+        self._reward = None  # built again from the run's scorers
+
     def prepare(self) -> None:
         """Load the reward's scorers now: a bad scorer, head or target fails before any sampling."""
         self.reward
@@ -135,7 +139,7 @@ class NoiseOptimiser(TrainingFree):
     @property
     def reward(self) -> Reward:
         if self._reward is None:
-            self._reward = Reward(self.weights, self.head, self.target, self.generator.device)
+            self._reward = Reward(self.weights, self.head, self.target, self.scorers, self.generator.device)
         return self._reward
 
     def optimised_against(self) -> set[str]:

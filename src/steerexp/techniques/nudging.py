@@ -50,24 +50,27 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from steerexp.generators import FrozenGenerator
-from steerexp.images import image_files_in, load_folder, nn_rms, rms_distances, to_tensor
+from steerexp.images import ImagePolicy, hw, image_files_in, load_folder, nn_rms, rms_distances, to_tensor
+from steerexp.targets import fit_world
 from steerexp.techniques.base import TrainingFree
 from steerexp.techniques.nudging_spec import LATENTS, MODES, PREFERRED, UNDESIRED
 from steerexp.techniques.protocols import OutputRecord
 from steerexp.worlds.shapes import world
 
 
-def load_images(source, what: str, resolution: int) -> torch.Tensor:
-    """[N, 3, H, W] in [0, 1] from a tensor or a folder of PNG/JPG files (an empty folder gives N = 0)."""
+def load_images(source, what: str, resolution, pol: ImagePolicy | None = None) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] from a tensor or a folder of PNG/JPG files (an empty folder gives N = 0), fitted to
+    `resolution` (one side, or (height, width)) per the image policy `pol` (None: the shipped defaults)."""
     if isinstance(source, torch.Tensor):
         return source.float()
     folder = Path(source).expanduser()
     if folder.is_dir() and not image_files_in(folder):
-        return torch.zeros(0, 3, resolution, resolution)
-    return load_folder(folder, resolution, key=f"technique.{what}")[0]
+        return torch.zeros(0, 3, *hw(resolution))
+    return load_folder(folder, resolution, f"technique.{what}", pol)[0]
 
 
 # ----------------------------------------------------------------------------- filters
@@ -108,7 +111,7 @@ class ClassifierFilter:
     def __call__(self, images, nudging):
         from steerexp import scorers
 
-        clf = scorers.get("classifier", images.device)  # the run's classifier (scorers.classifier)
+        clf = nudging.scorers.get("classifier", images.device)  # the run's classifier (scorers.classifier)
         p = scorers.prob(clf, images, self.head, self.classes)
         return p >= self.threshold, p
 
@@ -154,16 +157,9 @@ class Nudging(TrainingFree):
         if mode == "nudge" and alpha == 0 and beta == 0:
             raise ValueError("technique.alpha and technique.beta are both 0: the nudging objective has nothing to "
                              "pull toward or push from; set technique.beta > 0")
-        res = generator.resolution
-        self.protected = (load_images(protected, "protected", res) if protected is not None
-                          else to_tensor(world.protected_set(res)[0]))
-        if len(self.protected) == 0:
-            raise ValueError(
-                f"the protected set is empty ({protected}); nudging needs images to steer away from: "
-                "put PNG/JPG files in that folder or set technique.protected=null for the world's set"
-            )
-        self.exemplars = load_images(exemplars, "exemplars", res) if exemplars is not None else None
-        if preferred != "prompt" and (self.exemplars is None or len(self.exemplars) == 0):
+        # the protected set and the exemplars: read per the run's image policy (prepare, or on first use)
+        self._sources, self._image_sets = {"protected": protected, "exemplars": exemplars}, None
+        if preferred != "prompt" and exemplars is None:
             raise ValueError(
                 f"technique.preferred={preferred} needs exemplar images: set technique.exemplars "
                 "to a folder of images, or technique.preferred=prompt"
@@ -183,6 +179,50 @@ class Nudging(TrainingFree):
         self.keep = self.keep_term(keep, mode)
         self.records: dict[tuple[str, int], OutputRecord] = {}
         self._clip = self._undesired = None
+
+    def bind(self, scorers=None, image_policy=None) -> None:
+        super().bind(scorers, image_policy)
+        self._image_sets = self._clip = self._undesired = None  # read again with the run's policy and scorers
+
+    def prepare(self) -> None:
+        """Read the protected set and the exemplars, and check the keep term against the run's scorers: a bad
+        folder, head or scorer fails here, before any sampling."""
+        self.image_sets()
+        if self.keep is not None:
+            try:
+                self.keep.bind(self.scorers, self.image_policy)
+            except ValueError as e:  # its messages name the objective term's keys
+                raise ValueError(f"technique.keep: {e}".replace("objective attribute_keep.", "technique.keep.")) \
+                    from e
+
+    def image_sets(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(protected, exemplars) as [N, 3, H, W] in [0, 1], read once per the run's image policy."""
+        if self._image_sets is None:
+            res, pol, protected = self.generator.image_size, self.image_policy, self._sources["protected"]
+            images = (load_images(protected, "protected", res, pol) if protected is not None else to_tensor(
+                np.stack([fit_world(a, res, pol) for a in world.protected_set(max(res))[0]])))
+            if len(images) == 0:
+                raise ValueError(
+                    f"the protected set is empty ({protected}); nudging needs images to steer away from: "
+                    "put PNG/JPG files in that folder or set technique.protected=null for the world's set"
+                )
+            exemplars = self._sources["exemplars"]
+            exemplars = load_images(exemplars, "exemplars", res, pol) if exemplars is not None else None
+            if self.preferred != "prompt" and (exemplars is None or len(exemplars) == 0):
+                raise ValueError(
+                    f"technique.preferred={self.preferred} needs exemplar images: set technique.exemplars "
+                    "to a folder of images, or technique.preferred=prompt"
+                )
+            self._image_sets = (images, exemplars)
+        return self._image_sets
+
+    @property
+    def protected(self) -> torch.Tensor:
+        return self.image_sets()[0]
+
+    @property
+    def exemplars(self) -> torch.Tensor | None:
+        return self.image_sets()[1]
 
     @staticmethod
     def keep_term(keep: dict | None, mode: str):
@@ -223,9 +263,7 @@ class Nudging(TrainingFree):
     @property
     def clip(self):
         if self._clip is None:
-            from steerexp import scorers
-
-            self._clip = scorers.get("clip")  # the run's CLIP (scorers.clip)
+            self._clip = self.scorers.get("clip")  # the run's CLIP (scorers.clip)
         return self._clip
 
     @property

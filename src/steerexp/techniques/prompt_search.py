@@ -49,10 +49,10 @@ class PromptSearch(TrainingFree):
 
     def _score_fn(self):
         if self.scorer == "concept":  # the run's classifier (scorers.classifier)
-            clf = scorers.get("classifier")
+            clf = self.scorers.get("classifier")
             clf.class_index(self.head, self.target)  # a bad head or target fails before any sampling
             return lambda images: scorers.prob(clf, images, self.head, self.target).mean().item()
-        clip = scorers.get("clip")  # the run's CLIP (scorers.clip)
+        clip = self.scorers.get("clip")  # the run's CLIP (scorers.clip)
         text = clip.encode_texts([self.clip_text])
         return lambda images: (clip.encode_images(images) @ text.T).mean().item()
 

@@ -111,7 +111,8 @@ class TextualInversion(Trainable):
         init = gen.initializer_embedding(self.initializer)  # raises if the word is not one token
         size = gen.image_size  # (height, width): the run's generator.height / width
         tc = self.targets_cfg
-        self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], size)
+        self.target_images, described = load_targets(tc["folder"], tc["k"], tc["shape"], tc["seed"], size,
+                                                     self.image_policy)
         if self.captioned and not tc["folder"]:
             # world targets come with their scenes: describe what the token need not encode
             rng = np.random.default_rng(self.seed)
