@@ -171,6 +171,7 @@ def check(specs: dict[str, Any], facts: spec.Facts, cfg: DictConfig) -> None:
             term.check_objective(f"objective.terms.{name}", terms, facts)
     if tech is not None and tech.trainable:
         _check_objective(tech, list(terms), cfg)
+    _check_own_methods(tech, specs)
     listed = [k.split(".", 1)[1] for k in specs if k.startswith("evaluator.")]
     if is_default_list(cfg):
         return   # expand() drops the default evaluators that cannot apply
@@ -179,6 +180,26 @@ def check(specs: dict[str, Any], facts: spec.Facts, cfg: DictConfig) -> None:
         why = ev.applies(tech) if ev is not None else None
         if why:
             raise ev.refusal(f"evaluator.{name}", tech, [n for n in listed if n != name])
+
+
+def _check_own_methods(tech, specs: dict[str, Any]) -> None:
+    """An evaluator's edit method that only some techniques offer (their spec's `offers_methods`: flowedit,
+    rfinv) needs one of them as the run's technique: one line naming the method's key."""
+    if tech is None:
+        return
+    owners: dict[str, str] = {}
+    for name, cls in sorted(spec.registered("technique").items()):
+        for m in getattr(cls, "offers_methods", ()):
+            owners.setdefault(m, name)
+    offered = set(getattr(tech, "offers_methods", ()))
+    for key, ev in specs.items():
+        methods = getattr(ev, "methods", None) if key.startswith("evaluator.") else None
+        for i, m in enumerate(methods if isinstance(methods, list) else []):
+            if m in owners and m not in offered:
+                rest = ",".join(str(x) for x in methods if x != m)
+                raise ConfigError(f"{key}.methods[{i}]", f"{m} is the edit method of technique {owners[m]}, and "
+                                  f"technique {tech.label or type(tech).__name__} does not offer it",
+                                  f"set technique={owners[m]}, or drop it: {key}.methods=[{rest}]")
 
 
 def _check_objective(tech, terms: list[str], cfg: DictConfig) -> None:

@@ -52,6 +52,11 @@ ALLOWED_TARGETS = frozenset({
     "lightning.pytorch.callbacks.LearningRateMonitor",
     "lightning.pytorch.callbacks.EarlyStopping",
     "lightning.pytorch.callbacks.TQDMProgressBar",
+    # the `guider` group (conf/guider/, steerexp/guider_spec.py): the diffusers guiders the sampler can run
+    "diffusers.guiders.ClassifierFreeGuidance",
+    "diffusers.guiders.AdaptiveProjectedGuidance",
+    "diffusers.guiders.ClassifierFreeZeroStarGuidance",
+    "diffusers.guiders.TangentialClassifierFreeGuidance",
 })
 
 FIX = (f"use a steerexp class, or if you trust this config, allow it from the environment: "

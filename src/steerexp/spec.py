@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 from steerexp.errors import ConfigError
 
 SPEC_PACKAGES = ("steerexp.techniques", "steerexp.objectives", "steerexp.evaluators")
-SPEC_MODULES = ("steerexp.trainer_spec",)   # a group whose code is one module (conf/trainer/: steerexp/trainer.py)
+# a group whose code is one module (conf/trainer/: steerexp/trainer.py; conf/guider/: steerexp/guiders.py)
+SPEC_MODULES = ("steerexp.trainer_spec", "steerexp.guider_spec")
 
 _REGISTERED: dict[tuple[str, str], type] = {}
 

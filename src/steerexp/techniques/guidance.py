@@ -29,14 +29,17 @@ class GuidanceTuning(TrainingFree):
     def __init__(self, generator: FrozenGenerator, scale: float = 7.5, rescale: float = 0.0,
                  schedule: str = "constant", interval_start: float = 0.0, interval_end: float = 1.0,
                  negative_prompt: str = "", negative_mode: str = "uncond", negative_weight: float = 1.0,
-                 slot_word: str = "object", sampling: dict | None = None):
+                 slot_word: str = "object", baseline_guider: bool = True, sampling: dict | None = None):
         check_settings(GuidanceSpec, locals())
         super().__init__(generator, sampling)
         self.edit = Guidance(scale=scale, rescale=rescale, schedule=schedule, interval_start=interval_start,
                              interval_end=interval_end, negative_prompt=negative_prompt,
-                             negative_mode=negative_mode, negative_weight=negative_weight)
+                             negative_mode=negative_mode, negative_weight=negative_weight,
+                             guider=self.guidance.guider)  # the run's guider (steerexp/guiders.py), at the edit's scale
         self.strength = float(scale)  # the edit's CFG scale
         self.slot_word = slot_word
+        if not baseline_guider:  # the baseline: the project's own CFG (the edit, the run's guider: guider_sweep)
+            self.guidance = dataclasses.replace(self.guidance, guider=None)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         return {"scale": torch.tensor(float(self.strength)), "rescale": torch.tensor(self.edit.rescale),

@@ -29,6 +29,9 @@ class GuidanceSpec(TechniqueSpec):
     negative_mode: str = "uncond"   # uncond: the negative prompt is the uncond branch | subtract: its own term
     negative_weight: float = 1.0    # subtract: - negative_weight * (eps_negative - eps_uncond)
     slot_word: str = "object"       # fills '{}' in eval prompt templates
+    # with a `guider` (conf/guider/): true, the baseline samples with it too (at sampling.guidance_scale); false, the
+    # baseline keeps the project's own CFG, so the edit (the guider at technique.scale) is paired against plain CFG
+    baseline_guider: bool = True
 
     def check(self, key: str) -> None:
         self.at_least(key, "scale", 0, 7.5)

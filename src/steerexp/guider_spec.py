@@ -1,0 +1,203 @@
+"""The `guider` config group's settings (conf/guider/*.yaml), declared once; torch-free.
+
+A guider is diffusers' implementation of one guidance method (diffusers.guiders, 0.42), chosen for every
+technique's sampling: `guider=apg`. Each option's spec names the diffusers class (`_target_`, allowlisted by exact
+name in steerexp/safety.py) and declares the constructor arguments it exposes, with diffusers' defaults. The scale is
+not a guider setting: it is the run's `sampling.guidance_scale` (or the guidance technique's `technique.scale`), so
+every technique's paired baseline and edit keep one scale whatever the guider. steerexp/guiders.py calls them.
+
+No `guider` (the default) keeps the project's own classifier-free guidance (generators.frozen.Guidance), unchanged.
+Options whose method cannot run on the project's sampler yet are refused here, in one line, before anything loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from steerexp.errors import ConfigError
+from steerexp.spec import Facts, Spec, register
+
+SUPPORTED = ("cfg", "apg", "cfg_zero_star", "tcfg")
+TESTED_WITH = (0, 42)   # the diffusers release whose guiders steerexp tests (older ones lack or differ in them)
+
+
+def _diffusers_version() -> tuple[int, int] | None:
+    """The installed diffusers' (major, minor), read from its metadata (nothing imported); None if unreadable."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = version("diffusers").split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError):
+        return None
+_CHOOSE = f"choose guider={', guider='.join(SUPPORTED)}, or no guider (the project's own CFG)"
+
+
+@dataclass
+class GuiderSpec(Spec):
+    """What every guider that combines a conditional and an unconditional prediction has (diffusers' names)."""
+
+    group: ClassVar[str] = "guider"
+    elsewhere: ClassVar[dict] = {
+        "guidance_scale": "sampling.guidance_scale (or technique.scale with technique=guidance): the guider's scale",
+        "enabled": "no guider (the project's CFG) or sampling.guidance_scale=1 (no guidance)",
+    }
+    guidance_rescale: float = 0.0           # phi of "Common diffusion noise schedules are flawed" (0 = off)
+    use_original_formulation: bool = False  # true: cond + w (cond - uncond) (w = 0: no guidance) instead of
+                                            # uncond + w (cond - uncond)
+    start: float = 0.0                      # guidance only on steps in [start, stop) of the run (fractions)
+    stop: float = 1.0
+
+    def check(self, key: str) -> None:
+        found = _diffusers_version()
+        if found is not None and found < TESTED_WITH:
+            raise ConfigError(key, f"needs diffusers >= {'.'.join(map(str, TESTED_WITH))} (its guiders module, as "
+                              f"steerexp tests it), found {'.'.join(map(str, found))}",
+                              "pip install 'diffusers>=0.42,<0.43', or run without a guider")
+        self.fraction(key, "guidance_rescale", 0.7)
+        self.fraction(key, "start", 0.0)
+        self.fraction(key, "stop", 1.0)
+        if not self.start < 1.0:
+            raise ConfigError(f"{key}.start", f"must be below 1, got {self.start}", f"set e.g. {key}.start=0.0")
+        if not self.start <= self.stop:
+            raise ConfigError(f"{key}.stop", f"must be at least {key}.start ({self.start}), got {self.stop}",
+                              f"set e.g. {key}.start=0.0 {key}.stop=1.0")
+
+    def check_generator(self, key: str, facts: Facts) -> None:
+        if facts.family == "flux":
+            raise ConfigError(key, f"{self._target_.rsplit('.', 1)[-1]} combines a conditional and an unconditional "
+                              "prediction, and FLUX's guidance is distilled (the scale is a model input, one "
+                              "conditional pass, no unconditional branch)",
+                              "drop the guider on FLUX (no guider= override): tune sampling.guidance_scale")
+
+
+@register("guider", "cfg")
+@dataclass
+class CFGSpec(GuiderSpec):
+    """Classifier-free guidance (Ho & Salimans 2022), diffusers' implementation."""
+    _target_: str = "diffusers.guiders.ClassifierFreeGuidance"
+
+
+@register("guider", "apg")
+@dataclass
+class APGSpec(GuiderSpec):
+    """Adaptive Projected Guidance (Sadat et al., ICLR 2025): the guidance update split into its parts parallel and
+    orthogonal to the conditional prediction, the parallel part (the oversaturating one) weighted by eta, the update's
+    norm capped."""
+    _target_: str = "diffusers.guiders.AdaptiveProjectedGuidance"
+    adaptive_projected_guidance_rescale: float = 15.0       # the cap r on the update's norm (0 = no cap)
+    eta: float = 1.0                                        # weight of the parallel part (0 = orthogonal only)
+    adaptive_projected_guidance_momentum: Optional[float] = None   # refused unless null (see check)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.at_least(key, "adaptive_projected_guidance_rescale", 0.0, 15.0)
+        self.at_least(key, "eta", 0.0, 0.0)
+        if self.adaptive_projected_guidance_momentum is not None:
+            raise ConfigError(f"{key}.adaptive_projected_guidance_momentum", "is not supported: diffusers keeps the "
+                              "momentum in the guider between calls, and the project's sampler evaluates a step "
+                              "again (gradient checkpointing, null-text inversion's inner loop), which would count "
+                              "it twice", f"set {key}.adaptive_projected_guidance_momentum=null")
+
+
+@register("guider", "cfg_zero_star")
+@dataclass
+class CFGZeroStarSpec(GuiderSpec):
+    """CFG-Zero* (Fan et al. 2025, for flow matching): the unconditional prediction scaled by its optimal projection
+    on the conditional one, and the first `zero_init_steps` steps' predictions zeroed."""
+    _target_: str = "diffusers.guiders.ClassifierFreeZeroStarGuidance"
+    zero_init_steps: int = 1
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.at_least(key, "zero_init_steps", 0, 1)
+
+
+@register("guider", "tcfg")
+@dataclass
+class TCFGSpec(GuiderSpec):
+    """Tangential CFG (Kwon et al. 2025): the unconditional prediction projected on the conditional and
+    unconditional predictions' first singular vector before CFG."""
+    _target_: str = "diffusers.guiders.TangentialClassifierFreeGuidance"
+
+
+# ---------------------------------------------------------------------------- refused, with the reason
+@dataclass
+class RefusedGuiderSpec(Spec):
+    """A guider diffusers ships that the project's sampler cannot run yet: `guider=<name>` is refused in one line,
+    before anything loads, saying why."""
+    group: ClassVar[str] = "guider"
+    diffusers_class: ClassVar[str] = ""
+    why: ClassVar[str] = ""
+    _target_: str = "steerexp.guiders.refused"   # never built: the check refuses it first
+
+    def check(self, key: str) -> None:
+        raise ConfigError(key, f"{self.label} (diffusers.guiders.{self.diffusers_class}) is not supported: {self.why}",
+                          _CHOOSE)
+
+
+_HOOKS = ("diffusers makes it with hooks on the denoiser's {what} around that one pass (prepare_models/"
+          "cleanup_models), while the project's sampler runs cond and uncond in one batched pass without them, and "
+          "its UNet families would need those layers named per model (diffusers finds them only in DiT transformers)")
+
+
+@register("guider", "pag")
+@dataclass
+class PAGSpec(RefusedGuiderSpec):
+    diffusers_class: ClassVar[str] = "PerturbedAttentionGuidance"
+    why: ClassVar[str] = "it needs a third, attention-perturbed prediction: " + _HOOKS.format(
+        what="self-attention layers")
+
+
+@register("guider", "slg")
+@dataclass
+class SLGSpec(RefusedGuiderSpec):
+    diffusers_class: ClassVar[str] = "SkipLayerGuidance"
+    why: ClassVar[str] = ("it needs a third, layer-skipped prediction from diffusers' hooks, and in diffusers 0.42 "
+                          "they fail on the SD3 transformer (a skipped joint block hands the text tokens on as the "
+                          "image tokens; skip_layer_guidance_layers builds configs its own hook cannot read), while "
+                          "the sampler runs cond and uncond in one pass without hooks and the UNets' layers are "
+                          "unnamed")
+
+
+@register("guider", "seg")
+@dataclass
+class SEGSpec(RefusedGuiderSpec):
+    diffusers_class: ClassVar[str] = "SmoothedEnergyGuidance"
+    why: ClassVar[str] = "it needs a third prediction with blurred attention queries: " + _HOOKS.format(
+        what="attention layers")
+
+
+@register("guider", "autoguidance")
+@dataclass
+class AutoGuidanceSpec(RefusedGuiderSpec):
+    diffusers_class: ClassVar[str] = "AutoGuidance"
+    why: ClassVar[str] = ("it needs a weaker model of the same family (diffusers' version stands in for it by "
+                          "skipping denoiser layers), and neither a weak checkpoint nor the layer hooks exist here yet")
+
+
+@register("guider", "fdg")
+@dataclass
+class FDGSpec(RefusedGuiderSpec):
+    diffusers_class: ClassVar[str] = "FrequencyDecoupledGuidance"
+    why: ClassVar[str] = ("diffusers builds its Laplacian pyramids with the kornia library, which is not a "
+                          "dependency of steerexp (not installed)")
+
+
+def check_with_technique(guider, technique) -> None:
+    """Across parts: the guidance technique's own CFG knobs (rescale, schedule, a subtracted negative prompt) act
+    inside the project's CFG and have no place in a diffusers guider; each guider has its own (guidance_rescale,
+    start/stop). Plain dicts (validate passes the resolved config). Torch-free."""
+    if not isinstance(guider, dict) or not isinstance(technique, dict):
+        return
+    if str(technique.get("_target_", "")) != "steerexp.techniques.guidance.GuidanceTuning":
+        return
+    for name, default, instead in (("rescale", 0.0, "guider.guidance_rescale"),
+                                   ("schedule", "constant", "guider.start / guider.stop"),
+                                   ("negative_mode", "uncond", "negative_mode=uncond (the negative prompt as the "
+                                                               "unconditional branch)")):
+        if technique.get(name, default) != default and not (name == "negative_mode"
+                                                          and not technique.get("negative_prompt")):
+            raise ConfigError(f"technique.{name}", f"acts inside the project's own CFG, and a guider "
+                              f"({guider.get('_target_')}) does the combining", f"set technique.{name}={default} and "
+                              f"use {instead}, or drop the guider")

@@ -1,0 +1,90 @@
+"""diffusers' guiders (diffusers.guiders) in the project's sampler: the smallest adapter.
+
+Why an adapter: diffusers 0.42's guiders are written for its modular pipelines, which run the denoiser once per
+"condition" the guider asks for and hand the guider BlockStates; the project's sampler (generators/sampling.py,
+FrozenGenerator.model_output) runs cond and uncond in one batch and needs one combined output per step, with or
+without gradients. So each step this module does what a modular pipeline's denoise loop does, with the guider's own
+API and none of its math: `set_state(step, steps, t)`, ask `num_conditions` (1: the guider skips guidance at this
+step, so the unconditional branch is not run), `prepare_inputs` on the predictions (which also resets per-run
+state at step 0), and call the guider, whose `forward(pred_cond, pred_uncond)` is the combination.
+
+The guider object is configured by the `guider` group (conf/guider/, settings in steerexp/guider_spec.py) and
+travels in `Guidance.guider` (generators/frozen.py), so every technique that samples with its `self.guidance` uses
+it, for the baseline and the edit alike.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+# diffusers warns "Guiders are currently an experimental feature..." at every guider it builds (each job, each
+# `new`); steerexp says so once, in the README's "Guiders" section, and refuses diffusers < 0.42 (guider_spec.py)
+logging.getLogger("diffusers.guiders.guider_utils").addFilter(lambda r: "experimental feature" not in r.getMessage())
+
+
+def refused(*_args, **_kwargs):
+    """The _target_ of the guider options the project refuses (guider_spec.RefusedGuiderSpec): validate refuses
+    them before anything is built; built from Python anyway, they fail here."""
+    raise ValueError("guider: this guider is not supported (see steerexp/guider_spec.py for the reason)")
+
+
+def with_scale(guider, scale: float):
+    """The guider at this guidance scale: itself when it has it already, else diffusers' `new(guidance_scale=...)`."""
+    if float(guider.guidance_scale) == float(scale):
+        return guider
+    return guider.new(guidance_scale=float(scale))
+
+
+def _state(guider, i: int, steps: int, t) -> None:
+    guider.set_state(step=i, num_inference_steps=steps, timestep=t)
+
+
+PAIR = ["pred_cond", "pred_uncond"]   # the predictions a guider that only combines cond and uncond asks for
+
+
+def combines_pair(guider) -> bool:
+    """The guider only combines the conditional and unconditional predictions: it asks for those two (its class's
+    `_input_predictions`, the list diffusers' guiders declare) and puts no hooks on the denoiser (it keeps
+    BaseGuidance's `prepare_models`). Otherwise (PAG, SLG, SEG, AutoGuidance) it needs passes of its own through a
+    hooked denoiser."""
+    from diffusers.guiders.guider_utils import BaseGuidance
+
+    return (list(getattr(type(guider), "_input_predictions", None) or []) == PAIR
+            and type(guider).prepare_models is BaseGuidance.prepare_models)
+
+
+def combine(guider, cond: torch.Tensor, uncond: torch.Tensor | None, i: int, steps: int, t=None) -> torch.Tensor:
+    """The guided prediction at step i of `steps` from the conditional (and unconditional) predictions: diffusers'
+    guider decides (its `forward`). `uncond` may be None only at a step where the guider asks for one condition."""
+    if not combines_pair(guider):
+        raise ValueError(f"guider: {type(guider).__name__} needs its own passes through the denoiser, and this "
+                         "technique combines the cond and uncond predictions itself; choose a guider that only "
+                         "combines them (cfg, apg, cfg_zero_star, tcfg)")
+    _state(guider, i, steps, t)
+    want = guider.num_conditions
+    if want == 1:
+        preds = (cond,)
+    elif want == 2 and uncond is not None:
+        preds = (cond, uncond)
+    else:
+        raise ValueError(f"guider: {type(guider).__name__} asks for {want} predictions at step {i}; the project's "
+                         "sampler gives the conditional and the unconditional ones only")
+    return guider(guider.prepare_inputs({"noise_pred": preds})).pred
+
+
+def model_output(guider, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 cond: torch.Tensor, uncond: torch.Tensor | None, i: int, steps: int, t=None) -> torch.Tensor:
+    """One guided step as FrozenGenerator.model_output runs it: `denoise(x, cond)` is one forward pass; cond and
+    uncond go in one batch (as the project's CFG does) when the guider wants both at this step, else cond alone."""
+    if not combines_pair(guider):
+        raise ValueError(f"guider: {type(guider).__name__} needs passes of its own through a hooked denoiser, which "
+                         "the sampler does not run; choose cfg, apg, cfg_zero_star or tcfg (steerexp/guider_spec.py)")
+    if uncond is None:  # no unconditional branch given (guidance off): the conditional output, as the project's CFG
+        return denoise(x, cond)
+    _state(guider, i, steps, t)
+    if guider.num_conditions == 1:
+        return combine(guider, denoise(x, cond), None, i, steps, t)
+    out_cond, out_uncond = denoise(torch.cat([x, x]), torch.cat([cond, uncond])).chunk(2)
+    return combine(guider, out_cond, out_uncond, i, steps, t)

@@ -1,0 +1,171 @@
+"""The `guider` group (issue 34, section 1): diffusers' guiders in the project's sampler (steerexp/guiders.py).
+
+- diffusers' ClassifierFreeGuidance through the guider path gives the project's CFG images bit for bit (CPU);
+- the guiders that combine predictions (cfg, apg, cfg_zero_star, tcfg) sample on the embedded UNet and on the tiny
+  SD3 (flow matching) and SDXL pipelines, with gradients and checkpointing too, and a run with one goes end to end;
+- what cannot run is refused in one line before anything loads (the guiders that need layer hooks or a weaker
+  model, FDG without kornia, any guider on FLUX's distilled guidance, settings out of range).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.guiders import (AdaptiveProjectedGuidance, ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance,
+                               TangentialClassifierFreeGuidance)
+
+from steerexp.errors import ConfigError
+from steerexp.generators import Guidance, load_generator
+from tests.helpers import compose_config, tiny_run
+
+COMBINING = {"cfg": ClassifierFreeGuidance, "apg": AdaptiveProjectedGuidance,
+             "cfg_zero_star": ClassifierFreeZeroStarGuidance, "tcfg": TangentialClassifierFreeGuidance}
+PROMPTS = ["a red circle", "a photo of a blue star"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny random pipelines: SD3 (flow matching, joint attention) and SDXL (a DDIM UNet with pooled embeddings)."""
+    from steerexp.generators.random_pipelines import make_random_pipeline
+
+    root = tmp_path_factory.mktemp("guiders")
+    return {name: make_random_pipeline(name, root / name, size="tiny") for name in ("sd3", "sdxl")}
+
+
+@pytest.mark.parametrize("scale", [5.0, 1.0])
+def test_cfg_through_the_guider_path_gives_the_project_cfg_images_bit_for_bit(gen, scale):
+    seeds = [0, 1]
+    ours = gen.generate(PROMPTS, seeds, steps=4, guidance=Guidance(scale=scale))
+    theirs = gen.generate(PROMPTS, seeds, steps=4, guidance=Guidance(scale=scale, guider=ClassifierFreeGuidance()))
+    assert ours.std() > 0.01
+    assert torch.equal(ours, theirs)
+
+
+def test_a_technique_samples_with_the_run_guider_for_baseline_and_edit(gen):
+    """The run hands the guider to every technique in `sampling` (run.build); the guidance technique's edit uses it
+    at the edit's scale. With diffusers' CFG, both images are the project's, bit for bit."""
+    from steerexp.techniques.guidance import GuidanceTuning
+
+    plain = GuidanceTuning(gen, scale=7.5, sampling={"steps": 3, "guidance_scale": 5.0})
+    guided = GuidanceTuning(gen, scale=7.5, sampling={"steps": 3, "guidance_scale": 5.0,
+                                                      "guider": ClassifierFreeGuidance()})
+    assert guided.guidance.guider.guidance_scale == 5.0 and guided.edit.guider.guidance_scale == 7.5
+    for edited in (False, True):
+        assert torch.equal(plain.generate(["a {}"], [3], edited), guided.generate(["a {}"], [3], edited))
+    paired = GuidanceTuning(gen, scale=7.5, baseline_guider=False,   # guider_sweep: the edit vs plain CFG
+                            sampling={"steps": 3, "guidance_scale": 5.0, "guider": AdaptiveProjectedGuidance()})
+    assert paired.guidance.guider is None and isinstance(paired.edit.guider, AdaptiveProjectedGuidance)
+
+
+@pytest.mark.parametrize("name", list(COMBINING))
+def test_combining_guiders_sample_on_the_embedded_unet(gen, name):
+    kw = {"eta": 0.0} if name == "apg" else {}
+    guided = gen.generate(PROMPTS[:1], [0], steps=3, guidance=Guidance(scale=7.0, guider=COMBINING[name](**kw)))
+    assert guided.shape == (1, 3, *gen.image_size) and torch.isfinite(guided).all()
+    if name != "cfg":  # each changes the combination (APG with eta=0 drops the parallel part; CFG-Zero* zeroes step 0)
+        plain = gen.generate(PROMPTS[:1], [0], steps=3, guidance=Guidance(scale=7.0))
+        assert (guided - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+@pytest.mark.parametrize("name", list(COMBINING))
+def test_combining_guiders_sample_on_the_tiny_pipelines(folders, family, name):
+    other = load_generator(str(folders[family]), device="cpu")
+    assert other.prediction_type == ("flow" if family == "sd3" else "epsilon")
+    guidance = Guidance(scale=4.0, guider=COMBINING[name]())
+    out = other.generate(PROMPTS[:1], [0], steps=2, guidance=guidance)
+    assert torch.isfinite(out).all()
+    if name == "cfg":
+        assert torch.equal(out, other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0)))
+
+
+@pytest.mark.parametrize("name", ["apg", "tcfg"])
+def test_guiders_sample_with_gradients_and_checkpointing(gen, name):
+    """Techniques that optimise through sampling (reno, nudging) run it with gradients and checkpointing: the
+    guider's combination is differentiable and stateless, so the recomputed steps give the same gradients."""
+    guidance = Guidance(scale=5.0, guider=COMBINING[name]())
+    cond, uncond = gen.encode_prompt(["a red circle"]), gen.encode_prompt([""])
+    grads = []
+    for checkpoint in (False, True):
+        z = gen.initial_latents([0]).requires_grad_(True)
+        gen.sample(cond, z, uncond, 2, guidance, grad=True, checkpoint=checkpoint).square().mean().backward()
+        grads.append(z.grad)
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_a_run_with_a_guider_goes_end_to_end(tmp_path):
+    base = ["logger=none", "technique=guidance", "technique.scale=9", "guider=apg", "guider.eta=0.5",
+            "sampling.steps=2", "eval.seeds=[0]", "eval.prompts=['a {}']", "evaluator=[concept]"]
+    metrics, run_dir = tiny_run(tmp_path, [], name="apg", base=base)
+    assert metrics["generator/unchanged"] is True
+    assert "concept/target_rate/edited" in metrics
+
+
+# ---------------------------------------------------------------------------- refused, in one line, before loading
+def _refusal(overrides):
+    from steerexp.validate import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(overrides))
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("name,why", [("pag", "attention-perturbed"), ("slg", "layer-skipped"),
+                                      ("seg", "blurred attention"), ("autoguidance", "weaker model"),
+                                      ("fdg", "kornia")])
+def test_guiders_the_sampler_cannot_run_are_refused_saying_why(name, why):
+    msg = _refusal([f"guider={name}"])
+    assert msg.startswith(f"guider: {name} (diffusers.guiders.") and why in msg and "guider=apg" in msg
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["guider=apg", "+guider.guidance_scale=3"], "guider.guidance_scale: is set by the run"),
+    (["guider=apg", "+guider.eat=1"], "did you mean guider.eta"),
+    (["guider=apg", "guider.adaptive_projected_guidance_momentum=-0.5"], "would count it twice"),
+    (["guider=cfg", "guider.start=0.6", "guider.stop=0.5"], "guider.stop: must be at least guider.start"),
+    (["guider=cfg_zero_star", "guider.zero_init_steps=-1"], "guider.zero_init_steps: must be a number >= 0"),
+    (["guider=cfg", "technique=guidance", "technique.schedule=interval"], "technique.schedule: acts inside"),
+])
+def test_guider_settings_are_checked_before_loading(overrides, words):
+    assert words in _refusal(overrides)
+
+
+def test_guiders_are_refused_on_flux_distilled_guidance_before_loading(tmp_path, monkeypatch):
+    import steerexp.generators as generators
+    from steerexp.generators.random_pipelines import make_random_pipeline
+
+    folder = make_random_pipeline("flux", tmp_path / "flux", size="tiny")
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("the generator loaded before the refusal")
+
+    monkeypatch.setattr(generators, "from_pretrained", no_loading)
+    msg = _refusal(["generator=sd", f"generator.path={folder}", "generator.device=cpu", "generator.dtype=fp32",
+                    "guider=cfg_zero_star"])
+    assert msg.startswith("guider: ClassifierFreeZeroStarGuidance combines") and "distilled" in msg
+
+
+def test_the_project_cfg_knobs_and_a_guider_do_not_mix_from_python():
+    with pytest.raises(ValueError, match="guidance_rescale and start/stop"):
+        Guidance(scale=5.0, rescale=0.5, guider=ClassifierFreeGuidance())
+
+
+def test_an_older_diffusers_is_refused_before_loading(monkeypatch):
+    import steerexp.guider_spec as guider_spec
+
+    monkeypatch.setattr(guider_spec, "_diffusers_version", lambda: (0, 30))
+    assert "guider: needs diffusers >= 0.42" in _refusal(["guider=tcfg"])
+
+
+def test_a_guider_that_needs_its_own_passes_is_refused_when_sampling_from_python(gen):
+    from diffusers.guiders import AutoGuidance, SkipLayerGuidance
+
+    for guider in (SkipLayerGuidance(skip_layer_config={"indices": [0], "fqn": "auto"}),
+                   AutoGuidance(auto_guidance_layers=[0], dropout=0.1), AdaptiveProjectedGuidance()):
+        name = type(guider).__name__
+        if name == "AdaptiveProjectedGuidance":  # combines cond and uncond only: runs
+            assert gen.generate(PROMPTS[:1], [0], steps=1, guidance=Guidance(scale=5.0, guider=guider)).isfinite().all()
+            continue
+        with pytest.raises(ValueError, match=f"{name} needs passes of its own"):
+            gen.generate(PROMPTS[:1], [0], steps=1, guidance=Guidance(scale=5.0, guider=guider))
