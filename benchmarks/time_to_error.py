@@ -58,10 +58,13 @@ def fixtures(tmp: Path) -> dict[str, str]:
 
     def ckpt(name: str, technique: str, num_vectors: int) -> str:
         path = tmp / name
+        record = {"technique": technique, "deltas": {"embeddings": [num_vectors, 64]},
+                  "structure": {"num_vectors": num_vectors}}
         torch.save({"epoch": 0, "global_step": 10, "pytorch-lightning_version": "2.6.6",
                     "state_dict": {"embeddings": torch.zeros(num_vectors, 64), "initial": torch.zeros(num_vectors, 64)},
-                    "steerexp": {"technique": technique, "deltas": {"embeddings": [num_vectors, 64]},
-                                 "structure": {"num_vectors": num_vectors}}}, path)
+                    "steerexp": record}, path)
+        # its JSON sidecar, as steerexp writes beside every checkpoint (trainer.Sidecar): what validation reads
+        Path(f"{path}.json").write_text(json.dumps({"global_step": 10, "steerexp": record}))
         return str(path)
 
     out["ckpt_other_technique"] = ckpt("other.ckpt", "steerexp.techniques.input_delta.InputDelta", 1)
