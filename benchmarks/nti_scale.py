@@ -29,19 +29,8 @@ import time
 from pathlib import Path
 
 
-def _status(key: str) -> float | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024  # MiB
-    return None
-
-
-def _hwm_reset() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+from ti_step import _hwm_reset  # noqa: E402  (benchmarks/ is the script's folder: sys.path[0])
+from ti_step import proc_status_mib as _status  # noqa: E402
 
 
 def _load(args):

@@ -52,14 +52,19 @@ def _hwm_reset() -> bool:
         return False
 
 
-def _hwm_mb() -> float | None:
+def proc_status_mib(key: str = "VmHWM") -> float | None:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak RSS; VmRSS: now), in MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _hwm_mb() -> float | None:
+    return proc_status_mib("VmHWM")
 
 
 def vocab_sized_tensors(step, vocab: int, table_numel: int) -> list[dict]:
