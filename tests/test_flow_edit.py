@@ -170,6 +170,8 @@ def test_rf_inversion_without_control_is_the_plain_euler_sampler(flow_gens):
         plain = gen.sample(tech.cond, tech.rf_latents, None, 3)
         torch.testing.assert_close(tech.reconstruct("rfinv"), gen.decode_latents(plain).float(), rtol=1e-4,
                                    atol=1e-4)
+    assert tech.pivots is None and "invert" not in tech.seconds  # rfinv alone never runs the DDIM/Euler inversion
+    assert tech.reconstruct("ddim_w1").shape == tech.images.shape and tech.pivots is not None  # asked for: it runs
 
 
 # ---------------------------------------------------------------------------- end to end, and refusals

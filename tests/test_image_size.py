@@ -74,8 +74,11 @@ def test_the_cli_refuses_a_bad_size_in_one_line_before_loading(tmp_path):
 
 
 def test_the_loader_applies_the_same_rule(folders):
-    with pytest.raises(ValueError, match="generator.width=72 is not divisible by 16"):
+    with pytest.raises(ValueError, match="generator.width: is 72 px, not divisible by 16"):
         load_generator(str(folders["flux"]), device="cpu", width=72)
+    with pytest.raises(ValueError, match="generator.height: is 256 px, above the 128 px"):  # 4x the default side
+        load_generator(device="cpu", height=256)
+    assert load_generator(device="cpu", height=128, width=64).image_size == (128, 64)
 
 
 # ---------------------------------------------------------------------------- sampling at the size

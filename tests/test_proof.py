@@ -34,8 +34,11 @@ def test_untouched_and_used_generator_passes_both_proofs(fresh):
         g.generate(["a red circle"], [0], steps=2)
         assert g.unchanged() and g.changes() == []
         g.assert_unchanged()
-    assert fresh.fingerprint().startswith("fast:") and full.fingerprint().startswith("full:")
-    assert full.fingerprint() == full.fingerprint()
+    before = full.fingerprint()
+    assert fresh.fingerprint().startswith("fast:") and before.startswith("full:")
+    with torch.no_grad():
+        next(full.vae.parameters()).view(-1)[0] += 1.0  # a tampered weight changes the full fingerprint
+    assert full.fingerprint() != before and not full.unchanged()
 
 
 def test_fast_proof_catches_an_in_place_edit_with_and_without_no_grad(fresh):

@@ -423,6 +423,10 @@ def test_checkpoint_checks_never_unpickle_the_file(tmp_path, monkeypatch):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", payload)
     assert read_checkpoint_info(path) is None  # no sidecar: nothing is read from the file before loading
+    from steerexp.run import read_checkpoint
+
+    with pytest.raises(ConfigError, match="not a readable weights-only checkpoint"):  # and the load refuses it
+        read_checkpoint(path)
     ok([f"ckpt_path={path}"])
     assert not (tmp_path / "PWNED").exists()
     Path(f"{path}.json").write_text("not json")

@@ -56,7 +56,7 @@ import stat
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,12 +124,6 @@ class ImagePolicy:
             raise ConfigError(f"images.{unknown[0]}", "is not a setting of the images node", f"its settings are "
                               f"{sorted(known)}")
         return cls(**node)
-
-    def as_config(self) -> dict:
-        """The policy as plain config values (for logging the resolved config)."""
-        d = asdict(self)
-        d["background"] = list(d["background"])
-        return d
 
     @property
     def background_name(self) -> str:
@@ -357,11 +351,6 @@ def fit(im: Image.Image, size: int | Sequence[int], pol: ImagePolicy | None = No
     else:
         notes.append(f"downscaled {was}->{to} px")
     return im.resize((W, H), Image.BICUBIC), notes
-
-
-def fit_square(im: Image.Image, resolution: int, pol: ImagePolicy | None = None) -> tuple[Image.Image, list[str]]:
-    """An RGB image fitted to resolution x resolution per images.fit (fit), and notes of what was done."""
-    return fit(im, (resolution, resolution), pol)
 
 
 def report(path: str | Path, key: str, notes: list[str]) -> None:

@@ -274,8 +274,9 @@ def evaluate(cfg: DictConfig, technique, evaluators: list, logger: RunLogger, ru
     scores.json, its tables to tables.json ({key: {columns, rows}}), all of it to the logger; who judged each
     evaluator (and what the edit was optimised against) to judges.json."""
     # the scorers the edit was optimised against: a judge among them gets an independent one beside it
-    ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), technique.scorers, run_dir=run_dir,
-                      optimised_against=technique.optimised_against(), image_policy=technique.image_policy)
+    # (the run's scorers and image policy: the technique's, bound by run.build)
+    ctx = EvalContext(technique, list(cfg.eval.prompts), list(cfg.eval.seeds), run_dir=run_dir,
+                      optimised_against=technique.optimised_against())
     scores, tables, grids = {}, {}, {}
     for evaluator in evaluators:
         result = evaluator.evaluate(ctx)
@@ -298,7 +299,7 @@ def run(cfg: DictConfig, run_dir: Path, name: str, group: str, checked: bool = F
     build -> learn or compute the deltas -> evaluate -> write. Returns the metrics."""
     start = time.time()
     run_dir = Path(run_dir)
-    for note in combine.expand(cfg):  # objective=auto, the evaluators the technique decides (the CLI did it already)
+    for note in combine.expand(cfg):  # objective=auto, the evaluators the technique decides (validate checks a copy)
         print(f"steerexp: warning: {note}", file=sys.stderr, flush=True)
     if not checked:
         from steerexp.validate import validate

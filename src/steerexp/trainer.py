@@ -40,9 +40,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from steerexp import progress, shutdown
+from steerexp.trainer_spec import STEEREXP_KEYS  # conf/trainer/ keys that are steerexp's, not Trainer arguments
 
-# steerexp's own keys of conf/trainer/, not Lightning Trainer arguments
-STEEREXP_KEYS = ("checkpoint_every", "lr_scheduler", "warmup_steps")
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -117,8 +117,8 @@ class EvalContext:
             raise ValueError("eval.seeds is empty; give at least one seed")
         self.technique, self.prompts, self.seeds = technique, list(prompts), list(seeds)
         self.run_dir = run_dir
-        # the run's scorers (conf/config.yaml: scorers), by name, and its image policy (images:), as run.build made
-        # them (the run passes them; else the technique's, else the shipped defaults)
+        # the run's scorers (conf/config.yaml: scorers), by name, and its image policy (images:): given, else the
+        # technique's (run.build binds them to it), else the shipped defaults
         self.scorers = scorers or getattr(technique, "scorers", None) or Scorers()
         self.image_policy = image_policy or getattr(technique, "image_policy", None) or ImagePolicy()
         self._cache: dict[tuple, Paired] = {}

@@ -70,13 +70,6 @@ def inapplicable(technique_cls, technique_cfg, family: str) -> str | None:
     return None
 
 
-def check_applies(technique_cls, technique_cfg, family: str) -> None:
-    """One clear line when a technique so configured needs what the family lacks (before any model loads)."""
-    why = inapplicable(technique_cls, technique_cfg, family)
-    if why:
-        raise ValueError(f"technique: {why}")
-
-
 def check_edit_methods(evaluators, family: str) -> None:
     """The edit evaluators' +p2p methods (Prompt-to-Prompt) need a family with cross-attention maps: one line,
     naming the key and the methods that remain, before any model loads."""

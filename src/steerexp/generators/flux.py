@@ -85,11 +85,6 @@ class FluxGenerator(FrozenGenerator):
                                txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
         return out.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
-    def schedule_for(self, steps: int, latents: torch.Tensor) -> sampling.Schedule:
-        """The shift mu follows the latents' size (their patch count), as the pipeline's does."""
-        f = self.vae_scale_factor
-        return self.schedule(steps, latents.shape[-2] * f, latents.shape[-1] * f)
-
     def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> sampling.Schedule:
         _, h, w = self.latent_shape(height, width)
         mu = sampling.flow_shift_mu(h * w // 4, self.scheduler.config)

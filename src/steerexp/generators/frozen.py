@@ -348,7 +348,7 @@ class FrozenGenerator:
         sums: dict[torch.device, list[torch.Tensor]] = {}
         threads = torch.get_num_threads()
         # memory-bound sums: on the CPU one thread reads as fast, and never waits for a core another process holds
-        # (SD 1.5, shared 2-core machine at load 4-5: 0.50 s on 1 thread, 2.13 s on 2, medians of 5)
+        # (SD 1.5, shared 2-core machine: 0.20-0.51 s on 1 thread, 2.2-3.3 s on 2; README, benchmarks/fixed_cost.py)
         torch.set_num_threads(1)
         try:
             for _, t in tensors:
@@ -578,21 +578,40 @@ class FrozenGenerator:
         """The largest image side the denoiser can take (None: no limit of its own)."""
         return None
 
+    def size_rule(self):
+        """The sizes this generator samples at (checks.SizeRule, the rule the config check reads from a folder):
+        sides divisible by size_multiple, at most max_side(), or MAX_SIZE_FACTOR x the default side."""
+        from steerexp.generators.checks import MAX_SIZE_FACTOR, SizeRule
+
+        f, p = self.vae_scale_factor, self.latent_patch
+        saved, (self.height, self.width) = (self.height, self.width), (None, None)
+        try:
+            _, h, w = self.latent_shape()  # the model's default side
+        finally:
+            self.height, self.width = saved
+        default = (h * f, w * f)
+        why = f"the VAE's scale factor {f} x the denoiser's {p}x{p} latent patches"
+        top = self.max_side()
+        if top is None:
+            return SizeRule(self.family, f, self.size_multiple, why, default, MAX_SIZE_FACTOR * max(default),
+                            f"{MAX_SIZE_FACTOR}x its default side; steerexp's limit")
+        return SizeRule(self.family, f, self.size_multiple, why, default, top, "the denoiser's position embedding")
+
     def set_size(self, height: int | None = None, width: int | None = None) -> "FrozenGenerator":
-        """Sample, invert and train at height x width pixels from now on (None: the model's default side). The
-        config validator checks generator.height / width the same way before loading (checks.check_size)."""
+        """Sample, invert and train at height x width pixels from now on (None: the model's default side), by the
+        same rule the config check applies before loading (checks.check_size)."""
+        from steerexp.errors import ConfigError
+
+        rule = self.size_rule()
         for key, v in (("height", height), ("width", width)):
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"generator.{key} must be a positive whole number of pixels or null, got {v!r}")
-            m, top = self.size_multiple, self.max_side()
-            if v % m:
-                raise ValueError(f"generator.{key}={v} is not divisible by {m} (the VAE's scale factor "
-                                 f"{self.vae_scale_factor} x the {self.latent_patch}x{self.latent_patch} latent "
-                                 f"patches); use {v - v % m or m} or {v - v % m + m}")
-            if top is not None and v > top:
-                raise ValueError(f"generator.{key}={v} is above the {top} px this {self.family} denoiser takes")
+                raise ConfigError(f"generator.{key}", f"must be a positive whole number of pixels or null, got {v!r}",
+                                  f"set generator.{key}=null or e.g. generator.{key}=512")
+            why = rule.problem(v)
+            if why:
+                raise ConfigError(f"generator.{key}", why[0], why[1].replace("KEY", f"generator.{key}"))
         self.height, self.width = height, width
         return self
 
@@ -652,13 +671,14 @@ class FrozenGenerator:
         guidance_scale is read only by distilled-guidance families)."""
         raise NotImplementedError
 
-    def schedule(self, steps: int) -> sampling.Schedule:
+    def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> sampling.Schedule:
         raise NotImplementedError
 
     def schedule_for(self, steps: int, latents: torch.Tensor) -> sampling.Schedule:
-        """The schedule to sample or invert these latents with (a family whose schedule depends on the image
-        size, FLUX, reads it from the latents)."""
-        return self.schedule(steps)
+        """The schedule to sample or invert these latents with: a family whose schedule depends on the image size
+        (SD3 and FLUX with dynamic shifting) takes it from the latents' size; the others ignore it."""
+        f = self.vae_scale_factor
+        return self.schedule(steps, latents.shape[-2] * f, latents.shape[-1] * f)
 
     def training_pair(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
         """(noisy latents, model time, target) for the denoising loss at integer training times t in

@@ -57,7 +57,8 @@ class SDGenerator(FrozenGenerator):
     def denoise(self, x, t, cond, guidance_scale=None):
         return self.unet(x, t, cond).sample
 
-    def schedule(self, steps: int) -> sampling.Schedule:
+    def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> sampling.Schedule:
+        # (DDIM's timesteps do not depend on the image size: height and width are ignored)
         return sampling.Schedule.from_ddim(self.scheduler, steps)
 
     def latent_shape(self, height=None, width=None):

@@ -80,11 +80,6 @@ class SD3Generator(FrozenGenerator):
         return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=hidden.to(x.dtype),
                                 pooled_projections=pooled.to(x.dtype)).sample
 
-    def schedule_for(self, steps: int, latents: torch.Tensor) -> sampling.Schedule:
-        """With use_dynamic_shifting, mu follows the latents' size (their patch count), as the pipeline's does."""
-        f = self.vae_scale_factor
-        return self.schedule(steps, latents.shape[-2] * f, latents.shape[-1] * f)
-
     def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> sampling.Schedule:
         """Euler over the scheduler's sigmas; with use_dynamic_shifting, mu from the number of latent patches, as
         StableDiffusion3Pipeline computes it."""

@@ -152,6 +152,39 @@ class FlowEditor(DDIMInversion):
     def edit_method(self) -> str:
         return self.own
 
+    def compute(self) -> None:
+        """The own method's work (a subclass's). The DDIM / Euler inversion that the methods beside it read runs
+        only when one of them is asked for (`inverted`), so a run of the own method alone never pays for it."""
+
+    def inverted(self, method: str | None) -> None:
+        """Run the DDIM / Euler inversion now if `method` reads it and it has not run (outside the edit's timing,
+        which excludes the inversion: `inversion_seconds` adds it)."""
+        base = (method or self.own).split("+")[0]
+        if base not in (self.own, "vae") and self.pivots is None and len(self.latents_T) == 0 and self.x0 is not None:
+            self.invert()
+
+    def reconstruct(self, method: str | None = None) -> torch.Tensor:
+        self.inverted(method)
+        return super().reconstruct(method)
+
+    def edit(self, method: str | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+        self.inverted(method)
+        return super().edit(method, prompts)
+
+    def _run(self, method: str, prompts: list[str] | None) -> torch.Tensor:
+        if method == self.own:
+            return self.run_own(prompts)
+        if method == "vae" and self.pivots is None and len(self.latents_T) == 0:
+            if prompts is not None:
+                raise ValueError("the VAE round trip has no prompt, so it cannot edit")
+            with torch.no_grad():   # the round trip D(E(I)) reads no inversion
+                return torch.cat([self.generator.decode_latents(self.x0[sl]).float().cpu() for sl in self.batches()])
+        return super()._run(method, prompts)
+
+    def run_own(self, prompts: list[str] | None) -> torch.Tensor:
+        """Decoded images of every target by the own method: reconstruction (prompts None) or edit."""
+        raise NotImplementedError
+
 
 class FlowEdit(FlowEditor):
     """FlowEdit as the edit method `flowedit` of an inversion technique (with DDIM/Euler inversion's methods beside
@@ -189,34 +222,7 @@ class FlowEdit(FlowEditor):
                          self.velocity(view, target, self.target_guidance), x_src, view, self.n_max, self.n_min,
                          self.n_avg, noise_streams(range(sl.start, sl.stop), self.seed, x_src))
 
-    def compute(self) -> None:
-        """Nothing: FlowEdit inverts nothing. The inversion the methods beside it read runs when one is asked for
-        (`inverted`), so a run of `flowedit` alone never pays for it."""
-
-    def inverted(self, method: str | None) -> None:
-        """Run the DDIM / Euler inversion now if `method` reads it and it has not run (outside the edit's timing,
-        which excludes the inversion: `inversion_seconds` adds it)."""
-        base = (method or self.own).split("+")[0]
-        if base not in (self.own, "vae") and self.pivots is None and len(self.latents_T) == 0 and self.x0 is not None:
-            self.invert()
-
-    def reconstruct(self, method: str | None = None) -> torch.Tensor:
-        self.inverted(method)
-        return super().reconstruct(method)
-
-    def edit(self, method: str | None = None, prompts: list[str] | None = None) -> torch.Tensor:
-        self.inverted(method)
-        return super().edit(method, prompts)
-
-    def _run(self, method: str, prompts: list[str] | None) -> torch.Tensor:
-        if method == "vae" and self.pivots is None and len(self.latents_T) == 0:
-            if prompts is not None:
-                raise ValueError("the VAE round trip has no prompt, so it cannot edit")
-            with torch.no_grad():   # the round trip D(E(I)) reads no inversion
-                return torch.cat([self.generator.decode_latents(self.x0[sl]).float().cpu() for sl in self.batches()])
-        if method != self.own:
-            self.inverted(method)
-            return super()._run(method, prompts)
+    def run_own(self, prompts: list[str] | None) -> torch.Tensor:
         if self.x0 is None:
             raise RuntimeError("the targets are not loaded yet: call prepare() first")
         gen, out = self.generator, []

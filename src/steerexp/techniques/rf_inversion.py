@@ -126,12 +126,9 @@ class RFInversion(FlowEditor):
         self.seconds["rf_invert"] = time.process_time() - start
 
     def compute(self) -> None:
-        super().compute()    # DDIM / Euler inversion: the methods beside rfinv
-        self.rf_invert()
+        self.rf_invert()     # (the DDIM / Euler inversion of the methods beside rfinv runs when one is asked for)
 
-    def _run(self, method: str, prompts: list[str] | None) -> torch.Tensor:
-        if method != self.own:
-            return super()._run(method, prompts)
+    def run_own(self, prompts: list[str] | None) -> torch.Tensor:
         if len(self.rf_latents) == 0:
             raise RuntimeError("the targets are not inverted yet: call prepare() and compute() first")
         gen, out, S = self.generator, [], self.sampling_steps
