@@ -4,7 +4,9 @@
 - the guiders that combine predictions (cfg, apg, cfg_zero_star, tcfg) sample on the embedded UNet and on the tiny
   SD3 (flow matching) and SDXL pipelines, with gradients and checkpointing too, and a run with one goes end to end;
 - what cannot run is refused in one line before anything loads (the guiders that need layer hooks or a weaker
-  model, FDG without kornia, any guider on FLUX's distilled guidance, settings out of range).
+  model, FDG without kornia, any guider on FLUX's distilled guidance, settings out of range);
+- the hooked guiders (PAG, SLG) run their third pass through diffusers' hooks on the family's blocks, which are gone
+  after sampling, with the generator unchanged.
 """
 from __future__ import annotations
 
@@ -111,8 +113,7 @@ def _refusal(overrides):
     return str(err.value)
 
 
-@pytest.mark.parametrize("name,why", [("pag", "attention-perturbed"), ("slg", "layer-skipped"),
-                                      ("seg", "blurred attention"), ("autoguidance", "weaker model"),
+@pytest.mark.parametrize("name,why", [("seg", "never made in diffusers 0.42"), ("autoguidance", "weaker model"),
                                       ("fdg", "kornia")])
 def test_guiders_the_sampler_cannot_run_are_refused_saying_why(name, why):
     msg = _refusal([f"guider={name}"])
@@ -159,13 +160,77 @@ def test_an_older_diffusers_is_refused_before_loading(monkeypatch):
 
 
 def test_a_guider_that_needs_its_own_passes_is_refused_when_sampling_from_python(gen):
-    from diffusers.guiders import AutoGuidance, SkipLayerGuidance
+    from diffusers.guiders import AutoGuidance
 
-    for guider in (SkipLayerGuidance(skip_layer_config={"indices": [0], "fqn": "auto"}),
-                   AutoGuidance(auto_guidance_layers=[0], dropout=0.1), AdaptiveProjectedGuidance()):
+    for guider in (AutoGuidance(auto_guidance_layers=[0], dropout=0.1), AdaptiveProjectedGuidance()):
         name = type(guider).__name__
         if name == "AdaptiveProjectedGuidance":  # combines cond and uncond only: runs
             assert gen.generate(PROMPTS[:1], [0], steps=1, guidance=Guidance(scale=5.0, guider=guider)).isfinite().all()
             continue
         with pytest.raises(ValueError, match=f"{name} needs passes of its own"):
             gen.generate(PROMPTS[:1], [0], steps=1, guidance=Guidance(scale=5.0, guider=guider))
+
+
+# ---------------------------------------------------------------------------- hooked guiders: PAG and SLG
+def _hooks_left(module) -> int:
+    return sum(len(getattr(m, "_diffusers_hook").hooks) for m in module.modules() if hasattr(m, "_diffusers_hook"))
+
+
+def _hooked(name, **kw):
+    from diffusers.guiders import PerturbedAttentionGuidance, SkipLayerGuidance
+
+    if name == "pag":
+        return PerturbedAttentionGuidance(perturbed_guidance_layers=[0], perturbed_guidance_start=0.0,
+                                          perturbed_guidance_stop=1.0, **kw)
+    return SkipLayerGuidance(skip_layer_config={"indices": [0], "fqn": "auto"}, skip_layer_guidance_start=0.0,
+                             skip_layer_guidance_stop=1.0, **kw)
+
+
+@pytest.mark.parametrize("name", ["pag", "slg"])
+def test_hooked_guiders_perturb_the_unet_and_leave_no_hook(gen, name):
+    plain = gen.generate(PROMPTS, [0, 1], steps=3, guidance=Guidance(scale=5.0))
+    guided = gen.generate(PROMPTS, [0, 1], steps=3, guidance=Guidance(scale=5.0, guider=_hooked(name)))
+    assert (guided - plain).abs().max() > 0.05   # the third, perturbed pass moves the images
+    assert _hooks_left(gen.unet) == 0 and gen.unchanged()
+    scale = {"perturbed_guidance_scale": 0.0} if name == "pag" else {"skip_layer_guidance_scale": 0.0}
+    zero = gen.generate(PROMPTS, [0, 1], steps=3, guidance=Guidance(scale=5.0, guider=_hooked(name, **scale)))
+    assert (zero - plain).abs().max() < 1e-4     # at perturbation scale 0: CFG (its passes are not batched)
+
+
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+def test_pag_runs_on_the_tiny_pipelines(folders, family):
+    """SDXL: the mid block's transformer blocks; SD3: the joint blocks (the identity spans image and text tokens;
+    guiders._register_joint_attention lets diffusers' hook find SD3's processor)."""
+    other = load_generator(str(folders[family]), device="cpu")
+    plain = other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0))
+    guided = other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0, guider=_hooked("pag")))
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
+    assert _hooks_left(other.denoiser) == 0 and other.unchanged()
+
+
+def test_pag_samples_with_gradients_and_checkpointing(gen):
+    cond, uncond = gen.encode_prompt(["a red circle"]), gen.encode_prompt([""])
+    grads = []
+    for checkpoint in (False, True):
+        z = gen.initial_latents([0]).requires_grad_(True)
+        guidance = Guidance(scale=5.0, guider=_hooked("pag"))
+        gen.sample(cond, z, uncond, 2, guidance, grad=True, checkpoint=checkpoint).square().mean().backward()
+        grads.append(z.grad)
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and _hooks_left(gen.unet) == 0
+
+
+def test_a_run_with_pag_goes_end_to_end(tmp_path):
+    base = ["logger=none", "technique=guidance", "technique.scale=7", "guider=pag", "guider.perturbed_guidance_stop=1",
+            "sampling.steps=2", "eval.seeds=[0]", "eval.prompts=['a {}']", "evaluator=[concept]"]
+    metrics, _ = tiny_run(tmp_path, [], name="pag", base=base)
+    assert metrics["generator/unchanged"] is True and "concept/target_rate/edited" in metrics
+
+
+def test_hooked_guider_blocks_are_checked_before_loading(folders):
+    assert "names block 1, and this sd generator has 1 mid-block" in _refusal(
+        ["guider=pag", "guider.perturbed_guidance_layers=[0,1]"])
+    assert "must be a non-empty list of block indices" in _refusal(["guider=slg", "guider.skip_layer_config.indices=[]"])
+    sd3 = ["generator=sd", f"generator.path={folders['sd3']}", "generator.device=cpu", "generator.dtype=fp32"]
+    assert "text stream on as its image stream" in _refusal(sd3 + ["guider=slg"])
+    assert "joint transformer blocks" in _refusal(sd3 + ["guider=pag", "guider.perturbed_guidance_layers=[7]"])

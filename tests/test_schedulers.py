@@ -349,3 +349,25 @@ def test_random_pipelines_write_the_hub_scheduler_configs(bases):
     flux = SCHEDULERS["flux"]
     assert (flux["use_dynamic_shifting"], flux["base_shift"], flux["max_shift"], flux["base_image_seq_len"],
             flux["max_image_seq_len"]) == (True, 0.5, 1.15, 256, 4096)
+
+
+def test_ddim_for_clips_only_where_the_scheduler_class_does():
+    """sd.ddim_for: the sd / sdxl DDIM carries the pipeline scheduler's settings over, and clips or thresholds only
+    where the scheduler's own class has the setting on (a class without it never clips; DDIMScheduler's default
+    clip_sample=True applies to a DDIM config that omits the key, as in diffusers)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    from steerexp.generators.sd import ddim_for
+
+    pndm = PNDMScheduler(steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading", beta_end=0.012)
+    for other in (pndm, EulerDiscreteScheduler(prediction_type="v_prediction")):
+        ddim = ddim_for(other)
+        assert ddim.config.clip_sample is False and ddim.config.thresholding is False
+    assert (ddim_for(pndm).config.steps_offset, ddim_for(pndm).config.set_alpha_to_one) == (1, False)
+    assert ddim_for(pndm).config.beta_end == 0.012
+    assert ddim_for(EulerDiscreteScheduler(prediction_type="v_prediction")).config.prediction_type == "v_prediction"
+    on = ddim_for(DDIMScheduler(clip_sample=True, clip_sample_range=2.0, thresholding=True))
+    assert on.config.clip_sample is True and on.config.clip_sample_range == 2.0 and on.config.thresholding is True
+    assert ddim_for(DDIMScheduler(clip_sample=False)).config.clip_sample is False
+    without_key = {k: v for k, v in DDIMScheduler().config.items() if k != "clip_sample"}
+    assert ddim_for(DDIMScheduler.from_config(without_key)).config.clip_sample is True

@@ -11,13 +11,13 @@ Options whose method cannot run on the project's sampler yet are refused here, i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from steerexp.errors import ConfigError
 from steerexp.spec import Facts, Spec, register
 
-SUPPORTED = ("cfg", "apg", "cfg_zero_star", "tcfg")
+SUPPORTED = ("cfg", "apg", "cfg_zero_star", "tcfg", "pag", "slg")
 TESTED_WITH = (0, 42)   # the diffusers release whose guiders steerexp tests (older ones lack or differ in them)
 
 
@@ -136,36 +136,119 @@ class RefusedGuiderSpec(Spec):
                           _CHOOSE)
 
 
-_HOOKS = ("diffusers makes it with hooks on the denoiser's {what} around that one pass (prepare_models/"
-          "cleanup_models), while the project's sampler runs cond and uncond in one batched pass without them, and "
-          "its UNet families would need those layers named per model (diffusers finds them only in DiT transformers)")
-
-
 @register("guider", "pag")
 @dataclass
-class PAGSpec(RefusedGuiderSpec):
-    diffusers_class: ClassVar[str] = "PerturbedAttentionGuidance"
-    why: ClassVar[str] = "it needs a third, attention-perturbed prediction: " + _HOOKS.format(
-        what="self-attention layers")
+class PAGSpec(GuiderSpec):
+    """Perturbed-Attention Guidance (Ahn et al., ECCV 2024): a third, conditional prediction with the self-attention
+    scores of some transformer blocks replaced by the identity (each token attends to itself), guided away from:
+    uncond + w (cond - uncond) + s (cond - cond_perturbed), s = perturbed_guidance_scale, on the steps strictly
+    inside (perturbed_guidance_start, perturbed_guidance_stop). diffusers' hooks do the perturbation
+    (steerexp/guiders.py: hooked_output). The blocks: `perturbed_guidance_layers`, indices into the family's stack
+    (FrozenGenerator.attention_blocks): a UNet's mid-block transformer blocks (diffusers' PAG pipelines' "mid"),
+    SD3's joint blocks (where the identity spans the joint sequence of image and text tokens)."""
+    _target_: str = "diffusers.guiders.PerturbedAttentionGuidance"
+    perturbed_guidance_scale: float = 2.8
+    perturbed_guidance_start: float = 0.01
+    perturbed_guidance_stop: float = 0.2
+    perturbed_guidance_layers: list = field(default_factory=lambda: [0])
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.at_least(key, "perturbed_guidance_scale", 0.0, 3.0)
+        self.fraction(key, "perturbed_guidance_start", 0.0)
+        self.fraction(key, "perturbed_guidance_stop", 1.0)
+        if not self.perturbed_guidance_start <= self.perturbed_guidance_stop:
+            raise ConfigError(f"{key}.perturbed_guidance_stop", f"must be at least {key}.perturbed_guidance_start "
+                              f"({self.perturbed_guidance_start}), got {self.perturbed_guidance_stop}",
+                              f"set e.g. {key}.perturbed_guidance_start=0.0 {key}.perturbed_guidance_stop=1.0")
+        check_indices(f"{key}.perturbed_guidance_layers", self.perturbed_guidance_layers)
+
+    def check_generator(self, key: str, facts: Facts) -> None:
+        super().check_generator(key, facts)
+        check_blocks(f"{key}.perturbed_guidance_layers", self.perturbed_guidance_layers, facts)
 
 
 @register("guider", "slg")
 @dataclass
-class SLGSpec(RefusedGuiderSpec):
-    diffusers_class: ClassVar[str] = "SkipLayerGuidance"
-    why: ClassVar[str] = ("it needs a third, layer-skipped prediction from diffusers' hooks, and in diffusers 0.42 "
-                          "they fail on the SD3 transformer (a skipped joint block hands the text tokens on as the "
-                          "image tokens; skip_layer_guidance_layers builds configs its own hook cannot read), while "
-                          "the sampler runs cond and uncond in one pass without hooks and the UNets' layers are "
-                          "unnamed")
+class SLGSpec(GuiderSpec):
+    """Skip-Layer Guidance (SD3.5's; Hyung et al. 2024 "Spatiotemporal Skip Guidance"): a third, conditional
+    prediction with whole transformer blocks skipped (attention and feed-forward), guided away from:
+    uncond + w (cond - uncond) + s (cond - cond_skipped), s = skip_layer_guidance_scale, on the steps strictly inside
+    (skip_layer_guidance_start, skip_layer_guidance_stop). diffusers' hooks skip the blocks (guiders.hooked_output);
+    `skip_layer_config.indices` index the family's stack as PAG's layers do (a UNet's mid-block transformer blocks).
+    The UNet families only: on SD3, diffusers 0.42's block-skip hook hands a joint block's text stream on as its
+    image stream (refused in one line)."""
+    _target_: str = "diffusers.guiders.SkipLayerGuidance"
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
+    skip_layer_config: dict = field(default_factory=lambda: {"indices": [0], "fqn": "auto"})
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.at_least(key, "skip_layer_guidance_scale", 0.0, 2.8)
+        self.fraction(key, "skip_layer_guidance_start", 0.0)
+        self.fraction(key, "skip_layer_guidance_stop", 1.0)
+        conf = self.skip_layer_config
+        if not isinstance(conf, dict) or set(conf) != {"indices", "fqn"} or conf["fqn"] != "auto":
+            raise ConfigError(f"{key}.skip_layer_config", f"must be {{indices: [...], fqn: auto}} (auto: the "
+                              f"family's block stack), got {conf!r}",
+                              f"set {key}.skip_layer_config='{{indices: [0], fqn: auto}}'")
+        check_indices(f"{key}.skip_layer_config.indices", conf["indices"])
+
+    def check_generator(self, key: str, facts: Facts) -> None:
+        super().check_generator(key, facts)
+        if facts.family == "sd3":
+            raise ConfigError(key, "SkipLayerGuidance's block-skip hook (diffusers 0.42) hands an SD3 joint block's "
+                              "text stream on as its image stream, so the skipped prediction is wrong",
+                              "use guider=pag on SD3 (it perturbs the joint attention's scores instead)")
+        check_blocks(f"{key}.skip_layer_config.indices", self.skip_layer_config["indices"], facts)
+
+
+def check_indices(key: str, layers) -> None:
+    """A non-empty list of block indices >= 0."""
+    if (not isinstance(layers, (list, tuple)) or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise ConfigError(key, f"must be a non-empty list of block indices >= 0, got {layers!r}", f"set e.g. {key}=[0]")
+
+
+def check_blocks(key: str, layers, facts: Facts) -> None:
+    """Every index names a block of the family's stack that hooked guiders perturb (attention_block_count)."""
+    blocks = attention_block_count(facts)
+    if blocks is not None and max(layers) >= blocks:
+        where = "mid-block transformer blocks" if facts.family in ("sd", "sdxl") else "joint transformer blocks"
+        raise ConfigError(key, f"names block {max(layers)}, and this {facts.family} generator has {blocks} {where}",
+                          f"set indices below {blocks}, e.g. {key}=[0]")
+
+
+def attention_block_count(facts: Facts) -> int | None:
+    """How many blocks the family's stack that PAG perturbs has (FrozenGenerator.attention_blocks), read from the
+    denoiser's config in the pipeline folder: a UNet's mid-block transformer layers, SD3's joint blocks. None when
+    unknown (no local folder)."""
+    if facts.folder is None or facts.family not in ("sd", "sdxl", "sd3"):
+        return None
+    from steerexp.generators.checks import read_json
+
+    name = "transformer" if facts.family == "sd3" else "unet"
+    conf = read_json(facts.folder / name / "config.json", "generator.path", required=False)
+    if not isinstance(conf, dict):
+        return None
+    if name == "transformer":
+        return conf.get("num_layers") if isinstance(conf.get("num_layers"), int) else None
+    if conf.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        return 0
+    per = conf.get("transformer_layers_per_block", 1)
+    per = per[-1] if isinstance(per, (list, tuple)) else per  # the mid block takes the last entry (diffusers)
+    return per if isinstance(per, int) else None
 
 
 @register("guider", "seg")
 @dataclass
 class SEGSpec(RefusedGuiderSpec):
     diffusers_class: ClassVar[str] = "SmoothedEnergyGuidance"
-    why: ClassVar[str] = "it needs a third prediction with blurred attention queries: " + _HOOKS.format(
-        what="attention layers")
+    why: ClassVar[str] = ("its third prediction (blurred attention queries) is never made in diffusers 0.42: its "
+                          "prepare_models does not count the passes (_count_prepared stays 0), so the blur hook is "
+                          "never put on and the guidance would silently be CFG at a larger scale")
 
 
 @register("guider", "autoguidance")

@@ -74,17 +74,74 @@ def combine(guider, cond: torch.Tensor, uncond: torch.Tensor | None, i: int, ste
     return guider(guider.prepare_inputs({"noise_pred": preds})).pred
 
 
+# the guiders whose own passes run through diffusers' hooks on the denoiser (`hooked_output`)
+HOOKED = ("PerturbedAttentionGuidance", "SkipLayerGuidance")
+
+
 def model_output(guider, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 cond: torch.Tensor, uncond: torch.Tensor | None, i: int, steps: int, t=None) -> torch.Tensor:
+                 cond: torch.Tensor, uncond: torch.Tensor | None, i: int, steps: int, t=None,
+                 denoiser: torch.nn.Module | None = None, blocks: str | None = None) -> torch.Tensor:
     """One guided step as FrozenGenerator.model_output runs it: `denoise(x, cond)` is one forward pass; cond and
-    uncond go in one batch (as the project's CFG does) when the guider wants both at this step, else cond alone."""
-    if not combines_pair(guider):
+    uncond go in one batch (as the project's CFG does) when the guider wants both at this step, else cond alone.
+    A hooked guider (PAG) runs its passes one by one (`hooked_output`) on `denoiser`, whose stack of transformer
+    blocks `blocks` names (FrozenGenerator.attention_blocks)."""
+    hooked = type(guider).__name__ in HOOKED
+    if not combines_pair(guider) and not hooked:
         raise ValueError(f"guider: {type(guider).__name__} needs passes of its own through a hooked denoiser, which "
-                         "the sampler does not run; choose cfg, apg, cfg_zero_star or tcfg (steerexp/guider_spec.py)")
+                         "the sampler does not run; choose cfg, apg, cfg_zero_star, tcfg, pag or slg "
+                         "(steerexp/guider_spec.py)")
     if uncond is None:  # no unconditional branch given (guidance off): the conditional output, as the project's CFG
         return denoise(x, cond)
+    if hooked:
+        return hooked_output(guider, denoise, x, cond, uncond, i, steps, t, denoiser, blocks)
     _state(guider, i, steps, t)
     if guider.num_conditions == 1:
         return combine(guider, denoise(x, cond), None, i, steps, t)
     out_cond, out_uncond = denoise(torch.cat([x, x]), torch.cat([cond, uncond])).chunk(2)
     return combine(guider, out_cond, out_uncond, i, steps, t)
+
+
+def hooked_output(guider, denoise, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, i: int, steps: int,
+                  t, denoiser: torch.nn.Module | None, blocks: str | None) -> torch.Tensor:
+    """A step of a guider with passes of its own (PAG: a third, conditional pass with the self-attention scores of
+    the chosen blocks replaced by the identity), as diffusers' modular denoise loop runs it: per condition the guider
+    asks for (prepare_inputs: cond, uncond, then cond again), `prepare_models` on the denoiser (which puts diffusers'
+    layer-skip hooks on the third pass only), one forward pass, `cleanup_models` (which removes them, whatever
+    happens); then the guider combines the predictions. The passes are not batched: the hooks act on whole passes.
+    The guider's layer configs with fqn "auto" (diffusers finds block stacks only in DiT transformers) get the
+    family's stack (`blocks`: a UNet's mid-block transformer blocks, as diffusers' PAG pipelines' "mid"; SD3's joint
+    blocks)."""
+    if denoiser is None or blocks is None:
+        raise ValueError(f"guider: {type(guider).__name__} perturbs the denoiser's attention blocks, and this "
+                         "generator family names none (FrozenGenerator.attention_blocks)")
+    _register_joint_attention()
+    for config in guider.skip_layer_config:
+        if config.fqn == "auto":
+            config.fqn = blocks
+    _state(guider, i, steps, t)
+    batches = guider.prepare_inputs({"cond": (cond, uncond)})
+    for batch in batches:
+        guider.prepare_models(denoiser)
+        try:
+            batch.noise_pred = denoise(x, batch.cond)
+        finally:
+            guider.cleanup_models(denoiser)
+    return guider(batches).pred
+
+
+def _register_joint_attention() -> None:
+    """The smallest adapter for SD3: diffusers 0.42's layer-skip hooks look every attention processor up in their
+    registry (AttentionProcessorRegistry), which lacks SD3's JointAttnProcessor2_0, so PAG's hook fails on the SD3
+    transformer. PAG itself uses only the lookup (it replaces the scores, inside the processor's own
+    scaled_dot_product_attention, over the joint sequence of image and text tokens); the output a skipped joint
+    attention gives, registered with it, is both streams unchanged, as for the processors diffusers registers."""
+    from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    try:
+        AttentionProcessorRegistry.get(JointAttnProcessor2_0)
+    except ValueError:
+        def unchanged(attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+            return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+        AttentionProcessorRegistry.register(JointAttnProcessor2_0, AttentionProcessorMetadata(unchanged))

@@ -57,6 +57,8 @@ ALLOWED_TARGETS = frozenset({
     "diffusers.guiders.AdaptiveProjectedGuidance",
     "diffusers.guiders.ClassifierFreeZeroStarGuidance",
     "diffusers.guiders.TangentialClassifierFreeGuidance",
+    "diffusers.guiders.PerturbedAttentionGuidance",
+    "diffusers.guiders.SkipLayerGuidance",
 })
 
 FIX = (f"use a steerexp class, or if you trust this config, allow it from the environment: "

@@ -239,6 +239,7 @@ class FrozenGenerator:
     distilled_guidance = False         # guidance is a model input (FLUX): no uncond branch, no negative prompt
     capabilities: frozenset[str] = frozenset()   # cfg, cross_attention (a UNet with cross-attention), vp
     pooled_dim = 0                     # width of the pooled embedding packed after the hidden states (0: none)
+    attention_blocks: str | None = None  # the denoiser's stack of transformer blocks a hooked guider perturbs (PAG)
 
     def __init__(self, encoders: list[TextEncoder], denoiser: torch.nn.Module, vae: torch.nn.Module, scheduler,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -711,7 +712,7 @@ class FrozenGenerator:
             return self.denoise(x, t, cond, guidance.scale_at(i, steps))
         if guidance.guider is not None:  # diffusers' guider combines the branches (steerexp/guiders.py)
             return guiders.model_output(guidance.guider, lambda xs, cs: self.denoise(xs, t, cs), x, cond, uncond,
-                                        i, steps, t)
+                                        i, steps, t, self.denoiser, self.attention_blocks)
         if uncond is None or (guidance.scale == 1.0 and negative is None):  # w = 1 under every schedule
             return self.denoise(x, t, cond)
         branches = [cond, uncond] + ([negative] if negative is not None else [])

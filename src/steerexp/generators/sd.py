@@ -29,6 +29,7 @@ class SDGenerator(FrozenGenerator):
     family = "sd"
     pipeline_class = StableDiffusionPipeline
     capabilities = CAPABILITIES["sd"]
+    attention_blocks = "mid_block.attentions.0.transformer_blocks"  # PAG's layers: diffusers' PAG pipelines' "mid"
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, device="cpu", dtype=torch.float32):
         super().__init__([TextEncoder("clip_l", tokenizer, text_encoder)], unet, vae,
