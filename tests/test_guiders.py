@@ -220,10 +220,12 @@ def test_pag_samples_with_gradients_and_checkpointing(gen):
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and _hooks_left(gen.unet) == 0
 
 
-def test_a_run_with_pag_goes_end_to_end(tmp_path):
-    base = ["logger=none", "technique=guidance", "technique.scale=7", "guider=pag", "guider.perturbed_guidance_stop=1",
+@pytest.mark.parametrize("name,stop", [("pag", "guider.perturbed_guidance_stop=1"),
+                                       ("slg", "guider.skip_layer_guidance_stop=1")])
+def test_a_run_with_a_hooked_guider_goes_end_to_end(tmp_path, name, stop):
+    base = ["logger=none", "technique=guidance", "technique.scale=7", f"guider={name}", stop,
             "sampling.steps=2", "eval.seeds=[0]", "eval.prompts=['a {}']", "evaluator=[concept]"]
-    metrics, _ = tiny_run(tmp_path, [], name="pag", base=base)
+    metrics, _ = tiny_run(tmp_path, [], name=name, base=base)
     assert metrics["generator/unchanged"] is True and "concept/target_rate/edited" in metrics
 
 
@@ -234,3 +236,13 @@ def test_hooked_guider_blocks_are_checked_before_loading(folders):
     sd3 = ["generator=sd", f"generator.path={folders['sd3']}", "generator.device=cpu", "generator.dtype=fp32"]
     assert "text stream on as its image stream" in _refusal(sd3 + ["guider=slg"])
     assert "joint transformer blocks" in _refusal(sd3 + ["guider=pag", "guider.perturbed_guidance_layers=[7]"])
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["technique=null_text_inversion"], "null-text inversion's optimisation"),
+    (["technique=ddim_inversion", "technique.edit.control=p2p"], "p2p (technique.edit.control)"),
+    (["experiment=world_edit_bench", "technique=ddim_inversion", "technique.edit.control=null"],
+     "+p2p (evaluator methods)"),
+])
+def test_hooked_guiders_are_refused_where_the_branches_run_batched(overrides, words):
+    assert words in _refusal(overrides + ["guider=pag"])

@@ -267,12 +267,32 @@ class FDGSpec(RefusedGuiderSpec):
                           "dependency of steerexp (not installed)")
 
 
-def check_with_technique(guider, technique) -> None:
+HOOKED_TARGETS = ("diffusers.guiders.PerturbedAttentionGuidance", "diffusers.guiders.SkipLayerGuidance")
+
+
+def check_with_technique(guider, technique, evaluators=None) -> None:
     """Across parts: the guidance technique's own CFG knobs (rescale, schedule, a subtracted negative prompt) act
     inside the project's CFG and have no place in a diffusers guider; each guider has its own (guidance_rescale,
-    start/stop). Plain dicts (validate passes the resolved config). Torch-free."""
+    start/stop). A hooked guider (pag, slg: passes of its own) cannot guide the steps that batch their branches
+    themselves: Prompt-to-Prompt's source and target branches, null-text inversion's optimisation. Plain dicts
+    (validate passes the resolved config). Torch-free."""
     if not isinstance(guider, dict) or not isinstance(technique, dict):
         return
+    if guider.get("_target_") in HOOKED_TARGETS:
+        name = str(guider["_target_"]).rsplit(".", 1)[-1]
+        edit = technique.get("edit") if isinstance(technique.get("edit"), dict) else {}
+        methods = [str(m) for ev in (evaluators or {}).values() if isinstance(ev, dict)
+                   for m in (ev.get("methods") or ())]
+        batched = ("technique.edit.control", "p2p") if edit.get("control") == "p2p" else None
+        if str(technique.get("_target_", "")).endswith("NullTextInversion"):
+            batched = ("technique", "null-text inversion's optimisation")
+        if batched is None and any("+p2p" in m for m in methods):
+            batched = ("evaluator methods", "+p2p")
+        if batched is not None:
+            raise ConfigError("guider", f"{name} makes passes of its own through hooked blocks, and "
+                              f"{batched[1]} ({batched[0]}) runs the guided branches itself in one batch",
+                              "use a guider that only combines predictions (cfg, apg, cfg_zero_star, tcfg), or "
+                              "no guider")
     if str(technique.get("_target_", "")) != "steerexp.techniques.guidance.GuidanceTuning":
         return
     for name, default, instead in (("rescale", 0.0, "guider.guidance_rescale"),

@@ -67,7 +67,8 @@ def build(cfg: DictConfig):
         import steerexp.guiders  # noqa: F401  (its log filter, before the guider is built)
 
         node = OmegaConf.create(OmegaConf.to_container(cfg.guider, resolve=True))
-        sampling["guider"] = _instantiate(node, guidance_scale=float(sampling["guidance_scale"]))
+        sampling["guider"] = _instantiate(node, guidance_scale=float(sampling["guidance_scale"]),
+                                          _convert_="all")  # plain dicts and lists: diffusers checks their types
     technique = _instantiate(cfg.technique, generator=generator, **objective, _recursive_=False,
                              sampling=sampling)
     technique.bind(run_scorers, image_policy)  # and its objective: before prepare reads any file or scorer

@@ -120,7 +120,8 @@ def _check_parts(cfg: DictConfig, gen: "GeneratorInfo") -> None:
     if cfg.get("guider") is not None:  # the guidance technique's own CFG knobs vs a guider (steerexp/guider_spec.py)
         from steerexp.guider_spec import check_with_technique
 
-        check_with_technique(*(OmegaConf.to_container(cfg[k], resolve=True) for k in ("guider", "technique")))
+        check_with_technique(*(OmegaConf.to_container(cfg[k], resolve=True) if cfg.get(k) is not None else None
+                               for k in ("guider", "technique", "evaluator")))
 
 
 def plain(cfg: DictConfig) -> dict:
