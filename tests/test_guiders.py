@@ -246,3 +246,13 @@ def test_hooked_guider_blocks_are_checked_before_loading(folders):
 ])
 def test_hooked_guiders_are_refused_where_the_branches_run_batched(overrides, words):
     assert words in _refusal(overrides + ["guider=pag"])
+
+
+def test_pag_without_cfg_makes_its_perturbed_pass(gen):
+    """At guidance scale 1 PAG guides with the perturbed pass alone: cond + s (cond - cond_perturbed). diffusers
+    0.42's own pass counting would make that pass from the unconditional inputs without the hook (CFG at scale s);
+    the adapter puts the hook on the conditional pass itself."""
+    plain = gen.generate(PROMPTS, [0, 1], steps=3, guidance=Guidance(scale=1.0))
+    pag = gen.generate(PROMPTS, [0, 1], steps=3, guidance=Guidance(scale=1.0, guider=_hooked("pag")))
+    cfg_at_s = gen.generate(PROMPTS, [0, 1], steps=3, guidance=Guidance(scale=2.8))
+    assert (pag - plain).abs().max() > 0.05 and (pag - cfg_at_s).abs().max() > 0.05

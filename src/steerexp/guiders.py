@@ -103,14 +103,24 @@ def model_output(guider, denoise: Callable[[torch.Tensor, torch.Tensor], torch.T
 
 def hooked_output(guider, denoise, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, i: int, steps: int,
                   t, denoiser: torch.nn.Module | None, blocks: str | None) -> torch.Tensor:
-    """A step of a guider with passes of its own (PAG: a third, conditional pass with the self-attention scores of
-    the chosen blocks replaced by the identity), as diffusers' modular denoise loop runs it: per condition the guider
-    asks for (prepare_inputs: cond, uncond, then cond again), `prepare_models` on the denoiser (which puts diffusers'
-    layer-skip hooks on the third pass only), one forward pass, `cleanup_models` (which removes them, whatever
-    happens); then the guider combines the predictions. The passes are not batched: the hooks act on whole passes.
-    The guider's layer configs with fqn "auto" (diffusers finds block stacks only in DiT transformers) get the
-    family's stack (`blocks`: a UNet's mid-block transformer blocks, as diffusers' PAG pipelines' "mid"; SD3's joint
-    blocks)."""
+    """A step of a guider with a pass of its own (PAG: the conditional pass with the self-attention scores of the
+    chosen blocks replaced by the identity; SLG: with those blocks skipped). The guider names the predictions it
+    wants at this step (prepare_inputs: pred_cond, pred_uncond, pred_cond_skip, within their step ranges); each is
+    one forward pass, not batched, since diffusers' hooks act on whole passes; the guider combines them (its
+    `forward`). The perturbed pass runs with diffusers' own layer-skip hook (hooks.layer_skip) on the guider's
+    layer configs, put on for that pass and removed whatever happens.
+
+    Why not the guider's prepare_models / cleanup_models, which put the hooks on in diffusers' modular pipelines:
+    they decide by counting passes (hooks on the third), and in 0.42 both PAG and SLG get the two-prediction case
+    wrong (guidance scale 1, or a step outside the CFG range: the perturbed prediction is made from the
+    unconditional inputs and without the hook, which silently turns it into CFG at the perturbed scale). Here the
+    perturbed pass always gets the conditional inputs and the hook.
+
+    The layer configs with fqn "auto" (diffusers finds block stacks only in DiT transformers) get the family's stack
+    (`blocks`: a UNet's mid-block transformer blocks, as diffusers' PAG pipelines' "mid"; SD3's joint blocks)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.layer_skip import _apply_layer_skip_hook
+
     if denoiser is None or blocks is None:
         raise ValueError(f"guider: {type(guider).__name__} perturbs the denoiser's attention blocks, and this "
                          "generator family names none (FrozenGenerator.attention_blocks)")
@@ -121,11 +131,19 @@ def hooked_output(guider, denoise, x: torch.Tensor, cond: torch.Tensor, uncond: 
     _state(guider, i, steps, t)
     batches = guider.prepare_inputs({"cond": (cond, uncond)})
     for batch in batches:
-        guider.prepare_models(denoiser)
+        which = getattr(batch, guider._identifier_key)  # pred_cond, pred_uncond or pred_cond_skip
+        if which != "pred_cond_skip":
+            batch.noise_pred = denoise(x, uncond if which == "pred_uncond" else cond)
+            continue
+        names = [f"steerexp_perturbed_{k}" for k in range(len(guider.skip_layer_config))]
         try:
-            batch.noise_pred = denoise(x, batch.cond)
+            for name, config in zip(names, guider.skip_layer_config):
+                _apply_layer_skip_hook(denoiser, config, name=name)
+            batch.noise_pred = denoise(x, cond)
         finally:
-            guider.cleanup_models(denoiser)
+            registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+            for name in names:
+                registry.remove_hook(name, recurse=True)
     return guider(batches).pred
 
 
