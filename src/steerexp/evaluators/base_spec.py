@@ -21,11 +21,12 @@ if TYPE_CHECKING:
     from steerexp.techniques.base_spec import TechniqueSpec
 
 # an edit method: <inversion>[+p2p[+blend]] or sdedit_s<strength in (0, 1]> (techniques/ddim_inversion.py), or a
-# flow editor without attention control: flowedit (technique=flow_edit), rfinv (technique=rf_inversion)
+# flow editor without attention control: flowedit (technique=flow_edit), rfinv (technique=rf_inversion), rfsolver
+# (technique=rf_solver)
 EDIT_METHOD = re.compile(r"(vae|npi|nti|di|ddim_w\d+(\.\d+)?)(\+p2p(\+blend)?)?|sdedit_s(0?\.\d+|1(\.0*)?)"
-                         r"|flowedit|rfinv")
+                         r"|flowedit|rfinv|rfsolver")
 EDIT_METHOD_FIX = ("use <inversion>[+p2p[+blend]] (inversion: ddim_w<w>, npi, nti, di), sdedit_s<strength in "
-                   "(0, 1]>, flowedit or rfinv, e.g. nti+p2p+blend")
+                   "(0, 1]>, flowedit, rfinv or rfsolver, e.g. nti+p2p+blend")
 
 
 def edit_method(m: Any) -> bool:

@@ -26,9 +26,12 @@ class NoiseSpec(TechniqueSpec):
     head: str = "${concept.head}"     # a classifier's term is log p(head = target); a CLIP's is similarity to the
     target: str = "${concept.target}"  # prompt
     max_calls: int = 160            # generator calls per output (one call = one denoiser step of one image)
-    prompts: Any = None             # optimise these prompts x seeds up front (their noises become
-    seeds: Any = None               #   deltas.safetensors); any other output is optimised when the evaluators first
-                                    #   ask for it
+    # optimised up front, in compute() (the run's step "learn or compute the deltas", before any evaluator runs):
+    # these prompts x seeds, the evaluation's by default; their noises become deltas.safetensors. An output outside
+    # them (the leakage suite's prompts, say) is optimised when an evaluator first asks for it: per-output
+    # optimisation has no other way to edit an output it has not seen. null: nothing up front.
+    prompts: Any = "${eval.prompts}"
+    seeds: Any = "${eval.seeds}"
     batch: int = 16                 # outputs optimised together (each has its own noise and budget)
     slot_word: str = "object"
 
