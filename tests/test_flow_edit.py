@@ -259,3 +259,59 @@ def test_both_methods_run_on_a_smoke_built_shapes_flow(tmp_path_factory, tmp_pat
         extra = [f"technique={technique}", "evaluator=[edit]", f"evaluator.edit.methods=[{method}]"]
         metrics, run_dir = tiny_run(tmp_path, extra, name=technique, base=flow_base(out / "shapes_flow"))
         assert metrics["generator/unchanged"] is True and 0 <= metrics[f"edit/success/{method}"] <= 1
+
+
+def test_the_eps_form_reads_the_clean_end_at_time_zero_with_its_own_coefficients(gen):
+    """FlowView.velocity_at_end on the DDIM UNet (where RF-Inversion's forward ODE starts): the model is read at time 0
+    on x = (a + b) z with the level after the last step's (a, b), and v = eps - x0 from that split; at a step i,
+    the same with the step's own (a, b) and time."""
+    view = FlowView(gen.schedule(5))
+    s, last = view.schedule, len(view) - 1
+    z = torch.randn(2, *gen.latent_shape(), generator=torch.Generator().manual_seed(0))
+    eps = torch.randn_like(z)
+    seen = []
+
+    def model_output(x, t, i):
+        seen.append((x.clone(), float(t), i))
+        return eps   # an epsilon-predicting model that always predicts this noise
+
+    a, b = s.signal_prev[last], s.noise_prev[last]
+    v = view.velocity_at_end(model_output, z)
+    x = (a + b) * z
+    assert seen[-1][1] == 0.0 and seen[-1][2] == last and torch.allclose(seen[-1][0], x)
+    assert torch.allclose(v, eps - (x - b * eps) / a, atol=1e-5)
+    assert 0 < float(view.sigma(last, prev=True)) < 0.1 and not torch.allclose(a + b, torch.ones(()))
+    a, b = s.signal[1], s.noise[1]
+    v1 = view.velocity(model_output, z, 1)
+    assert seen[-1][1] == float(s.timesteps[1]) and torch.allclose(seen[-1][0], (a + b) * z)
+    assert torch.allclose(v1, eps - ((a + b) * z - b * eps) / a, atol=1e-5)
+
+
+def test_edit_bench_counts_a_lazy_inversion_once(monkeypatch):
+    """A flow editor inverts lazily, inside the first edit that reads the inversion; edit_bench runs that inversion
+    before timing the edit (TimedInversion.inverted), then adds inversion_seconds: counted once, not twice."""
+    from steerexp.evaluators import edit_bench
+    from steerexp.techniques.protocols import TimedInversion
+
+    clock = [0.0]
+
+    class Lazy:
+        ran = False
+
+        def inverted(self, method):
+            if not self.ran:
+                self.ran, clock[0] = True, clock[0] + 10.0   # the inversion: 10 s
+
+        def inversion_seconds(self, method):
+            return 10.0 / 2
+
+        def edit(self, method, prompts=None):
+            self.inverted(method)
+            clock[0] += 1.0                                   # the edit: 1 s
+            return torch.zeros(2, 3, 4, 4)
+
+    monkeypatch.setattr(edit_bench.time, "process_time", lambda: clock[0])
+    tech = Lazy()
+    assert isinstance(tech, TimedInversion)
+    _, seconds = edit_bench.timed_edit(tech, "ddim_w7.5", ["a", "b"], 2)
+    assert seconds == (1.0 + 10.0) / 2

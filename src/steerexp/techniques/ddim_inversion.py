@@ -333,6 +333,9 @@ class DDIMInversion(TrainingFree):
             f"inversion method {method!r} is not available for {type(self).__name__}; choose from {self.methods()}"
         )
 
+    def inverted(self, method: str | None) -> None:
+        """The inversion every method reads ran in compute() (flow_edit.FlowEditor runs its lazily, here)."""
+
     def inversion_seconds(self, method: str) -> float:
         """CPU seconds per image that the inversion behind a method took (0 for the VAE round trip and SDEdit)."""
         base, _, _ = parse_method(method)

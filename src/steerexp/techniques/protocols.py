@@ -98,6 +98,10 @@ class OutputRecord:
 
 @runtime_checkable
 class TimedInversion(Protocol):
+    def inverted(self, method: str | None) -> None:
+        """Run now the inversion `method` reads, if it has not run (a technique that inverts lazily), so that timing
+        edit(method) times the edit alone: inversion_seconds adds the inversion."""
+
     def inversion_seconds(self, method: str) -> float:
         """CPU seconds per image that the inversion behind `method` took (0 when it needs none, e.g. SDEdit)."""
 
