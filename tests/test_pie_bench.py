@@ -312,7 +312,7 @@ def test_paths_are_refused_in_one_line_before_heavy_work(pie, tmp_path):
     with pytest.raises(ValueError, match=f"{KEY}.dino: .* lacks"):
         DinoStructure(str(partial))
     # a weights file that passes the light check but does not load: one line naming the key
-    broken = tmp_path / "broken_sq.pth"
+    broken = tmp_path / "broken_sq.safetensors"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"{KEY}.lpips_backbone"):
         lpips_squeeze(str(broken))

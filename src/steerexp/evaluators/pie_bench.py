@@ -227,7 +227,8 @@ class DinoStructure:
         try:
             with quiet_loading():
                 self.model, info = ViTModel.from_pretrained(str(Path(folder).expanduser()), add_pooling_layer=False,
-                                                            local_files_only=True, output_loading_info=True)
+                                                            local_files_only=True, output_loading_info=True,
+                                                            use_safetensors=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"evaluator.pie_bench.dino: cannot load a ViTModel from {folder} ({str(e)[:160]}); "
                              "set it to a transformers folder of facebook/dino-vitb8") from None
@@ -260,22 +261,20 @@ class DinoStructure:
 
 def lpips_squeeze(backbone: str, device: str = "cpu"):
     """torchmetrics' LPIPS (net_type=squeeze) with its shipped linear layers and torchvision's squeezenet1_1
-    backbone read from a local file (.safetensors, or .pth read with torch.load(weights_only=True): no code runs),
-    where torchmetrics would download it."""
+    backbone read from a local .safetensors file (weights load without pickle; torchvision's .pth converts with
+    `save_file(torch.load("squeezenet1_1-b8a52dc0.pth", weights_only=True), "squeezenet1_1.safetensors")`, once,
+    by the user), where torchmetrics would download it."""
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 
     net = _NoTrainLpips(net="squeeze", pnet_rand=True)   # pnet_rand: no download; the backbone is loaded below
     path = Path(backbone).expanduser()
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = load_file(str(path))
     except Exception as e:  # noqa: BLE001 (any unreadable file: one line)
         raise ValueError(f"evaluator.pie_bench.lpips_backbone: cannot read {path} ({type(e).__name__}); give "
-                         "torchvision's squeezenet1_1 weights (squeezenet1_1-b8a52dc0.pth)") from None
+                         "torchvision's squeezenet1_1 weights as .safetensors") from None
     ours = {}
     for key in net.net.state_dict():   # slices.<j>.<i>.<param> (or slice<j>.<i>.<param>) hold features[i]
         parts = key.split(".")
@@ -286,7 +285,7 @@ def lpips_squeeze(backbone: str, device: str = "cpu"):
     expected = set(net.net.state_dict())
     if set(ours) != expected or any(ours[k].shape != v.shape for k, v in net.net.state_dict().items()):
         raise ValueError(f"evaluator.pie_bench.lpips_backbone: {path} is not torchvision's squeezenet1_1 state dict "
-                         "(features.*); give squeezenet1_1-b8a52dc0.pth")
+                         "(features.*); give squeezenet1_1-b8a52dc0.pth converted to .safetensors")
     net.net.load_state_dict(ours)
     return net.to(device).eval()
 
@@ -304,7 +303,8 @@ class ClipScore:
         folder = str(Path(folder).expanduser())
         try:
             with quiet_loading():
-                self.model, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+                self.model, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                                              use_safetensors=True)
                 self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"evaluator.pie_bench.clip: cannot load a CLIPModel and its processor from {folder} "

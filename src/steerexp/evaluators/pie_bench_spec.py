@@ -55,7 +55,7 @@ class PieBenchSpec(EvaluatorSpec):
     # null means a stand-in, named in the output key
     dino: Optional[str] = None            # a transformers ViTModel folder of DINO ViT-B/8 (facebook/dino-vitb8)
     clip: Optional[str] = None            # a transformers CLIPModel folder with its processor (clip-vit-large-patch14)
-    lpips_backbone: Optional[str] = None  # torchvision's squeezenet1_1 weights file (squeezenet1_1-b8a52dc0.pth)
+    lpips_backbone: Optional[str] = None  # torchvision's squeezenet1_1 weights as .safetensors (from its .pth, once)
     device: str = "auto"                  # auto: cuda when available, else cpu
     # world mode (data: null), as evaluator.edit_bench
     methods: Any = None     # <inversion>[+p2p[+blend]] or sdedit_s<strength>; null: every inversion method
@@ -159,11 +159,12 @@ class PieBenchSpec(EvaluatorSpec):
         if path is None:
             if required:
                 raise ConfigError(f"{key}.lpips_backbone", "folder mode needs LPIPS' SqueezeNet backbone weights; "
-                                  "torchmetrics would download them", f"set {key}.lpips_backbone=<torchvision "
-                                  "squeezenet1_1-b8a52dc0.pth or .safetensors>")
+                                  "torchmetrics would download them", f"set {key}.lpips_backbone=<torchvision's "
+                                  "squeezenet1_1 weights as .safetensors>")
             return
         p = Path(str(path)).expanduser()
-        if not p.is_file() or p.suffix not in (".pth", ".pt", ".safetensors"):
-            raise ConfigError(f"{key}.lpips_backbone", f"{_short(str(p))} is not a .pth/.safetensors file",
-                              f"set {key}.lpips_backbone to torchvision's squeezenet1_1 weights file "
-                              "(squeezenet1_1-b8a52dc0.pth)")
+        if not p.is_file() or p.suffix != ".safetensors":
+            raise ConfigError(f"{key}.lpips_backbone", f"{_short(str(p))} is not a .safetensors file (weights load "
+                              "without pickle)", f"set {key}.lpips_backbone to torchvision's squeezenet1_1 weights "
+                              "saved as .safetensors (save_file(torch.load(squeezenet1_1-b8a52dc0.pth, "
+                              "weights_only=True), ...), once)")
