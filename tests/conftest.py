@@ -36,3 +36,19 @@ def gen(shipped):
     from steerexp.generators import load_generator
 
     return load_generator(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def flows(tmp_path_factory):
+    """Tiny random SD3 and FLUX pipeline folders (the flow editors' tests)."""
+    from steerexp.generators.random_pipelines import make_random_pipeline
+
+    root = tmp_path_factory.mktemp("flows")
+    return {arch: make_random_pipeline(arch, root / arch, size="tiny") for arch in ("sd3", "flux")}
+
+
+@pytest.fixture(scope="module")
+def flow_gens(flows):
+    from steerexp.generators import load_generator
+
+    return {arch: load_generator(str(folder), device="cpu") for arch, folder in flows.items()}

@@ -9,34 +9,11 @@ import pytest
 import torch
 
 from steerexp.errors import ConfigError
-from steerexp.generators import load_generator
-from steerexp.generators.random_pipelines import make_random_pipeline
 from steerexp.techniques.flow_edit import FlowEdit, FlowView, noise_streams
 from steerexp.techniques.rf_inversion import RFInversion
 from steerexp.validate import validate
 from tests.helpers import compose_config, tiny_run
-
-TARGETS = {"k": 2, "seed": 0, "fixed": {"colour": "red"}}
-
-
-@pytest.fixture(scope="module")
-def flows(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow_edit")
-    return {arch: make_random_pipeline(arch, root / arch, size="tiny") for arch in ("sd3", "flux")}
-
-
-@pytest.fixture(scope="module")
-def flow_gens(flows):
-    return {arch: load_generator(str(folder), device="cpu") for arch, folder in flows.items()}
-
-
-def hand_velocity(gen, z, t, cond, empty, w):
-    """The guided velocity written out: one transformer pass per branch (FLUX: the scale is a model input)."""
-    if gen.distilled_guidance:
-        return gen.denoise(z, t, cond, w)
-    vc = gen.denoise(z, t, cond)
-    return vc if w == 1 else (lambda vu: vu + w * (vc - vu))(gen.denoise(z, t, empty.expand(len(z), -1, -1)))
-
+from tests.helpers.flow import TARGETS, hand_velocity
 
 def streams(n, seed=0):
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(n)]
