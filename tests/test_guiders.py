@@ -232,7 +232,8 @@ def test_a_run_with_a_hooked_guider_goes_end_to_end(tmp_path, name, stop):
 def test_hooked_guider_blocks_are_checked_before_loading(folders):
     assert "names block 1, and this sd generator has 1 mid-block" in _refusal(
         ["guider=pag", "guider.perturbed_guidance_layers=[0,1]"])
-    assert "must be a non-empty list of block indices" in _refusal(["guider=slg", "guider.skip_layer_config.indices=[]"])
+    assert "must be a non-empty list of block indices" in _refusal(
+        ["guider=slg", "guider.skip_layer_config.indices=[]"])
     sd3 = ["generator=sd", f"generator.path={folders['sd3']}", "generator.device=cpu", "generator.dtype=fp32"]
     assert "text stream on as its image stream" in _refusal(sd3 + ["guider=slg"])
     assert "joint transformer blocks" in _refusal(sd3 + ["guider=pag", "guider.perturbed_guidance_layers=[7]"])

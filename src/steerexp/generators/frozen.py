@@ -537,7 +537,8 @@ class FrozenGenerator:
     ) -> torch.Tensor:
         """The conditioning [B, L, D] of the prompts (see the module docstring).
 
-        added_embeddings: [n_added, token_dim] rows for tokens added with `add_tokens` (in their order);
+        added_embeddings: [n_added, token_dim] rows for tokens added with `add_tokens` (in their order), or
+        [B, n_added, token_dim]: one table per prompt (per-layer / per-timestep tokens: techniques/xti.py, neti.py);
         delta: a prompt-embedding delta added to the conditioning (broadcast over the batch).
         """
         ids = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
@@ -723,11 +724,16 @@ class FrozenGenerator:
     def sample(self, cond: torch.Tensor, latents: torch.Tensor, uncond: torch.Tensor | None = None, steps: int = 25,
                guidance: Guidance | None = None, grad: bool = False, checkpoint: bool = False, callback=None,
                negative: torch.Tensor | None = None) -> torch.Tensor:
-        """From `latents` (x_T) to clean latents, guided by `cond` vs `uncond` conditionings."""
+        """From `latents` (x_T) to clean latents, guided by `cond` vs `uncond` conditionings.
+
+        cond may also be a callable (t, i) -> conditioning [B, L, D], evaluated at every step (model time t, step
+        index i): a conditioning that depends on the timestep (NeTI, techniques/neti.py)."""
         guidance = guidance or Guidance()
-        expand = lambda e: e.expand(cond.shape[0], -1, -1) if e is not None and e.shape[0] != cond.shape[0] else e
+        batch = len(latents) if callable(cond) else cond.shape[0]
+        expand = lambda e: e.expand(batch, -1, -1) if e is not None and e.shape[0] != batch else e
         uncond, negative = expand(uncond), expand(negative)
-        fn = lambda x, t, i: self.model_output(x, t.to(self.device), cond, uncond, guidance, i, steps, negative)
+        at = (lambda t, i: cond(t, i)) if callable(cond) else (lambda t, i: cond)
+        fn = lambda x, t, i: self.model_output(x, t.to(self.device), at(t, i), uncond, guidance, i, steps, negative)
         with torch.set_grad_enabled(grad):
             return sampling.sample(fn, latents, self.schedule_for(steps, latents), checkpoint, callback)
 
@@ -810,10 +816,14 @@ def _inject(emb: torch.nn.Embedding, added_ids: torch.Tensor, rows: torch.Tensor
         mask = hit.any(-1)
         if rows is None or not bool(mask.any()):
             return out
-        if len(rows) < len(added_ids):
-            raise ValueError(f"{len(added_ids)} placeholder tokens were added but only {len(rows)} learned "
+        if rows.shape[-2] < len(added_ids):
+            raise ValueError(f"{len(added_ids)} placeholder tokens were added but only {rows.shape[-2]} learned "
                              "embeddings were given")
-        picked = rows.to(out.device, out.dtype)[hit.float().argmax(-1)]
+        index = hit.float().argmax(-1)
+        if rows.ndim == 3:  # one table per prompt ([B, n_added, width]: encode_prompt's per-prompt rows)
+            picked = rows.to(out.device, out.dtype)[torch.arange(len(index), device=out.device)[:, None], index]
+        else:
+            picked = rows.to(out.device, out.dtype)[index]
         return torch.where(mask.unsqueeze(-1), picked, out)
 
     return [emb.register_forward_pre_hook(pre), emb.register_forward_hook(post)]

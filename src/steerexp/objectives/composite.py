@@ -54,6 +54,7 @@ class ObjectiveInputs:
     generator: FrozenGenerator | None = None                      # the frozen generator (denoising path)
     latents: torch.Tensor | None = None                           # [B, C, h, w] the training images' VAE latents
     cond: torch.Tensor | None = None                              # the prompts' conditioning for the denoiser
+    #   (or a callable t -> conditioning, t [B] the model times drawn: a timestep-dependent one, NeTI)
     rng: torch.Generator | None = None                            # seeded per step: noise and timesteps
     # (start, stop, full): this batch is rows [start, stop) of its optimizer step's batch of `full` (a step split
     # by gradient accumulation or across data-parallel ranks); random draws are made for all `full` rows and

@@ -4,7 +4,8 @@ generator's `training_pair` says which),
 
     loss = mean || eps_theta(noisy(latents, noise, t), t, cond) - target ||^2,   t ~ U[min_timestep, max_timestep)
 
-on the denoising path of `ObjectiveInputs` (generator, latents, cond, rng). It composes with the
+on the denoising path of `ObjectiveInputs` (generator, latents, cond, rng; cond may be a callable of the drawn
+model times, for a conditioning that depends on t: techniques/neti.py). It composes with the
 regularisers like any term: `objective=[denoising,delta_l2]` adds an L2 on the learned embeddings.
 """
 from __future__ import annotations
@@ -32,5 +33,6 @@ class Denoising(Term):
         noise = torch.randn((full, *latents.shape[1:]), generator=rng)[start:stop].to(latents)
         t = torch.randint(self.min_timestep, hi, (full,), generator=rng)[start:stop].to(latents.device)
         noisy, t_model, target = generator.training_pair(latents, noise, t)
-        pred = generator.denoise(noisy, t_model, inputs.cond)
+        cond = inputs.cond(t_model) if callable(inputs.cond) else inputs.cond  # per example's t (NeTI)
+        pred = generator.denoise(noisy, t_model, cond)
         return F.mse_loss(pred.float(), target.float())
