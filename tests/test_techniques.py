@@ -154,3 +154,45 @@ def test_guidance_schedules_and_rescale_by_hand():
     guidance = Guidance(scale=7.0, negative_prompt="x", negative_mode="subtract", negative_weight=2.0)
     sub = guidance.combine(cond, uncond, negative=neg)
     assert torch.allclose(sub, plain - 2.0 * (neg - uncond))
+
+
+# ---------------------------------------------------------------------------- textual inversion: encoding the targets
+def _ti(gen, mode, name="", **kw):
+    from steerexp.techniques.textual_inversion import TextualInversion
+
+    tech = TextualInversion(gen, placeholder=f"<enc-{mode}{name}>", encode_targets=mode, flip=True, steps=2, batch_size=2,
+                            targets={"k": 3, "shape": "star", "seed": 0}, **kw)
+    tech.prepare()
+    return tech
+
+
+def test_ti_encodes_targets_up_front_or_when_a_step_draws_them(gen, monkeypatch):
+    """encode_targets: eager encodes every target (and flip) in prepare; lazy encodes each target alone the first
+    time a step draws it, and only those; auto is eager on the 32 px world (its recorded figures) and lazy above
+    EAGER_MAX_SIDE px."""
+    from steerexp.techniques import textual_inversion
+
+    eager, lazy, auto = _ti(gen, "eager"), _ti(gen, "lazy"), _ti(gen, "auto")
+    assert eager.latents.shape[0] == 6 and lazy.latents is None and auto.latents is not None
+    calls = []
+    encode = gen.encode_images
+    monkeypatch.setattr(gen, "encode_images", lambda images, *a, **k: calls.append(len(images)) or encode(images))
+    idx = torch.tensor([4, 1, 4])
+    got = lazy.target_latents(idx)
+    assert calls == [1, 1] and sorted(lazy.encoded) == [1, 4]          # each drawn target once, alone
+    alone = torch.cat([encode(lazy.pixels[i : i + 1]).float().cpu() for i in (4, 1, 4)])
+    assert torch.equal(got, alone)                                       # exactly its own encoding
+    assert torch.allclose(got, eager.target_latents(idx), atol=1e-4)     # the batch encoding, to float tolerance
+    lazy.target_latents(torch.tensor([1]))
+    assert calls == [1, 1]                                               # cached
+    monkeypatch.setattr(textual_inversion, "EAGER_MAX_SIDE", 16)
+    assert _ti(gen, "auto", "-small-side").latents is None               # above the side: lazy
+
+
+def test_ti_encode_targets_is_checked_before_loading():
+    from steerexp.errors import ConfigError
+    from steerexp.validate import validate
+    from tests.helpers import compose_config
+
+    with pytest.raises(ConfigError, match="technique.encode_targets: must be one of auto, eager, lazy"):
+        validate(compose_config(["technique.encode_targets=later"]))

@@ -4,7 +4,8 @@ a few target images, with the generator frozen.
 Only the new rows are parameters: `embeddings` [num_vectors, D] is the sole nn.Parameter,
 so no optimizer state or weight decay ever touches the frozen vocabulary. The placeholder
 is added to the tokenizer as in diffusers (num_vectors > 1 adds "<v*>", "<v*>_1", ...), the
-targets' VAE latents are computed once (with their flipped copies when augmenting), and the
+targets' VAE latents are computed once (with their flipped copies when augmenting; up front, or each when a
+step first draws it: `encode_targets`), and the
 loss is the denoising MSE of the frozen UNet with the prompt "a photo of a <v*>"-style.
 With `captioned` (world targets only), each target's training prompts also say its colour,
 size and position ("a small red <v*> on the left"), so the token need only carry the shape.
@@ -14,6 +15,7 @@ reads, so the token works in plain diffusers.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from steerexp.generators import FrozenGenerator
 from steerexp.objectives.denoising import Denoising
 from steerexp.targets import load_targets
 from steerexp.spec import check_settings
-from steerexp.techniques.textual_inversion_spec import TextualInversionSpec
+from steerexp.techniques.textual_inversion_spec import EAGER_MAX_SIDE, TextualInversionSpec
 from steerexp.techniques.trainable import Trainable
 from steerexp.worlds.shapes import world
 
@@ -81,6 +83,7 @@ class TextualInversion(Trainable):
         flip: bool = False,
         crop: bool = False,
         captioned: bool = True,
+        encode_targets: str = "auto",
         seed: int = 0,
         **kwargs,
     ):
@@ -96,13 +99,16 @@ class TextualInversion(Trainable):
         self.strength = 1.0  # generate with v_init + strength * (v* - v_init): 0 is the initializer word, 1 the token
         self.targets_cfg = dict(folder=None, k=6, shape="star", seed=0) | dict(targets or {})
         self.flip, self.crop, self.captioned, self.seed = flip, crop, captioned, seed
+        self.encode_targets = encode_targets
         self.target_templates: list[list[str]] | None = None
         self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
         d = generator.token_dim  # every text encoder's row side by side (SDXL: CLIP-L then CLIP-G)
         self.embeddings = nn.Parameter(torch.zeros(num_vectors, d))
         self.register_buffer("initial", torch.zeros(num_vectors, d))
         self.token_ids: list[int] = []
-        self.latents: torch.Tensor | None = None
+        self.latents: torch.Tensor | None = None       # every target's latent (eager encoding)
+        self.pixels: torch.Tensor | None = None        # the targets with their crops / flips (lazy encoding)
+        self.encoded: dict[int, torch.Tensor] = {}     # lazy encoding: the latents encoded so far, by target
         self.target_images: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
@@ -121,7 +127,7 @@ class TextualInversion(Trainable):
         with torch.no_grad():
             init = init.expand(self.num_vectors, -1)
             self.initial.copy_(init)
-            self.embeddings.copy_(init)
+            self.start_from(init)
             images = self.target_images
             if self.crop:  # 10% zoom-in crops, resized back
                 h, w = images.shape[-2:]
@@ -133,11 +139,30 @@ class TextualInversion(Trainable):
                 images = torch.cat([images, crops])
             if self.flip:
                 images = torch.cat([images, images.flip(-1)])
-            self.latents = gen.encode_images(images).float().cpu()  # computed once
+            self.pixels, self.encoded = images, {}
+            side = max(images.shape[-2:])
+            if self.encode_targets == "eager" or (self.encode_targets == "auto" and side <= EAGER_MAX_SIDE):
+                self.latents = gen.encode_images(images).float().cpu()  # computed once, all together
+
+    def start_from(self, init: torch.Tensor) -> None:
+        """Set the learned deltas to their start, the initializer word's embedding [num_vectors, token_dim]
+        (per-layer tokens, techniques/xti.py, broadcast it; NeTI's mapper starts from its own init instead)."""
+        self.embeddings.copy_(init)
 
     def train_order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
-        return torch.randint(len(self.latents), (self.steps * self.batch_size,), generator=g)
+        return torch.randint(len(self.pixels), (self.steps * self.batch_size,), generator=g)
+
+    def target_latents(self, idx: torch.Tensor) -> torch.Tensor:
+        """The latents of targets `idx`: eager, from the table prepare() encoded; lazy, each target encoded alone the
+        first time a step draws it (so its latent does not depend on which targets shared its batch)."""
+        if self.latents is not None:
+            return self.latents[idx]
+        with torch.no_grad():
+            for i in dict.fromkeys(idx.tolist()):
+                if i not in self.encoded:
+                    self.encoded[i] = self.generator.encode_images(self.pixels[i : i + 1]).float().cpu()[0]
+        return torch.stack([self.encoded[i] for i in idx.tolist()])
 
     def structure(self) -> dict:
         return {"num_vectors": self.num_vectors}
@@ -166,22 +191,33 @@ class TextualInversion(Trainable):
         pools = [self.target_templates[i % k] if self.target_templates else self.templates for i in idx.tolist()]
         prompts = [self.fill(pool[w % len(pool)], edited=True) for pool, w in zip(pools, which)]
         gen = self.generator
-        cond = gen.encode_prompt(prompts, self.added_embeddings().to(gen.device))
+        cond = self.training_cond(prompts)
         from steerexp.objectives.composite import ObjectiveInputs
 
         # the denoising path (+ the learned offsets v* - v_init, which delta_l2 penalises)
         inputs = ObjectiveInputs(
             generator=gen,
-            latents=self.latents[idx].to(gen.device, gen.dtype),
+            latents=self.target_latents(idx).to(gen.device, gen.dtype),
             cond=cond,
             rng=rng,
             deltas=self.budgeted(),
             rows=rows,
         )
-        loss = self.objective(inputs)
+        with self.layer_control():
+            loss = self.objective(inputs)
         if self._trainer is not None:
             self.log_dict({f"train/{k}": v for k, v in getattr(self.objective, "last", {}).items()})
         return loss
+
+    def training_cond(self, prompts: list[str]):
+        """The training prompts' conditioning (a tensor, or a callable of the drawn model times: neti.py)."""
+        gen = self.generator
+        return gen.encode_prompt(prompts, self.added_embeddings().to(gen.device))
+
+    def layer_control(self):
+        """A context the denoiser runs in while this technique's conditioning is used: none for one token; per-layer
+        tokens (xti.py) install attention processors that give each cross-attention layer its own rows."""
+        return contextlib.nullcontext()
 
     def budgeted(self) -> dict[str, torch.Tensor]:
         return {"embeddings": self.embeddings - self.initial}

@@ -9,6 +9,8 @@ from steerexp.spec import register
 from steerexp.techniques.base_spec import TrainableSpec
 
 TEMPLATE_SETS = ("object", "style", "shapes")   # textual_inversion.TEMPLATES
+ENCODE_TARGETS = ("auto", "eager", "lazy")
+EAGER_MAX_SIDE = 64   # encode_targets=auto: eager up to this image side (px), lazy above
 
 
 @register("technique", "textual_inversion")
@@ -29,6 +31,11 @@ class TextualInversionSpec(TrainableSpec):
     flip: bool = False
     crop: bool = False
     captioned: bool = True          # world targets: training prompts also name colour, size, position
+    # when the target images (and their crops / flips) go through the VAE: eager (all of them, in prepare, one
+    # batch), lazy (each the first time a training step draws it, alone; the reference training scripts encode per
+    # step), auto (eager up to EAGER_MAX_SIDE px: the embedded 32 px world, whose recorded figures it keeps; lazy
+    # above, where encoding every target up front costs seconds before the first step: issue 32)
+    encode_targets: str = "auto"
     lr: float = 5.0e-3
     steps: int = 400
     batch_size: int = 4
@@ -42,6 +49,7 @@ class TextualInversionSpec(TrainableSpec):
         if not isinstance(p, str) or not p or any(ch.isspace() for ch in p) or "{" in p or "}" in p:
             raise ConfigError(f"{key}.placeholder", f"must be one non-empty token without spaces or braces, got {p!r}",
                               f"set e.g. {key}.placeholder='<v*>'")
+        self.one_of(key, "encode_targets", ENCODE_TARGETS)
         self.word(key, "slot_word", "star")
         self.word(key, "initializer", "object")
         if isinstance(self.templates, str) and self.templates not in TEMPLATE_SETS:
