@@ -33,7 +33,9 @@ that are not on the meta device: 0 means no random-initialised model is built be
 
 --resolution: the image side; the run reads a view of the folder (symlinks to every file) whose unet/config.json
 has sample_size = resolution / 8, so steerexp and diffusers load the same files at that size. Peak RSS is each
-process's own (os.wait4). The machine may be shared: the load average is printed with every figure. Prints JSON.
+process's own (os.wait4). The machine may be shared: the load average is printed with every figure. Before each
+process the folder's files are read once (`warm_page_cache`; `--cold` skips it), so both sides start from a warm
+page cache. Prints JSON.
 """
 from __future__ import annotations
 
@@ -242,6 +244,18 @@ def steerexp_run(folder: Path, steps: int, proof: str, threads: str, env: dict, 
             "peak_rss_mb": r["peak_rss_mb"], "load_average": r["load"]}
 
 
+def warm_page_cache(folder: Path) -> None:
+    """Read every file of the pipeline folder once, so that neither side pays for reading the weights from disk:
+    a bare from_pretrained memory-maps them and reads nothing, while steerexp's proof at load is their first
+    reader, so with a cold cache the disk read would land on steerexp alone (the bare script pays it at its first
+    step instead). Both sides then start from the same warm cache."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generator", required=True, help="a StableDiffusionPipeline folder (make_random_pipeline.py)")
@@ -251,6 +265,8 @@ def main() -> None:
     ap.add_argument("--threads", default="auto", help="steerexp's threads setting (auto: torch's default here)")
     ap.add_argument("--proofs", default="fast", help="comma list: a steerexp run per generator.proof value")
     ap.add_argument("--init-check", action="store_true")
+    ap.add_argument("--cold", action="store_true", help="do not read the folder's files into the page cache before "
+                                                         "each process (the default warms it for both sides)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -269,6 +285,8 @@ def main() -> None:
         for i in range(a.repeat):
             order = list(rows) if i % 2 == 0 else list(reversed(rows))  # alternate who goes first
             for key in order:
+                if not a.cold:
+                    warm_page_cache(folder)
                 if key == "bare":
                     rows[key].append(bare(folder, env, work))
                 else:
