@@ -365,3 +365,27 @@ def test_folder_mode_runs_from_the_cli(shipped, pie, tmp_path):
     assert m["pie_bench/images"] == 3 and m["pie_bench/all/dropped/psnr_unedit/tiny+edit"] == 1
     assert m["pie_bench/type_1/structure_e3/tiny+edit"] > 0 and m["generator/unchanged"] is True
     assert "Loading weights" not in out.stderr
+
+
+def test_edited_folders_named_by_a_mapping_or_without_clashes(pie, tmp_path):
+    """`edited` as {method: folder} (a DictConfig under Hydra) keeps its folders; two folders that would get the
+    same method name are refused in one line instead of one silently replacing the other."""
+    from omegaconf import OmegaConf
+
+    from steerexp.evaluators.pie_bench_spec import edited_folders
+
+    given = OmegaConf.create({"ddim": "/data/out/ddim/annotation_images"})
+    assert edited_folders(given) == {"ddim": "/data/out/ddim/annotation_images"}
+    with pytest.raises(ConfigError, match=f"{KEY}.edited: .* would both be the method 'ddim'"):
+        edited_folders(["r1/ddim/annotation_images", "r2/ddim/annotation_images"])
+
+
+def test_image_paths_must_stay_inside_the_named_folders(pie, tmp_path):
+    from steerexp.evaluators.pie_bench import load_mapping
+
+    mapping = json.loads((pie["data"] / "mapping_file.json").read_text())
+    for bad in ("../outside.jpg", "/etc/passwd"):
+        key = next(iter(mapping))
+        (tmp_path / "m.json").write_text(json.dumps({key: mapping[key] | {"image_path": bad}}))
+        with pytest.raises(ValueError, match="leaves the images folder"):
+            load_mapping(tmp_path / "m.json", None)

@@ -67,14 +67,13 @@ A learned metric without its weights is replaced by a stand-in, and its key says
                   vectors, averaged over positions, then averaged over stages, x 10^3, of the same masked images
   clip_{source,whole,edited}_standin_tinyclip  the CLIP score formula with the shipped tiny CLIP (scorers.clip)
 None of them is comparable with a PIE-Bench figure; PSNR, MSE and SSIM are the exact definitions. World mode also
-reports `pie_bench/<type>/seconds/<method>`, CPU seconds per image of the edit alone (not part of the protocol;
-evaluator.edit_bench's seconds add the method's inversion).
+reports `pie_bench/<type>/seconds/<method>`, CPU seconds per image of the edit plus the inversion it reads, as
+evaluator.edit_bench counts them (edit_bench.timed_edit; not part of the protocol).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +161,10 @@ def load_mapping(path: Path, categories=None) -> list[Entry]:
             raise ValueError(f"evaluator.pie_bench.mapping_file: entry {key!r} of {path} has no {missing[0]!r}; "
                              f"each entry needs {list(MAPPING_KEYS)}")
         cat = str(item["editing_type_id"])
+        rel = Path(str(item["image_path"]))
+        if rel.is_absolute() or ".." in rel.parts:   # images are read inside the named folders only
+            raise ValueError(f"evaluator.pie_bench.mapping_file: entry {key!r} of {path} has image_path {str(rel)!r}, "
+                             "which leaves the images folder; each image_path must be relative, without '..'")
         if wanted is None or cat in wanted:
             entries.append(Entry(str(key), str(item["image_path"]), strip_markers(str(item["original_prompt"])),
                                  strip_markers(str(item["editing_prompt"])), cat, list(item["mask"])))
@@ -544,7 +547,7 @@ class PieBench:
         return region
 
     def evaluate_world(self, ctx: EvalContext) -> EvalResult:
-        from steerexp.evaluators.edit_bench import fill, target_scene
+        from steerexp.evaluators.edit_bench import fill, target_scene, timed_edit
         from steerexp.evaluators.inversion import pick_methods, require_inversion
         from steerexp.images import to_tensor
         from steerexp.targets import fit_world
@@ -573,9 +576,8 @@ class PieBench:
             edits = {"ground_truth": truth, "vae": vae}
             with progress.phase(f"pie_bench: {kind} edits", total=len(scenes) * len(methods)):
                 for method in methods:
-                    start = time.process_time()
-                    edits[method] = tech.edit(method, prompts)
-                    m[f"{self.name}/{kind}/seconds/{method}"] = (time.process_time() - start) / len(scenes)
+                    edits[method], m[f"{self.name}/{kind}/seconds/{method}"] = timed_edit(tech, method, prompts,
+                                                                                          len(scenes))
                     progress.advance(len(scenes))
             for method, images in edits.items():
                 values = metrics(src_u8, quantise(images), masks, source_prompts, prompts)

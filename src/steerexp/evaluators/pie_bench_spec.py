@@ -6,6 +6,7 @@ names its key and the fix.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,13 +23,17 @@ MAPPING_KEYS = ("image_path", "original_prompt", "editing_prompt", "editing_type
 def edited_folders(edited: Any) -> dict[str, str]:
     """`edited` as {method name: folder}: a dict as given; a folder or a list of folders named by the folder (by
     its parent when the folder is `annotation_images`, as in PnPInversion's output/<method>/annotation_images)."""
-    if isinstance(edited, dict):
+    if isinstance(edited, Mapping):   # a dict, or the DictConfig Hydra hands the evaluator
         return {str(k): str(v) for k, v in edited.items()}
     folders = [edited] if isinstance(edited, str) else list(edited or [])
     named = {}
     for f in folders:
         p = Path(str(f))
-        named[p.parent.name if p.name == "annotation_images" and p.parent.name else p.name or str(f)] = str(f)
+        name = p.parent.name if p.name == "annotation_images" and p.parent.name else p.name or str(f)
+        if name in named:
+            raise ConfigError("evaluator.pie_bench.edited", f"{named[name]} and {f} would both be the method {name!r}",
+                              f"name them: evaluator.pie_bench.edited='{{{name}_a: {named[name]}, {name}_b: {f}}}'")
+        named[name] = str(f)
     return named
 
 
