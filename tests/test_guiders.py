@@ -176,7 +176,7 @@ def _hooks_left(module) -> int:
     return sum(len(getattr(m, "_diffusers_hook").hooks) for m in module.modules() if hasattr(m, "_diffusers_hook"))
 
 
-def _hooked(name, **kw):
+def _hooked(name, **kw):   # every step but the first (diffusers: int(start S) < k < int(stop S))
     from diffusers.guiders import PerturbedAttentionGuidance, SkipLayerGuidance
 
     if name == "pag":
@@ -197,10 +197,9 @@ def test_hooked_guiders_perturb_the_unet_and_leave_no_hook(gen, name):
     assert (zero - plain).abs().max() < 1e-4     # at perturbation scale 0: CFG (its passes are not batched)
 
 
-@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+@pytest.mark.parametrize("family", ["sdxl"])
 def test_pag_runs_on_the_tiny_pipelines(folders, family):
-    """SDXL: the mid block's transformer blocks; SD3: the joint blocks (the identity spans image and text tokens;
-    guiders._register_joint_attention lets diffusers' hook find SD3's processor)."""
+    """SDXL: the mid block's transformer blocks (SD3 is refused: test_hooked_guider_blocks_are_checked...)."""
     other = load_generator(str(folders[family]), device="cpu")
     plain = other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0))
     guided = other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0, guider=_hooked("pag")))
@@ -236,7 +235,21 @@ def test_hooked_guider_blocks_are_checked_before_loading(folders):
         ["guider=slg", "guider.skip_layer_config.indices=[]"])
     sd3 = ["generator=sd", f"generator.path={folders['sd3']}", "generator.device=cpu", "generator.dtype=fp32"]
     assert "text stream on as its image stream" in _refusal(sd3 + ["guider=slg"])
-    assert "joint transformer blocks" in _refusal(sd3 + ["guider=pag", "guider.perturbed_guidance_layers=[7]"])
+    assert "image-to-image attention only" in _refusal(sd3 + ["guider=pag"])
+    # a window that leaves the perturbed pass no step (diffusers: int(start S) < k < int(stop S)) would be plain CFG
+    assert "leaves the perturbed pass no step" in _refusal(["guider=slg", "sampling.steps=8"])
+    assert "leaves the perturbed pass no step" in _refusal(
+        ["guider=pag", "guider.perturbed_guidance_start=0.5", "guider.perturbed_guidance_stop=0.5"])
+    _refusal_free = compose_config(["guider=pag", "sampling.steps=2"])   # the default window 0-1: step 1 of 2
+    from steerexp.validate import validate
+
+    validate(_refusal_free)
+
+
+def test_flow_editors_refuse_a_guider():
+    for technique in ("flow_edit", "rf_inversion", "rf_solver"):
+        msg = _refusal([f"technique={technique}", "technique.edit.control=null", "guider=apg"])
+        assert msg.startswith("guider: ") and "source_guidance / target_guidance" in msg
 
 
 @pytest.mark.parametrize("overrides,words", [

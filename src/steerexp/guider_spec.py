@@ -144,12 +144,13 @@ class PAGSpec(GuiderSpec):
     uncond + w (cond - uncond) + s (cond - cond_perturbed), s = perturbed_guidance_scale, on the steps strictly
     inside (perturbed_guidance_start, perturbed_guidance_stop). diffusers' hooks do the perturbation
     (steerexp/guiders.py: hooked_output). The blocks: `perturbed_guidance_layers`, indices into the family's stack
-    (FrozenGenerator.attention_blocks): a UNet's mid-block transformer blocks (diffusers' PAG pipelines' "mid"),
-    SD3's joint blocks (where the identity spans the joint sequence of image and text tokens)."""
+    (FrozenGenerator.attention_blocks): a UNet's mid-block transformer blocks (diffusers' PAG pipelines' "mid").
+    The UNet families only: on SD3 diffusers' layer-skip hook would replace the joint attention over image and text
+    tokens, not the image-to-image part that SD3's PAG perturbs (refused in one line)."""
     _target_: str = "diffusers.guiders.PerturbedAttentionGuidance"
     perturbed_guidance_scale: float = 2.8
-    perturbed_guidance_start: float = 0.01
-    perturbed_guidance_stop: float = 0.2
+    perturbed_guidance_start: float = 0.0   # the paper perturbs every step (diffusers' guider defaults to SLG's
+    perturbed_guidance_stop: float = 1.0    #   window, 0.01-0.2; its PAG pipelines perturb every step)
     perturbed_guidance_layers: list = field(default_factory=lambda: [0])
 
     def check(self, key: str) -> None:
@@ -165,6 +166,12 @@ class PAGSpec(GuiderSpec):
 
     def check_generator(self, key: str, facts: Facts) -> None:
         super().check_generator(key, facts)
+        if facts.family == "sd3":
+            raise ConfigError(key, "diffusers' layer-skip hook would make SD3's whole joint sequence attend to itself "
+                              "(image tokens lose the text too), while SD3's PAG perturbs image-to-image attention "
+                              "only (diffusers' PAGJointAttnProcessor2_0)", "use guider=cfg, apg, cfg_zero_star or "
+                              "tcfg on SD3")
+        check_window(key, "perturbed_guidance", self.perturbed_guidance_start, self.perturbed_guidance_stop, facts)
         check_blocks(f"{key}.perturbed_guidance_layers", self.perturbed_guidance_layers, facts)
 
 
@@ -201,7 +208,9 @@ class SLGSpec(GuiderSpec):
         if facts.family == "sd3":
             raise ConfigError(key, "SkipLayerGuidance's block-skip hook (diffusers 0.42) hands an SD3 joint block's "
                               "text stream on as its image stream, so the skipped prediction is wrong",
-                              "use guider=pag on SD3 (it perturbs the joint attention's scores instead)")
+                              "use guider=cfg, apg, cfg_zero_star or tcfg on SD3")
+        check_window(key, "skip_layer_guidance", self.skip_layer_guidance_start, self.skip_layer_guidance_stop,
+                     facts)
         check_blocks(f"{key}.skip_layer_config.indices", self.skip_layer_config["indices"], facts)
 
 
@@ -212,29 +221,38 @@ def check_indices(key: str, layers) -> None:
         raise ConfigError(key, f"must be a non-empty list of block indices >= 0, got {layers!r}", f"set e.g. {key}=[0]")
 
 
+def check_window(key: str, prefix: str, start: float, stop: float, facts: Facts) -> None:
+    """The perturbed pass runs on some step: diffusers runs it on the steps k with int(start S) < k < int(stop S)
+    (S = sampling.steps), so a narrow window or few steps leave none, and the guider would silently be CFG."""
+    steps = facts.sampling_steps
+    if not isinstance(steps, int) or steps < 1:
+        return
+    lo, hi = int(start * steps), int(stop * steps)
+    if hi - lo < 2:
+        raise ConfigError(f"{key}.{prefix}_stop", f"leaves the perturbed pass no step: diffusers runs it on the steps "
+                          f"strictly between {lo} and {hi} (int(start x S), int(stop x S) at sampling.steps={steps})",
+                          f"widen the window, e.g. {key}.{prefix}_start=0 {key}.{prefix}_stop=1, or sample more steps")
+
+
 def check_blocks(key: str, layers, facts: Facts) -> None:
     """Every index names a block of the family's stack that hooked guiders perturb (attention_block_count)."""
     blocks = attention_block_count(facts)
     if blocks is not None and max(layers) >= blocks:
-        where = "mid-block transformer blocks" if facts.family in ("sd", "sdxl") else "joint transformer blocks"
-        raise ConfigError(key, f"names block {max(layers)}, and this {facts.family} generator has {blocks} {where}",
+        raise ConfigError(key, f"names block {max(layers)}, and this {facts.family} generator has {blocks} mid-block "
+                          "transformer blocks",
                           f"set indices below {blocks}, e.g. {key}=[0]")
 
 
 def attention_block_count(facts: Facts) -> int | None:
-    """How many blocks the family's stack that PAG perturbs has (FrozenGenerator.attention_blocks), read from the
-    denoiser's config in the pipeline folder: a UNet's mid-block transformer layers, SD3's joint blocks. None when
-    unknown (no local folder)."""
-    if facts.folder is None or facts.family not in ("sd", "sdxl", "sd3"):
+    """How many blocks the stack that PAG and SLG perturb has (FrozenGenerator.attention_blocks: a UNet's mid-block
+    transformer layers), read from unet/config.json in the pipeline folder. None when unknown (no local folder)."""
+    if facts.folder is None or facts.family not in ("sd", "sdxl"):
         return None
     from steerexp.generators.checks import read_json
 
-    name = "transformer" if facts.family == "sd3" else "unet"
-    conf = read_json(facts.folder / name / "config.json", "generator.path", required=False)
+    conf = read_json(facts.folder / "unet" / "config.json", "generator.path", required=False)
     if not isinstance(conf, dict):
         return None
-    if name == "transformer":
-        return conf.get("num_layers") if isinstance(conf.get("num_layers"), int) else None
     if conf.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         return 0
     per = conf.get("transformer_layers_per_block", 1)
@@ -267,6 +285,8 @@ class FDGSpec(RefusedGuiderSpec):
                           "dependency of steerexp (not installed)")
 
 
+FLOW_EDITORS = ("steerexp.techniques.flow_edit.FlowEdit", "steerexp.techniques.rf_inversion.RFInversion",
+                "steerexp.techniques.rf_solver.RFSolver")
 HOOKED_TARGETS = ("diffusers.guiders.PerturbedAttentionGuidance", "diffusers.guiders.SkipLayerGuidance")
 
 
@@ -278,13 +298,19 @@ def check_with_technique(guider, technique, evaluators=None) -> None:
     (validate passes the resolved config). Torch-free."""
     if not isinstance(guider, dict) or not isinstance(technique, dict):
         return
+    target = str(technique.get("_target_", ""))
+    if target in FLOW_EDITORS:
+        raise ConfigError("guider", f"{target.rsplit('.', 1)[-1]}'s own method guides its velocities with "
+                          "technique.source_guidance / target_guidance (plain CFG), so a guider would reach only the "
+                          "rows beside it and the paired comparison would mix two guidances",
+                          "drop the guider (tune technique.source_guidance / target_guidance)")
     if guider.get("_target_") in HOOKED_TARGETS:
         name = str(guider["_target_"]).rsplit(".", 1)[-1]
         edit = technique.get("edit") if isinstance(technique.get("edit"), dict) else {}
         methods = [str(m) for ev in (evaluators or {}).values() if isinstance(ev, dict)
                    for m in (ev.get("methods") or ())]
         batched = ("technique.edit.control", "p2p") if edit.get("control") == "p2p" else None
-        if str(technique.get("_target_", "")).endswith("NullTextInversion"):
+        if target.endswith("NullTextInversion"):
             batched = ("technique", "null-text inversion's optimisation")
         if batched is None and any("+p2p" in m for m in methods):
             batched = ("evaluator methods", "+p2p")
@@ -293,7 +319,7 @@ def check_with_technique(guider, technique, evaluators=None) -> None:
                               f"{batched[1]} ({batched[0]}) runs the guided branches itself in one batch",
                               "use a guider that only combines predictions (cfg, apg, cfg_zero_star, tcfg), or "
                               "no guider")
-    if str(technique.get("_target_", "")) != "steerexp.techniques.guidance.GuidanceTuning":
+    if target != "steerexp.techniques.guidance.GuidanceTuning":
         return
     for name, default, instead in (("rescale", 0.0, "guider.guidance_rescale"),
                                    ("schedule", "constant", "guider.start / guider.stop"),

@@ -117,14 +117,13 @@ def hooked_output(guider, denoise, x: torch.Tensor, cond: torch.Tensor, uncond: 
     perturbed pass always gets the conditional inputs and the hook.
 
     The layer configs with fqn "auto" (diffusers finds block stacks only in DiT transformers) get the family's stack
-    (`blocks`: a UNet's mid-block transformer blocks, as diffusers' PAG pipelines' "mid"; SD3's joint blocks)."""
+    (`blocks`: a UNet's mid-block transformer blocks, as diffusers' PAG pipelines' "mid")."""
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.layer_skip import _apply_layer_skip_hook
 
     if denoiser is None or blocks is None:
         raise ValueError(f"guider: {type(guider).__name__} perturbs the denoiser's attention blocks, and this "
                          "generator family names none (FrozenGenerator.attention_blocks)")
-    _register_joint_attention()
     for config in guider.skip_layer_config:
         if config.fqn == "auto":
             config.fqn = blocks
@@ -146,20 +145,3 @@ def hooked_output(guider, denoise, x: torch.Tensor, cond: torch.Tensor, uncond: 
                 registry.remove_hook(name, recurse=True)
     return guider(batches).pred
 
-
-def _register_joint_attention() -> None:
-    """The smallest adapter for SD3: diffusers 0.42's layer-skip hooks look every attention processor up in their
-    registry (AttentionProcessorRegistry), which lacks SD3's JointAttnProcessor2_0, so PAG's hook fails on the SD3
-    transformer. PAG itself uses only the lookup (it replaces the scores, inside the processor's own
-    scaled_dot_product_attention, over the joint sequence of image and text tokens); the output a skipped joint
-    attention gives, registered with it, is both streams unchanged, as for the processors diffusers registers."""
-    from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    try:
-        AttentionProcessorRegistry.get(JointAttnProcessor2_0)
-    except ValueError:
-        def unchanged(attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-            return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
-
-        AttentionProcessorRegistry.register(JointAttnProcessor2_0, AttentionProcessorMetadata(unchanged))

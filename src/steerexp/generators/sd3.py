@@ -21,7 +21,6 @@ class SD3Generator(FrozenGenerator):
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
     capabilities = CAPABILITIES["sd3"]
-    attention_blocks = "transformer_blocks"  # PAG's layers: the joint blocks (their joint attention's scores)
 
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, transformer, vae, scheduler,
                  tokenizer_3=None, text_encoder_3=None, device="cpu", dtype=torch.float32, t5_length: int = 256):
