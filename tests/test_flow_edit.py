@@ -292,3 +292,21 @@ def test_edit_bench_counts_a_lazy_inversion_once(monkeypatch):
     assert isinstance(tech, TimedInversion)
     _, seconds = edit_bench.timed_edit(tech, "ddim_w7.5", ["a", "b"], 2)
     assert seconds == (1.0 + 10.0) / 2
+
+
+def test_inverted_runs_what_loaded_deltas_lack(gen):
+    """Deltas loaded from a file hold x*_T only: TimedInversion.inverted runs Direct Inversion's trajectory before
+    an edit is timed (and nothing for a method x*_T serves)."""
+    from steerexp.techniques.ddim_inversion import DDIMInversion
+
+    tech = DDIMInversion(gen, targets=TARGETS, sampling={"steps": 3})
+    tech.prepare()
+    tech.compute()
+    saved = tech.latents_T.detach().clone()
+    fresh = DDIMInversion(gen, targets=TARGETS, sampling={"steps": 3})
+    fresh.prepare()
+    fresh.load_deltas({"latents_T": saved})
+    fresh.inverted("ddim_w7.5")
+    assert fresh.pivots is None                      # the swap reads x*_T: nothing to run
+    fresh.inverted("di+p2p")
+    assert fresh.pivots is not None and torch.equal(fresh.pivots[-1].float().cpu(), saved)

@@ -334,7 +334,10 @@ class DDIMInversion(TrainingFree):
         )
 
     def inverted(self, method: str | None) -> None:
-        """The inversion every method reads ran in compute() (flow_edit.FlowEditor runs its lazily, here)."""
+        """Run now the inversion `method` still needs: compute() ran it, but deltas loaded from a file hold x*_T only,
+        and Direct Inversion follows the whole trajectory (flow_edit.FlowEditor runs its inversion lazily, here)."""
+        if method is not None and parse_method(method)[0] == "di" and self.pivots is None and self.x0 is not None:
+            self.invert()
 
     def inversion_seconds(self, method: str) -> float:
         """CPU seconds per image that the inversion behind a method took (0 for the VAE round trip and SDEdit)."""
@@ -373,8 +376,8 @@ class DDIMInversion(TrainingFree):
                     raise ValueError("the VAE round trip has no prompt, so it cannot edit")
                 # Direct Inversion's source branch is the inversion trajectory: it ends at x*_0 = E(I)
                 return torch.cat([gen.decode_latents(self.x0[sl]).float().cpu() for sl in self.batches()])
-            if base == "di" and self.pivots is None:
-                self.invert()  # loaded deltas hold x*_T only; Direct Inversion follows the whole trajectory
+            if base == "di":
+                self.inverted(method)
             target = None if prompts is None else gen.encode_prompt(prompts)
             for sl in self.batches():
                 uncond, guidance = self.nulls(base, sl)

@@ -347,11 +347,19 @@ class RFSolver(FlowEditor):
     def compute(self) -> None:
         self.rf_invert()     # (the DDIM / Euler inversion of the methods beside rfsolver runs when one is asked for)
 
+    def inverted(self, method: str | None) -> None:
+        """Also RF-Solver's own inversion, where deltas were loaded without it or without the source's stored V."""
+        if (method or self.own) == self.own and self.x0 is not None:
+            if len(self.solver_latents) == 0 or (self.share_steps and not self.sharers):
+                self.rf_invert()
+            return
+        super().inverted(method)
+
     def run_own(self, prompts: list[str] | None) -> torch.Tensor:
         if self.x0 is None:
             raise RuntimeError("the targets are not loaded yet: call prepare() first")
         if len(self.solver_latents) == 0 or (prompts is not None and self.share_steps and not self.sharers):
-            self.rf_invert()   # (deltas loaded without the source V: invert again)
+            self.inverted(self.own)   # (deltas loaded without the source V: invert again)
         gen, out = self.generator, []
         with torch.no_grad():
             target = self.cond if prompts is None else gen.encode_prompt(prompts)
