@@ -266,7 +266,8 @@ def lpips_squeeze(backbone: str, device: str = "cpu"):
     """torchmetrics' LPIPS (net_type=squeeze) with its shipped linear layers and torchvision's squeezenet1_1
     backbone read from a local .safetensors file (weights load without pickle; torchvision's .pth converts with
     `save_file(torch.load("squeezenet1_1-b8a52dc0.pth", weights_only=True), "squeezenet1_1.safetensors")`, once,
-    by the user), where torchmetrics would download it."""
+    by the user), where torchmetrics would download it. (torchmetrics' own small linear layers, shipped inside
+    torchmetrics, load through its own torch.load: weights-only by default from torch 2.6.)"""
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 
     net = _NoTrainLpips(net="squeeze", pnet_rand=True)   # pnet_rand: no download; the backbone is loaded below

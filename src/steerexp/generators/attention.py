@@ -331,18 +331,28 @@ class Processor:
 
 
 @contextlib.contextmanager
+def swapped_processors(denoiser, replace):
+    """Within the block each attention processor of `denoiser` (a diffusers model) is `replace(name, original)`; the
+    original processors are put back afterwards, also on error. No weight is touched, so the generator's fingerprint
+    does not move. Prompt-to-Prompt (`controlled`), per-layer tokens (techniques/xti.py) and RF-Edit's value
+    sharing (techniques/rf_solver.py) install theirs through it."""
+    original = denoiser.attn_processors
+    denoiser.set_attn_processor({name: replace(name, proc) for name, proc in original.items()})
+    try:
+        yield
+    finally:
+        denoiser.set_attn_processor(dict(original))  # set_attn_processor pops from the dict it is given
+
+
+@contextlib.contextmanager
 def controlled(unet, controller: Controller | None):
     """Within the block every attention layer of `unet` runs through `controller`; the original
     processors are put back afterwards (also on error). `controller=None` changes nothing."""
     if controller is None:
         yield None
         return
-    original = unet.attn_processors
-    unet.set_attn_processor({name: Processor(controller) for name in original})
-    try:
+    with swapped_processors(unet, lambda _name, _proc: Processor(controller)):
         yield controller
-    finally:
-        unet.set_attn_processor(dict(original))  # set_attn_processor pops from the dict it is given
 
 
 # ---------------------------------------------------------------------------- the two-branch loop

@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from steerexp.generators import FrozenGenerator, Guidance, sampling
+from steerexp.generators.attention import swapped_processors
 from steerexp.techniques.flow_edit import FlowEditor, FlowView
 
 # the processors whose V is attn.to_v's output (the ones `sharing` can wrap)
@@ -265,14 +266,13 @@ def sharing(denoiser: nn.Module, sharer: ValueSharer | None, mode: str):
             fused = " with fused projections" if kind in SHARING_PROCESSORS else ""
             raise ValueError(f"value sharing needs the V projection attn.to_v ({', '.join(SHARING_PROCESSORS)}, "
                              f"unfused); {name} runs {kind}{fused}: set technique.share_steps=0")
-    denoiser.set_attn_processor({n: SharedValueProcessor(p, sharer, n) if n in sharer.layers else p
-                                 for n, p in original.items()})
-    sharer.mode = mode
-    try:
-        yield sharer
-    finally:
-        sharer.mode = "off"
-        denoiser.set_attn_processor(dict(original))   # set_attn_processor pops from the dict it is given
+    shared = lambda n, p: SharedValueProcessor(p, sharer, n) if n in sharer.layers else p
+    with swapped_processors(denoiser, shared):
+        sharer.mode = mode
+        try:
+            yield sharer
+        finally:
+            sharer.mode = "off"
 
 
 # ---------------------------------------------------------------------------- the technique

@@ -46,6 +46,7 @@ from torch import nn
 
 from steerexp import progress
 from steerexp.generators import FrozenGenerator
+from steerexp.generators.attention import swapped_processors
 from steerexp.spec import check_settings
 from steerexp.techniques.textual_inversion import TextualInversion
 from steerexp.techniques.xti_spec import XTISpec
@@ -99,17 +100,11 @@ class GroupRows:
 def rows_per_layer(unet: nn.Module, groups: list[list[str]], rows: int):
     """Within the block, the layers of group g read rows [g * rows, (g + 1) * rows) of the conditioning; the original
     processors are put back afterwards, also on error (no weight is touched)."""
-    original = unet.attn_processors
-    mine = dict(original)
-    for g, names in enumerate(groups):
-        for name in names:
-            key = f"{name}.processor"
-            mine[key] = GroupRows(original[key], g * rows, (g + 1) * rows)
-    unet.set_attn_processor(mine)
-    try:
+    group = {f"{name}.processor": g for g, names in enumerate(groups) for name in names}
+    rows_of = lambda name, proc: (GroupRows(proc, group[name] * rows, (group[name] + 1) * rows) if name in group
+                                  else proc)
+    with swapped_processors(unet, rows_of):
         yield
-    finally:
-        unet.set_attn_processor(dict(original))  # set_attn_processor pops from the dict it is given
 
 
 def load_xti(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -135,7 +130,7 @@ class XTI(TextualInversion):
 
     @classmethod
     def requirements(cls, cfg):
-        return {"cross_attention": f"{cls.__name__} gives each cross-attention layer of a UNet its own token, and "
+        return super().requirements(cfg) | {"cross_attention": f"{cls.__name__} gives each cross-attention layer of a UNet its own token, and "
                                    "this family's transformer has joint attention (no separate cross-attention "
                                    "layers); use textual_inversion"}
 
