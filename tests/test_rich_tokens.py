@@ -262,3 +262,25 @@ def test_resume_after_sigkill_gives_bit_identical_deltas(shipped, tmp_path, tech
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resuming from step {killed_at}"
+
+
+def test_xti_groups_are_checked_against_the_unet_config_before_loading(tmp_path):
+    """technique.layers=k needs k <= the UNet's cross-attention layers, counted from unet/config.json as diffusers
+    builds them (the shipped UNet: 7; the tiny SDXL: as many as its loaded attn2 processors)."""
+    from steerexp import ASSETS
+    from steerexp.errors import ConfigError
+    from steerexp.generators import load_generator
+    from steerexp.generators.random_pipelines import make_random_pipeline
+    from steerexp.spec import Facts
+    from steerexp.techniques.xti_spec import cross_attention_count
+    from steerexp.validate import validate
+    from tests.helpers import compose_config
+
+    assert cross_attention_count(Facts(family="sd", folder=ASSETS / "shapes")) == 7
+    sdxl = make_random_pipeline("sdxl", tmp_path / "sdxl", size="tiny")
+    loaded = load_generator(str(sdxl), device="cpu").unet.attn_processors
+    assert cross_attention_count(Facts(family="sdxl", folder=sdxl)) == sum(k.endswith("attn2.processor")
+                                                                         for k in loaded)
+    with pytest.raises(ConfigError, match="technique.layers: asks for 8 groups, and this UNet has 7"):
+        validate(compose_config(["technique=xti", "technique.layers=8"]))
+    validate(compose_config(["technique=xti", "technique.layers=7"]))

@@ -160,8 +160,8 @@ def test_guidance_schedules_and_rescale_by_hand():
 def _ti(gen, mode, name="", **kw):
     from steerexp.techniques.textual_inversion import TextualInversion
 
-    tech = TextualInversion(gen, placeholder=f"<enc-{mode}{name}>", encode_targets=mode, flip=True, steps=2, batch_size=2,
-                            targets={"k": 3, "shape": "star", "seed": 0}, **kw)
+    tech = TextualInversion(gen, placeholder=f"<enc-{mode}{name}>", encode_targets=mode, flip=True, steps=2,
+                            batch_size=2, targets={"k": 3, "shape": "star", "seed": 0}, **kw)
     tech.prepare()
     return tech
 

@@ -130,9 +130,9 @@ class XTI(TextualInversion):
 
     @classmethod
     def requirements(cls, cfg):
-        return super().requirements(cfg) | {"cross_attention": f"{cls.__name__} gives each cross-attention layer of a UNet its own token, and "
-                                   "this family's transformer has joint attention (no separate cross-attention "
-                                   "layers); use textual_inversion"}
+        why = (f"{cls.__name__} gives each cross-attention layer of a UNet its own token, and this family's "
+               "transformer has joint attention (no separate cross-attention layers); use textual_inversion")
+        return super().requirements(cfg) | {"cross_attention": why}
 
     def __init__(self, generator: FrozenGenerator, layers="per_layer", **kwargs):
         check_settings(self.spec, locals() | kwargs)
