@@ -13,7 +13,8 @@ The paper's space-time conditioning space (P*) and its mapper, as built here:
                 t in {0, T/n_a, ..., }, l in {0..n_layers-1} (n_a = time_anchors: A f is a similarity to the anchors),
                 W1, W2 of width `hidden` (128)
     h         <- h[:k] (the rest zeroed), k ~ U{1..hidden}, with probability `nested_dropout` in training only
-                (the paper's nested dropout; here one k per optimizer step, drawn from the step's seed)
+                (the paper's nested dropout; here one k per optimizer step, drawn from the step's seed; k
+                reaches `hidden`, where nothing is dropped, while NeTI's code draws 0..hidden-1)
     M(t, l)   = s * u / ||u||,   u = W_o h + b_o       rescaled to the norm s of the initializer word's embedding
                 (per text encoder: each encoder's slice of the packed token to that encoder's norm)
 
@@ -163,6 +164,9 @@ class NeTI(XTI):
         return lambda t: self.stacked(prompts, self.tables(self.vectors_at(t, keep=keep)))
 
     def edited_cond(self, prompts: list[str]):
+        """The edited conditioning as a callable of the step's model time: the mapper's tokens at t, encoded for every
+        layer group. The text encoder runs on B x G prompts at every sampling step (not cached by t: at SD 1.5
+        per_layer, 16 x B encodings a step)."""
         def cond(t: torch.Tensor, i: int) -> torch.Tensor:
             return self.stacked(prompts, self.tables(self.vectors_at(t.reshape(1), self.strength)[0]).detach())
 

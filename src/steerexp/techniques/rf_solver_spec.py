@@ -13,6 +13,11 @@ Families: sd3, flux and the embedded shapes_flow as in the paper; the variance-p
 the ε form (the half step read at a fractional timestep; value sharing on their self-attention layers), see
 rf_solver.py.
 
+Memory: the source's V of the `share_blocks` layers, at 2 evaluations of each of the first `share_steps` steps, is
+kept on the CPU for every target for the run: layers x 2 x share_steps x tokens x width numbers per image. Negligible
+on the embedded generators; estimated (not measured) at about 0.6 GB per image for SD3-medium at 1024 px and 2.8 GB
+for FLUX with the defaults: at that scale share fewer layers or steps, or edit fewer images per run.
+
 FLUX's distilled guidance: works (RF-Solver needs only velocities): source_guidance and target_guidance are the
 guidance inputs of the inversion and the edit (the authors' FLUX.1-dev setting: 1 and 2); on a FLUX without a
 guidance input (schnell) they are ignored. Value sharing works on FLUX too (FluxAttnProcessor computes V with
