@@ -53,7 +53,8 @@ def _wait_for(path: Path, proc, timeout=240):
     return False
 
 
-@pytest.mark.parametrize("technique", ["textual_inversion", "prompt_delta"])
+@pytest.mark.parametrize("technique", ["textual_inversion", "prompt_delta", pytest.param("xti", marks=pytest.mark.slow),
+                                       pytest.param("neti", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_gives_bit_identical_deltas(shipped, tmp_path, technique):
     steps = 60 if technique == "textual_inversion" else 12
     every = 10 if technique == "textual_inversion" else 3

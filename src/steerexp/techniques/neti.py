@@ -42,14 +42,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from steerexp.generators import FrozenGenerator
 from steerexp.spec import check_settings
 from steerexp.techniques.neti_spec import NeTISpec
-from steerexp.techniques.xti import XTI
+from steerexp.techniques.xti import XTI, read_export
 
 NETI_FORMAT = "steerexp-neti/1"
 
@@ -102,12 +101,7 @@ class NeTIMapper(nn.Module):
 def load_neti(path: str | Path) -> tuple[NeTIMapper, dict]:
     """neti_mapper.safetensors -> (the mapper, in eval mode, its metadata with config and groups parsed from JSON).
     See the module docstring for the layout."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != NETI_FORMAT:
-            raise ValueError(f"{path} is not a NeTI export (metadata format {meta.get('format')!r}, expected "
-                             f"{NETI_FORMAT!r})")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta = read_export(path, NETI_FORMAT, "a NeTI")
     meta["config"], meta["groups"] = json.loads(meta["config"]), json.loads(meta["groups"])
     mapper = NeTIMapper(**meta["config"])
     mapper.load_state_dict(state)

@@ -107,15 +107,21 @@ def rows_per_layer(unet: nn.Module, groups: list[list[str]], rows: int):
         yield
 
 
+def read_export(path: str | Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors export whose metadata `format` is `fmt` (XTI's and NeTI's), else a
+    ValueError naming what the file is not."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("format") != fmt:
+            raise ValueError(f"{path} is not {what} export (metadata format {meta.get('format')!r}, expected "
+                             f"{fmt!r})")
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
 def load_xti(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """xti_embeds.safetensors -> ({layer module name: [num_vectors, token_dim]}, metadata with groups and encoders
     parsed from JSON). See the module docstring for the layout."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("format") != XTI_FORMAT:
-            raise ValueError(f"{path} is not an XTI export (metadata format {meta.get('format')!r}, expected "
-                             f"{XTI_FORMAT!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_export(path, XTI_FORMAT, "an XTI")
     meta["groups"], meta["encoders"] = json.loads(meta["groups"]), json.loads(meta["encoders"])
     meta["num_vectors"] = int(meta["num_vectors"])
     return tensors, meta
