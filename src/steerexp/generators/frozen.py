@@ -382,19 +382,21 @@ class FrozenGenerator:
         """What differs from load time, one line each (empty: unchanged): modules in training mode, parameters
         requiring grad, and every frozen tensor whose proof record (proof_record) differs, with what differs."""
         out = [f"{name} is in training mode" for name, m in self.named_modules if m.training]
-        out += [f"{name}.{key} requires grad" for name, m in self.named_modules
-                for key, p in m.named_parameters() if p.requires_grad]
         now = self.proof_record()
         fields = _PROOF_FIELDS[self.proof]
+        proven = []
         for name in sorted(set(now) | set(self._loaded)):
             before, after = self._loaded.get(name), now.get(name)
             if before is None or after is None:
-                out.append(f"{name} {'appeared' if before is None else 'is gone'}")
+                proven.append(f"{name} {'appeared' if before is None else 'is gone'}")
             elif before != after:
                 what = [f"{f} {b} -> {a}" if f not in ("checksum", "sha256") else f"{f} differs"
                         for f, b, a in zip(fields, before, after) if b != a]
-                out.append(f"{name}: {', '.join(what)}")
-        return out
+                proven.append(f"{name}: {', '.join(what)}")
+        named = {line.split(":")[0] for line in proven}   # a flip the proof reports is not reported twice
+        out += [f"{name}.{key} requires grad" for name, m in self.named_modules
+                for key, p in m.named_parameters() if p.requires_grad and f"{name}.{key}" not in named]
+        return out + proven
 
     def unchanged(self) -> bool:
         """True when every frozen tensor passes the proof (proof_record) against load time and nothing requires
