@@ -197,12 +197,12 @@ def test_hooked_guiders_perturb_the_unet_and_leave_no_hook(gen, name):
     assert (zero - plain).abs().max() < 1e-4     # at perturbation scale 0: CFG (its passes are not batched)
 
 
-@pytest.mark.parametrize("family", ["sdxl"])
-def test_pag_runs_on_the_tiny_pipelines(folders, family):
+@pytest.mark.parametrize("name", ["pag", "slg"])
+def test_hooked_guiders_run_on_the_tiny_sdxl(folders, name):
     """SDXL: the mid block's transformer blocks (SD3 is refused: test_hooked_guider_blocks_are_checked...)."""
-    other = load_generator(str(folders[family]), device="cpu")
+    other = load_generator(str(folders["sdxl"]), device="cpu")
     plain = other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0))
-    guided = other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0, guider=_hooked("pag")))
+    guided = other.generate(PROMPTS[:1], [0], steps=2, guidance=Guidance(scale=4.0, guider=_hooked(name)))
     assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
     assert _hooks_left(other.denoiser) == 0 and other.unchanged()
 
