@@ -221,7 +221,8 @@ def test_report_renders_with_its_plots_in_chromium(sweep, tmp_path):
 def wandb_records(folder: Path, wait_s: float = 20.0):
     """(run record, config {key: value}, history {(key, field...): value}, run dir) of the one offline W&B
     run under folder/wandb, read back from its .wandb file. wandb's service may still be writing it when
-    finish() returns: read it once it ends with the run's exit record."""
+    finish() returns: read it once it ends with the run's exit record (a record caught half-written fails its
+    checksum: read again, until `wait_s`)."""
     import json
     import time
 
@@ -234,12 +235,18 @@ def wandb_records(folder: Path, wait_s: float = 20.0):
     while True:
         store = datastore.DataStore()
         store.open_for_scan(str(files[0]))
-        records = []
-        while (data := store.scan_data()) is not None:
-            records.append(pb.Record())
-            records[-1].ParseFromString(data)
-        store.close()
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+        records, torn = [], False
+        try:
+            while (data := store.scan_data()) is not None:
+                records.append(pb.Record())
+                records[-1].ParseFromString(data)
+        except AssertionError:   # the writer is mid-record (wandb's datastore asserts on the checksum)
+            if time.time() > deadline:
+                raise
+            torn = True
+        finally:
+            store.close()
+        if not torn and (any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline):
             break
         time.sleep(0.2)
     run, config, history = None, {}, {}
