@@ -734,7 +734,7 @@ class FrozenGenerator:
         batch = len(latents) if callable(cond) else cond.shape[0]
         expand = lambda e: e.expand(batch, -1, -1) if e is not None and e.shape[0] != batch else e
         uncond, negative = expand(uncond), expand(negative)
-        at = (lambda t, i: cond(t, i)) if callable(cond) else (lambda t, i: cond)
+        at = cond if callable(cond) else (lambda t, i: cond)
         fn = lambda x, t, i: self.model_output(x, t.to(self.device), at(t, i), uncond, guidance, i, steps, negative)
         with torch.set_grad_enabled(grad):
             return sampling.sample(fn, latents, self.schedule_for(steps, latents), checkpoint, callback)
