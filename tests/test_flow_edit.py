@@ -222,7 +222,7 @@ def test_the_cli_refuses_with_exit_code_2(tmp_path):
 
 @pytest.mark.slow
 def test_both_methods_run_on_a_smoke_built_shapes_flow(tmp_path_factory, tmp_path):
-    """shapes_flow (the SD3-format miniature, built here by the smoke recipe: it is not shipped)."""
+    """shapes_flow (the SD3-format miniature; its smoke recipe, 3 steps, so the test does not depend on the weights)."""
     from hydra import compose, initialize_config_dir
 
     from steerexp import conf_dir

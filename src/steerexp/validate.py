@@ -906,10 +906,10 @@ class SlotTokenizer:
     vocab.json + merges.txt built as transformers' CLIPTokenizer builds them), no padding, no
     truncation; `max_length` as the generator uses it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, overrides: dict | None = None):
         from tokenizers import Tokenizer
 
-        self.folder = folder
+        self.folder, self.overrides = folder, dict(overrides or {})  # overrides: a borrowed tokenizer's (shared.json)
         tj = folder / "tokenizer.json"
         try:
             if tj.is_file():
@@ -927,7 +927,7 @@ class SlotTokenizer:
         tok.no_padding()
         tok.no_truncation()
         self.tok = tok
-        self.max_length = self._max_length(folder)
+        self.max_length = self._max_length(folder, self.overrides)
 
     @staticmethod
     def _from_vocab(folder: Path):
@@ -980,8 +980,8 @@ class SlotTokenizer:
         return tok
 
     @staticmethod
-    def _max_length(folder: Path) -> int:
-        conf = read_json(folder / "tokenizer_config.json", "generator.path", required=False) or {}
+    def _max_length(folder: Path, overrides: dict) -> int:
+        conf = (read_json(folder / "tokenizer_config.json", "generator.path", required=False) or {}) | overrides
         n = conf.get("model_max_length")
         if _is_number(n) and 0 < n < 1_000_000:
             return int(n)
@@ -1013,18 +1013,19 @@ class SlotTokenizer:
         return last, len(enc.ids)
 
 
-def slot_tokenizer(folder: Path, added: tuple[str, ...] = ()) -> SlotTokenizer:
-    """A SlotTokenizer with `added` tokens, cached per folder (a sweep or a test suite loads it once)."""
+def slot_tokenizer(folder: Path, added: tuple[str, ...] = (), max_length: int | None = None) -> SlotTokenizer:
+    """A SlotTokenizer with `added` tokens, cached per folder (a sweep or a test suite loads it once);
+    `max_length`: a borrowed tokenizer's model_max_length (shared.json)."""
     try:
         stamp = max(p.stat().st_mtime_ns for p in folder.iterdir())
     except (OSError, ValueError):
         stamp = 0
-    return _cached_tokenizer(str(folder), stamp, added)
+    return _cached_tokenizer(str(folder), stamp, added, max_length)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_tokenizer(folder: str, stamp: int, added: tuple[str, ...]) -> SlotTokenizer:
-    tok = SlotTokenizer(Path(folder))
+def _cached_tokenizer(folder: str, stamp: int, added: tuple[str, ...], max_length: int | None) -> SlotTokenizer:
+    tok = SlotTokenizer(Path(folder), {"model_max_length": max_length} if max_length else None)
     if added:
         tok.add_tokens(list(added))
     return tok
@@ -1045,7 +1046,8 @@ def _fills(c: dict) -> dict[str, str] | None:
 
 
 def _check_prompt_lengths(c: dict, gen: GeneratorInfo, warnings: list[str]) -> None:
-    folder = gen.tokenizer_folder
+    folder, overrides = gen.tokenizer or (None, {})
+    max_length = overrides.get("model_max_length")
     prompts = get(c, "eval.prompts")
     if folder is None or not isinstance(prompts, list):
         return
@@ -1057,7 +1059,7 @@ def _check_prompt_lengths(c: dict, gen: GeneratorInfo, warnings: list[str]) -> N
     lists = [("eval.prompts", prompts)]
     if kind == "slot":
         learned = fills["the learned token(s)"].split()
-        base = slot_tokenizer(folder)
+        base = slot_tokenizer(folder, max_length=max_length)
         if len(learned) > base.max_length - 2:  # they could never all fit in a prompt (and 10,000 would be added)
             raise ConfigError("technique.num_vectors", f"is {len(learned)}, but a prompt holds at most "
                               f"{base.max_length - 2} tokens besides its start and end",
@@ -1070,11 +1072,11 @@ def _check_prompt_lengths(c: dict, gen: GeneratorInfo, warnings: list[str]) -> N
         if isinstance(init, str) and init and (n := base.n_tokens(init)) != 1:
             raise ConfigError("technique.initializer", f"{init!r} splits into {n} tokens; it must be a single token",
                               "pick a one-token word such as 'object'")
-        tok = slot_tokenizer(folder, tuple(learned))
+        tok = slot_tokenizer(folder, tuple(learned), max_length)
         if isinstance(tech.get("templates"), list):
             lists.append(("technique.templates", tech["templates"]))
     else:
-        tok = slot_tokenizer(folder)
+        tok = slot_tokenizer(folder, max_length=max_length)
     limit = tok.max_length
     for key, plist in lists:
         for i, p in enumerate(plist):

@@ -15,7 +15,7 @@ import importlib
 import json
 from pathlib import Path
 
-from steerexp import ASSETS, built_assets
+from steerexp import ASSETS
 
 _FROM_FROZEN = ("DTYPES", "FrozenGenerator", "GeneratorChangedError", "Guidance", "resolve_device")
 
@@ -30,8 +30,8 @@ def __getattr__(name: str):
 
 
 SHAPES_PATH = ASSETS / "shapes"
-EMBEDDED = ("shapes", "shapes_flow")  # generator.embedded: shapes is shipped, shapes_flow built (embedded_path)
-SHIPPED = ("shapes",)
+EMBEDDED = ("shapes", "shapes_flow")  # generator.embedded: both shipped in the package's assets (embedded_path)
+SHARED_FILE = "shared.json"  # a pipeline folder's components borrowed from a sibling folder (shared_components)
 
 # pipeline class (model_index.json's _class_name) -> (family, "module:class")
 FAMILIES = {
@@ -140,10 +140,38 @@ def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32",
 
 
 def embedded_path(name: str = "shapes") -> Path:
-    """The folder of an embedded generator: assets/<name> if shipped, else where steerexp-pretrain builds it."""
+    """The folder of an embedded generator: assets/<name>."""
     if name not in EMBEDDED:
         raise ValueError(f"generator.embedded must be one of {list(EMBEDDED)}, got {name!r}")
-    return (ASSETS if name in SHIPPED else built_assets()) / name
+    return ASSETS / name
+
+
+def shared_components(folder: str | Path) -> dict[str, tuple[Path, dict]]:
+    """The components a local pipeline folder borrows instead of holding a copy: {name: (folder, overrides)}.
+
+    `shared.json` beside model_index.json maps a component to a sibling folder's copy and the config keys that
+    differ, e.g. shapes_flow's {"vae": {"from": "shapes/vae", "config": {"shift_factor": 0.0}}}: the flow
+    generator decodes with the shapes VAE's weights and tokenizes with its tokenizer files, so the package ships
+    them once (steerexp-pretrain writes the file: pretrain/flow_generator.share_with_sibling). A borrowed folder
+    must lie inside the folder's parent (no "..", no absolute path), so a pipeline folder cannot make the loader
+    read files elsewhere. ValueError names what is wrong."""
+    folder = Path(folder)
+    manifest = folder / SHARED_FILE
+    if not manifest.is_file():
+        return {}
+    entries = json.loads(manifest.read_text())
+    root = folder.parent.resolve()
+    out = {}
+    for name, entry in entries.items():
+        source = str(entry.get("from", "")) if isinstance(entry, dict) else ""
+        target = (root / source).resolve()
+        if not source or Path(source).is_absolute() or ".." in Path(source).parts or root not in target.parents:
+            raise ValueError(f"{manifest}: component {name!r} must borrow a folder beside {folder.name} "
+                             f"(like \"shapes/vae\"), got {source!r}")
+        if not target.is_dir():
+            raise ValueError(f"{manifest}: component {name!r} borrows {target}, which is missing; restore it")
+        out[name] = (target, dict(entry.get("config") or {}))
+    return out
 
 
 def load_generator(path: str | None = None, device: str = "auto", dtype: str = "fp32", embedded: str = "shapes",

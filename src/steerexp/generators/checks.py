@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from steerexp.errors import ConfigError
-from steerexp.generators import EMBEDDED, PROOFS, embedded_path
+from steerexp.generators import EMBEDDED, PROOFS, SHARED_FILE, embedded_path, shared_components
 
 DTYPES = ("fp32", "fp16", "bf16")
 DEFAULT_TRAIN_TIMESTEPS = 1000
@@ -52,8 +52,31 @@ class GeneratorInfo:
                 self.train_timesteps = sched["num_train_timesteps"]
 
     @property
-    def tokenizer_folder(self) -> Path | None:
-        return self.folder / "tokenizer" if self.folder is not None and (self.folder / "tokenizer").is_dir() else None
+    def tokenizer(self) -> tuple[Path, dict] | None:
+        """(the tokenizer's folder, its borrowed config overrides) or None (no local tokenizer folder)."""
+        if self.folder is None:
+            return None
+        folder, overrides = component(self.folder, "tokenizer")
+        return (folder, overrides) if folder.is_dir() else None
+
+
+def component(folder: Path, name: str) -> tuple[Path, dict]:
+    """(the folder of a pipeline folder's component, the config keys it overrides): its own subfolder, or the
+    sibling's copy it borrows (generators.shared_components; an invalid shared.json is check_pipeline_folder's
+    error, so here it falls back to the subfolder)."""
+    try:
+        borrowed = shared_components(folder)
+    except (ValueError, OSError, AttributeError):
+        borrowed = {}
+    return borrowed.get(name, (folder / name, {}))
+
+
+def component_config(folder: Path, name: str, file: str, key: str) -> Any:
+    """A component's config file (config.json, tokenizer_config.json, ...) as the loader reads it: borrowed
+    components with their overrides applied. None when missing."""
+    where, overrides = component(folder, name)
+    conf = read_json(where / file, key, required=False)
+    return conf | overrides if isinstance(conf, dict) else conf
 
 
 def read_json(path: Path, key: str, required: bool = True) -> Any:
@@ -122,9 +145,9 @@ def check_generator(c: dict) -> GeneratorInfo:
             )
     if path is None and not (folder / "model_index.json").is_file():
         stage = {"shapes": "generator", "shapes_flow": "generator_flow"}.get(str(embedded), "generator")
-        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is not built: {folder} is missing",
-                          f"build it with steerexp-pretrain 'stages=[{stage}]' threads=1 (shapes_flow is not shipped: "
-                          "the shipped models stay under 50 MB; it is built into $STEEREXP_BUILT or ~/.cache/steerexp)")
+        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is missing: {folder} has no "
+                          "model_index.json", f"reinstall steerexp, or rebuild it with steerexp-pretrain "
+                          f"'stages=[{stage}]' threads=1")
     if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
         check_pipeline_folder(folder)
     device = gen.get("device", "auto")
@@ -207,10 +230,10 @@ def size_rule(folder: Path, key: str = "generator.path") -> SizeRule | None:
     if name not in generators.FAMILIES:
         return None
     family = generators.FAMILIES[name][0]
-    vae = read_json(folder / "vae" / "config.json", key, required=False)
+    vae = component_config(folder, "vae", "config.json", key)
     blocks = vae.get("block_out_channels") if isinstance(vae, dict) else None
     if not isinstance(blocks, list) or not blocks:
-        raise ConfigError(key, f"{folder / 'vae' / 'config.json'} has no block_out_channels, so the VAE's scale "
+        raise ConfigError(key, f"{component(folder, 'vae')[0] / 'config.json'} has no block_out_channels, so the VAE's scale "
                           "factor (and the sizes generator.height / width may take) is unknown", "restore that file")
     factor = 2 ** (len(blocks) - 1)
     vae_why = f"the VAE's scale factor: its {len(blocks)} levels halve the image {len(blocks) - 1} times"
@@ -384,10 +407,14 @@ def check_pipeline_folder(folder: Path, key: str = "generator.path") -> None:
                           "point generator.path at the folder that holds model_index.json")
     if not isinstance(index, dict):
         raise ConfigError(key, f"{folder / 'model_index.json'} is not a JSON object", "restore that file")
+    try:
+        borrowed = shared_components(folder)
+    except (ValueError, OSError, AttributeError) as err:
+        raise ConfigError(key, f"{folder / SHARED_FILE} is invalid: {err}", "restore that file") from None
     for name, component in index.items():
         if name.startswith("_") or not isinstance(component, list) or len(component) != 2 or component[0] is None:
             continue
-        sub = folder / name
+        sub = borrowed[name][0] if name in borrowed else folder / name
         if not sub.is_dir():
             raise ConfigError(key, f"{sub} is missing (model_index.json lists the component {name!r})",
                               "restore the folder (re-download or re-export the pipeline)")
@@ -504,7 +531,7 @@ def text_encoder_widths(folder: Path) -> dict[str, int] | None:
     for name, component in sorted(index.items()):
         if not re.fullmatch(r"text_encoder(_\d+)?", name) or not isinstance(component, list) or component[:1] == [None]:
             continue
-        conf = read_json(folder / name / "config.json", "generator.path", required=False)
+        conf = component_config(folder, name, "config.json", "generator.path")
         conf = conf.get("text_config", conf) if isinstance(conf, dict) else None
         width = conf.get("hidden_size", conf.get("d_model")) if isinstance(conf, dict) else None
         if not _is_int(width):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -184,11 +185,32 @@ def load_pipeline(cls, path: str | Path, dtype: str = "fp32", **kwargs):
     local = Path(path_str).expanduser()
     try:
         with _no_loading_bars():
+            if local.exists():  # components a local folder borrows from a sibling (shared.json), loaded from there
+                kwargs = {**borrowed_components(local, dtype, skip=set(kwargs)), **kwargs}
             return cls.from_pretrained(str(local) if local.exists() else path_str, **{_DTYPE_KWARG: DTYPES[dtype]},
                                        **kwargs)
     except OSError as err:
         raise FileNotFoundError(f"could not load the generator from {path_str!r} (no local folder, and the hub "
                                 f"is unreachable or has no such model): {err}") from err
+
+
+def borrowed_components(folder: str | Path, dtype: str = "fp32", skip: set | frozenset = frozenset()) -> dict:
+    """The components a local pipeline folder borrows (generators.shared_components), each loaded from the
+    sibling's folder with its class from model_index.json and its config overrides, as from_pretrained kwargs."""
+    from steerexp.generators import pipeline_index, shared_components
+
+    borrowed = shared_components(folder)
+    if not borrowed:
+        return {}
+    index, out = pipeline_index(folder), {}
+    for name, (where, overrides) in borrowed.items():
+        if name in skip:
+            continue
+        module, cls_name = index[name]
+        cls = getattr(importlib.import_module(module), cls_name)
+        is_model = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+        out[name] = cls.from_pretrained(str(where), **overrides, **({_DTYPE_KWARG: DTYPES[dtype]} if is_model else {}))
+    return out
 
 
 @dataclass

@@ -196,4 +196,69 @@ def pretrain_flow_generator(cfg, out: Path, seed: int, vae_dir: Path) -> Path:
                                     text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g,
                                     tokenizer_2=tokenizer_2, text_encoder_3=t5, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(out)
+    share_with_sibling(out)
     return out
+
+
+# the components the flow generator takes unchanged from the shapes generator: its name -> the sibling's folder
+SHARED = {"vae": "vae", "tokenizer": "tokenizer", "tokenizer_2": "tokenizer"}
+IGNORED = ("tokenizer.json",)  # the fast tokenizers' cache of the files below, not read by the CLIPTokenizer loaded
+
+
+def share_with_sibling(folder: Path, sibling: str = "shapes") -> dict:
+    """Replace the copies of the shapes generator's VAE and tokenizer files in `folder` by a shared.json that
+    borrows them from `folder.parent / sibling` (generators.shared_components), with the config keys that differ
+    as overrides (the VAE's shift_factor 0.0, the tokenizers' model_max_length 16). A copy is replaced only when
+    its weight and vocabulary files are byte-identical to the sibling's and it loads equal from there (same
+    config, same weights, same token ids); else it stays. Without the sibling (a build into out=DIR that did not
+    build the generator stage) nothing changes. Returns the shared.json written ({} if none)."""
+    import importlib
+    import json
+    import shutil
+
+    from steerexp.generators import SHARED_FILE, pipeline_index
+    from steerexp.generators.frozen import borrowed_components
+
+    folder = Path(folder)
+    manifest = {}
+    for name, theirs in SHARED.items():
+        own, source = folder / name, folder.parent / sibling / theirs
+        if not own.is_dir() or not source.is_dir():
+            continue
+        configs = [f for f in ("config.json", "tokenizer_config.json") if (own / f).is_file()]
+        data = sorted(p.name for p in own.iterdir() if p.is_file() and p.name not in configs + list(IGNORED))
+        if any(not (source / f).is_file() or (source / f).read_bytes() != (own / f).read_bytes() for f in data):
+            continue
+        overrides = {}
+        for f in configs:
+            mine, base = json.loads((own / f).read_text()), json.loads((source / f).read_text())
+            overrides |= {k: v for k, v in mine.items() if not k.startswith("_") and base.get(k) != v}
+        manifest[name] = {"from": f"{sibling}/{theirs}", "config": overrides}
+    if not manifest:
+        return {}
+    (folder / SHARED_FILE).write_text(json.dumps(manifest, indent=1))
+    library = {name: pipeline_index(folder)[name] for name in manifest}
+    borrowed = borrowed_components(folder, "fp32")
+    for name in list(manifest):
+        cls = getattr(importlib.import_module(library[name][0]), library[name][1])
+        if _same_component(cls.from_pretrained(str(folder / name)), borrowed[name]):
+            shutil.rmtree(folder / name)
+        else:
+            del manifest[name]
+    if manifest:
+        (folder / SHARED_FILE).write_text(json.dumps(manifest, indent=1))
+    else:
+        (folder / SHARED_FILE).unlink()
+    return manifest
+
+
+def _same_component(a, b) -> bool:
+    """Two loads of a component are the same: a model's config (but where it was read) and every weight; a
+    tokenizer's vocabulary, length and ids for the world's captions."""
+    if isinstance(a, torch.nn.Module):
+        config = lambda m: {k: v for k, v in dict(m.config).items() if k != "_name_or_path"}
+        sa, sb = a.state_dict(), b.state_dict()
+        return config(a) == config(b) and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    probe = ["a small red star on the left", "", "a photo of a zebra and a blue circle"]
+    ids = lambda t: t(probe, padding="max_length", max_length=t.model_max_length, truncation=True).input_ids
+    return a.get_vocab() == b.get_vocab() and a.model_max_length == b.model_max_length and ids(a) == ids(b)
