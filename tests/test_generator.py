@@ -173,3 +173,44 @@ def test_pretraining_one_stage_keeps_the_others_recipe(tmp_path):
     assert recipe["config"]["classifier_robust"] == {"steps": 800}  # not this run's smoke section
     assert recipe["config"]["classifier"]["steps"] == 3
     assert set(recipe["seconds"]) == {"classifier", "classifier_robust"}
+
+
+def test_the_generator_stage_saves_its_early_unet_as_the_weak_model(smoke_assets, tmp_path):
+    """generator_weak.fraction of the UNet's steps: its EMA weights in fp16, beside the generator, borrowing the
+    rest from it (shared.json); `stages=[generator_weak]` runs the same seeded recipe only that far and writes the
+    same weak UNet bit for bit; it refuses a generator folder whose VAE is not the one it trains."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+
+    from steerexp import ASSETS, conf_dir
+    from steerexp.generators import load_generator, shared_components
+    from steerexp.pretrain.cli import run
+
+    weak = smoke_assets / "shapes_weak"
+    assert set(shared_components(weak)) == {"text_encoder", "tokenizer", "vae", "scheduler"}
+    assert sorted(p.name for p in weak.iterdir()) == ["model_index.json", "shared.json", "unet"]
+    tensors = load_file(weak / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    final = load_file(smoke_assets / "shapes" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert tensors.keys() == final.keys() and any(not torch.equal(tensors[k], final[k].half()) for k in final)
+    g = load_generator(str(weak), device="cpu")
+    assert g.generate(["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
+
+    out = tmp_path / "rebuild"
+    shutil.copytree(smoke_assets / "shapes", out / "shapes")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={out}", "stages=[generator_weak]"])
+    run(cfg)
+    again = load_file(out / "shapes_weak" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert (out / "shapes_weak" / "shared.json").read_bytes() == (weak / "shared.json").read_bytes()
+
+    other = tmp_path / "other"
+    shutil.copytree(ASSETS / "shapes", other / "shapes")   # the shipped generator: not this smoke recipe's VAE
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={other}", "stages=[generator_weak]"])
+    with pytest.raises(RuntimeError, match="VAE differs"):
+        run(cfg)
+    assert not (other / "shapes_weak").exists()

@@ -2,7 +2,8 @@
 transformer trained by `steerexp-pretrain 'stages=[generator_flow]'` on the shapes world.
 
 It is shipped in the package's assets (29 MB of its own: it borrows the shapes generator's VAE and tokenizer
-files through shared.json), and the tests also build it with the smoke stage (the recipe, 3 steps). The folder loads with diffusers' own
+files through shared.json), and the tests also build it with the smoke stage (the recipe, 3 steps). The folder
+loads with diffusers' own
 StableDiffusion3Pipeline and samples as steerexp's SD3Generator does; training builds the conditioning exactly
 as both of them do; a technique runs on it with the fingerprint unchanged.
 """
@@ -231,8 +232,8 @@ def test_shipped_recipe_is_the_recipe_in_conf():
     del conf["hydra"]
     conf = OmegaConf.to_container(conf, resolve=True)
     shipped = json.loads((ASSETS / "recipe.json").read_text())["config"]
-    sections = ("world", "vae", "text_encoder", "unet", "generator_flow", "classifier", "classifier_robust",
-                "classifier_noisy", "clip")
+    sections = ("world", "vae", "text_encoder", "unet", "generator_weak", "generator_flow", "classifier",
+                "classifier_robust", "classifier_noisy", "clip")
     assert {k: shipped[k] for k in sections} == {k: conf[k] for k in sections}
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar, Optional
 from steerexp.errors import ConfigError
 from steerexp.spec import Facts, Spec, register
 
-SUPPORTED = ("cfg", "apg", "cfg_zero_star", "tcfg", "pag", "slg")
+SUPPORTED = ("cfg", "apg", "cfg_zero_star", "tcfg", "pag", "slg", "autoguidance")
 TESTED_WITH = (0, 42)   # the diffusers release whose guiders steerexp tests (older ones lack or differ in them)
 
 
@@ -214,6 +214,59 @@ class SLGSpec(GuiderSpec):
         check_blocks(f"{key}.skip_layer_config.indices", self.skip_layer_config["indices"], facts)
 
 
+@register("guider", "autoguidance")
+@dataclass
+class AutoGuidanceSpec(GuiderSpec):
+    """Autoguidance (Karras et al., NeurIPS 2024): guided away from a weaker model of the same family, both
+    conditional: weak + w (cond - weak), on the steps in [start, stop). diffusers' AutoGuidance does the
+    combining; the weak model's pass is steerexp's (guiders.autoguidance says why). `weak_model`: "embedded" (the
+    embedded shapes generator's early UNet, shipped: assets/shapes_weak, built by steerexp-pretrain's
+    generator_weak stage at 10 % of the UNet's steps) or a local pipeline folder of the generator's class whose
+    denoiser takes the same latents and conditioning."""
+    _target_: str = "steerexp.guiders.autoguidance"
+    weak_model: str = "embedded"
+
+    def check_generator(self, key: str, facts: Facts) -> None:
+        super().check_generator(key, facts)
+        from pathlib import Path
+
+        from steerexp import ASSETS
+        from steerexp.generators.checks import check_pipeline_folder, component_config, read_json
+
+        wkey = f"{key}.weak_model"
+        if self.weak_model == "embedded":
+            if facts.embedded != "shapes":
+                raise ConfigError(wkey, f"embedded: the shipped weak model is the embedded shapes generator's early "
+                                  f"UNet, and this generator is {facts.embedded or facts.family!r} (no early "
+                                  "checkpoint of it is shipped)", f"set {wkey}=<a weaker pipeline folder of the "
+                                  "same family>, or use generator=shapes")
+            folder = ASSETS / "shapes_weak"
+        else:
+            folder = Path(str(self.weak_model)).expanduser()
+            if not (folder / "model_index.json").is_file():
+                raise ConfigError(wkey, f"{folder} is not a local pipeline folder (no model_index.json)",
+                                  f"set {wkey} to a folder that steerexp-pretrain or save_pretrained wrote")
+        check_pipeline_folder(folder, wkey)
+        if facts.folder is None:
+            return
+        ours = read_json(facts.folder / "model_index.json", "generator.path", required=False) or {}
+        theirs = read_json(folder / "model_index.json", wkey, required=False) or {}
+        if ours.get("_class_name") != theirs.get("_class_name"):
+            raise ConfigError(wkey, f"is a {theirs.get('_class_name')} and the generator a {ours.get('_class_name')}:"
+                              " the weak model must be of the generator's family", f"set {wkey} to a weaker "
+                              f"{ours.get('_class_name')} folder")
+        name = "transformer" if "transformer" in ours else "unet"
+        keys = ("in_channels", "out_channels", "cross_attention_dim", "joint_attention_dim", "sample_size",
+                "patch_size", "pooled_projection_dim")
+        a = component_config(facts.folder, name, "config.json", "generator.path") or {}
+        b = component_config(folder, name, "config.json", wkey) or {}
+        differ = [k for k in keys if a.get(k) != b.get(k)]
+        if differ:
+            raise ConfigError(wkey, f"its {name} differs from the generator's in {differ[0]} ({b.get(differ[0])} "
+                              f"against {a.get(differ[0])}): it must take the same latents and conditioning",
+                              f"set {wkey} to a weaker model trained on the generator's latents and text encoder")
+
+
 def check_indices(key: str, layers) -> None:
     """A non-empty list of block indices >= 0."""
     if (not isinstance(layers, (list, tuple)) or not layers
@@ -269,14 +322,6 @@ class SEGSpec(RefusedGuiderSpec):
                           "never put on and the guidance would silently be CFG at a larger scale")
 
 
-@register("guider", "autoguidance")
-@dataclass
-class AutoGuidanceSpec(RefusedGuiderSpec):
-    diffusers_class: ClassVar[str] = "AutoGuidance"
-    why: ClassVar[str] = ("it needs a weaker model of the same family (diffusers' version stands in for it by "
-                          "skipping denoiser layers), and neither a weak checkpoint nor the layer hooks exist here yet")
-
-
 @register("guider", "fdg")
 @dataclass
 class FDGSpec(RefusedGuiderSpec):
@@ -287,7 +332,8 @@ class FDGSpec(RefusedGuiderSpec):
 
 FLOW_EDITORS = ("steerexp.techniques.flow_edit.FlowEdit", "steerexp.techniques.rf_inversion.RFInversion",
                 "steerexp.techniques.rf_solver.RFSolver")
-HOOKED_TARGETS = ("diffusers.guiders.PerturbedAttentionGuidance", "diffusers.guiders.SkipLayerGuidance")
+HOOKED_TARGETS = ("diffusers.guiders.PerturbedAttentionGuidance", "diffusers.guiders.SkipLayerGuidance",
+                  "steerexp.guiders.autoguidance")   # passes of their own: hooked blocks, or the weak model
 
 
 def check_with_technique(guider, technique, evaluators=None) -> None:
@@ -315,7 +361,7 @@ def check_with_technique(guider, technique, evaluators=None) -> None:
         if batched is None and any("+p2p" in m for m in methods):
             batched = ("evaluator methods", "+p2p")
         if batched is not None:
-            raise ConfigError("guider", f"{name} makes passes of its own through hooked blocks, and "
+            raise ConfigError("guider", f"{name} makes passes of its own (hooked blocks, or a weak model), and "
                               f"{batched[1]} ({batched[0]}) runs the guided branches itself in one batch",
                               "use a guider that only combines predictions (cfg, apg, cfg_zero_star, tcfg), or "
                               "no guider")

@@ -31,10 +31,14 @@ def refused(*_args, **_kwargs):
 
 
 def with_scale(guider, scale: float):
-    """The guider at this guidance scale: itself when it has it already, else diffusers' `new(guidance_scale=...)`."""
+    """The guider at this guidance scale: itself when it has it already, else diffusers' `new(guidance_scale=...)`
+    (with autoguidance's weak model, which diffusers' config does not hold)."""
     if float(guider.guidance_scale) == float(scale):
         return guider
-    return guider.new(guidance_scale=float(scale))
+    new = guider.new(guidance_scale=float(scale))
+    if hasattr(guider, "weak_model"):
+        new.weak_model = guider.weak_model
+    return new
 
 
 def _state(guider, i: int, steps: int, t) -> None:
@@ -80,15 +84,19 @@ HOOKED = ("PerturbedAttentionGuidance", "SkipLayerGuidance")
 
 def model_output(guider, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
                  cond: torch.Tensor, uncond: torch.Tensor | None, i: int, steps: int, t=None,
-                 denoiser: torch.nn.Module | None = None, blocks: str | None = None) -> torch.Tensor:
+                 denoiser: torch.nn.Module | None = None, blocks: str | None = None,
+                 denoise_by: Callable | None = None) -> torch.Tensor:
     """One guided step as FrozenGenerator.model_output runs it: `denoise(x, cond)` is one forward pass; cond and
     uncond go in one batch (as the project's CFG does) when the guider wants both at this step, else cond alone.
     A hooked guider (PAG) runs its passes one by one (`hooked_output`) on `denoiser`, whose stack of transformer
-    blocks `blocks` names (FrozenGenerator.attention_blocks)."""
+    blocks `blocks` names (FrozenGenerator.attention_blocks). Autoguidance's second pass is the weak model's
+    (`weak_output`): `denoise_by(module, x, cond)` is the generator's forward pass with another denoiser."""
+    if type(guider).__name__ == WEAK and hasattr(guider, "weak_model"):   # steerexp's autoguidance (a weak model)
+        return weak_output(guider, denoise, denoise_by, x, cond, i, steps, t, denoiser)
     hooked = type(guider).__name__ in HOOKED
     if not combines_pair(guider) and not hooked:
         raise ValueError(f"guider: {type(guider).__name__} needs passes of its own through a hooked denoiser, which "
-                         "the sampler does not run; choose cfg, apg, cfg_zero_star, tcfg, pag or slg "
+                         "the sampler does not run; choose cfg, apg, cfg_zero_star, tcfg, pag, slg or autoguidance "
                          "(steerexp/guider_spec.py)")
     if uncond is None:  # no unconditional branch given (guidance off): the conditional output, as the project's CFG
         return denoise(x, cond)
@@ -145,3 +153,71 @@ def hooked_output(guider, denoise, x: torch.Tensor, cond: torch.Tensor, uncond: 
                 registry.remove_hook(name, recurse=True)
     return guider(batches).pred
 
+
+
+# ---------------------------------------------------------------------------- autoguidance: a weak model's pass
+WEAK = "AutoGuidance"
+_WEAK_MODELS: dict = {}   # (folder, device, dtype) -> the weak denoiser, loaded once per process
+
+
+def autoguidance(weak_model: str = "embedded", guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0):
+    """diffusers' AutoGuidance guider (Karras et al., NeurIPS 2024, "Guiding a diffusion model with a bad version
+    of itself") with a real weak model, as the paper guides: D = D_weak + w (D - D_weak), both conditional.
+
+    diffusers 0.42's AutoGuidance stands in for the weak model by skipping or dropping out layers of the same
+    denoiser (its auto_guidance_config hooks, on the unconditional inputs). Here it is built with no hooks, and
+    its second prediction is the weak model's conditional one (`weak_output`); its `forward` (the combination),
+    its step window (start / stop) and rescale are diffusers'. The weak model: "embedded" (the embedded shapes
+    generator's early UNet, assets/shapes_weak: steerexp-pretrain's generator_weak) or a pipeline folder of the
+    generator's family. It is guided with the generator's own conditioning (its final text encoder), so every
+    technique's edited conditioning (a learned token, a prompt delta) reaches both passes."""
+    from diffusers.guiders import AutoGuidance
+
+    guider = AutoGuidance(guidance_scale=guidance_scale, auto_guidance_config=[], guidance_rescale=guidance_rescale,
+                          use_original_formulation=use_original_formulation, start=start, stop=stop)
+    guider.weak_model = weak_folder(weak_model)
+    return guider
+
+
+def weak_folder(weak_model: str):
+    """The pipeline folder of a weak model setting ("embedded": the shipped shapes_weak)."""
+    from pathlib import Path
+
+    from steerexp import ASSETS
+
+    return ASSETS / "shapes_weak" if weak_model == "embedded" else Path(str(weak_model)).expanduser()
+
+
+def weak_denoiser(folder, like: torch.nn.Module) -> torch.nn.Module:
+    """The weak model's denoiser (the folder's unet or transformer, safetensors only), on `like`'s device and in its
+    dtype, frozen; loaded once per process."""
+    import importlib
+    import json
+
+    p = next(like.parameters())
+    key = (str(folder), str(p.device), str(p.dtype))
+    if key not in _WEAK_MODELS:
+        index = json.loads((folder / "model_index.json").read_text())
+        name = "transformer" if "transformer" in index else "unet"
+        module, cls_name = index[name]
+        cls = getattr(importlib.import_module(module), cls_name)
+        model = cls.from_pretrained(str(folder / name), torch_dtype=p.dtype, use_safetensors=True)
+        _WEAK_MODELS[key] = model.to(p.device).eval().requires_grad_(False)
+    return _WEAK_MODELS[key]
+
+
+def weak_output(guider, denoise, denoise_by, x: torch.Tensor, cond: torch.Tensor, i: int, steps: int, t,
+                denoiser: torch.nn.Module | None) -> torch.Tensor:
+    """A step of autoguidance: the generator's conditional prediction and the weak model's, combined by diffusers'
+    AutoGuidance (`forward`: weak + w (cond - weak)). Outside its window, or at scale 1, the guider asks for one
+    prediction and the weak model is not run. The unconditional branch is never used."""
+    if denoise_by is None or denoiser is None:
+        raise ValueError("guider: autoguidance needs the generator's forward pass with another denoiser, which this "
+                         "caller does not give")
+    _state(guider, i, steps, t)
+    out_cond = denoise(x, cond)
+    if guider.num_conditions == 1:
+        return guider(guider.prepare_inputs({"noise_pred": (out_cond,)})).pred
+    out_weak = denoise_by(weak_denoiser(guider.weak_model, denoiser), x, cond)
+    return guider(guider.prepare_inputs({"noise_pred": (out_cond, out_weak)})).pred

@@ -97,7 +97,8 @@ def facts_of(c: dict, gen: "GeneratorInfo") -> spec.Facts:
 
         name = index.get("_class_name") if isinstance(index, dict) else None
         family = generators.FAMILIES.get(name, (None,))[0]
-    embedded = get(c, "generator.embedded", None) if get(c, "generator.path", None) is None else None
+    # no path: an embedded generator (load_generator's default is shapes, which conf/generator/shapes.yaml keeps)
+    embedded = (get(c, "generator.embedded", None) or "shapes") if get(c, "generator.path", None) is None else None
     return spec.Facts(family=family, folder=gen.folder, embedded=embedded, num_train_timesteps=gen.train_timesteps)
 
 

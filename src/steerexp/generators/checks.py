@@ -233,7 +233,8 @@ def size_rule(folder: Path, key: str = "generator.path") -> SizeRule | None:
     vae = component_config(folder, "vae", "config.json", key)
     blocks = vae.get("block_out_channels") if isinstance(vae, dict) else None
     if not isinstance(blocks, list) or not blocks:
-        raise ConfigError(key, f"{component(folder, 'vae')[0] / 'config.json'} has no block_out_channels, so the VAE's scale "
+        where = component(folder, "vae")[0] / "config.json"
+        raise ConfigError(key, f"{where} has no block_out_channels, so the VAE's scale "
                           "factor (and the sizes generator.height / width may take) is unknown", "restore that file")
     factor = 2 ** (len(blocks) - 1)
     vae_why = f"the VAE's scale factor: its {len(blocks)} levels halve the image {len(blocks) - 1} times"

@@ -697,6 +697,16 @@ class FrozenGenerator:
         guidance_scale is read only by distilled-guidance families)."""
         raise NotImplementedError
 
+    def denoise_by(self, module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """`denoise` with another denoiser of the same architecture in place of the generator's (autoguidance's weak
+        model, guiders.weak_output), the generator's own put back whatever happens."""
+        own = self.denoiser
+        self.denoiser = module
+        try:
+            return self.denoise(x, t, cond)
+        finally:
+            self.denoiser = own
+
     def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> sampling.Schedule:
         raise NotImplementedError
 
@@ -737,7 +747,8 @@ class FrozenGenerator:
             return self.denoise(x, t, cond, guidance.scale_at(i, steps))
         if guidance.guider is not None:  # diffusers' guider combines the branches (steerexp/guiders.py)
             return guiders.model_output(guidance.guider, lambda xs, cs: self.denoise(xs, t, cs), x, cond, uncond,
-                                        i, steps, t, self.denoiser, self.attention_blocks)
+                                        i, steps, t, self.denoiser, self.attention_blocks,
+                                        lambda module, xs, cs: self.denoise_by(module, xs, t, cs))
         if uncond is None or (guidance.scale == 1.0 and negative is None):  # w = 1 under every schedule
             return self.denoise(x, t, cond)
         branches = [cond, uncond] + ([negative] if negative is not None else [])

@@ -21,7 +21,8 @@ from steerexp.safety import loggable_config
 from steerexp.pretrain import flow_generator, noisy, robust, scorers
 from steerexp.pretrain.generator import pretrain_generator
 
-STAGES = ("generator", "generator_flow", "classifier", "clip", "classifier_robust", "classifier_noisy")
+STAGES = ("generator", "generator_weak", "generator_flow", "classifier", "clip", "classifier_robust",
+          "classifier_noisy")
 
 
 def run(cfg: DictConfig) -> Path:
@@ -41,7 +42,8 @@ def run(cfg: DictConfig) -> Path:
         return pool
 
     stage_fns = {  # in STAGES order: generator_flow reuses the generator stage's VAE (else the shipped one)
-        "generator": lambda: pretrain_generator(cfg, out / "shapes", cfg.seed),
+        "generator": lambda: pretrain_generator(cfg, out / "shapes", cfg.seed),   # and shapes_weak beside it
+        "generator_weak": lambda: pretrain_generator(cfg, out / "shapes", cfg.seed, weak_only=True),
         "generator_flow": lambda: flow_generator.pretrain_flow_generator(cfg, out / "shapes_flow", cfg.seed,
                                                                          flow_generator.vae_folder(out)),
         "classifier": lambda: scorers.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, eyes()),

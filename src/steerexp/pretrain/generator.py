@@ -7,6 +7,7 @@ StableDiffusionPipeline folder with a DDIM scheduler and no safety checker.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,11 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, protected_ids, empty_ids, cfg, gen):
-    """Joint denoising training of the UNet and text encoder; returns EMA copies of both."""
+def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, protected_ids, empty_ids, cfg, gen,
+               early_step: int | None = None, on_early=None):
+    """Joint denoising training of the UNet and text encoder; returns EMA copies of both. After step `early_step`
+    (1-based) `on_early(unet_ema)` gets the UNet's EMA weights then ({name: tensor}); when it returns True, training
+    stops there (the weak-only build) and None is returned."""
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                 beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -125,6 +129,10 @@ def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, prot
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
         progress(step, loss_value)
+        if on_early is not None and step + 1 == early_step:
+            names = [n for n, _ in unet.named_parameters()]
+            if on_early(dict(zip(names, ema[: len(names)]))):
+                return None
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
@@ -132,12 +140,57 @@ def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, prot
     return noise_sched
 
 
-def pretrain_generator(cfg, out: Path, seed: int) -> Path:
-    """Train and save the embedded generator as a StableDiffusionPipeline folder."""
+WEAK_SHARED = ("text_encoder", "tokenizer", "vae", "scheduler")  # what the weak folder borrows from the generator's
+
+
+def early_step(cfg) -> int | None:
+    """The UNet step after which the weak model is saved (generator_weak.fraction of unet.steps, at least 1)."""
+    weak = cfg.get("generator_weak")
+    fraction = weak.get("fraction") if weak is not None else None
+    return None if not fraction else max(1, round(float(fraction) * int(cfg.unet.steps)))
+
+
+def save_weak(unet: UNet2DConditionModel, weights: dict, out: Path, sibling: str) -> Path:
+    """The weak model for autoguidance (guider=autoguidance): the UNet's EMA weights at the early step, stored in
+    fp16, in a StableDiffusionPipeline folder whose other components are borrowed from the sibling folder
+    `sibling` (shared.json: the generator's final text encoder, tokenizer, VAE and scheduler). The weak UNet is
+    guided with the same conditioning as the generator's (guiders.py says why)."""
+    weak = UNet2DConditionModel.from_config(unet.config)
+    missing, unexpected = weak.load_state_dict({k: v.detach().clone() for k, v in weights.items()}, strict=False)
+    if unexpected or any(k in dict(weak.named_parameters()) for k in missing):
+        raise RuntimeError(f"weak UNet: missing {missing}, unexpected {unexpected}")
+    import diffusers
+    from safetensors.torch import save_file
+
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    weak.save_config(out / "unet")
+    save_file({k: v.to(torch.float16).contiguous() for k, v in weak.state_dict().items()},
+              out / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+             "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    (out / "shared.json").write_text(json.dumps({name: {"from": f"{sibling}/{name}", "config": {}}
+                                                 for name in WEAK_SHARED}, indent=1))
+    print(f"[generator_weak] the UNet's EMA weights saved (fp16) -> {out}", flush=True)
+    return out
+
+
+def pretrain_generator(cfg, out: Path, seed: int, weak_only: bool = False) -> Path:
+    """Train and save the embedded generator as a StableDiffusionPipeline folder, and (generator_weak.fraction)
+    its early UNet beside it as `<out>_weak` (save_weak). weak_only: the same seeded run, stopped after the early
+    step, writing only the weak folder (the generator's folder `out` is read, not written: its VAE must be the one
+    this run trains, so that the weak UNet shares the generator's latent space; checked bit for bit)."""
+    import tempfile
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     wc = cfg.world
-    tok_dir = write_clip_tokenizer_files(out / "tokenizer", cfg.text_encoder.max_length)
+    weak_out = out.parent / f"{out.name}_weak"
+    tok_root = Path(tempfile.mkdtemp()) if weak_only else out
+    tok_dir = write_clip_tokenizer_files(tok_root / "tokenizer", cfg.text_encoder.max_length)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     unknown = unknown_word_pool(tokenizer, wc.unknown_words, seed) if wc.unknown_word_rate > 0 else ()
     images, captions, protected, protected_captions = training_data(wc, seed, unknown)
@@ -156,10 +209,30 @@ def pretrain_generator(cfg, out: Path, seed: int) -> Path:
     protected_ids = tokenize(tokenizer, protected_captions)
     empty_ids = tokenize(tokenizer, [""])[0]
 
+    if weak_only:
+        theirs = AutoencoderKL.from_pretrained(out / "vae")
+        public = lambda conf: json.loads(json.dumps({k: v for k, v in dict(conf).items() if not k.startswith("_")}))
+        same = public(theirs.config) == public(vae.config) and all(
+            torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), vae.state_dict().values()))
+        if not same:
+            gap = max(((a.float() - b.float()).abs().max().item() for a, b in
+                       zip(theirs.state_dict().values(), vae.state_dict().values())), default=float("nan"))
+            raise RuntimeError(f"generator_weak: this run's VAE differs from {out / 'vae'} (largest weight "
+                               f"difference {gap:.3g}), so its early UNet would "
+                               "not share that generator's latent space; rebuild both with stages=[generator] "
+                               "(the same seed and threads as the generator's build)")
+        print(f"[generator_weak] this run's VAE equals {out / 'vae'} bit for bit", flush=True)
+
     text_encoder = build_text_encoder(cfg.text_encoder, tokenizer)
     unet = build_unet(cfg.unet, vae.config.latent_channels, latents.shape[-1], cfg.text_encoder.hidden_size)
+    at = early_step(cfg)
+    on_early = (lambda weights: save_weak(unet, weights, weak_out, out.name) is not None and weak_only) if at else None
+    if weak_only and at is None:
+        raise ValueError("generator_weak.fraction is null: set it (e.g. 0.1) to build the weak model")
     noise_sched = train_unet(unet, text_encoder, latents, caption_ids, protected_latents, protected_ids,
-                             empty_ids, cfg.unet, gen)
+                             empty_ids, cfg.unet, gen, at, on_early)
+    if weak_only:
+        return weak_out
 
     scheduler = DDIMScheduler.from_config(noise_sched.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
