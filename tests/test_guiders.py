@@ -371,10 +371,33 @@ def test_a_run_with_autoguidance_goes_end_to_end(tmp_path, weak_folder, weak):
 
 
 def test_autoguidance_weak_models_are_checked_before_loading(folders, weak_folder, tmp_path):
-    flow = _refusal(["generator=shapes_flow", "guider=autoguidance"])
-    assert flow.startswith("guider.weak_model: embedded") and "no early checkpoint" in flow
+    sd3 = ["generator=sd", f"generator.path={folders['sd3']}", "generator.device=cpu", "generator.dtype=fp32"]
+    loaded = _refusal(sd3 + ["guider=autoguidance"])
+    assert loaded.startswith("guider.weak_model: embedded") and "sd3 folder (no early checkpoint" in loaded
     assert "not a local pipeline folder" in _refusal(["guider=autoguidance", f"guider.weak_model={tmp_path}"])
     assert "is a StableDiffusionXLPipeline and the generator a StableDiffusionPipeline" in _refusal(
         ["guider=autoguidance", f"guider.weak_model={folders['sdxl']}"])
     assert "null-text inversion's optimisation" in _refusal(
         ["technique=null_text_inversion", "guider=autoguidance", f"guider.weak_model={weak_folder}"])
+    for technique in ("xti", "neti"):   # per-layer processors on the generator's UNet only
+        assert "per-layer attention processors" in _refusal([f"technique={technique}", "guider=autoguidance"])
+
+
+def test_a_weak_model_of_another_family_is_refused_at_load(gen, folders):
+    from steerexp.guiders import weak_denoiser
+
+    with pytest.raises(ValueError, match="is a SD3Transformer2DModel and the generator's denoiser a UNet2DCondition"):
+        weak_denoiser(folders["sd3"], gen.unet)
+
+
+def test_the_weak_model_fraction_is_checked():
+    from omegaconf import OmegaConf
+
+    from steerexp.pretrain.weak import early_step
+
+    assert early_step(OmegaConf.create({"generator_weak": {"fraction": 0.1}}), 9000) == 900
+    assert early_step(OmegaConf.create({"generator_weak": {"fraction": 0.1}}), 3) == 1
+    assert early_step(OmegaConf.create({"generator_weak": {"fraction": None}}), 3) is None
+    for bad in (0, 1.5, -0.1, "x"):
+        with pytest.raises(ValueError, match="must be in"):
+            early_step(OmegaConf.create({"generator_weak": {"fraction": bad}}), 100)

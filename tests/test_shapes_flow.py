@@ -221,6 +221,34 @@ def test_shared_json_cannot_reach_outside_the_folders_parent(beside_shapes):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("entry,words", [
+    ({"from": "/etc"}, "must borrow a folder beside"),
+    ({"from": "shapes/vae", "config": {"subfolder": "../../../anywhere"}}, "overrides 'subfolder', which is not a key"),
+    ({"from": "shapes/vae", "config": {"use_safetensors": False}}, "overrides 'use_safetensors'"),
+    ({"from": "shapes/vae", "config": 3}, "not a mapping of config keys"),
+])
+def test_shared_json_sets_only_config_keys_of_a_sibling_folder(beside_shapes, entry, words):
+    """An override is a key of the borrowed component's own config, never a loader argument (a subfolder that
+    would leave the parent, pickle weights): one line, before loading."""
+    folder = beside_shapes / "shapes_flow"
+    (folder / "shared.json").write_text(json.dumps({"vae": entry}))
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(["generator=sd", f"generator.path={folder}", "generator.device=cpu"]))
+    assert info.value.key == "generator.path" and words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_component_class_comes_from_diffusers_or_transformers_only(beside_shapes):
+    from steerexp.generators.frozen import borrowed_components
+
+    folder = beside_shapes / "shapes_flow"
+    (folder / "shared.json").write_text(json.dumps({"vae": {"from": "shapes/vae", "config": {"shift_factor": 0.0}}}))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = ["os", "system"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="must name a class of diffusers or transformers"):
+        borrowed_components(folder)
+
+
 def test_shipped_recipe_is_the_recipe_in_conf():
     """assets/recipe.json, written by the steerexp-pretrain runs that built the shipped assets, holds the same
     section for every stage as conf/pretrain.yaml: no asset was built by a recipe the repository no longer has."""
@@ -251,3 +279,54 @@ def test_every_technique_runs_a_tiny_version_on_shapes_flow(built, tmp_path, tec
                                 base=base)
     assert metrics["generator/unchanged"] is True
     assert (run_dir / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------------------- autoguidance's weak flow model
+def test_the_flow_stage_saves_its_early_transformer_as_the_weak_model(built, tmp_path):
+    """generator_weak.fraction of generator_flow.steps: the transformer's EMA weights in fp16 beside the flow
+    generator, borrowing the rest from it; `stages=[generator_flow_weak]` reruns the seeded recipe that far and
+    writes the same weights; autoguidance samples with it on the flow family (the generator's transformer back in
+    place, unchanged)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from steerexp.generators import shared_components
+    from steerexp.guiders import autoguidance
+    from steerexp.pretrain.cli import run as pretrain_run
+
+    weak = built / "shapes_flow_weak"
+    assert sorted(p.name for p in weak.iterdir()) == ["model_index.json", "shared.json", "transformer"]
+    assert {k: v[0] for k, v in shared_components(weak).items()} == {
+        name: built / "shapes_flow" / name for name in ("scheduler", "text_encoder", "text_encoder_2",
+                                                        "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
+                                                        "vae")}
+    tensors = load_file(weak / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+
+    out = tmp_path / "rebuild"
+    shutil.copytree(built / "shapes_flow", out / "shapes_flow")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={out}", "stages=[generator_flow_weak]"])
+    pretrain_run(cfg)
+    again = load_file(out / "shapes_flow_weak" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+    gen = load_generator(str(built / "shapes_flow"), device="cpu")
+    plain = gen.generate(PROMPTS[:2], [0, 1], steps=2, guidance=Guidance(scale=1.0))
+    guided = gen.generate(PROMPTS[:2], [0, 1], steps=2, guidance=Guidance(scale=3.0, guider=autoguidance(str(weak))))
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
+    assert gen.denoiser is gen.transformer and gen.unchanged()
+
+
+def test_the_shipped_flow_weak_model_borrows_through_shapes_flow():
+    """assets/shapes_flow_weak borrows shapes_flow's components; those shapes_flow borrows from shapes (the VAE,
+    the CLIP tokenizers) are followed there, with shapes_flow's overrides."""
+    from steerexp import ASSETS
+    from steerexp.generators import shared_components
+
+    borrowed = shared_components(ASSETS / "shapes_flow_weak")
+    assert borrowed["vae"] == (ASSETS / "shapes" / "vae", {"shift_factor": 0.0})
+    assert borrowed["tokenizer_2"] == (ASSETS / "shapes" / "tokenizer", {"model_max_length": CLIP_LENGTH})
+    assert borrowed["text_encoder_3"] == (ASSETS / "shapes_flow" / "text_encoder_3", {})
+    validate(compose_config(["generator=shapes_flow", "guider=autoguidance"]))

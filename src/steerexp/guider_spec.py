@@ -220,9 +220,9 @@ class AutoGuidanceSpec(GuiderSpec):
     """Autoguidance (Karras et al., NeurIPS 2024): guided away from a weaker model of the same family, both
     conditional: weak + w (cond - weak), on the steps in [start, stop). diffusers' AutoGuidance does the
     combining; the weak model's pass is steerexp's (guiders.autoguidance says why). `weak_model`: "embedded" (the
-    embedded shapes generator's early UNet, shipped: assets/shapes_weak, built by steerexp-pretrain's
-    generator_weak stage at 10 % of the UNet's steps) or a local pipeline folder of the generator's class whose
-    denoiser takes the same latents and conditioning."""
+    embedded generator's early denoiser, shipped: assets/shapes_weak and shapes_flow_weak, built by
+    steerexp-pretrain's generator and generator_flow stages at 10 % of their steps) or a local pipeline folder of
+    the generator's class whose denoiser takes the same latents and conditioning."""
     _target_: str = "steerexp.guiders.autoguidance"
     weak_model: str = "embedded"
 
@@ -235,12 +235,12 @@ class AutoGuidanceSpec(GuiderSpec):
 
         wkey = f"{key}.weak_model"
         if self.weak_model == "embedded":
-            if facts.embedded != "shapes":
-                raise ConfigError(wkey, f"embedded: the shipped weak model is the embedded shapes generator's early "
-                                  f"UNet, and this generator is {facts.embedded or facts.family!r} (no early "
+            if facts.embedded is None:
+                raise ConfigError(wkey, f"embedded: the shipped weak models are the embedded generators' early "
+                                  f"denoisers, and this generator is a {facts.family or 'loaded'} folder (no early "
                                   "checkpoint of it is shipped)", f"set {wkey}=<a weaker pipeline folder of the "
-                                  "same family>, or use generator=shapes")
-            folder = ASSETS / "shapes_weak"
+                                  "same family>, or use generator=shapes or shapes_flow")
+            folder = ASSETS / f"{facts.embedded}_weak"
         else:
             folder = Path(str(self.weak_model)).expanduser()
             if not (folder / "model_index.json").is_file():
@@ -334,13 +334,15 @@ FLOW_EDITORS = ("steerexp.techniques.flow_edit.FlowEdit", "steerexp.techniques.r
                 "steerexp.techniques.rf_solver.RFSolver")
 HOOKED_TARGETS = ("diffusers.guiders.PerturbedAttentionGuidance", "diffusers.guiders.SkipLayerGuidance",
                   "steerexp.guiders.autoguidance")   # passes of their own: hooked blocks, or the weak model
+PER_LAYER_TOKENS = ("steerexp.techniques.xti.XTI", "steerexp.techniques.neti.NeTI")  # processors on the denoiser
 
 
 def check_with_technique(guider, technique, evaluators=None) -> None:
     """Across parts: the guidance technique's own CFG knobs (rescale, schedule, a subtracted negative prompt) act
     inside the project's CFG and have no place in a diffusers guider; each guider has its own (guidance_rescale,
-    start/stop). A hooked guider (pag, slg: passes of its own) cannot guide the steps that batch their branches
-    themselves: Prompt-to-Prompt's source and target branches, null-text inversion's optimisation. Plain dicts
+    start/stop). A guider with passes of its own (pag, slg: hooked blocks; autoguidance: the weak model) cannot
+    guide the steps that batch their branches themselves: Prompt-to-Prompt's source and target branches, null-text
+    inversion's optimisation; autoguidance's weak denoiser lacks XTI's and NeTI's per-layer processors. Plain dicts
     (validate passes the resolved config). Torch-free."""
     if not isinstance(guider, dict) or not isinstance(technique, dict):
         return
@@ -350,6 +352,11 @@ def check_with_technique(guider, technique, evaluators=None) -> None:
                           "technique.source_guidance / target_guidance (plain CFG), so a guider would reach only the "
                           "rows beside it and the paired comparison would mix two guidances",
                           "drop the guider (tune technique.source_guidance / target_guidance)")
+    if guider.get("_target_") == "steerexp.guiders.autoguidance" and target in PER_LAYER_TOKENS:
+        raise ConfigError("guider", f"autoguidance's weak denoiser has none of {target.rsplit('.', 1)[-1]}'s "
+                          "per-layer attention processors, so it would read the per-layer conditioning as one "
+                          "sequence", "use another guider (cfg, apg, cfg_zero_star, tcfg, pag, slg) or "
+                          "technique=textual_inversion")
     if guider.get("_target_") in HOOKED_TARGETS:
         name = str(guider["_target_"]).rsplit(".", 1)[-1]
         edit = technique.get("edit") if isinstance(technique.get("edit"), dict) else {}

@@ -92,7 +92,7 @@ def model_output(guider, denoise: Callable[[torch.Tensor, torch.Tensor], torch.T
     blocks `blocks` names (FrozenGenerator.attention_blocks). Autoguidance's second pass is the weak model's
     (`weak_output`): `denoise_by(module, x, cond)` is the generator's forward pass with another denoiser."""
     if type(guider).__name__ == WEAK and hasattr(guider, "weak_model"):   # steerexp's autoguidance (a weak model)
-        return weak_output(guider, denoise, denoise_by, x, cond, i, steps, t, denoiser)
+        return weak_output(guider, denoise, denoise_by, x, cond, uncond, i, steps, t, denoiser)
     hooked = type(guider).__name__ in HOOKED
     if not combines_pair(guider) and not hooked:
         raise ValueError(f"guider: {type(guider).__name__} needs passes of its own through a hooked denoiser, which "
@@ -168,10 +168,11 @@ def autoguidance(weak_model: str = "embedded", guidance_scale: float = 7.5, guid
     diffusers 0.42's AutoGuidance stands in for the weak model by skipping or dropping out layers of the same
     denoiser (its auto_guidance_config hooks, on the unconditional inputs). Here it is built with no hooks, and
     its second prediction is the weak model's conditional one (`weak_output`); its `forward` (the combination),
-    its step window (start / stop) and rescale are diffusers'. The weak model: "embedded" (the embedded shapes
-    generator's early UNet, assets/shapes_weak: steerexp-pretrain's generator_weak) or a pipeline folder of the
-    generator's family. It is guided with the generator's own conditioning (its final text encoder), so every
-    technique's edited conditioning (a learned token, a prompt delta) reaches both passes."""
+    its step window (start / stop) and rescale are diffusers'. The weak model: "embedded" (the embedded
+    generator's early denoiser, assets/shapes_weak or shapes_flow_weak: steerexp-pretrain's generator_weak and
+    generator_flow_weak; from Python, shapes') or a pipeline folder of the generator's family. It is guided
+    with the generator's own conditioning (its final text encoders), so every technique's edited conditioning (a
+    learned token, a prompt delta) reaches both passes."""
     from diffusers.guiders import AutoGuidance
 
     guider = AutoGuidance(guidance_scale=guidance_scale, auto_guidance_config=[], guidance_rescale=guidance_rescale,
@@ -180,41 +181,49 @@ def autoguidance(weak_model: str = "embedded", guidance_scale: float = 7.5, guid
     return guider
 
 
-def weak_folder(weak_model: str):
-    """The pipeline folder of a weak model setting ("embedded": the shipped shapes_weak)."""
+def weak_folder(weak_model: str, embedded: str = "shapes"):
+    """The pipeline folder of a weak model setting ("embedded": the shipped weak model of the embedded generator
+    `embedded`, assets/<embedded>_weak; run.build passes the run's)."""
     from pathlib import Path
 
     from steerexp import ASSETS
 
-    return ASSETS / "shapes_weak" if weak_model == "embedded" else Path(str(weak_model)).expanduser()
+    return ASSETS / f"{embedded}_weak" if weak_model == "embedded" else Path(str(weak_model)).expanduser()
 
 
 def weak_denoiser(folder, like: torch.nn.Module) -> torch.nn.Module:
     """The weak model's denoiser (the folder's unet or transformer, safetensors only), on `like`'s device and in its
     dtype, frozen; loaded once per process."""
-    import importlib
     import json
+
+    from steerexp.generators.checks import component
+    from steerexp.generators.frozen import component_class
 
     p = next(like.parameters())
     key = (str(folder), str(p.device), str(p.dtype))
     if key not in _WEAK_MODELS:
         index = json.loads((folder / "model_index.json").read_text())
         name = "transformer" if "transformer" in index else "unet"
-        module, cls_name = index[name]
-        cls = getattr(importlib.import_module(module), cls_name)
-        model = cls.from_pretrained(str(folder / name), torch_dtype=p.dtype, use_safetensors=True)
+        cls = component_class(index, name, folder)
+        if cls is not type(like):
+            raise ValueError(f"guider.weak_model: {folder}'s {name} is a {cls.__name__} and the generator's denoiser a "
+                             f"{type(like).__name__}; give a weak model of the generator's family")
+        model = cls.from_pretrained(str(component(folder, name)[0]), torch_dtype=p.dtype, use_safetensors=True)
         _WEAK_MODELS[key] = model.to(p.device).eval().requires_grad_(False)
     return _WEAK_MODELS[key]
 
 
-def weak_output(guider, denoise, denoise_by, x: torch.Tensor, cond: torch.Tensor, i: int, steps: int, t,
-                denoiser: torch.nn.Module | None) -> torch.Tensor:
+def weak_output(guider, denoise, denoise_by, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                i: int, steps: int, t, denoiser: torch.nn.Module | None) -> torch.Tensor:
     """A step of autoguidance: the generator's conditional prediction and the weak model's, combined by diffusers'
     AutoGuidance (`forward`: weak + w (cond - weak)). Outside its window, or at scale 1, the guider asks for one
-    prediction and the weak model is not run. The unconditional branch is never used."""
+    prediction and the weak model is not run. The unconditional branch is never used; given none (guidance off, as
+    for every guider), the step is the conditional output."""
     if denoise_by is None or denoiser is None:
         raise ValueError("guider: autoguidance needs the generator's forward pass with another denoiser, which this "
                          "caller does not give")
+    if uncond is None:  # guidance off (as for every guider): the conditional output
+        return denoise(x, cond)
     _state(guider, i, steps, t)
     out_cond = denoise(x, cond)
     if guider.num_conditions == 1:

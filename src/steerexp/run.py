@@ -67,6 +67,8 @@ def build(cfg: DictConfig):
         import steerexp.guiders  # noqa: F401  (its log filter, before the guider is built)
 
         node = OmegaConf.create(OmegaConf.to_container(cfg.guider, resolve=True))
+        if node.get("weak_model") == "embedded":  # autoguidance: the run's embedded generator's own weak model
+            node.weak_model = str(steerexp.guiders.weak_folder("embedded", cfg.generator.get("embedded") or "shapes"))
         sampling["guider"] = _instantiate(node, guidance_scale=float(sampling["guidance_scale"]),
                                           _convert_="all")  # plain dicts and lists: diffusers checks their types
     technique = _instantiate(cfg.technique, generator=generator, **objective, _recursive_=False,

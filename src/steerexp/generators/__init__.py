@@ -32,6 +32,8 @@ def __getattr__(name: str):
 SHAPES_PATH = ASSETS / "shapes"
 EMBEDDED = ("shapes", "shapes_flow")  # generator.embedded: both shipped in the package's assets (embedded_path)
 SHARED_FILE = "shared.json"  # a pipeline folder's components borrowed from a sibling folder (shared_components)
+CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json")  # the keys shared.json may override
+LIBRARIES = ("diffusers", "transformers")  # the only libraries a component's class (model_index.json) may come from
 
 # pipeline class (model_index.json's _class_name) -> (family, "module:class")
 FAMILIES = {
@@ -146,7 +148,7 @@ def embedded_path(name: str = "shapes") -> Path:
     return ASSETS / name
 
 
-def shared_components(folder: str | Path) -> dict[str, tuple[Path, dict]]:
+def shared_components(folder: str | Path, depth: int = 0) -> dict[str, tuple[Path, dict]]:
     """The components a local pipeline folder borrows instead of holding a copy: {name: (folder, overrides)}.
 
     `shared.json` beside model_index.json maps a component to a sibling folder's copy and the config keys that
@@ -154,7 +156,8 @@ def shared_components(folder: str | Path) -> dict[str, tuple[Path, dict]]:
     generator decodes with the shapes VAE's weights and tokenizes with its tokenizer files, so the package ships
     them once (steerexp-pretrain writes the file: pretrain/flow_generator.share_with_sibling). A borrowed folder
     must lie inside the folder's parent (no "..", no absolute path), so a pipeline folder cannot make the loader
-    read files elsewhere. ValueError names what is wrong."""
+    read files elsewhere. A borrowed component that the sibling itself borrows is followed once, with the sibling's
+    overrides under this folder's. ValueError names what is wrong."""
     folder = Path(folder)
     manifest = folder / SHARED_FILE
     if not manifest.is_file():
@@ -168,9 +171,25 @@ def shared_components(folder: str | Path) -> dict[str, tuple[Path, dict]]:
         if not source or Path(source).is_absolute() or ".." in Path(source).parts or root not in target.parents:
             raise ValueError(f"{manifest}: component {name!r} must borrow a folder beside {folder.name} "
                              f"(like \"shapes/vae\"), got {source!r}")
+        overrides = entry.get("config") or {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{manifest}: component {name!r} has a config that is not a mapping of config keys")
+        overrides = dict(overrides)
+        if not target.is_dir() and depth < 1 and target.parent.parent.resolve() == root:
+            # the sibling borrows it too (a weak model beside shapes_flow, whose VAE is shapes'): follow it once
+            theirs = shared_components(target.parent, depth + 1).get(target.name)
+            if theirs is not None:
+                target, overrides = theirs[0], {**theirs[1], **overrides}
         if not target.is_dir():
             raise ValueError(f"{manifest}: component {name!r} borrows {target}, which is missing; restore it")
-        out[name] = (target, dict(entry.get("config") or {}))
+        known = set()
+        for file in CONFIG_FILES:  # an override sets a key of the component's own config, never a loader argument
+            conf = json.loads((target / file).read_text()) if (target / file).is_file() else {}
+            known |= {k for k in conf if not k.startswith("_")} if isinstance(conf, dict) else set()
+        if unknown := sorted(set(overrides) - known):
+            raise ValueError(f"{manifest}: component {name!r} overrides {unknown[0]!r}, which is not a key of its "
+                             f"config ({', '.join(CONFIG_FILES)} in {target.name})")
+        out[name] = (target, overrides)
     return out
 
 

@@ -206,11 +206,25 @@ def borrowed_components(folder: str | Path, dtype: str = "fp32", skip: set | fro
     for name, (where, overrides) in borrowed.items():
         if name in skip:
             continue
-        module, cls_name = index[name]
-        cls = getattr(importlib.import_module(module), cls_name)
-        is_model = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
-        out[name] = cls.from_pretrained(str(where), **overrides, **({_DTYPE_KWARG: DTYPES[dtype]} if is_model else {}))
+        cls = component_class(index, name, folder)
+        model = {_DTYPE_KWARG: DTYPES[dtype], "use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
+        out[name] = cls.from_pretrained(str(where), **overrides, **model)
     return out
+
+
+def component_class(index: dict, name: str, folder) -> type:
+    """The class model_index.json names for component `name`: from diffusers or transformers only (a folder cannot
+    make the loader import another module). ValueError names what is wrong."""
+    from steerexp.generators import LIBRARIES
+
+    entry = index.get(name)
+    if not isinstance(entry, list) or len(entry) != 2 or entry[0] not in LIBRARIES:
+        raise ValueError(f"{folder}/model_index.json: component {name!r} must name a class of "
+                         f"{' or '.join(LIBRARIES)}, got {entry!r}")
+    cls = getattr(importlib.import_module(entry[0]), str(entry[1]), None)
+    if not isinstance(cls, type):
+        raise ValueError(f"{folder}/model_index.json: {entry[0]} has no class {entry[1]!r} (component {name!r})")
+    return cls
 
 
 @dataclass

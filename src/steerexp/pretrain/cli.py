@@ -5,6 +5,8 @@
     steerexp-pretrain stages=[classifier]  # one stage only
     steerexp-pretrain stages=[classifier_robust,classifier_noisy] threads=1   # the robust scorers only
     steerexp-pretrain 'stages=[generator_flow]' threads=1    # the flow-matching generator (80 min, 1 thread)
+    steerexp-pretrain 'stages=[generator_weak]'              # autoguidance's weak UNet only (12 min; the generator
+    steerexp-pretrain 'stages=[generator_flow_weak]' threads=1   # stages also save them), and the weak MMDiT
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from steerexp.safety import loggable_config
 from steerexp.pretrain import flow_generator, noisy, robust, scorers
 from steerexp.pretrain.generator import pretrain_generator
 
-STAGES = ("generator", "generator_weak", "generator_flow", "classifier", "clip", "classifier_robust",
-          "classifier_noisy")
+STAGES = ("generator", "generator_weak", "generator_flow", "generator_flow_weak", "classifier", "clip",
+          "classifier_robust", "classifier_noisy")
 
 
 def run(cfg: DictConfig) -> Path:
@@ -46,6 +48,8 @@ def run(cfg: DictConfig) -> Path:
         "generator_weak": lambda: pretrain_generator(cfg, out / "shapes", cfg.seed, weak_only=True),
         "generator_flow": lambda: flow_generator.pretrain_flow_generator(cfg, out / "shapes_flow", cfg.seed,
                                                                          flow_generator.vae_folder(out)),
+        "generator_flow_weak": lambda: flow_generator.pretrain_flow_generator(
+            cfg, out / "shapes_flow", cfg.seed, flow_generator.vae_folder(out), weak_only=True),
         "classifier": lambda: scorers.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, eyes()),
         "clip": lambda: scorers.pretrain_clip(cfg.clip, out / "clip", cfg.seed, eyes()),
         "classifier_robust": lambda: robust.pretrain_robust_classifier(cfg.classifier_robust,

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from steerexp import ASSETS
+from steerexp.pretrain import weak
 from steerexp.pretrain.common import optimizer_step, training_setup, to_tensor
 from steerexp.pretrain.generator import build_text_encoder, encode_latents, tokenize, training_data, unknown_word_pool
 from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
@@ -108,9 +109,12 @@ def sample_sigmas(b: int, cfg, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(f"generator_flow.sigma_sampling must be logit_normal or uniform, got {cfg.sigma_sampling!r}")
 
 
-def train_flow(transformer, encoders, latents, ids, protected_latents, protected_ids, empty_ids, cfg, gen) -> None:
+def train_flow(transformer, encoders, latents, ids, protected_latents, protected_ids, empty_ids, cfg, gen,
+               early_step: int | None = None, on_early=None) -> bool:
     """Joint rectified-flow training of the transformer and the three text encoders; EMA weights end in place.
-    ids / protected_ids / empty_ids: per encoder (CLIP-L, CLIP-G, T5) token-id tensors."""
+    ids / protected_ids / empty_ids: per encoder (CLIP-L, CLIP-G, T5) token-id tensors. After step `early_step`
+    (1-based) `on_early(transformer_ema)` gets the transformer's EMA weights ({name: tensor}); when it returns True
+    training stops there (the weak-only build) and False is returned (True: trained to the end)."""
     clip_l, clip_g, t5 = encoders
     joint_dim = transformer.config.joint_attention_dim
     modules = [transformer, *encoders]
@@ -145,22 +149,39 @@ def train_flow(transformer, encoders, latents, ids, protected_latents, protected
             decay = min(cfg.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         progress(step, loss_value)
+        if on_early is not None and step + 1 == early_step:
+            names = [n for n, _ in transformer.named_parameters()]
+            if on_early(dict(zip(names, ema[: len(names)]))):
+                return False
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     for m in modules:
         m.eval()
+    return True
 
 
-def pretrain_flow_generator(cfg, out: Path, seed: int, vae_dir: Path) -> Path:
-    """Train and save the flow generator as a StableDiffusion3Pipeline folder in `out`."""
+def pretrain_flow_generator(cfg, out: Path, seed: int, vae_dir: Path, weak_only: bool = False) -> Path:
+    """Train and save the flow generator as a StableDiffusion3Pipeline folder in `out`, and (generator_weak.fraction)
+    its early transformer beside it as `<out>_weak` (pretrain/weak.py). weak_only: the same seeded run stopped
+    after the early step, writing only the weak folder (`out` must hold the generator: the weak folder borrows the
+    rest from it)."""
+    import tempfile
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     wc, fc = cfg.world, cfg.generator_flow
     out = Path(out)
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(out / "tokenizer", fc.max_length))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(out / "tokenizer_2", fc.max_length))
-    tokenizer_3 = t5_tokenizer(out / "tokenizer_3", fc.t5_max_length)
+    weak_out = out.parent / f"{out.name}_weak"
+    if weak_only and not (out / "model_index.json").is_file():
+        raise FileNotFoundError(f"generator_flow_weak: {out} holds no flow generator to borrow the rest from; build "
+                                "it first (stages=[generator_flow])")
+    with tempfile.TemporaryDirectory() as scratch:   # weak-only: the tokenizer files are read, not kept
+        tok_root = Path(scratch) if weak_only else out
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tok_root / "tokenizer", fc.max_length))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(tok_root / "tokenizer_2",
+                                                                               fc.max_length))
+        tokenizer_3 = t5_tokenizer(tok_root / "tokenizer_3", fc.t5_max_length)
     # the same world draw, captions and rare-word pool as the UNet generator (generator.py)
     unknown = unknown_word_pool(tokenizer, wc.unknown_words, seed) if wc.unknown_word_rate > 0 else ()
     images, captions, protected, protected_captions = training_data(wc, seed, unknown)
@@ -188,8 +209,16 @@ def pretrain_flow_generator(cfg, out: Path, seed: int, vae_dir: Path) -> Path:
                                     fc.clip_l.projection_dim + fc.clip_g.projection_dim)
     n_params = sum(p.numel() for m in (transformer, t5) for p in m.parameters())
     print(f"[flow] transformer + T5: {n_params / 1e6:.2f}M parameters", flush=True)
-    train_flow(transformer, (clip_l, clip_g, t5), latents, ids, protected_latents, protected_ids, empty_ids,
-               fc, gen)
+    at = weak.early_step(cfg, fc.steps)
+    if weak_only and at is None:
+        raise ValueError("generator_weak.fraction is null: set it (e.g. 0.1) to build the weak model")
+    save = lambda w: weak.save_weights(transformer, w, weak_out, "transformer", "generator_flow_weak") or weak_only
+    if not train_flow(transformer, (clip_l, clip_g, t5), latents, ids, protected_latents, protected_ids, empty_ids,
+                      fc, gen, at, save if at else None):
+        weak.write_index(weak_out, out, "transformer")
+        return weak_out
+    if weak_only:  # (early_step <= steps always: never reached; the generator in `out` is never overwritten)
+        raise RuntimeError("generator_flow_weak: training ended without reaching the weak model's step")
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=fc.shift)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
@@ -197,6 +226,8 @@ def pretrain_flow_generator(cfg, out: Path, seed: int, vae_dir: Path) -> Path:
                                     tokenizer_2=tokenizer_2, text_encoder_3=t5, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(out)
     share_with_sibling(out)
+    if at is not None:
+        weak.write_index(weak_out, out, "transformer")
     return out
 
 

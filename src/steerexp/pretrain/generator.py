@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from steerexp.pretrain import weak
 from steerexp.pretrain.common import optimizer_step, training_setup, to_tensor
 from steerexp.pretrain.tokenizer import write_clip_tokenizer_files
 from steerexp.worlds.shapes import world
@@ -140,47 +141,9 @@ def train_unet(unet, text_encoder, latents, caption_ids, protected_latents, prot
     return noise_sched
 
 
-WEAK_SHARED = ("text_encoder", "tokenizer", "vae", "scheduler")  # what the weak folder borrows from the generator's
-
-
-def early_step(cfg) -> int | None:
-    """The UNet step after which the weak model is saved (generator_weak.fraction of unet.steps, at least 1)."""
-    weak = cfg.get("generator_weak")
-    fraction = weak.get("fraction") if weak is not None else None
-    return None if not fraction else max(1, round(float(fraction) * int(cfg.unet.steps)))
-
-
-def save_weak(unet: UNet2DConditionModel, weights: dict, out: Path, sibling: str) -> Path:
-    """The weak model for autoguidance (guider=autoguidance): the UNet's EMA weights at the early step, stored in
-    fp16, in a StableDiffusionPipeline folder whose other components are borrowed from the sibling folder
-    `sibling` (shared.json: the generator's final text encoder, tokenizer, VAE and scheduler). The weak UNet is
-    guided with the same conditioning as the generator's (guiders.py says why)."""
-    weak = UNet2DConditionModel.from_config(unet.config)
-    missing, unexpected = weak.load_state_dict({k: v.detach().clone() for k, v in weights.items()}, strict=False)
-    if unexpected or any(k in dict(weak.named_parameters()) for k in missing):
-        raise RuntimeError(f"weak UNet: missing {missing}, unexpected {unexpected}")
-    import diffusers
-    from safetensors.torch import save_file
-
-    (out / "unet").mkdir(parents=True, exist_ok=True)
-    weak.save_config(out / "unet")
-    save_file({k: v.to(torch.float16).contiguous() for k, v in weak.state_dict().items()},
-              out / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-             "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    (out / "shared.json").write_text(json.dumps({name: {"from": f"{sibling}/{name}", "config": {}}
-                                                 for name in WEAK_SHARED}, indent=1))
-    print(f"[generator_weak] the UNet's EMA weights saved (fp16) -> {out}", flush=True)
-    return out
-
-
 def pretrain_generator(cfg, out: Path, seed: int, weak_only: bool = False) -> Path:
     """Train and save the embedded generator as a StableDiffusionPipeline folder, and (generator_weak.fraction)
-    its early UNet beside it as `<out>_weak` (save_weak). weak_only: the same seeded run, stopped after the early
+    its early UNet beside it as `<out>_weak` (pretrain/weak.py). weak_only: the same seeded run, stopped after the early
     step, writing only the weak folder (the generator's folder `out` is read, not written: its VAE must be the one
     this run trains, so that the weak UNet shares the generator's latent space; checked bit for bit)."""
     import tempfile
@@ -189,9 +152,10 @@ def pretrain_generator(cfg, out: Path, seed: int, weak_only: bool = False) -> Pa
     gen = torch.Generator().manual_seed(seed)
     wc = cfg.world
     weak_out = out.parent / f"{out.name}_weak"
-    tok_root = Path(tempfile.mkdtemp()) if weak_only else out
-    tok_dir = write_clip_tokenizer_files(tok_root / "tokenizer", cfg.text_encoder.max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    with tempfile.TemporaryDirectory() as scratch:   # weak-only: the tokenizer files are read, not kept
+        tok_dir = write_clip_tokenizer_files((Path(scratch) if weak_only else out) / "tokenizer",
+                                             cfg.text_encoder.max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     unknown = unknown_word_pool(tokenizer, wc.unknown_words, seed) if wc.unknown_word_rate > 0 else ()
     images, captions, protected, protected_captions = training_data(wc, seed, unknown)
     x = to_tensor(images)
@@ -225,13 +189,16 @@ def pretrain_generator(cfg, out: Path, seed: int, weak_only: bool = False) -> Pa
 
     text_encoder = build_text_encoder(cfg.text_encoder, tokenizer)
     unet = build_unet(cfg.unet, vae.config.latent_channels, latents.shape[-1], cfg.text_encoder.hidden_size)
-    at = early_step(cfg)
-    on_early = (lambda weights: save_weak(unet, weights, weak_out, out.name) is not None and weak_only) if at else None
+    at = weak.early_step(cfg, cfg.unet.steps)
     if weak_only and at is None:
         raise ValueError("generator_weak.fraction is null: set it (e.g. 0.1) to build the weak model")
+    on_early = (lambda w: weak.save_weights(unet, w, weak_out, "unet", "generator_weak") or weak_only) if at else None
     noise_sched = train_unet(unet, text_encoder, latents, caption_ids, protected_latents, protected_ids,
                              empty_ids, cfg.unet, gen, at, on_early)
     if weak_only:
+        if noise_sched is not None:  # (early_step <= steps always: never reached)
+            raise RuntimeError("generator_weak: training ended without reaching the weak model's step")
+        weak.write_index(weak_out, out, "unet")
         return weak_out
 
     scheduler = DDIMScheduler.from_config(noise_sched.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -239,4 +206,6 @@ def pretrain_generator(cfg, out: Path, seed: int, weak_only: bool = False) -> Pa
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
+    if at is not None:
+        weak.write_index(weak_out, out, "unet")
     return out
