@@ -187,6 +187,7 @@ def test_the_generator_stage_saves_its_early_unet_as_the_weak_model(smoke_assets
     from steerexp import ASSETS, conf_dir
     from steerexp.generators import load_generator, shared_components
     from steerexp.pretrain.cli import run
+    from tests.helpers.weak import rebuild_weak
 
     weak = smoke_assets / "shapes_weak"
     assert set(shared_components(weak)) == {"text_encoder", "tokenizer", "vae", "scheduler"}
@@ -199,11 +200,7 @@ def test_the_generator_stage_saves_its_early_unet_as_the_weak_model(smoke_assets
     assert g.generate(["a red circle"], [0], steps=2).shape == (1, 3, 32, 32)
 
     out = tmp_path / "rebuild"
-    shutil.copytree(smoke_assets / "shapes", out / "shapes")
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={out}", "stages=[generator_weak]"])
-    run(cfg)
-    again = load_file(out / "shapes_weak" / "unet" / "diffusion_pytorch_model.safetensors")
+    again = rebuild_weak(smoke_assets / "shapes", out, "generator_weak", "unet")
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
     assert (out / "shapes_weak" / "shared.json").read_bytes() == (weak / "shared.json").read_bytes()
 

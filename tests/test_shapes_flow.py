@@ -287,13 +287,11 @@ def test_the_flow_stage_saves_its_early_transformer_as_the_weak_model(built, tmp
     generator, borrowing the rest from it; `stages=[generator_flow_weak]` reruns the seeded recipe that far and
     writes the same weights; autoguidance samples with it on the flow family (the generator's transformer back in
     place, unchanged)."""
-    import shutil
-
     from safetensors.torch import load_file
 
     from steerexp.generators import shared_components
     from steerexp.guiders import autoguidance
-    from steerexp.pretrain.cli import run as pretrain_run
+    from tests.helpers.weak import rebuild_weak
 
     weak = built / "shapes_flow_weak"
     assert sorted(p.name for p in weak.iterdir()) == ["model_index.json", "shared.json", "transformer"]
@@ -304,12 +302,7 @@ def test_the_flow_stage_saves_its_early_transformer_as_the_weak_model(built, tmp
     tensors = load_file(weak / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.float16}
 
-    out = tmp_path / "rebuild"
-    shutil.copytree(built / "shapes_flow", out / "shapes_flow")
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=["smoke=true", f"out={out}", "stages=[generator_flow_weak]"])
-    pretrain_run(cfg)
-    again = load_file(out / "shapes_flow_weak" / "transformer" / "diffusion_pytorch_model.safetensors")
+    again = rebuild_weak(built / "shapes_flow", tmp_path / "rebuild", "generator_flow_weak", "transformer")
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
     gen = load_generator(str(built / "shapes_flow"), device="cpu")
