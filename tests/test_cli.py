@@ -78,6 +78,7 @@ def test_a_sweep_records_each_bad_job_and_goes_on(tmp_path):
     assert time.perf_counter() - start < 3 * CONFIG_ERROR_SECONDS
 
 
+@pytest.mark.slow   # 19 s; test_sweeps keeps real sweeps in the default suite
 def test_sweep_makes_one_run_dir_and_one_wandb_run_per_job(shipped, tmp_path):
     args = ["-m", "technique.num_vectors=1,2", "seed=0,1", "evaluator=[concept]", *TINY]
     out = steerexp(args, tmp_path)

@@ -53,8 +53,9 @@ def _wait_for(path: Path, proc, timeout=240):
     return False
 
 
-@pytest.mark.parametrize("technique", ["textual_inversion", "prompt_delta", pytest.param("xti", marks=pytest.mark.slow),
-                                       pytest.param("neti", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("technique", [pytest.param("textual_inversion", marks=pytest.mark.slow), "prompt_delta",
+                                       pytest.param("xti", marks=pytest.mark.slow),
+                                       pytest.param("neti", marks=pytest.mark.slow)])   # the default suite: one
 def test_resume_after_sigkill_gives_bit_identical_deltas(shipped, tmp_path, technique):
     steps = 60 if technique == "textual_inversion" else 12
     every = 10 if technique == "textual_inversion" else 3
@@ -190,6 +191,7 @@ def test_sigterm_during_evaluation_writes_the_metrics_so_far(shipped, tmp_path):
     assert "delta_norm/embeddings" in metrics and "params/trainable" in metrics   # learned before the signal
 
 
+@pytest.mark.slow   # 33 s; SIGTERM's stop at a step boundary stays in the default suite (the tests above)
 def test_preemption_checkpoints_and_the_next_start_resumes_exactly(shipped, tmp_path):
     """preempt_signal=USR1: stop at the end of the step, PREEMPTED, exit 138; the same command started again in
     the same run directory resumes there and ends bit-identical to a run never interrupted."""

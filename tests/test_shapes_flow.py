@@ -117,6 +117,7 @@ def test_technique_runs_on_shapes_flow_with_the_fingerprint_unchanged(tmp_path, 
     assert metrics["params/trainable"] == 64 + 32 + 128  # one added token in CLIP-L, CLIP-G and T5: the flow generator
 
 
+@pytest.mark.slow   # 13 s
 def test_quality_gate_report_runs_on_the_flow_generator(built):
     from steerexp.worlds.shapes.report import report
 
