@@ -257,7 +257,8 @@ class AutoGuidanceSpec(GuiderSpec):
                               f"{ours.get('_class_name')} folder")
         name = "transformer" if "transformer" in ours else "unet"
         keys = ("in_channels", "out_channels", "cross_attention_dim", "joint_attention_dim", "sample_size",
-                "patch_size", "pooled_projection_dim")
+                "patch_size", "pooled_projection_dim", "addition_embed_type", "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim")   # the last three: SDXL's added conditioning
         a = component_config(facts.folder, name, "config.json", "generator.path") or {}
         b = component_config(folder, name, "config.json", wkey) or {}
         differ = [k for k in keys if a.get(k) != b.get(k)]

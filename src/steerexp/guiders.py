@@ -157,7 +157,7 @@ def hooked_output(guider, denoise, x: torch.Tensor, cond: torch.Tensor, uncond: 
 
 # ---------------------------------------------------------------------------- autoguidance: a weak model's pass
 WEAK = "AutoGuidance"
-_WEAK_MODELS: dict = {}   # (folder, device, dtype) -> the weak denoiser, loaded once per process
+_WEAK_MODELS: dict = {}   # (folder, device, dtype, file time) -> the weak denoiser: the last one loaded
 
 
 def autoguidance(weak_model: str = "embedded", guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
@@ -193,22 +193,25 @@ def weak_folder(weak_model: str, embedded: str = "shapes"):
 
 def weak_denoiser(folder, like: torch.nn.Module) -> torch.nn.Module:
     """The weak model's denoiser (the folder's unet or transformer, safetensors only), on `like`'s device and in its
-    dtype, frozen; loaded once per process."""
+    dtype, frozen; loaded once while the same one is asked for (the last one loaded is kept)."""
     import json
 
     from steerexp.generators.checks import component
     from steerexp.generators.frozen import component_class
 
     p = next(like.parameters())
-    key = (str(folder), str(p.device), str(p.dtype))
+    index = json.loads((folder / "model_index.json").read_text())
+    name = "transformer" if "transformer" in index else "unet"
+    where = component(folder, name)[0]
+    stamp = max((f.stat().st_mtime_ns for f in where.iterdir() if f.is_file()), default=0)
+    key = (str(folder), str(p.device), str(p.dtype), stamp)   # a rebuilt weak model is loaded again
     if key not in _WEAK_MODELS:
-        index = json.loads((folder / "model_index.json").read_text())
-        name = "transformer" if "transformer" in index else "unet"
         cls = component_class(index, name, folder)
         if cls is not type(like):
             raise ValueError(f"guider.weak_model: {folder}'s {name} is a {cls.__name__} and the generator's denoiser a "
                              f"{type(like).__name__}; give a weak model of the generator's family")
-        model = cls.from_pretrained(str(component(folder, name)[0]), torch_dtype=p.dtype, use_safetensors=True)
+        model = cls.from_pretrained(str(where), torch_dtype=p.dtype, use_safetensors=True)
+        _WEAK_MODELS.clear()   # one weak model held at a time (a sweep's jobs share the process)
         _WEAK_MODELS[key] = model.to(p.device).eval().requires_grad_(False)
     return _WEAK_MODELS[key]
 
