@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every experiment preset on generator=shapes_flow (issue 19): the runs behind the shapes_flow column of each
 # experiments/<preset>/README.md. Two at a time, one torch thread each, into outputs/<generator>/<run>/. shapes_flow
-# is shipped in the package (rebuild: steerexp-pretrain 'stages=[generator_flow]' threads=1, 80 min on one thread).
+# is not shipped: build it first (steerexp-pretrain 'stages=[generator_flow]' threads=1, 80 min on one thread).
 #
 #     bash experiments/shapes_flow/run_presets.sh                       # all of them (about 40 min, 2 idle cores)
 #     bash experiments/shapes_flow/run_presets.sh cfg_sweep ti_heldout  # the runs whose name contains one of these

@@ -220,9 +220,9 @@ class AutoGuidanceSpec(GuiderSpec):
     """Autoguidance (Karras et al., NeurIPS 2024): guided away from a weaker model of the same family, both
     conditional: weak + w (cond - weak), on the steps in [start, stop). diffusers' AutoGuidance does the
     combining; the weak model's pass is steerexp's (guiders.autoguidance says why). `weak_model`: "embedded" (the
-    embedded generator's early denoiser, shipped: assets/shapes_weak and shapes_flow_weak, built by
-    steerexp-pretrain's generator and generator_flow stages at 10 % of their steps) or a local pipeline folder of
-    the generator's class whose denoiser takes the same latents and conditioning."""
+    embedded generator's early denoiser, saved by steerexp-pretrain's generator and generator_flow stages at 10 %
+    of their steps: assets/shapes_weak shipped, shapes_flow_weak built beside shapes_flow) or a local pipeline
+    folder of the generator's class whose denoiser takes the same latents and conditioning."""
     _target_: str = "steerexp.guiders.autoguidance"
     weak_model: str = "embedded"
 
@@ -230,7 +230,7 @@ class AutoGuidanceSpec(GuiderSpec):
         super().check_generator(key, facts)
         from pathlib import Path
 
-        from steerexp import ASSETS
+        from steerexp.generators import weak_path
         from steerexp.generators.checks import check_pipeline_folder, component_config, read_json
 
         wkey = f"{key}.weak_model"
@@ -240,7 +240,11 @@ class AutoGuidanceSpec(GuiderSpec):
                                   f"denoisers, and this generator is a {facts.family or 'loaded'} folder (no early "
                                   "checkpoint of it is shipped)", f"set {wkey}=<a weaker pipeline folder of the "
                                   "same family>, or use generator=shapes or shapes_flow")
-            folder = ASSETS / f"{facts.embedded}_weak"
+            folder = weak_path(facts.embedded)
+            if not (folder / "model_index.json").is_file():
+                raise ConfigError(wkey, f"embedded: {facts.embedded}'s weak model is not built ({folder} is missing)",
+                                  "build it with steerexp-pretrain 'stages=[generator_flow_weak]' threads=1 (after "
+                                  "'stages=[generator_flow]'), or set it to a weaker pipeline folder")
         else:
             folder = Path(str(self.weak_model)).expanduser()
             if not (folder / "model_index.json").is_file():

@@ -169,8 +169,8 @@ def autoguidance(weak_model: str = "embedded", guidance_scale: float = 7.5, guid
     denoiser (its auto_guidance_config hooks, on the unconditional inputs). Here it is built with no hooks, and
     its second prediction is the weak model's conditional one (`weak_output`); its `forward` (the combination),
     its step window (start / stop) and rescale are diffusers'. The weak model: "embedded" (the embedded
-    generator's early denoiser, assets/shapes_weak or shapes_flow_weak: steerexp-pretrain's generator_weak and
-    generator_flow_weak; from Python, shapes') or a pipeline folder of the generator's family. It is guided
+    generator's early denoiser, generators.weak_path: steerexp-pretrain's generator_weak and generator_flow_weak;
+    from Python, shapes') or a pipeline folder of the generator's family. It is guided
     with the generator's own conditioning (its final text encoders), so every technique's edited conditioning (a
     learned token, a prompt delta) reaches both passes."""
     from diffusers.guiders import AutoGuidance
@@ -182,13 +182,13 @@ def autoguidance(weak_model: str = "embedded", guidance_scale: float = 7.5, guid
 
 
 def weak_folder(weak_model: str, embedded: str = "shapes"):
-    """The pipeline folder of a weak model setting ("embedded": the shipped weak model of the embedded generator
-    `embedded`, assets/<embedded>_weak; run.build passes the run's)."""
+    """The pipeline folder of a weak model setting ("embedded": the weak model of the embedded generator `embedded`,
+    generators.weak_path; run.build passes the run's)."""
     from pathlib import Path
 
-    from steerexp import ASSETS
+    from steerexp.generators import weak_path
 
-    return ASSETS / f"{embedded}_weak" if weak_model == "embedded" else Path(str(weak_model)).expanduser()
+    return weak_path(embedded) if weak_model == "embedded" else Path(str(weak_model)).expanduser()
 
 
 def weak_denoiser(folder, like: torch.nn.Module) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import importlib
 import json
 from pathlib import Path
 
-from steerexp import ASSETS
+from steerexp import ASSETS, built_assets
 
 _FROM_FROZEN = ("DTYPES", "FrozenGenerator", "GeneratorChangedError", "Guidance", "resolve_device")
 
@@ -30,7 +30,8 @@ def __getattr__(name: str):
 
 
 SHAPES_PATH = ASSETS / "shapes"
-EMBEDDED = ("shapes", "shapes_flow")  # generator.embedded: both shipped in the package's assets (embedded_path)
+EMBEDDED = ("shapes", "shapes_flow")  # generator.embedded: shapes is shipped, shapes_flow built (embedded_path)
+SHIPPED = ("shapes",)
 SHARED_FILE = "shared.json"  # a pipeline folder's components borrowed from a sibling folder (shared_components)
 CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json")  # the keys shared.json may override
 LIBRARIES = ("diffusers", "transformers")  # the only libraries a component's class (model_index.json) may come from
@@ -142,10 +143,17 @@ def from_pretrained(path: str | Path, device: str = "auto", dtype: str = "fp32",
 
 
 def embedded_path(name: str = "shapes") -> Path:
-    """The folder of an embedded generator: assets/<name>."""
+    """The folder of an embedded generator: assets/<name> if shipped, else where steerexp-pretrain builds it."""
     if name not in EMBEDDED:
         raise ValueError(f"generator.embedded must be one of {list(EMBEDDED)}, got {name!r}")
-    return ASSETS / name
+    return (ASSETS if name in SHIPPED else built_assets()) / name
+
+
+def weak_path(name: str = "shapes") -> Path:
+    """The folder of an embedded generator's weak model (autoguidance's, pretrain/weak.py): <name>_weak beside it
+    (shapes_weak shipped, shapes_flow_weak built with shapes_flow)."""
+    folder = embedded_path(name)
+    return folder.with_name(f"{folder.name}_weak")
 
 
 def shared_components(folder: str | Path, depth: int = 0) -> dict[str, tuple[Path, dict]]:

@@ -145,9 +145,9 @@ def check_generator(c: dict) -> GeneratorInfo:
             )
     if path is None and not (folder / "model_index.json").is_file():
         stage = {"shapes": "generator", "shapes_flow": "generator_flow"}.get(str(embedded), "generator")
-        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is missing: {folder} has no "
-                          "model_index.json", f"reinstall steerexp, or rebuild it with steerexp-pretrain "
-                          f"'stages=[{stage}]' threads=1")
+        raise ConfigError("generator.embedded", f"the embedded generator {embedded} is not built: {folder} is missing",
+                          f"build it with steerexp-pretrain 'stages=[{stage}]' threads=1 (shapes_flow is not shipped: "
+                          "the shipped models stay under 50 MB; it is built into $STEEREXP_BUILT or ~/.cache/steerexp)")
     if folder is not None and (path is None or Path(str(path)).expanduser().exists()):
         check_pipeline_folder(folder)
     device = gen.get("device", "auto")

@@ -4,7 +4,8 @@
     steerexp-pretrain smoke=true out=/tmp/a    # a few steps per stage, for tests
     steerexp-pretrain stages=[classifier]  # one stage only
     steerexp-pretrain stages=[classifier_robust,classifier_noisy] threads=1   # the robust scorers only
-    steerexp-pretrain 'stages=[generator_flow]' threads=1    # the flow-matching generator (80 min, 1 thread)
+    steerexp-pretrain 'stages=[generator_flow]' threads=1    # the flow-matching generator, not shipped: into
+                                                             # $STEEREXP_BUILT or ~/.cache/steerexp/shapes_flow
     steerexp-pretrain 'stages=[generator_weak]'              # autoguidance's weak UNet only (12 min; the generator
     steerexp-pretrain 'stages=[generator_flow_weak]' threads=1   # stages also save them), and the weak MMDiT
 """
@@ -18,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from steerexp import ASSETS, conf_dir
+from steerexp import ASSETS, built_assets, conf_dir
 from steerexp.safety import loggable_config
 from steerexp.pretrain import flow_generator, noisy, robust, scorers
 from steerexp.pretrain.generator import pretrain_generator
@@ -34,6 +35,7 @@ def run(cfg: DictConfig) -> Path:
     if unknown:
         raise ValueError(f"unknown pretraining stage(s) {sorted(unknown)}; choose from {list(STAGES)}")
     out = Path(cfg.out) if cfg.out else ASSETS
+    flow_out = Path(cfg.out) if cfg.out else built_assets()  # not shipped: built outside the package
     torch.set_num_threads(cfg.threads) if cfg.threads else None
     pool = None
 
@@ -46,10 +48,10 @@ def run(cfg: DictConfig) -> Path:
     stage_fns = {  # in STAGES order: generator_flow reuses the generator stage's VAE (else the shipped one)
         "generator": lambda: pretrain_generator(cfg, out / "shapes", cfg.seed),   # and shapes_weak beside it
         "generator_weak": lambda: pretrain_generator(cfg, out / "shapes", cfg.seed, weak_only=True),
-        "generator_flow": lambda: flow_generator.pretrain_flow_generator(cfg, out / "shapes_flow", cfg.seed,
+        "generator_flow": lambda: flow_generator.pretrain_flow_generator(cfg, flow_out / "shapes_flow", cfg.seed,
                                                                          flow_generator.vae_folder(out)),
         "generator_flow_weak": lambda: flow_generator.pretrain_flow_generator(
-            cfg, out / "shapes_flow", cfg.seed, flow_generator.vae_folder(out), weak_only=True),
+            cfg, flow_out / "shapes_flow", cfg.seed, flow_generator.vae_folder(out), weak_only=True),
         "classifier": lambda: scorers.pretrain_classifier(cfg.classifier, out / "classifier", cfg.seed, eyes()),
         "clip": lambda: scorers.pretrain_clip(cfg.clip, out / "clip", cfg.seed, eyes()),
         "classifier_robust": lambda: robust.pretrain_robust_classifier(cfg.classifier_robust,
